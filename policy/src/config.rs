@@ -1,0 +1,549 @@
+//! Parse, then compile: JSON text becomes a [`RawConfig`], and a
+//! [`RawConfig`] becomes a [`Policy`] with everything a request needs
+//! prepared (digests decoded, names lower-cased, credentials read from the
+//! environment and formatted). Errors name the field path and never quote a
+//! value, so a misplaced secret cannot reach a log line.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::policy::{
+    Allowed, Client, ClientIndex, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch,
+};
+use crate::query::encode_component;
+use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawValue};
+use crate::time::parse_rfc3339;
+
+/// A configuration the filter refuses, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The field path, for example `routes[2].inject[0].value.env`
+    /// (`$` for the document itself).
+    pub path: String,
+    /// What is wrong, as a sentence fragment; never contains a value.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+/// Looks up a variable in the VM's environment.
+pub trait Environment {
+    /// The variable's value, if it is set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+impl<F: Fn(&str) -> Option<String>> Environment for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// The longest key keyswap will hash; a longer one is refused unhashed.
+pub const MAX_KEY_BYTES: usize = 4096;
+
+impl Policy {
+    /// Parses and compiles a JSON configuration, reading `env` values from
+    /// `env`.
+    ///
+    /// # Errors
+    /// The first problem found, with its field path.
+    pub fn from_json(json: &[u8], env: &dyn Environment) -> Result<Self, ConfigError> {
+        let raw = parse(json)?;
+        let mut policy = compile(&raw, env)?;
+        policy.version = content_version(json);
+        Ok(policy)
+    }
+}
+
+/// A short, stable version for a configuration's exact bytes: the first
+/// twelve hex digits of its SHA-256.
+pub fn content_version(json: &[u8]) -> String {
+    Sha256::digest(json).iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path.is_empty() || path == "." { "$".to_string() } else { path };
+        ConfigError::new(path, redact_serde_message(e.inner()))
+    })?;
+    de.end().map_err(|e| ConfigError::new("$", redact_serde_message(&e)))?;
+    Ok(raw)
+}
+
+/// serde's messages quote the offending value (`invalid type: string
+/// "sk-…", expected a boolean`). The value may be a secret written in the
+/// wrong place, so every quoted string is replaced and only the shape of the
+/// mistake is kept.
+fn redact_serde_message(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    // serde_json appends " at line L column C"; keep it, it holds no value.
+    let mut out = String::with_capacity(text.len());
+    let mut in_quote = false;
+    for ch in text.chars() {
+        if ch == '"' {
+            if in_quote {
+                out.push_str("\"…\"");
+            }
+            in_quote = !in_quote;
+        } else if !in_quote {
+            out.push(ch);
+        }
+    }
+    if in_quote {
+        out.push_str("\"…");
+    }
+    out
+}
+
+fn compile(raw: &RawConfig, env: &dyn Environment) -> Result<Policy, ConfigError> {
+    let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
+    let routes = compile_routes(&raw.routes, env)?;
+    let route_index: HashMap<&str, usize> =
+        routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+
+    let strip_request = header_names(&raw.strip_request_headers, "strip_request_headers")?;
+    let strip_response = header_names(&raw.strip_response_headers, "strip_response_headers")?;
+    let client_id_header = match &raw.client_id_header {
+        Some(name) => Some(header_name(name, "client_id_header")?),
+        None => None,
+    };
+    if let Some(id_header) = &client_id_header {
+        for (r, route) in routes.iter().enumerate() {
+            for (i, inject) in route.headers.iter().enumerate() {
+                if &inject.name == id_header {
+                    return Err(ConfigError::new(
+                        format!("routes[{r}].inject[{i}].header"),
+                        "is the client_id_header; a credential cannot replace the client id",
+                    ));
+                }
+            }
+        }
+    }
+
+    let (clients, index) = compile_clients(&raw.clients, &route_index)?;
+    let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
+
+    // Every header the policy may ever remove from a request, for one pass
+    // over the request's headers.
+    let mut request_removals: Vec<String> = Vec::new();
+    let key_headers = key_sources.iter().filter_map(|s| match s {
+        KeySource::Header { name, .. } => Some(name),
+        KeySource::Query { .. } => None,
+    });
+    for name in key_headers.chain(&strip_request).chain(&client_id_header) {
+        if !request_removals.contains(name) {
+            request_removals.push(name.clone());
+        }
+    }
+
+    Ok(Policy {
+        clients,
+        index,
+        key_sources,
+        routes,
+        request_removals,
+        strip_response,
+        client_id_header,
+        unmatched: raw.unmatched_route,
+        needs_route_name,
+        version: String::new(),
+    })
+}
+
+fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(vec![
+            KeySource::Header { name: "authorization".into(), prefix: Some(b"bearer ".to_vec()) },
+            KeySource::Header { name: "x-api-key".into(), prefix: None },
+        ]);
+    };
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            "key_sources",
+            "must name at least one place to read the key from (leave it out for the default)",
+        ));
+    }
+    let mut sources = Vec::with_capacity(raw.len());
+    for (i, source) in raw.iter().enumerate() {
+        let path = format!("key_sources[{i}]");
+        let compiled = match (&source.header, &source.query) {
+            (Some(header), None) => {
+                let name = header_name(header, &format!("{path}.header"))?;
+                let prefix = match &source.prefix {
+                    Some(p) if p.trim().is_empty() => {
+                        return Err(ConfigError::new(format!("{path}.prefix"), "must not be empty"))
+                    }
+                    Some(p) => Some(p.to_ascii_lowercase().into_bytes()),
+                    None => None,
+                };
+                KeySource::Header { name, prefix }
+            }
+            (None, Some(query)) => {
+                if source.prefix.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{path}.prefix"),
+                        "applies to header sources only",
+                    ));
+                }
+                if query.is_empty() {
+                    return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
+                }
+                KeySource::Query { name: query.clone().into_bytes() }
+            }
+            _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
+        };
+        if sources.contains(&compiled) {
+            return Err(ConfigError::new(path, "repeats an earlier key source"));
+        }
+        sources.push(compiled);
+    }
+    Ok(sources)
+}
+
+fn compile_routes(raw: &[RawRoute], env: &dyn Environment) -> Result<Vec<Route>, ConfigError> {
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+    for (r, route) in raw.iter().enumerate() {
+        let path = format!("routes[{r}]");
+        if !is_name(&route.name) {
+            return Err(ConfigError::new(
+                format!("{path}.name"),
+                "must be 1-64 characters of letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        if routes.iter().any(|other| other.name == route.name) {
+            return Err(ConfigError::new(
+                format!("{path}.name"),
+                format!("`{}` is already the name of an earlier route", route.name),
+            ));
+        }
+        let m = &route.matcher;
+        if let Some(prefix) = &m.path_prefix {
+            if !prefix.starts_with('/') {
+                return Err(ConfigError::new(
+                    format!("{path}.match.path_prefix"),
+                    "must start with `/`",
+                ));
+            }
+        }
+        let host = match &m.host {
+            Some(h) if h.is_empty() || h.contains(':') && !h.starts_with('[') => {
+                return Err(ConfigError::new(
+                    format!("{path}.match.host"),
+                    "must be a host name without a port",
+                ))
+            }
+            Some(h) => Some(h.to_ascii_lowercase()),
+            None => None,
+        };
+        let matcher = RouteMatch {
+            route_name: m.route_name.clone(),
+            path_prefix: m.path_prefix.clone(),
+            host,
+        };
+        if route.inject.is_empty() {
+            return Err(ConfigError::new(
+                format!("{path}.inject"),
+                "must hold at least one credential to inject",
+            ));
+        }
+        let mut headers: Vec<HeaderInject> = Vec::new();
+        let mut queries: Vec<QueryInject> = Vec::new();
+        for (i, inject) in route.inject.iter().enumerate() {
+            let ipath = format!("{path}.inject[{i}]");
+            compile_inject(inject, &ipath, env, &mut headers, &mut queries)?;
+        }
+        routes.push(Route { name: route.name.clone(), matcher, headers, queries });
+    }
+    Ok(routes)
+}
+
+fn compile_inject(
+    inject: &RawInject,
+    path: &str,
+    env: &dyn Environment,
+    headers: &mut Vec<HeaderInject>,
+    queries: &mut Vec<QueryInject>,
+) -> Result<(), ConfigError> {
+    let prefix = inject.prefix.as_deref().unwrap_or("");
+    let value = match (&inject.value, &inject.basic) {
+        (Some(value), None) => format!("{prefix}{}", secret(value, &format!("{path}.value"), env)?),
+        (None, Some(basic)) => {
+            if inject.prefix.is_some() {
+                return Err(ConfigError::new(
+                    format!("{path}.prefix"),
+                    "cannot be combined with `basic` (it brings its own `Basic ` prefix)",
+                ));
+            }
+            basic_value(basic, &format!("{path}.basic"), env)?
+        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`")),
+    };
+    match (&inject.header, &inject.query) {
+        (Some(header), None) => {
+            let name = header_name(header, &format!("{path}.header"))?;
+            if !is_header_value(value.as_bytes()) {
+                return Err(ConfigError::new(
+                    path,
+                    "the credential holds a character not allowed in a header value",
+                ));
+            }
+            if headers.iter().any(|h| h.name == name) {
+                return Err(ConfigError::new(
+                    format!("{path}.header"),
+                    "is already injected by an earlier entry of this route",
+                ));
+            }
+            headers.push(HeaderInject { name, value });
+        }
+        (None, Some(query)) => {
+            if inject.basic.is_some() {
+                return Err(ConfigError::new(
+                    format!("{path}.basic"),
+                    "applies to header credentials only",
+                ));
+            }
+            if query.is_empty() {
+                return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
+            }
+            if queries.iter().any(|q| q.name == query.as_bytes()) {
+                return Err(ConfigError::new(
+                    format!("{path}.query"),
+                    "is already injected by an earlier entry of this route",
+                ));
+            }
+            let encoded = format!("{}={}", encode_component(query), encode_component(&value));
+            queries.push(QueryInject { name: query.clone().into_bytes(), encoded });
+        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
+    }
+    Ok(())
+}
+
+fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+    if basic.username.contains(':') {
+        return Err(ConfigError::new(format!("{path}.username"), "must not contain `:`"));
+    }
+    let password = secret(&basic.password, &format!("{path}.password"), env)?;
+    let pair = format!("{}:{password}", basic.username);
+    Ok(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+}
+
+/// Resolves a secret value. `env` is read here, once, never per request.
+fn secret(value: &RawValue, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+    match value {
+        RawValue::Inline(v) if v.is_empty() => {
+            Err(ConfigError::new(format!("{path}.inline"), "must not be empty"))
+        }
+        RawValue::Inline(v) => Ok(v.clone()),
+        RawValue::Env(name) => {
+            let path = format!("{path}.env");
+            if name.is_empty() {
+                return Err(ConfigError::new(path, "must name an environment variable"));
+            }
+            match env.var(name) {
+                Some(v) if !v.is_empty() => Ok(v),
+                Some(_) => Err(ConfigError::new(path, format!("{name} is empty"))),
+                None => Err(ConfigError::new(path, format!("{name} is not set"))),
+            }
+        }
+    }
+}
+
+fn compile_clients(
+    raw: &[RawClient],
+    route_index: &HashMap<&str, usize>,
+) -> Result<(Vec<Client>, ClientIndex), ConfigError> {
+    let mut clients = Vec::with_capacity(raw.len());
+    let mut index = ClientIndex::with_capacity(raw.len());
+    let mut ids: HashSet<&str> = HashSet::with_capacity(raw.len());
+    for (c, client) in raw.iter().enumerate() {
+        let path = format!("clients[{c}]");
+        if !is_client_id(&client.id) {
+            return Err(ConfigError::new(
+                format!("{path}.id"),
+                "must be 1-128 visible ASCII characters without spaces, quotes or commas",
+            ));
+        }
+        if !ids.insert(&client.id) {
+            return Err(ConfigError::new(
+                format!("{path}.id"),
+                format!("`{}` is already the id of an earlier client", client.id),
+            ));
+        }
+        let digest = match (&client.key_sha256, &client.key) {
+            (Some(hex), None) => decode_digest(hex).ok_or_else(|| {
+                ConfigError::new(format!("{path}.key_sha256"), "must be 64 hexadecimal digits")
+            })?,
+            (None, Some(key)) => {
+                let trimmed = key.trim_matches([' ', '\t']);
+                if trimmed.is_empty() || trimmed.len() != key.len() {
+                    return Err(ConfigError::new(
+                        format!("{path}.key"),
+                        "must be non-empty with no surrounding spaces",
+                    ));
+                }
+                if key.len() > MAX_KEY_BYTES {
+                    return Err(ConfigError::new(
+                        format!("{path}.key"),
+                        format!("must be at most {MAX_KEY_BYTES} bytes"),
+                    ));
+                }
+                Sha256::digest(key.as_bytes()).into()
+            }
+            _ => {
+                return Err(ConfigError::new(path, "needs exactly one of `key_sha256` or `key`"))
+            }
+        };
+        let allowed = compile_client_routes(&client.routes, &path, route_index)?;
+        let expires = match &client.expires {
+            Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{path}.expires"),
+                    "must be an RFC 3339 time such as 2027-01-01T00:00:00Z",
+                )
+            })?),
+            None => None,
+        };
+        if let Some(earlier) = index.insert(&clients, &digest, c) {
+            let what = if client.key.is_some() { "key" } else { "key_sha256" };
+            return Err(ConfigError::new(
+                format!("{path}.{what}"),
+                format!("is the same key as clients[{earlier}]"),
+            ));
+        }
+        clients.push(Client {
+            id: client.id.clone(),
+            digest,
+            allowed,
+            expires,
+            disabled: client.disabled,
+        });
+    }
+    Ok((clients, index))
+}
+
+fn compile_client_routes(
+    raw: &[String],
+    path: &str,
+    route_index: &HashMap<&str, usize>,
+) -> Result<Allowed, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            format!("{path}.routes"),
+            "must list the routes this client may use (`[\"*\"]` for all)",
+        ));
+    }
+    if raw.iter().any(|r| r == "*") {
+        if raw.len() > 1 {
+            return Err(ConfigError::new(
+                format!("{path}.routes"),
+                "`*` already allows every route and must stand alone",
+            ));
+        }
+        return Ok(Allowed::All);
+    }
+    let mut allowed = Vec::with_capacity(raw.len());
+    for (i, name) in raw.iter().enumerate() {
+        let Some(&r) = route_index.get(name.as_str()) else {
+            return Err(ConfigError::new(
+                format!("{path}.routes[{i}]"),
+                format!("names no route (`{name}` is not in `routes`)"),
+            ));
+        };
+        allowed.push(r);
+    }
+    allowed.sort_unstable();
+    allowed.dedup();
+    Ok(Allowed::Only(allowed.into_boxed_slice()))
+}
+
+fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+fn header_names(raw: &[String], field: &str) -> Result<Vec<String>, ConfigError> {
+    let mut names: Vec<String> = Vec::with_capacity(raw.len());
+    for (i, name) in raw.iter().enumerate() {
+        let name = header_name(name, &format!("{field}[{i}]"))?;
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// A lower-cased header name, or an error naming `path`.
+fn header_name(name: &str, path: &str) -> Result<String, ConfigError> {
+    if name.starts_with(':') {
+        return Err(ConfigError::new(path, "must not be a pseudo-header"));
+    }
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(ConfigError::new(path, "must be a valid HTTP header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower == "host" {
+        return Err(ConfigError::new(path, "must not be `host`"));
+    }
+    Ok(lower)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_header_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
+        && v.first().is_none_or(|&b| b != b' ' && b != b'\t')
+        && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
+}
+
+fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn is_client_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic() && !b"\"',\\".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_removes_every_quoted_value() {
+        let err = serde_json::from_str::<bool>("\"sk-secret-value\"").unwrap_err();
+        let text = redact_serde_message(&err);
+        assert!(!text.contains("sk-secret-value"), "{text}");
+        assert!(text.contains("invalid type"), "{text}");
+    }
+
+    #[test]
+    fn digests_decode_in_either_case_and_refuse_bad_hex() {
+        let lower = "ab".repeat(32);
+        assert_eq!(decode_digest(&lower), Some([0xab; 32]));
+        assert_eq!(decode_digest(&lower.to_uppercase()), Some([0xab; 32]));
+        assert_eq!(decode_digest(&"ab".repeat(31)), None);
+        assert_eq!(decode_digest(&format!("zz{}", "ab".repeat(31))), None);
+        assert_eq!(decode_digest(&format!("é{}", "a".repeat(62))), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! What the policy answers for one request: forward it with edits, or deny
+//! it with a reason. Both are plain values; the reason-to-status mapping
+//! lives here so that every host answers alike.
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenialReason {
+    /// No key in any key source.
+    MissingKey,
+    /// The key is unknown, disabled, or too long to be one.
+    InvalidKey,
+    /// The key's client has passed its `expires` time.
+    ExpiredKey,
+    /// Different keys were presented in different places.
+    AmbiguousKey,
+    /// The key is valid but its client may not use this route.
+    RouteForbidden,
+    /// No route matched and `unmatched_route` is `deny`.
+    NoRoute,
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+const NO_STORE: (&str, &str) = ("cache-control", "no-store");
+const CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap\"");
+const INVALID_TOKEN: (&str, &str) =
+    ("www-authenticate", "Bearer realm=\"keyswap\", error=\"invalid_token\"");
+
+impl DenialReason {
+    /// Every reason, for tables and metrics.
+    pub const ALL: [DenialReason; 6] = [
+        DenialReason::MissingKey,
+        DenialReason::InvalidKey,
+        DenialReason::ExpiredKey,
+        DenialReason::AmbiguousKey,
+        DenialReason::RouteForbidden,
+        DenialReason::NoRoute,
+    ];
+
+    /// The HTTP status the client receives.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => 401,
+            Self::RouteForbidden => 403,
+            Self::NoRoute => 404,
+        }
+    }
+
+    /// The stable error code in the JSON body (and in metrics).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_key",
+            Self::InvalidKey => "invalid_key",
+            Self::ExpiredKey => "expired_key",
+            Self::AmbiguousKey => "ambiguous_key",
+            Self::RouteForbidden => "route_forbidden",
+            Self::NoRoute => "no_route",
+        }
+    }
+
+    /// A sentence for the person reading the response.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::MissingKey => "This route needs an API key and none was presented.",
+            Self::InvalidKey => "The API key is not valid.",
+            Self::ExpiredKey => "The API key has expired.",
+            Self::AmbiguousKey => "Different API keys were presented in one request.",
+            Self::RouteForbidden => "The API key may not be used on this route.",
+            Self::NoRoute => "No route is configured for this request.",
+        }
+    }
+
+    /// The response headers, besides those the host adds itself.
+    pub fn headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::MissingKey => &[JSON, NO_STORE, CHALLENGE],
+            Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => {
+                &[JSON, NO_STORE, INVALID_TOKEN]
+            }
+            Self::RouteForbidden | Self::NoRoute => &[JSON, NO_STORE],
+        }
+    }
+
+    /// The JSON body: `{"error":"<code>","message":"<sentence>"}`.
+    pub fn body(self) -> String {
+        // Codes and messages are fixed ASCII with nothing to escape.
+        format!(r#"{{"error":"{}","message":"{}"}}"#, self.code(), self.message())
+    }
+}
+
+/// The policy's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'p> {
+    /// Send the request upstream after applying the edits.
+    Forward(Forward<'p>),
+    /// Answer the client locally.
+    Deny(Denial<'p>),
+}
+
+/// A refusal: the reason, and what was known when it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denial<'p> {
+    pub reason: DenialReason,
+    /// The matched route, if any.
+    pub route: Option<&'p str>,
+    /// The client, when the key was recognised.
+    pub client: Option<&'p str>,
+}
+
+/// The edits that turn the client's request into the upstream's.
+///
+/// Apply them in order: remove every header named in `remove_headers` (all
+/// of its values), then add each of `add_headers`, then, if `path` is set,
+/// replace `:path` with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward<'p> {
+    /// The matched route; `None` on an unmatched request that was passed.
+    pub route: Option<&'p str>,
+    /// The authenticated client; `None` on a passed request.
+    pub client: Option<&'p str>,
+    /// Header names (lower case) present in the request to remove.
+    pub remove_headers: Vec<&'p str>,
+    /// Headers to add after the removals: credentials and the client id.
+    pub add_headers: Vec<(&'p str, &'p str)>,
+    /// The new `:path`, when the query changed.
+    pub path: Option<Vec<u8>>,
+}
+
+impl Forward<'_> {
+    /// True when the edits change nothing.
+    pub fn is_noop(&self) -> bool {
+        self.remove_headers.is_empty() && self.add_headers.is_empty() && self.path.is_none()
+    }
+
+    /// Applies the edits to a request's header list (pseudo-headers
+    /// included, names in lower case), in place.
+    pub fn apply(&self, headers: &mut Vec<(String, Vec<u8>)>) {
+        headers.retain(|(name, _)| !self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)));
+        if let Some(path) = &self.path {
+            match headers.iter_mut().find(|(name, _)| name == ":path") {
+                Some(entry) => entry.1.clone_from(path),
+                None => headers.push((":path".to_string(), path.clone())),
+            }
+        }
+        headers.extend(self.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        let table = [
+            (DenialReason::MissingKey, 401),
+            (DenialReason::InvalidKey, 401),
+            (DenialReason::ExpiredKey, 401),
+            (DenialReason::AmbiguousKey, 401),
+            (DenialReason::RouteForbidden, 403),
+            (DenialReason::NoRoute, 404),
+        ];
+        for (reason, status) in table {
+            assert_eq!(reason.status(), status, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_json_with_the_code() {
+        for reason in DenialReason::ALL {
+            let body: serde_json::Value = serde_json::from_str(&reason.body()).unwrap();
+            assert_eq!(body["error"], reason.code());
+            assert_eq!(body["message"], reason.message());
+            assert!(reason.headers().contains(&JSON));
+        }
+    }
+
+    #[test]
+    fn every_401_carries_a_bearer_challenge() {
+        for reason in DenialReason::ALL {
+            let challenge = reason.headers().iter().any(|(n, _)| *n == "www-authenticate");
+            assert_eq!(challenge, reason.status() == 401, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn apply_removes_every_value_then_adds() {
+        let mut headers = vec![
+            (":path".to_string(), b"/a?api_key=k".to_vec()),
+            ("authorization".to_string(), b"Bearer one".to_vec()),
+            ("Authorization".to_string(), b"Bearer two".to_vec()),
+            ("accept".to_string(), b"*/*".to_vec()),
+        ];
+        let forward = Forward {
+            route: Some("r"),
+            client: Some("c"),
+            remove_headers: vec!["authorization"],
+            add_headers: vec![("authorization", "Bearer up"), ("x-client", "c")],
+            path: Some(b"/a".to_vec()),
+        };
+        forward.apply(&mut headers);
+        assert_eq!(
+            headers,
+            vec![
+                (":path".to_string(), b"/a".to_vec()),
+                ("accept".to_string(), b"*/*".to_vec()),
+                ("authorization".to_string(), b"Bearer up".to_vec()),
+                ("x-client".to_string(), b"c".to_vec()),
+            ]
+        );
+    }
+}

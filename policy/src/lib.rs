@@ -1,0 +1,30 @@
+//! keyswap's policy, in plain Rust: no proxy-wasm, no WIT, no I/O.
+//!
+//! ```text
+//!  JSON ──raw──▶ RawConfig ──config──▶ Policy ──decide(RequestView)──▶ Decision
+//!                                          │                           ├─ Forward { edits }
+//!                                          └─ response_removals        └─ Deny { reason }
+//! ```
+//!
+//! - [`raw`]: the configuration as written (serde, unknown fields refused).
+//! - [`config`]: parse and compile; errors carry the field path.
+//! - [`policy`]: the compiled form and [`Policy::decide`], the one entry point.
+//! - [`decision`]: the answer as a value, and the reason-to-status mapping.
+//! - [`request`], [`query`], [`time`]: what `decide` reads, and helpers.
+//!
+//! Hosts (the proxy-wasm filter, the component) read the request once, call
+//! [`Policy::decide`], and apply its answer. Nothing here logs; no error or
+//! decision carries a key or an upstream credential.
+
+pub mod config;
+pub mod decision;
+pub mod policy;
+pub mod query;
+pub mod raw;
+pub mod request;
+pub mod time;
+
+pub use config::{content_version, ConfigError, Environment, MAX_KEY_BYTES};
+pub use decision::{Decision, Denial, DenialReason, Forward};
+pub use policy::{Policy, Summary};
+pub use request::RequestView;

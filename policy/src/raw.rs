@@ -1,0 +1,105 @@
+//! The configuration as written: plain serde types that mirror the JSON
+//! contract in `docs/config.md` field by field. Nothing here is checked
+//! beyond its JSON shape; [`crate::config`] turns it into a [`crate::Policy`].
+
+use serde::Deserialize;
+
+/// The whole plugin configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub clients: Vec<RawClient>,
+    pub key_sources: Option<Vec<RawKeySource>>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub strip_request_headers: Vec<String>,
+    #[serde(default)]
+    pub strip_response_headers: Vec<String>,
+    pub client_id_header: Option<String>,
+    #[serde(default)]
+    pub unmatched_route: UnmatchedRoute,
+}
+
+/// One client holding one gateway key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub id: String,
+    pub key_sha256: Option<String>,
+    pub key: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<String>,
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// Where a client may present its key: a header (with an optional scheme
+/// prefix) or a query parameter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeySource {
+    pub header: Option<String>,
+    pub prefix: Option<String>,
+    pub query: Option<String>,
+}
+
+/// One route: how it is recognised and which credentials it injects.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RawMatch,
+    #[serde(default)]
+    pub inject: Vec<RawInject>,
+}
+
+/// Every given field must hold for the route to match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub route_name: Option<String>,
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+}
+
+/// One upstream credential: where it goes and what it is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInject {
+    pub header: Option<String>,
+    pub query: Option<String>,
+    pub prefix: Option<String>,
+    pub value: Option<RawValue>,
+    pub basic: Option<RawBasic>,
+}
+
+/// HTTP Basic credentials, encoded once at configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub username: String,
+    pub password: RawValue,
+}
+
+/// A secret value: read from the VM's environment or written inline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum RawValue {
+    Env(String),
+    Inline(String),
+}
+
+/// What happens to a request that matches no route.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedRoute {
+    /// Answer 404 `no_route`.
+    #[default]
+    Deny,
+    /// Forward without a key check, still removing keys and stripped headers.
+    Pass,
+}
