@@ -1,0 +1,3 @@
+//! The harness's integration tests, one module an area.
+
+mod native;
