@@ -547,3 +547,22 @@ mod tests {
         assert_eq!(decode_digest(&format!("é{}", "a".repeat(62))), None);
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// The full example in docs/config.md and docs/examples/gateway.json load.
+    #[test]
+    fn documented_examples_load() {
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        let doc = include_str!("../../docs/config.md");
+        let start = doc.find("```json\n").map(|i| i + 8).unwrap();
+        let end = start + doc[start..].find("```").unwrap();
+        let example = &doc[start..end];
+        let policy = Policy::from_json(example.as_bytes(), &env).unwrap();
+        assert_eq!((policy.summary().clients, policy.summary().routes), (3, 4));
+        let file = include_str!("../../docs/examples/gateway.json");
+        assert_eq!(file, example, "docs/examples/gateway.json must be the documented example");
+    }
+}
