@@ -10,12 +10,22 @@ use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
 use super::{Status, ENV, IMPLEMENTED, WASI_P1};
 use crate::state::HostState;
 
-/// The imports of `module` that get a stub.
+/// True for a function import the harness does not implement: an `env`
+/// function outside [`IMPLEMENTED`], or anything from a module other than
+/// `env` and WASI preview1 (which wasmtime-wasi provides whole).
+fn is_stubbed(module: &str, name: &str) -> bool {
+    match module {
+        ENV => !IMPLEMENTED.contains(&name),
+        WASI_P1 => false,
+        _ => true,
+    }
+}
+
+/// The imports of `module` that get a stub, as (module, name).
 pub fn stubbed(module: &Module) -> Vec<(String, String)> {
     module
         .imports()
-        .filter(|i| matches!(i.ty(), ExternType::Func(_)))
-        .filter(|i| !(i.module() == ENV && IMPLEMENTED.contains(&i.name())) && i.module() != WASI_P1)
+        .filter(|i| matches!(i.ty(), ExternType::Func(_)) && is_stubbed(i.module(), i.name()))
         .map(|i| (i.module().to_string(), i.name().to_string()))
         .collect()
 }
@@ -27,7 +37,7 @@ pub fn stubbed(module: &Module) -> Vec<(String, String)> {
 pub fn add_to_linker(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result<()> {
     for import in module.imports() {
         let ExternType::Func(ty) = import.ty() else { continue };
-        if (import.module() == ENV && IMPLEMENTED.contains(&import.name())) || import.module() == WASI_P1 {
+        if !is_stubbed(import.module(), import.name()) {
             continue;
         }
         let label = if import.module() == ENV {
