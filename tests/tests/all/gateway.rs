@@ -1,0 +1,1 @@
+//! Named end-to-end behaviours.
