@@ -85,9 +85,8 @@ impl Echo {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let acceptor = std::thread::Builder::new()
-            .name(format!("echo-{}", addr.port()))
-            .spawn(move || serve(&listener, &flag))?;
+        let acceptor =
+            std::thread::Builder::new().name(format!("echo-{}", addr.port())).spawn(move || serve(&listener, &flag))?;
         Ok(Self { addr, stop, acceptor: Some(acceptor) })
     }
 
@@ -138,8 +137,8 @@ fn connection(stream: TcpStream) -> io::Result<()> {
         let headers: Vec<(String, String)> =
             read_headers(&mut reader)?.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
         read_body(&mut reader, &headers, false)?;
-        let close = version != "HTTP/1.1"
-            || headers.iter().any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
+        let close =
+            version != "HTTP/1.1" || headers.iter().any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
         writer.write_all(&answer(&method, &path, &headers, close))?;
         writer.flush()?;
         if close {
@@ -153,11 +152,10 @@ fn connection(stream: TcpStream) -> io::Result<()> {
 /// `content-length`); 400 when [`RESPOND_HEADER`] is not a list of pairs.
 fn answer(method: &str, path: &str, headers: &[(String, String)], close: bool) -> Vec<u8> {
     let body = serde_json::json!({"method": method, "path": path, "headers": headers}).to_string();
-    let extra: Result<Vec<(String, String)>, String> =
-        match headers.iter().find(|(n, _)| n == RESPOND_HEADER) {
-            None => Ok(Vec::new()),
-            Some((_, v)) => serde_json::from_str(v).map_err(|e| format!("{RESPOND_HEADER}: {e}")),
-        };
+    let extra: Result<Vec<(String, String)>, String> = match headers.iter().find(|(n, _)| n == RESPOND_HEADER) {
+        None => Ok(Vec::new()),
+        Some((_, v)) => serde_json::from_str(v).map_err(|e| format!("{RESPOND_HEADER}: {e}")),
+    };
     let (status, body, extra) = match extra {
         Ok(extra) => ("200 OK", body, extra),
         Err(e) => ("400 Bad Request", serde_json::json!({"echo_error": e}).to_string(), Vec::new()),

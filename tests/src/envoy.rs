@@ -51,8 +51,7 @@ pub fn repo_root() -> PathBuf {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn envoy_binary() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_ENVOY")
-        .map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
+    let path = std::env::var_os("KEYSWAP_ENVOY").map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
@@ -65,10 +64,8 @@ pub fn envoy_binary() -> Result<PathBuf, String> {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn filter_wasm() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_FILTER").map_or_else(
-        || repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"),
-        PathBuf::from,
-    );
+    let path = std::env::var_os("KEYSWAP_FILTER")
+        .map_or_else(|| repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
@@ -98,6 +95,8 @@ pub struct Listener {
 pub fn gateway(listeners: &[Listener], upstream: SocketAddr, wasm: &Path) -> serde_json::Value {
     let listeners: Vec<serde_json::Value> = listeners.iter().map(|l| listener(l, wasm)).collect();
     json!({
+        // Required as soon as a test adds dynamic resources (LDS).
+        "node": {"id": "keyswap-test", "cluster": "keyswap-test"},
         "admin": {"address": loopback(0)},
         "static_resources": {
             "listeners": listeners,
@@ -225,9 +224,7 @@ pub struct Refusal {
 /// A fresh directory for one run.
 fn run_dir() -> Result<PathBuf, String> {
     static RUNS: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let name = format!("keyswap-envoy-{}-{}-{nanos}", std::process::id(), RUNS.fetch_add(1, Ordering::SeqCst));
     let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -443,11 +440,7 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "---- Envoy log, kept at {} {}",
-                self.log_path().display(),
-                tail(&self.log(), 300)
-            );
+            eprintln!("---- Envoy log, kept at {} {}", self.log_path().display(), tail(&self.log(), 300));
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -53,6 +53,13 @@ impl Request {
         self.header("content-length", length)
     }
 
+    /// Sets the body as is, adding no header (for chunked bodies).
+    #[must_use]
+    pub fn body_raw(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
     /// The bytes on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256 + self.body.len());
@@ -85,9 +92,17 @@ impl Request {
 /// # Errors
 /// Connecting, writing, or reading a well-formed response failed.
 pub fn send_bytes(addr: SocketAddr, bytes: &[u8], head: bool) -> io::Result<Response> {
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
+    send_bytes_within(addr, bytes, head, TIMEOUT)
+}
+
+/// [`send_bytes`], waiting at most `timeout` for each step.
+///
+/// # Errors
+/// Connecting, writing, or reading a well-formed response failed or timed out.
+pub fn send_bytes_within(addr: SocketAddr, bytes: &[u8], head: bool, timeout: Duration) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     (&stream).write_all(bytes)?;
     (&stream).flush()?;
     read_response(&mut BufReader::new(stream), head)
@@ -169,11 +184,7 @@ pub(crate) fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String,
 
 /// Reads a body framed by `headers`: chunked, `content-length`, or (when
 /// `to_eof`) everything up to the end of the connection.
-pub(crate) fn read_body(
-    reader: &mut impl BufRead,
-    headers: &[(String, String)],
-    to_eof: bool,
-) -> io::Result<Vec<u8>> {
+pub(crate) fn read_body(reader: &mut impl BufRead, headers: &[(String, String)], to_eof: bool) -> io::Result<Vec<u8>> {
     let get = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {

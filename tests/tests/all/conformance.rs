@@ -86,12 +86,8 @@ fn group_of(case: &Case) -> Group {
 
 /// Starts one Envoy that must refuse `case`'s configuration.
 fn refused(case: &Case, upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Result<Observed, String> {
-    let listener = Listener {
-        name: "refused".into(),
-        config: case.config.clone(),
-        env: case.env.clone(),
-        ..Listener::default()
-    };
+    let listener =
+        Listener { name: "refused".into(), config: case.config.clone(), env: case.env.clone(), ..Listener::default() };
     let refusal = Envoy::refuse(&Launch::gateway(&[listener], upstream, wasm))?;
     Ok(Observed::ConfigRefused { log: refusal.log })
 }
@@ -99,7 +95,11 @@ fn refused(case: &Case, upstream: std::net::SocketAddr, wasm: &std::path::Path) 
 /// One Envoy with every listener; if it does not start (some group's
 /// configuration refused where the case expects it loaded), one Envoy per
 /// listener, so the failure lands on the cases of that group alone.
-fn start_gateways(listeners: &[Listener], upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Vec<Result<Envoy, String>> {
+fn start_gateways(
+    listeners: &[Listener],
+    upstream: std::net::SocketAddr,
+    wasm: &std::path::Path,
+) -> Vec<Result<Envoy, String>> {
     match Envoy::start(&Launch::gateway(listeners, upstream, wasm)) {
         Ok(envoy) => vec![Ok(envoy)],
         Err(_) => listeners
@@ -114,7 +114,7 @@ fn start_gateways(listeners: &[Listener], upstream: std::net::SocketAddr, wasm: 
 
 #[test]
 fn conformance_suite_passes_in_envoy() {
-    let wasm = filter_wasm().expect("the filter is built");
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let suite = Suite::load(&default_dir()).expect("the suite loads");
     let plan = suite.plan("envoy").expect("the skip list is sound");
     let echo = Echo::start("127.0.0.1:0").expect("the echo upstream starts");
@@ -148,11 +148,16 @@ fn conformance_suite_passes_in_envoy() {
             let mut route_names: Vec<String> = cases.iter().filter_map(|c| c.request.route_name.clone()).collect();
             route_names.sort();
             route_names.dedup();
-            Listener { name: format!("group-{i}"), config: config.clone(), env: env.clone(), route_names, ..Listener::default() }
+            Listener {
+                name: format!("group-{i}"),
+                config: config.clone(),
+                env: env.clone(),
+                route_names,
+                ..Listener::default()
+            }
         })
         .collect();
-    let listener_of: BTreeMap<&Group, &str> =
-        groups.keys().zip(listeners.iter().map(|l| l.name.as_str())).collect();
+    let listener_of: BTreeMap<&Group, &str> = groups.keys().zip(listeners.iter().map(|l| l.name.as_str())).collect();
     let gateways = start_gateways(&listeners, echo.addr(), &wasm);
 
     let report = Report::run(&plan, |case| {
@@ -165,7 +170,12 @@ fn conformance_suite_passes_in_envoy() {
             Some(envoy) => observe(case, envoy.listener(listener)?),
             None => {
                 let mine = format!("listener {listener} alone");
-                Err(gateways.iter().filter_map(|g| g.as_ref().err()).find(|e| e.contains(&mine)).cloned().unwrap_or(mine))
+                Err(gateways
+                    .iter()
+                    .filter_map(|g| g.as_ref().err())
+                    .find(|e| e.contains(&mine))
+                    .cloned()
+                    .unwrap_or(mine))
             }
         }
     });
