@@ -126,13 +126,11 @@ fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError { path: path.into(), message: message.into() }
 }
 
-/// serde's messages about values quote them; only messages about field
-/// names are passed on.
+/// serde's messages about values quote them; only syntax messages (which
+/// never quote the text) and messages about field names are passed on.
 fn document_error(e: serde_json::Error) -> ConfigError {
     let text = e.to_string();
-    let message = if e.is_syntax() || e.is_eof() {
-        format!("is not valid JSON (line {}, column {})", e.line(), e.column())
-    } else if text.starts_with("unknown field") || text.starts_with("missing field") {
+    let message = if e.is_syntax() || e.is_eof() || text.starts_with("unknown field") || text.starts_with("missing field") {
         text
     } else {
         r#"must be {"keyswap": {...}, "upstreams": {"<route>": "http://host:port"}}"#.to_string()
@@ -231,7 +229,8 @@ mod tests {
             (r#"{"keyswap": {}, "upstream": {}}"#, "$: unknown field `upstream`"),
             (r#"{"upstreams": {}}"#, "$: missing field `keyswap`"),
             (r#"{"keyswap": {}, "upstreams": "sk-secret"}"#, "$: must be {"),
-            (r#"{"keyswap": {"#, "$: is not valid JSON"),
+            (r#"{"keyswap": {"#, "$: EOF while parsing an object"),
+            (r#"{"keyswap": {"a": "sk-secret" "b"}}"#, "$: expected `,` or `}`"),
         ];
         for (text, want) in cases {
             let got = GatewayConfig::from_json(text, &env).unwrap_err().to_string();

@@ -18,10 +18,12 @@
 //! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
 pub mod abi;
+pub mod component;
 pub mod conformance;
 pub mod error;
 pub mod module;
 pub mod runner;
+pub mod serve;
 pub mod state;
 
 pub use abi::codec::HeaderList;

@@ -64,6 +64,9 @@ enum Command {
         #[command(flatten)]
         filter: FilterArg,
     },
+    /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
+    /// until Ctrl-C; see docs/component.md.
+    Serve(keyswap_harness::serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::NewKey { id, routes } => new_key(&id, routes),
         Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
+        Command::Serve(args) => keyswap_harness::serve::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

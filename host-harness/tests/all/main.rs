@@ -19,3 +19,5 @@ pub fn filter() -> &'static FilterModule {
     static FILTER: OnceLock<FilterModule> = OnceLock::new();
     FILTER.get_or_init(|| FilterModule::load(&default_filter_path()).unwrap_or_else(|e| panic!("{e}")))
 }
+mod component;
+mod serve;
