@@ -1,30 +1,18 @@
 //! The `gateway` world's exports: `wasi:http/incoming-handler` and
 //! `gateway-config`. Per request: read the headers once, ask the policy,
 //! then answer the denial locally, or send the edited request to the
-//! route's upstream and stream both bodies through `wasi:io` splices (the
-//! bytes are moved by the host, a bounded chunk at a time, and never held
-//! here).
+//! route's upstream and stream both bodies through (see [`crate::wasi_http`]
+//! for the plumbing).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use keyswap_policy::{Decision, RequestView};
 
-use crate::bindings::http::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
-    ResponseOutparam, Scheme,
-};
-use crate::bindings::streams::{InputStream, OutputStream, StreamError};
+use crate::bindings::http::{IncomingRequest, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme};
 use crate::bindings::{gateway_config, outgoing_handler, policy as wit};
 use crate::config::{GatewayConfig, CONFIG_VAR};
-
-/// The most bytes one splice moves.
-const CHUNK: u64 = 256 * 1024;
-
-/// Connection-level headers, never forwarded in either direction (RFC 9110,
-/// 7.6.1), and `host`, which the upstream's authority replaces.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
+use crate::wasi_http::{copy_body, forwardable, method_name, respond};
 
 thread_local! {
     /// The instance's gateway configuration, loaded on first use.
@@ -141,80 +129,6 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         // body short, which the host reports to the client.
         let _ = copy_body(response.consume().ok(), reply_body);
     }
-}
-
-/// The method as it goes on the wire.
-fn method_name(method: &Method) -> &str {
-    match method {
-        Method::Get => "GET",
-        Method::Head => "HEAD",
-        Method::Post => "POST",
-        Method::Put => "PUT",
-        Method::Delete => "DELETE",
-        Method::Connect => "CONNECT",
-        Method::Options => "OPTIONS",
-        Method::Trace => "TRACE",
-        Method::Patch => "PATCH",
-        Method::Other(other) => other,
-    }
-}
-
-/// The fields to send on: no pseudo-headers, no hop-by-hop headers, and
-/// none the host forbids a guest to set (it refuses those one by one).
-fn forwardable(headers: &[(String, Vec<u8>)]) -> Fields {
-    let fields = Fields::new();
-    for (name, value) in headers {
-        if !name.starts_with(':') && !HOP_BY_HOP.contains(&name.as_str()) {
-            let _ = fields.append(name, value);
-        }
-    }
-    fields
-}
-
-/// Streams `from` (when there is a body) into `to` and finishes `to`.
-fn copy_body(from: Option<IncomingBody>, to: OutgoingBody) -> Result<(), ()> {
-    if let Some(from) = from {
-        let (Ok(input), Ok(output)) = (from.stream(), to.write()) else { return Err(()) };
-        splice_all(&input, &output)?;
-        drop((input, output));
-        drop(IncomingBody::finish(from));
-    }
-    OutgoingBody::finish(to, None).map_err(|_| ())
-}
-
-/// Moves bytes until the input ends; an error when either side fails.
-fn splice_all(input: &InputStream, output: &OutputStream) -> Result<(), ()> {
-    loop {
-        match output.blocking_splice(input, CHUNK) {
-            Ok(_) => {}
-            // `closed` is the input's end, or the output's: only an output
-            // that still takes writes proves it was the input's.
-            Err(StreamError::Closed) => return output.check_write().map(drop).map_err(drop),
-            Err(StreamError::LastOperationFailed(_)) => return Err(()),
-        }
-    }
-}
-
-/// Answers locally with a small body.
-fn respond(out: ResponseOutparam, status: u16, headers: &[(&str, &str)], body: &str) {
-    let fields = Fields::new();
-    for (name, value) in headers {
-        let _ = fields.append(name, value.as_bytes());
-    }
-    let _ = fields.append("content-length", body.len().to_string().as_bytes());
-    let response = OutgoingResponse::new(fields);
-    let _ = response.set_status_code(status);
-    let Ok(outgoing_body) = response.body() else { return };
-    ResponseOutparam::set(out, Ok(response));
-    if let Ok(stream) = outgoing_body.write() {
-        for chunk in body.as_bytes().chunks(4096) {
-            if stream.blocking_write_and_flush(chunk).is_err() {
-                return;
-            }
-        }
-        drop(stream);
-    }
-    let _ = OutgoingBody::finish(outgoing_body, None);
 }
 
 /// The upstream could not be reached, or failed before its response.

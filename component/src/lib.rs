@@ -13,6 +13,8 @@
 //! - [`filter`]: the `keyswap:gateway/policy` export (world `filter`).
 //! - [`gateway`]: the `wasi:http/incoming-handler` and `gateway-config`
 //!   exports (world `gateway`).
+//! - [`wasi_http`]: plumbing over `wasi:http` and `wasi:io` (fields, local
+//!   answers, spliced bodies), with no policy in it.
 //! - [`config`]: the gateway's own configuration document (policy plus
 //!   upstreams), plain Rust with no WIT types.
 //!
@@ -25,6 +27,8 @@ pub mod config;
 mod filter;
 #[cfg(target_arch = "wasm32")]
 mod gateway;
+#[cfg(target_arch = "wasm32")]
+mod wasi_http;
 
 /// The generated bindings, boxed: only the glue modules reach in here.
 #[cfg(target_arch = "wasm32")]
