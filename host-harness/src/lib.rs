@@ -6,7 +6,7 @@
 //!  conformance ── Case, Suite, Report (shared by every runner)
 //!  module ─────── FilterModule (Engine + Module + linker, compiled once, Clone)
 //!        └─────── FilterInstance (Store<HostState>: one VM, one plugin)
-//!  state ──────── HostState: configs, clock, log, streams, call counts
+//!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
 //!  abi ────────── host calls, one module a group; codec + headers are pure
 //!  runner ─────── a conformance case (or a CLI request) through an instance
 //!  error ──────── HarnessError
@@ -27,6 +27,7 @@ pub mod serve;
 pub mod state;
 
 pub use abi::codec::HeaderList;
+pub use abi::metrics::MetricType;
 pub use error::{HarnessError, BUILD_HINT};
 pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Outcome};
 pub use state::{CallCounts, Clock, LocalResponse, LogEntry, LogLevel};

@@ -10,6 +10,7 @@
 //!     ─▶ Forwarded { headers } (stream stays open) | Local(response) | Paused
 //! instance.response(headers): on_response_headers ─▶ Forwarded { headers the client sees }
 //! (every stream ends with on_done, on_log, on_delete)
+//! instance.metrics(), instance.filter_state(): what Envoy's stats and access log would see
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::abi::codec::HeaderList;
+use crate::abi::metrics::MetricType;
 use crate::abi::{self, action};
 use crate::error::HarnessError;
 use crate::state::{CallCounts, Clock, GuestExports, HostState, LocalResponse, LogEntry, StreamState, Stdio};
@@ -326,6 +328,7 @@ impl FilterInstance {
             response_headers: None,
             local_response: None,
             calls: CallCounts::default(),
+            filter_state: BTreeMap::new(),
         });
         let root = self.root();
         if let Some(create) = self.callbacks.context_create.clone() {
@@ -389,7 +392,10 @@ impl FilterInstance {
         let Some(id) = self.store.data().stream.as_ref().map(|s| s.context_id) else { return Ok(()) };
         let result = self.end_stream(id);
         let state = self.store.data_mut();
-        state.last_stream_calls = state.stream.take().map(|s| s.calls);
+        if let Some(stream) = state.stream.take() {
+            state.last_stream_calls = Some(stream.calls);
+            state.last_stream_filter_state = Some(stream.filter_state);
+        }
         result
     }
 
@@ -445,6 +451,30 @@ impl FilterInstance {
     /// runner must treat any entry as a failure.
     pub fn unimplemented_calls(&self) -> &BTreeMap<String, u64> {
         &self.store.data().unimplemented
+    }
+
+    /// The filter state the current request's filter set
+    /// (`proxy_set_property`), by Envoy's names (`wasm.keyswap`): the open
+    /// stream's, else the last finished stream's; `None` before any request.
+    pub fn filter_state(&self) -> Option<&BTreeMap<String, Vec<u8>>> {
+        let state = self.store.data();
+        match &state.stream {
+            Some(stream) => Some(&stream.filter_state),
+            None => state.last_stream_filter_state.as_ref(),
+        }
+    }
+
+    /// Every metric the module defined, by name, with its type and value
+    /// (a histogram's value is the number of values recorded), since the
+    /// VM started. Envoy shows them as `wasmcustom.<name>` and sums every
+    /// VM of a plugin.
+    pub fn metrics(&self) -> BTreeMap<String, (MetricType, u64)> {
+        self.store.data().metrics.snapshot()
+    }
+
+    /// The values recorded into a histogram, in order.
+    pub fn histogram(&self, name: &str) -> Option<&[u64]> {
+        self.store.data().metrics.histogram(name)
     }
 
     /// Property paths the guest asked for that the harness does not know.

@@ -1,4 +1,5 @@
-//! Everything one filter instance's host side holds: it lives in the
+//! Everything one filter instance's host side holds (configurations, clock,
+//! log, metrics, the open stream and its filter state, call counts): it lives in the
 //! instance's `Store<HostState>`, so instances share nothing and tests run
 //! in parallel.
 
@@ -13,6 +14,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use crate::abi::codec::HeaderList;
+use crate::abi::metrics::MetricStore;
 
 /// `proxy_log_level_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -188,6 +190,9 @@ pub(crate) struct StreamState {
     pub response_headers: Option<HeaderList>,
     pub local_response: Option<LocalResponse>,
     pub calls: CallCounts,
+    /// `proxy_set_property` values, under Envoy's filter-state names
+    /// (`wasm.<path>`).
+    pub filter_state: BTreeMap<String, Vec<u8>>,
 }
 
 /// The guest's memory and allocator, known once the instance exists.
@@ -219,9 +224,12 @@ pub struct HostState {
     pub(crate) calls: CallCounts,
     pub(crate) unimplemented: BTreeMap<String, u64>,
     pub(crate) missing_properties: BTreeMap<String, u64>,
+    pub(crate) metrics: MetricStore,
     pub(crate) stream: Option<StreamState>,
     /// The host calls of the last stream that finished.
     pub(crate) last_stream_calls: Option<CallCounts>,
+    /// The filter state of the last stream that finished.
+    pub(crate) last_stream_filter_state: Option<BTreeMap<String, Vec<u8>>>,
 }
 
 impl HostState {
@@ -239,8 +247,10 @@ impl HostState {
             calls: CallCounts::default(),
             unimplemented: BTreeMap::new(),
             missing_properties: BTreeMap::new(),
+            metrics: MetricStore::default(),
             stream: None,
             last_stream_calls: None,
+            last_stream_filter_state: None,
         }
     }
 

@@ -7,7 +7,7 @@
 //! - [`headers`]: header-map edits with Envoy's semantics (pure).
 //! - [`memory`]: copying into and out of the guest, its allocator.
 //! - [`log`], [`time`], [`buffer`], [`map`], [`property`], [`http`],
-//!   [`context`]: the implemented host calls.
+//!   [`context`], [`metrics`]: the implemented host calls.
 //! - [`stub`]: everything else the module imports.
 
 pub mod buffer;
@@ -18,6 +18,7 @@ pub mod http;
 pub mod log;
 pub mod map;
 pub mod memory;
+pub mod metrics;
 pub mod property;
 pub mod stub;
 pub mod time;
@@ -87,8 +88,13 @@ pub const IMPLEMENTED: &[&str] = &[
     "proxy_replace_header_map_value",
     "proxy_remove_header_map_value",
     "proxy_get_property",
+    "proxy_set_property",
     "proxy_send_local_response",
     "proxy_set_effective_context",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+    "proxy_record_metric",
+    "proxy_get_metric",
 ];
 
 /// An error inside a host call: an ABI status for the guest, or a trap
@@ -133,6 +139,7 @@ pub fn link(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result
     property::add_to_linker(linker)?;
     http::add_to_linker(linker)?;
     context::add_to_linker(linker)?;
+    metrics::add_to_linker(linker)?;
     wasmtime_wasi::p1::add_to_linker_sync(linker, |state: &mut HostState| state.wasi_mut())?;
     stub::add_to_linker(linker, module)
 }

@@ -1,8 +1,15 @@
-//! Properties (`proxy_get_property`): Envoy's route name and the request
+//! Properties. `proxy_get_property`: Envoy's route name and the request
 //! attributes a filter may read, from the open stream, plus the plugin's
 //! name. Values are raw bytes, as Envoy returns strings. A path the harness
 //! does not know is `NOT_FOUND` and is counted in
 //! [`FilterInstance::missing_properties`](crate::FilterInstance::missing_properties).
+//!
+//! `proxy_set_property` as Envoy 1.40 does it (checked with a probe
+//! module): the value goes into the stream's filter state under
+//! `wasm.<path>` (the path's raw bytes, segments joined by NUL), where
+//! Envoy's access log reads it (`%FILTER_STATE(wasm.keyswap:PLAIN)%`); a
+//! later call replaces it; without a stream (from the root context) it is
+//! `NOT_FOUND`. A one-segment path reads back through `proxy_get_property`.
 
 use wasmtime::{Caller, Linker};
 
@@ -36,6 +43,29 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             status(get(&mut caller, path, path_len, data_out, size_out))
         },
     )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_set_property",
+        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, value: u32, value_len: u32| {
+            caller.data_mut().record("proxy_set_property");
+            status(set(&mut caller, path, path_len, value, value_len))
+        },
+    )?;
+    Ok(())
+}
+
+/// The filter-state name Envoy stores a property set at `path` under.
+pub fn filter_state_name(path: &[u8]) -> String {
+    format!("{FILTER_STATE_PREFIX}{}", String::from_utf8_lossy(path))
+}
+
+const FILTER_STATE_PREFIX: &str = "wasm.";
+
+fn set(caller: &mut Caller<'_, HostState>, path: u32, path_len: u32, value: u32, value_len: u32) -> HostResult {
+    let name = filter_state_name(&memory::read(caller, path, path_len)?);
+    let value = memory::read(caller, value, value_len)?;
+    let stream = caller.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
+    stream.filter_state.insert(name, value);
     Ok(())
 }
 
@@ -68,6 +98,8 @@ pub(crate) fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
         "request.host" => header(":authority").or_else(|| header("host")),
         "request.method" => header(":method"),
         "request.scheme" => header(":scheme"),
+        // Envoy looks an unknown first segment up in the filter state.
+        single if !single.contains('.') => stream.filter_state.get(&filter_state_name(single.as_bytes())).cloned(),
         _ => None,
     }
 }

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use keyswap_harness::conformance::{default_dir, Request, Suite};
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
-use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, Outcome};
+use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
 use sha2::{Digest as _, Sha256};
 
 #[derive(Parser)]
@@ -45,8 +45,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         routes: Vec<String>,
     },
-    /// Run one request through the filter and print the decision and what
-    /// the upstream receives (or the local response).
+    /// Run one request through the filter and print the decision, what
+    /// the upstream receives (or the local response), the access-log field
+    /// the filter set and the metrics the request moved.
     Run {
         /// The plugin configuration (JSON).
         config: PathBuf,
@@ -217,6 +218,7 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
     let request: Request = serde_json::from_slice(&request_text)
         .map_err(|e| format!("{}: not a request object: {e}", request.display()))?;
     let mut instance = configured(config, vm)?;
+    let before = instance.metrics();
     let outcome = instance.request(request.route_name.as_deref(), &request.header_list()).map_err(|e| e.to_string())?;
     instance.finish().map_err(|e| e.to_string())?;
     for entry in instance.log() {
@@ -243,10 +245,43 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
         }
         Outcome::Paused { .. } => return Err("the filter paused the request without answering it".into()),
     }
+    print_observability(&instance, &before);
     if let Some(calls) = instance.last_request_host_calls() {
         eprintln!("host calls: {}", calls.total());
     }
     Ok(())
+}
+
+/// What Envoy's access log and stats would show of the request: the filter
+/// state it set (`%FILTER_STATE(wasm.keyswap:PLAIN)%`) and the metrics it
+/// moved.
+fn print_observability(instance: &FilterInstance, before: &BTreeMap<String, (MetricType, u64)>) {
+    let state = instance.filter_state().cloned().unwrap_or_default();
+    if state.is_empty() {
+        println!("access log: (no filter state set)");
+    }
+    for (name, value) in &state {
+        println!("access log: %FILTER_STATE({name}:PLAIN)% = {}", String::from_utf8_lossy(value));
+    }
+    let moved: Vec<String> = instance
+        .metrics()
+        .into_iter()
+        .filter_map(|(name, (kind, now))| {
+            let was = before.get(&name).map_or(0, |(_, v)| *v);
+            (now != was).then(|| {
+                let change = if now >= was { format!("+{}", now - was) } else { format!("-{}", was - now) };
+                format!("  {name} {change} ({kind}, now {now})")
+            })
+        })
+        .collect();
+    if moved.is_empty() {
+        println!("metrics: none changed");
+    } else {
+        println!("metrics:");
+        for line in moved {
+            println!("{line}");
+        }
+    }
 }
 
 fn conformance(dir: Option<PathBuf>, filter: &FilterArg) -> Result<(), String> {

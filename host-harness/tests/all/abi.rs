@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use keyswap_harness::runner::check_unimplemented;
-use keyswap_harness::{FilterInstance, FilterModule, HarnessError, LogLevel, Outcome};
+use keyswap_harness::{FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
 
 use crate::filter;
 
@@ -132,7 +132,10 @@ fn clock_is_set_per_instance() {
             other => panic!("{name}: {other:?}"),
         }
         instance.finish().unwrap();
-        assert_eq!(instance.last_request_host_calls().unwrap().get("proxy_get_current_time_nanoseconds"), 1);
+        // One reading for the expiry check, and on a denial one for the
+        // audit line's per-second limit.
+        let readings = if forwarded { 1 } else { 2 };
+        assert_eq!(instance.last_request_host_calls().unwrap().get("proxy_get_current_time_nanoseconds"), readings);
     }
 }
 
@@ -154,11 +157,18 @@ fn host_calls_are_counted_per_request() {
         ("forwarded", Some("dev-key"), &[
             ("proxy_get_header_map_pairs", 1),
             ("proxy_get_property", 1),
+            ("proxy_increment_metric", 1),
+            ("proxy_set_property", 1),
             ("proxy_set_header_map_pairs", 1),
         ]),
         ("denied", None, &[
             ("proxy_get_header_map_pairs", 1),
             ("proxy_get_property", 1),
+            ("proxy_increment_metric", 1),
+            ("proxy_set_property", 1),
+            // the audit line: the clock for its rate limit, then the line
+            ("proxy_get_current_time_nanoseconds", 1),
+            ("proxy_log", 1),
             ("proxy_send_local_response", 1),
         ]),
     ];
@@ -279,7 +289,7 @@ fn wasi_output_and_environment_are_captured() {
 fn unimplemented_imports_answer_12_and_are_counted() {
     let module = wat(
         r#"(import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_define_metric" (func $define_metric (param i32 i32 i32 i32) (result i32)))"#,
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))"#,
         r#"(data (i32.const 300) "got UNIMPLEMENTED")
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (if (i32.eq (call $http_call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
@@ -289,7 +299,7 @@ fn unimplemented_imports_answer_12_and_are_counted() {
     (i32.const 0))"#,
     );
     let stubbed: Vec<&str> = module.stubbed_imports().iter().map(|(_, name)| name.as_str()).collect();
-    assert_eq!(stubbed, ["proxy_http_call", "proxy_define_metric"]);
+    assert_eq!(stubbed, ["proxy_http_call", "proxy_set_tick_period_milliseconds"]);
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.request(None, &headers(&[(":path", "/")])).unwrap();
     instance.finish().unwrap();
@@ -360,4 +370,127 @@ fn a_missing_module_says_how_to_build_it() {
     let err = FilterModule::load(std::path::Path::new("/nonexistent/keyswap_filter.wasm")).unwrap_err();
     assert!(matches!(err, HarnessError::WasmMissing { .. }));
     assert!(err.to_string().contains("cargo build --release --target wasm32-wasip1 -p keyswap-filter"), "{err}");
+}
+
+/// Statuses and ids as letters (`a` + value), so a module can log them.
+const PUT: &str = r#"(global $cur (mut i32) (i32.const 1000))
+  (func $put (param $v i32)
+    (i32.store8 (global.get $cur) (i32.add (i32.const 97) (local.get $v)))
+    (global.set $cur (i32.add (global.get $cur) (i32.const 1))))
+  (func $flush
+    (drop (call $log (i32.const 2) (i32.const 1000) (i32.sub (global.get $cur) (i32.const 1000))))
+    (global.set $cur (i32.const 1000)))"#;
+
+#[test]
+fn metrics_follow_envoy() {
+    let module = wat(
+        r#"(import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (import "env" "proxy_record_metric" (func $rec (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $get (param i32 i32) (result i32)))"#,
+        &format!(
+            r#"{PUT}
+  (data (i32.const 100) "cghx")
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    ;; ids: counter c twice, gauge g, histogram h, then a type that does not exist
+    (call $put (call $define (i32.const 0) (i32.const 100) (i32.const 1) (i32.const 0)))
+    (call $put (i32.load (i32.const 0)))
+    (call $put (call $define (i32.const 0) (i32.const 100) (i32.const 1) (i32.const 4)))
+    (call $put (i32.load (i32.const 4)))
+    (call $put (call $define (i32.const 1) (i32.const 101) (i32.const 1) (i32.const 8)))
+    (call $put (i32.load (i32.const 8)))
+    (call $put (call $define (i32.const 2) (i32.const 102) (i32.const 1) (i32.const 12)))
+    (call $put (i32.load (i32.const 12)))
+    (call $put (call $define (i32.const 3) (i32.const 103) (i32.const 1) (i32.const 16)))
+    (call $flush)
+    ;; increment: counter +1, 0, -1; gauge +5, -2; histogram; unknown; type 3
+    (call $put (call $inc (i32.load (i32.const 0)) (i64.const 1)))
+    (call $put (call $inc (i32.load (i32.const 0)) (i64.const 0)))
+    (call $put (call $inc (i32.load (i32.const 0)) (i64.const -1)))
+    (call $put (call $inc (i32.load (i32.const 8)) (i64.const 5)))
+    (call $put (call $inc (i32.load (i32.const 8)) (i64.const -2)))
+    (call $put (call $inc (i32.load (i32.const 12)) (i64.const 1)))
+    (call $put (call $inc (i32.const 4000) (i64.const 1)))
+    (call $put (call $inc (i32.const 7) (i64.const 1)))
+    (call $flush)
+    ;; record: through the second counter id (adds), the histogram, unknown, type 3
+    (call $put (call $rec (i32.load (i32.const 4)) (i64.const 10)))
+    (call $put (call $rec (i32.load (i32.const 12)) (i64.const 3)))
+    (call $put (call $rec (i32.const 4000) (i64.const 1)))
+    (call $put (call $rec (i32.const 7) (i64.const 1)))
+    (call $flush)
+    ;; get: the first counter id, the gauge, the histogram, unknown
+    (call $put (call $get (i32.load (i32.const 0)) (i32.const 24)))
+    (call $put (i32.load (i32.const 24)))
+    (call $put (call $get (i32.load (i32.const 8)) (i32.const 24)))
+    (call $put (i32.load (i32.const 24)))
+    (call $put (call $get (i32.load (i32.const 12)) (i32.const 24)))
+    (call $put (call $get (i32.const 4000) (i32.const 24)))
+    (call $put (call $get (i32.const 7) (i32.const 24)))
+    (call $flush)
+    (i32.const 1))"#
+        ),
+    );
+    let mut instance = module.start(&BTreeMap::new()).unwrap();
+    instance.configure(b"").unwrap();
+    let log: Vec<&str> = instance.log().iter().map(|e| e.message.as_str()).collect();
+    // Status `a` is OK, `b` NOT_FOUND, `c` BAD_ARGUMENT; ids e (4), i (8),
+    // f (5), g (6); values l (11) and d (3).
+    let want = [
+        "aeaiafagc", // a new id per define: counters 4, 8; gauge 5; histogram 6; type 3 refused
+        "accaacbc",  // counters take positive offsets only; gauges any; histograms none
+        "aabb",      // record adds to a counter; unknown ids are NOT_FOUND
+        "aladcbc",   // counter 1 + 10 through either id; gauge 5 - 2; no get for histograms
+    ];
+    assert_eq!(log, want);
+    let metrics = instance.metrics();
+    let want = BTreeMap::from([
+        ("c".to_string(), (MetricType::Counter, 11)),
+        ("g".to_string(), (MetricType::Gauge, 3)),
+        ("h".to_string(), (MetricType::Histogram, 1)),
+    ]);
+    assert_eq!(metrics, want);
+    assert_eq!(instance.histogram("h"), Some(&[3][..]));
+    assert!(instance.unimplemented_calls().is_empty());
+    assert_eq!(instance.host_calls().get("proxy_define_metric"), 5);
+}
+
+#[test]
+fn set_property_fills_the_streams_filter_state() {
+    let module = wat(
+        r#"(import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $get (param i32 i32 i32 i32) (result i32)))"#,
+        &format!(
+            r#"{PUT}
+  (data (i32.const 100) "k") (data (i32.const 110) "first") (data (i32.const 120) "second")
+  (data (i32.const 130) "a\00b")
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    ;; no stream: NOT_FOUND, as in Envoy
+    (call $put (call $set (i32.const 100) (i32.const 1) (i32.const 110) (i32.const 5)))
+    (call $flush)
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $put (call $set (i32.const 100) (i32.const 1) (i32.const 110) (i32.const 5)))
+    (call $put (call $set (i32.const 100) (i32.const 1) (i32.const 120) (i32.const 6)))
+    (call $put (call $set (i32.const 130) (i32.const 3) (i32.const 110) (i32.const 5)))
+    (call $put (call $get (i32.const 100) (i32.const 1) (i32.const 200) (i32.const 204)))
+    (call $flush)
+    (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0))"#
+        ),
+    );
+    let mut instance = module.start(&BTreeMap::new()).unwrap();
+    instance.configure(b"").unwrap();
+    assert!(instance.filter_state().is_none(), "no request yet");
+    let outcome = instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    assert!(matches!(outcome, Outcome::Forwarded { .. }));
+    let want = BTreeMap::from([("wasm.a\0b".to_string(), b"first".to_vec()), ("wasm.k".to_string(), b"second".to_vec())]);
+    assert_eq!(instance.filter_state(), Some(&want), "the open stream's");
+    instance.finish().unwrap();
+    assert_eq!(instance.filter_state(), Some(&want), "the finished stream's");
+    assert_eq!(instance.log_text(), "b\naaaa\nsecond");
+    assert!(instance.missing_properties().is_empty());
+
+    instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    assert_eq!(instance.filter_state().map(BTreeMap::len), Some(2), "a new stream starts empty and is filled again");
 }

@@ -165,12 +165,25 @@ fn run_prints_the_upstream_request_or_the_local_response() {
         (
             "forward",
             r#"{"route_name": "openai", "path": "/v1/models", "headers": [["authorization", "Bearer dev-key-123"]]}"#,
-            &["decision: forward", "  GET /v1/models", "  authorization: Bearer sk-upstream-openai", "  x-keyswap-client: local-dev"],
+            &[
+                "decision: forward",
+                "  GET /v1/models",
+                "  authorization: Bearer sk-upstream-openai",
+                "  x-keyswap-client: local-dev",
+                "access log: %FILTER_STATE(wasm.keyswap:PLAIN)% = outcome=allowed reason=- route=openai client=local-dev",
+                "metrics:\n  keyswap_requests_total;route=openai;outcome=allowed;reason= +1 (counter, now 1)\n",
+            ],
         ),
         (
             "deny",
             r#"{"route_name": "openai", "path": "/v1/models"}"#,
-            &["decision: deny 401", "  status: 401", r#""error":"missing_key""#],
+            &[
+                "decision: deny 401",
+                "  status: 401",
+                r#""error":"missing_key""#,
+                "access log: %FILTER_STATE(wasm.keyswap:PLAIN)% = outcome=denied reason=missing_key route=openai client=-",
+                "metrics:\n  keyswap_requests_total;route=openai;outcome=denied;reason=missing_key +1 (counter, now 1)\n",
+            ],
         ),
     ];
     for (name, request, want) in cases {

@@ -7,6 +7,7 @@
 mod abi;
 mod cli;
 mod harness;
+mod metrics;
 mod native;
 
 use std::sync::OnceLock;
