@@ -319,7 +319,7 @@ impl Case {
                         if json["error"] != want.error.as_str() {
                             let _ = writeln!(diff, "error code: want {:?}, got {}", want.error, json["error"]);
                         }
-                        if !json["message"].as_str().is_some_and(|m| !m.is_empty()) {
+                        if json["message"].as_str().is_none_or(str::is_empty) {
                             let _ = writeln!(diff, "the body has no message: {json}");
                         }
                     }

@@ -1,6 +1,32 @@
-//! keyswap's host harness.
+//! keyswap's host harness: the filter's `.wasm` in wasmtime, with the host
+//! side of proxy-wasm ABI v0.2.1 that the filter uses, so the conformance
+//! suite and the `keyswap` CLI run the very module Envoy loads.
 //!
-//! - [`conformance`]: the suite's case format, skip lists and the one
-//!   comparison every runner uses.
+//! ```text
+//!  conformance ── Case, Suite, Report (shared by every runner)
+//!  module ─────── FilterModule (Engine + Module + linker, compiled once, Clone)
+//!        └─────── FilterInstance (Store<HostState>: one VM, one plugin)
+//!  state ──────── HostState: configs, clock, log, streams, call counts
+//!  abi ────────── host calls, one module a group; codec + headers are pure
+//!  runner ─────── a conformance case (or a CLI request) through an instance
+//!  error ──────── HarnessError
+//! ```
+//!
+//! No state is global: everything an instance's host side holds lives in
+//! its store, so instances run in parallel. Host calls the harness does not
+//! implement are linked to stubs that answer `UNIMPLEMENTED` and are
+//! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
+pub mod abi;
+pub mod component;
 pub mod conformance;
+pub mod error;
+pub mod module;
+pub mod runner;
+pub mod serve;
+pub mod state;
+
+pub use abi::codec::HeaderList;
+pub use error::{HarnessError, BUILD_HINT};
+pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Outcome};
+pub use state::{CallCounts, Clock, LocalResponse, LogEntry, LogLevel};

@@ -72,7 +72,9 @@ fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path.is_empty() || path == "." { "$".to_string() } else { path };
+        // serde_path_to_error writes `.` for the document and `?` where the
+        // error came before any field was known (broken JSON).
+        let path = if path.is_empty() || path == "." || path == "?" { "$".to_string() } else { path };
         ConfigError::new(path, redact_serde_message(e.inner()))
     })?;
     de.end().map_err(|e| ConfigError::new("$", redact_serde_message(&e)))?;
@@ -80,11 +82,14 @@ fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
 }
 
 /// serde's messages quote the offending value (`invalid type: string
-/// "sk-…", expected a boolean`). The value may be a secret written in the
-/// wrong place, so every quoted string is replaced and only the shape of the
-/// mistake is kept.
+/// "sk-…", expected a boolean`, or `unknown variant `sk-…`` for a string
+/// where `{"inline": …}` belongs). The value may be a secret written in the
+/// wrong place, so every quoted string, and the back-quoted value of a
+/// message about a value, is replaced and only the shape of the mistake is
+/// kept. Back-quoted field names (`unknown field `x``) and the expected
+/// forms after `, expected` stay.
 fn redact_serde_message(err: &serde_json::Error) -> String {
-    let text = err.to_string();
+    let text = redact_backquoted_value(&err.to_string());
     // serde_json appends " at line L column C"; keep it, it holds no value.
     let mut out = String::with_capacity(text.len());
     let mut in_quote = false;
@@ -101,6 +106,34 @@ fn redact_serde_message(err: &serde_json::Error) -> String {
     if in_quote {
         out.push_str("\"…");
     }
+    out
+}
+
+/// In a message about a value (`unknown variant`, `invalid type`,
+/// `invalid value`), replaces what is back-quoted before `, expected`.
+fn redact_backquoted_value(text: &str) -> String {
+    let about_value = ["unknown variant", "invalid type", "invalid value"];
+    if !about_value.iter().any(|p| text.starts_with(p)) {
+        return text.to_string();
+    }
+    let split = text.find(", expected").unwrap_or(text.len());
+    let (head, tail) = text.split_at(split);
+    let mut out = String::with_capacity(text.len());
+    let mut in_quote = false;
+    for ch in head.chars() {
+        if ch == '`' {
+            if in_quote {
+                out.push_str("`…`");
+            }
+            in_quote = !in_quote;
+        } else if !in_quote {
+            out.push(ch);
+        }
+    }
+    if in_quote {
+        out.push_str("`…");
+    }
+    out.push_str(tail);
     out
 }
 
@@ -350,10 +383,21 @@ fn secret(value: &RawValue, path: &str, env: &dyn Environment) -> Result<String,
             if name.is_empty() {
                 return Err(ConfigError::new(path, "must name an environment variable"));
             }
+            // `{"env": "sk-…"}` (the credential where its variable's name
+            // belongs) is an easy slip; such a name is refused unquoted.
+            if !is_env_name(name) {
+                return Err(ConfigError::new(
+                    path,
+                    "must be an environment variable's name (letters, digits and `_`), not a value",
+                ));
+            }
+            // Only a conventional upper-case name is quoted back; any other
+            // (`sk_live_…` is a valid name) might still be a credential.
+            let shown = if is_conventional_env_name(name) { name.as_str() } else { "the variable" };
             match env.var(name) {
                 Some(v) if !v.is_empty() => Ok(v),
-                Some(_) => Err(ConfigError::new(path, format!("{name} is empty"))),
-                None => Err(ConfigError::new(path, format!("{name} is not set"))),
+                Some(_) => Err(ConfigError::new(path, format!("{shown} is empty"))),
+                None => Err(ConfigError::new(path, format!("{shown} is not set"))),
             }
         }
     }
@@ -455,10 +499,13 @@ fn compile_client_routes(
     let mut allowed = Vec::with_capacity(raw.len());
     for (i, name) in raw.iter().enumerate() {
         let Some(&r) = route_index.get(name.as_str()) else {
-            return Err(ConfigError::new(
-                format!("{path}.routes[{i}]"),
-                format!("names no route (`{name}` is not in `routes`)"),
-            ));
+            // Quoted only when it could be a route name at all.
+            let message = if is_name(name) {
+                format!("names no route (`{name}` is not in `routes`)")
+            } else {
+                "names no route (and is not a valid route name)".to_string()
+            };
+            return Err(ConfigError::new(format!("{path}.routes[{i}]"), message));
         };
         allowed.push(r);
     }
@@ -517,6 +564,16 @@ fn is_header_value(v: &[u8]) -> bool {
         && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
 }
 
+fn is_env_name(name: &str) -> bool {
+    (1..=256).contains(&name.len())
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn is_conventional_env_name(name: &str) -> bool {
+    is_env_name(name) && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
 fn is_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -536,6 +593,40 @@ mod tests {
         let text = redact_serde_message(&err);
         assert!(!text.contains("sk-secret-value"), "{text}");
         assert!(text.contains("invalid type"), "{text}");
+    }
+
+    #[test]
+    fn redaction_removes_back_quoted_values_but_keeps_field_names() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            Env,
+        }
+        let err = serde_json::from_str::<Kind>("\"sk-secret-value\"").unwrap_err();
+        let text = redact_serde_message(&err);
+        assert!(!text.contains("sk-secret-value"), "{text}");
+        assert!(text.starts_with("unknown variant `…`, expected `env`"), "{text}");
+        let err = serde_json::from_str::<String>("918273645").unwrap_err();
+        assert!(!redact_serde_message(&err).contains("918273645"));
+        let kept = "unknown field `clientz`, expected one of `clients`";
+        assert_eq!(redact_backquoted_value(kept), kept);
+    }
+
+    #[test]
+    fn env_errors_quote_only_conventional_names() {
+        let env = |_: &str| None;
+        let value = |name: &str| RawValue::Env(name.to_string());
+        let message = |name: &str| secret(&value(name), "v", &env).unwrap_err().to_string();
+        assert_eq!(message("OPENAI_API_KEY"), "v.env: OPENAI_API_KEY is not set");
+        assert_eq!(message("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "v.env: the variable is not set");
+        assert!(!message("sk-proj-abc123").contains("sk-proj"));
+        assert!(message("9LIVES").contains("not a value"));
+    }
+
+    #[test]
+    fn broken_json_is_blamed_on_the_document() {
+        let err = parse(br#"{"clients": [] trailing"#).unwrap_err();
+        assert_eq!(err.path, "$");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The compiled policy and its one entry point, [`Policy::decide`].
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -136,7 +137,11 @@ impl Policy {
     /// Decides one request. `now` gives Unix seconds and is called only when
     /// the client has an `expires` time.
     pub fn decide<'p>(&'p self, req: &RequestView<'_>, now: &dyn Fn() -> i64) -> Decision<'p> {
-        let route = self.routes.iter().position(|r| r.matcher.matches(req));
+        // A CONNECT opens a tunnel whose bytes keyswap never sees: no key
+        // can be checked and no credential swapped inside it, so it matches
+        // no route.
+        let tunnel = req.method.eq_ignore_ascii_case(b"CONNECT");
+        let route = if tunnel { None } else { self.routes.iter().position(|r| r.matcher.matches(req)) };
         let Some(r) = route else {
             return match self.unmatched {
                 UnmatchedRoute::Deny => Decision::Deny(Denial {
@@ -203,8 +208,13 @@ impl Policy {
         for source in &self.key_sources {
             match source {
                 KeySource::Header { name, prefix } => {
-                    for (_, value) in req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
-                        if let Some(key) = header_key(value, prefix.as_deref()) {
+                    // A repeated header and one value joined with commas are
+                    // the same thing in HTTP (RFC 9110, 5.3), and Envoy joins
+                    // some repeated headers (`authorization`) that way, so
+                    // each comma-separated element is one presentation.
+                    let values = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
+                    for element in values.flat_map(|(_, v)| v.split(|&b| b == b',')) {
+                        if let Some(key) = header_key(element, prefix.as_deref()) {
                             found.add(std::borrow::Cow::Borrowed(key));
                         }
                     }
@@ -261,7 +271,9 @@ impl Policy {
     }
 
     /// The new path without key parameters and client-sent copies of
-    /// injected ones, with the injected ones appended; `None` when nothing
+    /// injected ones, with the injected ones appended, and without a
+    /// fragment (never part of a request target, and a place to hide a key
+    /// or a second credential from the query rewrite); `None` when nothing
     /// changes.
     fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
         let removed = |p: &Param<'_>| {
@@ -271,7 +283,7 @@ impl Policy {
         };
         let (base, query, fragment) = query::split_path(path);
         let drops = query.is_some_and(|q| query::params(q).any(|p| removed(&p)));
-        if !drops && injected.is_empty() {
+        if !drops && injected.is_empty() && fragment.is_none() {
             return None;
         }
         let mut out = Vec::with_capacity(path.len() + 64);
@@ -289,10 +301,6 @@ impl Policy {
         }
         for q in injected {
             push(&mut out, b'&', q.encoded.as_bytes());
-        }
-        if let Some(fragment) = fragment {
-            out.push(b'#');
-            out.extend_from_slice(fragment);
         }
         Some(out)
     }
@@ -394,10 +402,11 @@ impl ClientIndex {
         if let Some(earlier) = self.find(clients, digest) {
             return Some(earlier);
         }
-        if self.first.contains_key(&prefix(digest)) {
-            self.colliding.push(index);
-        } else {
-            self.first.insert(prefix(digest), index);
+        match self.first.entry(prefix(digest)) {
+            Entry::Occupied(_) => self.colliding.push(index),
+            Entry::Vacant(slot) => {
+                slot.insert(index);
+            }
         }
         None
     }
@@ -449,6 +458,94 @@ mod tests {
         assert_eq!(header_key(b"Basic abc", bearer), None);
         assert_eq!(header_key(b" abc ", None), Some(&b"abc"[..]));
         assert_eq!(header_key(b"   ", None), None);
+    }
+
+    fn policy(unmatched: &str) -> Policy {
+        let json = format!(
+            r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["*"]}}],
+                "key_sources": [{{"header": "authorization", "prefix": "Bearer "}}, {{"query": "api_key"}}],
+                "routes": [{{"name": "r", "match": {{"host": "api.test"}},
+                             "inject": [{{"query": "key", "value": {{"inline": "up"}}}}]}}],
+                "unmatched_route": "{unmatched}"}}"#
+        );
+        match Policy::from_json(json.as_bytes(), &|_: &str| None) {
+            Ok(policy) => policy,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        let mut list = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"api.test:443".to_vec()),
+        ];
+        list.extend(headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+        list
+    }
+
+    fn reason(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Option<DenialReason> {
+        match policy.decide(&RequestView::from_headers(None, headers), &|| 0) {
+            Decision::Deny(denial) => Some(denial.reason),
+            Decision::Forward(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_comma_joined_header_is_read_like_repeated_headers() {
+        let p = policy("deny");
+        let joined = |v: &str| request("GET", "/", &[("authorization", v)]);
+        assert_eq!(reason(&p, &joined("Bearer k1,Bearer k1")), None);
+        assert_eq!(reason(&p, &joined("Bearer k1, Bearer k1")), None);
+        assert_eq!(reason(&p, &joined("Bearer k1,Basic eA==")), None);
+        assert_eq!(reason(&p, &joined("Bearer k1,Bearer k2")), Some(DenialReason::AmbiguousKey));
+        assert_eq!(reason(&p, &joined("Bearer k1,")), None);
+        assert_eq!(reason(&p, &joined(",")), Some(DenialReason::MissingKey));
+    }
+
+    #[test]
+    fn the_fragment_never_reaches_the_upstream() {
+        let p = policy("pass");
+        let cases = [
+            ("/a?api_key=k1#api_key=k2", Some("/a?key=up")),
+            ("/a?x=1&api_key=k1#&key=mine", Some("/a?x=1&key=up")),
+            ("/a#frag?api_key=k1", None),
+        ];
+        for (path, upstream) in cases {
+            let headers = request("GET", path, &[]);
+            let view = RequestView::from_headers(None, &headers);
+            match p.decide(&view, &|| 0) {
+                Decision::Forward(f) => {
+                    assert_eq!(f.path.as_deref(), upstream.map(str::as_bytes), "{path}");
+                }
+                Decision::Deny(d) => assert!(upstream.is_none(), "{path}: {d:?}"),
+            }
+        }
+        // Passed (unmatched) requests lose their fragment too.
+        let headers = request("GET", "/b#api_key=k1", &[]);
+        let mut view = RequestView::from_headers(None, &headers);
+        view.authority = b"other.test";
+        match p.decide(&view, &|| 0) {
+            Decision::Forward(f) => assert_eq!(f.path.as_deref(), Some(&b"/b"[..])),
+            Decision::Deny(d) => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_matches_no_route() {
+        let bearer = [("authorization", "Bearer k1")];
+        assert_eq!(reason(&policy("deny"), &request("CONNECT", "", &bearer)), Some(DenialReason::NoRoute));
+        let p = policy("pass");
+        let headers = request("CONNECT", "", &bearer);
+        match p.decide(&RequestView::from_headers(None, &headers), &|| 0) {
+            Decision::Forward(f) => {
+                assert_eq!((f.route, f.client), (None, None));
+                assert_eq!(f.remove_headers, ["authorization"]);
+                assert!(f.add_headers.is_empty());
+            }
+            Decision::Deny(d) => panic!("{d:?}"),
+        }
+        assert_eq!(reason(&policy("deny"), &request("GET", "/", &bearer)), None);
     }
 
     #[test]

@@ -1,1 +1,22 @@
-//! Placeholder.
+//! Test infrastructure for running keyswap in the real Envoy.
+//!
+//! ```text
+//!  test ──http::Request──▶ Envoy (envoy::Envoy, generated bootstrap) ──▶ echo::Echo
+//!   ▲     raw HTTP/1.1      listener ─ keyswap.wasm (V8) ─ router        │
+//!   └──────────── http::Response (echo JSON: method, path, headers) ◀────┘
+//! ```
+//!
+//! - [`echo`]: an upstream that answers with JSON of exactly the request it
+//!   received, and adds response headers a request asks for. Also the
+//!   `echo-upstream` binary that `scripts/demo` runs.
+//! - [`http`]: a raw HTTP/1.1 client: any request line, exact header bytes
+//!   and order.
+//! - [`envoy`]: finds Envoy and the filter, generates bootstraps, runs
+//!   Envoy until ready and the filter's configuration is proven loaded,
+//!   kills it on drop and prints its log when a test fails.
+//!
+//! The tests themselves are one binary, `tests/all/`, a module an area.
+
+pub mod echo;
+pub mod envoy;
+pub mod http;

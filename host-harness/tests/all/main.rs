@@ -1,3 +1,23 @@
 //! The harness's integration tests, one module an area.
 
+// Test scaffolding: helpers outside `#[test]` functions may fail loudly too,
+// and table-driven cases are allowed their tuple types.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
+
+mod abi;
+mod cli;
+mod harness;
 mod native;
+
+use std::sync::OnceLock;
+
+use keyswap_harness::{default_filter_path, FilterModule};
+
+/// The real filter module, compiled once for this test binary (test
+/// scaffolding, not harness state). `KEYSWAP_FILTER` points elsewhere.
+pub fn filter() -> &'static FilterModule {
+    static FILTER: OnceLock<FilterModule> = OnceLock::new();
+    FILTER.get_or_init(|| FilterModule::load(&default_filter_path()).unwrap_or_else(|e| panic!("{e}")))
+}
+mod component;
+mod serve;

@@ -1,0 +1,60 @@
+//! `proxy_send_local_response`: the filter answers the client itself. The
+//! response is recorded on the open stream exactly as sent (Envoy would add
+//! `content-length` and the like; the harness reports what the filter gave).
+
+use wasmtime::{Caller, Linker};
+
+use super::codec::decode_map;
+use super::{memory, status, HostResult, Status, ENV};
+use crate::state::{HostState, LocalResponse};
+
+/// Registers the local-response host call.
+///
+/// # Errors
+/// A definition wasmtime refuses.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        ENV,
+        "proxy_send_local_response",
+        |mut caller: Caller<'_, HostState>,
+         status_code: u32,
+         details: u32,
+         details_len: u32,
+         body: u32,
+         body_len: u32,
+         headers: u32,
+         headers_len: u32,
+         grpc_status: i32| {
+            caller.data_mut().record("proxy_send_local_response");
+            let args = LocalArgs { status_code, details, details_len, body, body_len, headers, headers_len, grpc_status };
+            status(send(&mut caller, args))
+        },
+    )?;
+    Ok(())
+}
+
+struct LocalArgs {
+    status_code: u32,
+    details: u32,
+    details_len: u32,
+    body: u32,
+    body_len: u32,
+    headers: u32,
+    headers_len: u32,
+    grpc_status: i32,
+}
+
+fn send(caller: &mut Caller<'_, HostState>, args: LocalArgs) -> HostResult {
+    let details = String::from_utf8_lossy(&memory::read(caller, args.details, args.details_len)?).into_owned();
+    let body = memory::read(caller, args.body, args.body_len)?;
+    let headers = decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
+    let stream = caller.data_mut().stream.as_mut().ok_or(Status::BadArgument)?;
+    stream.local_response = Some(LocalResponse {
+        status: args.status_code,
+        details,
+        headers,
+        body,
+        grpc_status: args.grpc_status,
+    });
+    Ok(())
+}

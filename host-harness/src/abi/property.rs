@@ -1,0 +1,73 @@
+//! Properties (`proxy_get_property`): Envoy's route name and the request
+//! attributes a filter may read, from the open stream, plus the plugin's
+//! name. Values are raw bytes, as Envoy returns strings. A path the harness
+//! does not know is `NOT_FOUND` and is counted in
+//! [`FilterInstance::missing_properties`](crate::FilterInstance::missing_properties).
+
+use wasmtime::{Caller, Linker};
+
+use super::codec::decode_property_path;
+use super::{headers, memory, status, HostResult, Status, ENV};
+use crate::state::HostState;
+
+/// The property paths the harness answers, dot-joined.
+pub const KNOWN: &[&str] = &[
+    "xds.route_name",
+    "request.path",
+    "request.url_path",
+    "request.query",
+    "request.host",
+    "request.method",
+    "request.scheme",
+    "plugin_name",
+    "plugin_root_id",
+];
+
+/// Registers the property host calls.
+///
+/// # Errors
+/// A definition wasmtime refuses.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        ENV,
+        "proxy_get_property",
+        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, data_out: u32, size_out: u32| {
+            caller.data_mut().record("proxy_get_property");
+            status(get(&mut caller, path, path_len, data_out, size_out))
+        },
+    )?;
+    Ok(())
+}
+
+fn get(caller: &mut Caller<'_, HostState>, path: u32, path_len: u32, data_out: u32, size_out: u32) -> HostResult {
+    let path = decode_property_path(&memory::read(caller, path, path_len)?).join(".");
+    match lookup(caller.data(), &path) {
+        Some(value) => memory::give(caller, &value, data_out, size_out),
+        None => {
+            *caller.data_mut().missing_properties.entry(path).or_insert(0) += 1;
+            Err(Status::NotFound.into())
+        }
+    }
+}
+
+/// The value of a dot-joined property path, if the harness has it.
+pub(crate) fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
+    match path {
+        "plugin_name" | "plugin_root_id" => return Some(state.plugin_name.as_bytes().to_vec()),
+        _ => {}
+    }
+    let stream = state.stream.as_ref()?;
+    let header = |name: &str| headers::get(&stream.request_headers, name).map(<[u8]>::to_vec);
+    let target = header(":path").unwrap_or_default();
+    let split = target.iter().position(|&b| b == b'?');
+    match path {
+        "xds.route_name" => stream.route_name.as_ref().map(|r| r.as_bytes().to_vec()),
+        "request.path" => header(":path"),
+        "request.url_path" => Some(split.map_or(target.clone(), |q| target[..q].to_vec())),
+        "request.query" => Some(split.map_or(Vec::new(), |q| target[q + 1..].to_vec())),
+        "request.host" => header(":authority").or_else(|| header("host")),
+        "request.method" => header(":method"),
+        "request.scheme" => header(":scheme"),
+        _ => None,
+    }
+}

@@ -1,0 +1,267 @@
+//! `keyswap`: check a configuration, make and hash keys, and run requests or
+//! the conformance suite through the real filter module, without Envoy.
+//!
+//! Every command exits 0 on success and 1 on failure (usage errors too).
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use keyswap_harness::conformance::{default_dir, Request, Suite};
+use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
+use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, Outcome};
+use sha2::{Digest as _, Sha256};
+
+#[derive(Parser)]
+#[command(name = "keyswap", version, about = "keyswap's tools: the real filter module in a wasmtime host, no Envoy needed")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a configuration into the filter and print its summary, or the
+    /// error with its field path.
+    Check {
+        /// The plugin configuration (JSON).
+        config: PathBuf,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Read a key from stdin and print its lowercase hex SHA-256 (for
+    /// `key_sha256`). One trailing newline is ignored.
+    HashKey,
+    /// Make a fresh random key and print it once, with its `clients` entry.
+    NewKey {
+        /// The client's id.
+        #[arg(long)]
+        id: String,
+        /// The routes the client may use, comma-separated (default: `*`,
+        /// every route).
+        #[arg(long, value_delimiter = ',')]
+        routes: Vec<String>,
+    },
+    /// Run one request through the filter and print the decision and what
+    /// the upstream receives (or the local response).
+    Run {
+        /// The plugin configuration (JSON).
+        config: PathBuf,
+        /// The request, shaped like a conformance case's `request`:
+        /// {"route_name", "method", "path", "authority", "headers": [[name, value], ...]}.
+        request: PathBuf,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Run the conformance suite through the filter module; ends with
+    /// `N passed, M failed`.
+    Conformance {
+        /// The suite's directory (with cases/, configs/, skip.json).
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        filter: FilterArg,
+    },
+    /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
+    /// until Ctrl-C; see docs/component.md.
+    Serve(keyswap_harness::serve::ServeArgs),
+}
+
+#[derive(Args)]
+struct FilterArg {
+    /// The filter module (default: $KEYSWAP_FILTER, else the workspace's
+    /// target/wasm32-wasip1/release/keyswap_filter.wasm).
+    #[arg(long, value_name = "PATH")]
+    filter: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VmArgs {
+    /// A variable of the VM's environment, like Envoy's
+    /// vm_config.environment_variables; repeatable. These are the VM's whole
+    /// environment: nothing is taken from this process's.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var)]
+    env: Vec<(String, String)>,
+    #[command(flatten)]
+    filter: FilterArg,
+}
+
+fn parse_env_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version print to stdout and succeed; usage
+            // errors exit 1 like every other failure.
+            let _ = err.print();
+            return if err.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+        }
+    };
+    let result = match cli.command {
+        Command::Check { config, vm } => check(&config, &vm),
+        Command::HashKey => hash_key(),
+        Command::NewKey { id, routes } => new_key(&id, routes),
+        Command::Run { config, request, vm } => run(&config, &request, &vm),
+        Command::Conformance { dir, filter } => conformance(dir, &filter),
+        Command::Serve(args) => keyswap_harness::serve::main(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("error: {message}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_filter(arg: &FilterArg) -> Result<FilterModule, String> {
+    let path = arg.filter.clone().unwrap_or_else(default_filter_path);
+    FilterModule::load(&path).map_err(|e| e.to_string())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// A filter log line without the `keyswap: ` every line starts with.
+fn bare(message: &str) -> &str {
+    message.strip_prefix("keyswap: ").unwrap_or(message)
+}
+
+/// Loads `config` into a fresh VM; a refusal prints each logged error and
+/// fails with nothing more to say.
+fn configured(config: &Path, vm: &VmArgs) -> Result<FilterInstance, String> {
+    let module = load_filter(&vm.filter)?;
+    let config = read(config)?;
+    let env: BTreeMap<String, String> = vm.env.iter().cloned().collect();
+    match module.configure(&config, &env) {
+        Ok(instance) => Ok(instance),
+        Err(HarnessError::Refused { log }) => {
+            let mut printed = false;
+            for line in log.lines().filter(|l| l.contains("refused") || l.contains("panic")) {
+                println!("error: {}", bare(line));
+                printed = true;
+            }
+            if !printed {
+                println!("error: the filter refused the configuration; its log:\n{log}");
+            }
+            Err(String::new())
+        }
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+fn check(config: &Path, vm: &VmArgs) -> Result<(), String> {
+    let instance = configured(config, vm)?;
+    let summary = instance
+        .log()
+        .iter()
+        .rev()
+        .find(|e| e.level >= LogLevel::Info)
+        .map_or("configuration loaded", |e| bare(&e.message));
+    println!("ok: {summary}");
+    Ok(())
+}
+
+fn hash_key() -> Result<(), String> {
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
+    let key = trim_one_newline(&input);
+    if key.is_empty() {
+        return Err("no key on stdin (pipe it in: `printf %s KEY | keyswap hash-key`)".into());
+    }
+    println!("{}", hex(&Sha256::digest(key)));
+    Ok(())
+}
+
+fn trim_one_newline(bytes: &[u8]) -> &[u8] {
+    bytes.strip_suffix(b"\r\n").or_else(|| bytes.strip_suffix(b"\n")).unwrap_or(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn new_key(id: &str, routes: Vec<String>) -> Result<(), String> {
+    if id.trim().is_empty() {
+        return Err("--id must not be empty".into());
+    }
+    let mut routes: Vec<String> = routes.into_iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
+    if routes.is_empty() {
+        eprintln!("note: no --routes given: the entry allows every route (\"*\"); narrow it if you can");
+        routes.push("*".into());
+    }
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    let key = format!("ks_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random));
+    let entry = serde_json::json!({ "id": id, "key_sha256": hex(&Sha256::digest(key.as_bytes())), "routes": routes });
+    println!("key (shown once; give it to the client and keep no copy):");
+    println!("{key}");
+    println!("clients entry:");
+    println!("{entry}");
+    Ok(())
+}
+
+fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
+    let request_text = read(request)?;
+    let request: Request = serde_json::from_slice(&request_text)
+        .map_err(|e| format!("{}: not a request object: {e}", request.display()))?;
+    let mut instance = configured(config, vm)?;
+    let outcome = instance.request(request.route_name.as_deref(), &request.header_list()).map_err(|e| e.to_string())?;
+    instance.finish().map_err(|e| e.to_string())?;
+    for entry in instance.log() {
+        eprintln!("log: {entry}");
+    }
+    match outcome {
+        Outcome::Forwarded { headers } => {
+            println!("decision: forward");
+            println!("upstream request:");
+            let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v));
+            println!("  {} {}", get(":method").unwrap_or_default(), get(":path").unwrap_or_default());
+            for (name, value) in text_pairs(&headers) {
+                println!("  {name}: {value}");
+            }
+        }
+        Outcome::Local(local) => {
+            println!("decision: deny {}", local.status);
+            println!("local response:");
+            println!("  status: {}", local.status);
+            for (name, value) in text_pairs(&local.headers) {
+                println!("  {name}: {value}");
+            }
+            println!("  body: {}", String::from_utf8_lossy(&local.body));
+        }
+        Outcome::Paused { .. } => return Err("the filter paused the request without answering it".into()),
+    }
+    if let Some(calls) = instance.last_request_host_calls() {
+        eprintln!("host calls: {}", calls.total());
+    }
+    Ok(())
+}
+
+fn conformance(dir: Option<PathBuf>, filter: &FilterArg) -> Result<(), String> {
+    let dir = dir.unwrap_or_else(default_dir);
+    let suite = Suite::load(&dir)?;
+    let module = load_filter(filter)?;
+    let (report, unimplemented) = run_suite(&module, &suite)?;
+    let implemented = check_unimplemented(&unimplemented);
+    if let Err(message) = &implemented {
+        println!("FAIL {message}");
+    }
+    println!("{}", report.render());
+    if report.failed.is_empty() && implemented.is_ok() {
+        Ok(())
+    } else {
+        Err(String::new())
+    }
+}

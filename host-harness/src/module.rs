@@ -1,0 +1,458 @@
+//! The filter as Envoy drives it: [`FilterModule`] compiles and links the
+//! module once (cheap to clone, shared by any number of instances);
+//! [`FilterInstance`] is one VM with its own `Store<HostState>`, started and
+//! configured like a plugin, then fed requests and responses.
+//!
+//! ```text
+//! FilterModule::load ─▶ start(env): _initialize, context_create(root), on_vm_start
+//!                  └─▶ configure(config): on_configure ─▶ Ok(instance) | Refused { log }
+//! instance.request(route, headers): context_create(stream), on_request_headers
+//!     ─▶ Forwarded { headers } (stream stays open) | Local(response) | Paused
+//! instance.response(headers): on_response_headers ─▶ Forwarded { headers the client sees }
+//! (every stream ends with on_done, on_log, on_delete)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use wasmtime::{CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams, WasmResults};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::abi::codec::HeaderList;
+use crate::abi::{self, action};
+use crate::error::HarnessError;
+use crate::state::{CallCounts, Clock, GuestExports, HostState, LocalResponse, LogEntry, StreamState, Stdio};
+
+/// The most WASI stdout or stderr output one instance keeps.
+const STDIO_CAPACITY: usize = 1 << 20;
+
+/// The filter module's path: `KEYSWAP_FILTER` if set, else
+/// `target/wasm32-wasip1/release/keyswap_filter.wasm` under the workspace
+/// root (where `cargo build --release --target wasm32-wasip1 -p
+/// keyswap-filter` puts it).
+pub fn default_filter_path() -> PathBuf {
+    match std::env::var_os("KEYSWAP_FILTER") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => workspace_filter_path(),
+    }
+}
+
+/// The filter module's place in this workspace's `target/`.
+pub fn workspace_filter_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
+}
+
+/// A compiled and linked proxy-wasm module.
+#[derive(Clone)]
+pub struct FilterModule {
+    engine: Engine,
+    pre: InstancePre<HostState>,
+    stubbed: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for FilterModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterModule").field("stubbed", &self.stubbed).finish_non_exhaustive()
+    }
+}
+
+impl FilterModule {
+    /// Reads, compiles and links the module at `path`.
+    ///
+    /// # Errors
+    /// [`HarnessError::WasmMissing`] (with the command that builds it), an
+    /// unreadable file, or what [`Self::from_bytes`] refuses.
+    pub fn load(path: &Path) -> Result<Self, HarnessError> {
+        let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => HarnessError::WasmMissing { path: path.to_path_buf() },
+            _ => HarnessError::Read { path: path.to_path_buf(), source },
+        })?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// Compiles and links a module from its binary (or, for tests, WAT text).
+    ///
+    /// # Errors
+    /// A module that does not compile, does not advertise proxy-wasm ABI
+    /// 0.2.x, exports no memory or allocator, or cannot be linked.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HarnessError> {
+        let engine = Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let module = Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+        if !exports.iter().any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0") {
+            return Err(HarnessError::Abi("it exports no proxy_abi_version_0_2_1 (or _0_2_0) marker".into()));
+        }
+        if !exports.contains(&"memory") {
+            return Err(HarnessError::Abi("it exports no memory".into()));
+        }
+        if !exports.iter().any(|e| *e == "proxy_on_memory_allocate" || *e == "malloc") {
+            return Err(HarnessError::Abi("it exports no proxy_on_memory_allocate (or malloc)".into()));
+        }
+        let mut linker = Linker::new(&engine);
+        abi::link(&mut linker, &module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
+        let stubbed = abi::stub::stubbed(&module);
+        Ok(Self { engine, pre, stubbed })
+    }
+
+    /// The imports linked to an `Unimplemented` stub, as (module, name).
+    pub fn stubbed_imports(&self) -> &[(String, String)] {
+        &self.stubbed
+    }
+
+    /// Starts a VM: WASI with `env` as its whole environment (like Envoy's
+    /// `vm_config.environment_variables`; nothing is inherited from this
+    /// process), `_initialize`, the root context, `proxy_on_vm_start`.
+    ///
+    /// # Errors
+    /// A trap, a missing export, or a VM that refuses to start.
+    pub fn start(&self, env: &BTreeMap<String, String>) -> Result<FilterInstance, HarnessError> {
+        let clock = Clock::real();
+        let stdio = Stdio {
+            stdout: MemoryOutputPipe::new(STDIO_CAPACITY),
+            stderr: MemoryOutputPipe::new(STDIO_CAPACITY),
+            seen: (0, 0),
+        };
+        let vars: Vec<(&String, &String)> = env.iter().collect();
+        let wasi = WasiCtxBuilder::new()
+            .envs(&vars)
+            .stdout(stdio.stdout.clone())
+            .stderr(stdio.stderr.clone())
+            .wall_clock(clock.clone())
+            .build_p1();
+        let mut store = Store::new(&self.engine, HostState::new(wasi, stdio, clock));
+        store.call_hook(|mut ctx, hook| {
+            if matches!(hook, CallHook::CallingHost) {
+                ctx.data_mut().entered_host();
+            }
+            Ok(())
+        });
+        let instance = self.pre.instantiate(&mut store).map_err(|e| HarnessError::Trap {
+            callback: "instantiate",
+            message: format!("{e:#}"),
+            log: String::new(),
+        })?;
+        let callbacks = Callbacks::find(&instance, &mut store)?;
+        let mut filter = FilterInstance { store, callbacks, next_context_id: 2, trapped: None };
+        filter.boot()?;
+        Ok(filter)
+    }
+
+    /// Starts a VM with `env` and configures the plugin with `config`.
+    ///
+    /// # Errors
+    /// [`HarnessError::Refused`] with the filter's log when it refuses the
+    /// configuration; anything [`Self::start`] returns.
+    pub fn configure(&self, config: &[u8], env: &BTreeMap<String, String>) -> Result<FilterInstance, HarnessError> {
+        let mut instance = self.start(env)?;
+        instance.configure(config)?;
+        Ok(instance)
+    }
+}
+
+/// What the filter did with a request's or a response's headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Passed on: the headers as the next hop sees them (the upstream for a
+    /// request, the client for a response).
+    Forwarded { headers: HeaderList },
+    /// Answered locally.
+    Local(LocalResponse),
+    /// Paused without answering (a proxy would hold the stream).
+    Paused { headers: HeaderList },
+}
+
+/// The guest's exported callbacks; all optional but memory management, as
+/// the ABI says.
+struct Callbacks {
+    initialize: Option<TypedFunc<(), ()>>,
+    main: Option<TypedFunc<(u32, u32), u32>>,
+    start: Option<TypedFunc<(), ()>>,
+    context_create: Option<TypedFunc<(u32, u32), ()>>,
+    vm_start: Option<TypedFunc<(u32, u32), u32>>,
+    configure: Option<TypedFunc<(u32, u32), u32>>,
+    request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    done: Option<TypedFunc<u32, u32>>,
+    log: Option<TypedFunc<u32, ()>>,
+    delete: Option<TypedFunc<u32, ()>>,
+}
+
+impl Callbacks {
+    fn find(instance: &Instance, store: &mut Store<HostState>) -> Result<Self, HarnessError> {
+        let memory = instance
+            .get_memory(&mut *store, "memory")
+            .ok_or_else(|| HarnessError::Abi("the export `memory` is not a memory".into()))?;
+        let alloc = match typed::<u32, u32>(instance, store, "proxy_on_memory_allocate")? {
+            Some(alloc) => alloc,
+            None => typed(instance, store, "malloc")?
+                .ok_or_else(|| HarnessError::Abi("no allocator export".into()))?,
+        };
+        store.data_mut().guest = Some(GuestExports { memory, alloc });
+        Ok(Self {
+            initialize: typed(instance, store, "_initialize")?,
+            main: typed(instance, store, "main")?,
+            start: typed(instance, store, "_start")?,
+            context_create: typed(instance, store, "proxy_on_context_create")?,
+            vm_start: typed(instance, store, "proxy_on_vm_start")?,
+            configure: typed(instance, store, "proxy_on_configure")?,
+            request_headers: typed(instance, store, "proxy_on_request_headers")?,
+            response_headers: typed(instance, store, "proxy_on_response_headers")?,
+            done: typed(instance, store, "proxy_on_done")?,
+            log: typed(instance, store, "proxy_on_log")?,
+            delete: typed(instance, store, "proxy_on_delete")?,
+        })
+    }
+}
+
+/// An export as a typed function: `None` when absent, an error when its
+/// type is not the ABI's.
+fn typed<P: WasmParams, R: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &str,
+) -> Result<Option<TypedFunc<P, R>>, HarnessError> {
+    match instance.get_func(&mut *store, name) {
+        None => Ok(None),
+        Some(func) => func
+            .typed::<P, R>(&*store)
+            .map(Some)
+            .map_err(|e| HarnessError::Abi(format!("the export `{name}` has the wrong type: {e}"))),
+    }
+}
+
+/// One running VM with one plugin (root context 1); streams get ids from 2.
+pub struct FilterInstance {
+    store: Store<HostState>,
+    callbacks: Callbacks,
+    next_context_id: u32,
+    /// Set once a callback trapped: the guest's state is no longer sound.
+    trapped: Option<String>,
+}
+
+impl std::fmt::Debug for FilterInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterInstance").field("trapped", &self.trapped).finish_non_exhaustive()
+    }
+}
+
+impl FilterInstance {
+    fn root(&self) -> u32 {
+        self.store.data().root_context_id
+    }
+
+    /// Runs one callback, capturing WASI output and turning a trap into an
+    /// error that carries the guest's log.
+    fn call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: &'static str,
+        func: TypedFunc<P, R>,
+        params: P,
+    ) -> Result<R, HarnessError> {
+        if let Some(earlier) = &self.trapped {
+            return Err(HarnessError::Trap {
+                callback,
+                message: format!("not called: the instance trapped earlier in {earlier}"),
+                log: self.log_text(),
+            });
+        }
+        let result = func.call(&mut self.store, params);
+        self.store.data_mut().drain_stdio();
+        result.map_err(|e| {
+            self.trapped = Some(callback.to_string());
+            HarnessError::Trap { callback, message: format!("{e:#}"), log: self.log_text() }
+        })
+    }
+
+    fn boot(&mut self) -> Result<(), HarnessError> {
+        let cb = &self.callbacks;
+        let (initialize, main, start) = (cb.initialize.clone(), cb.main.clone(), cb.start.clone());
+        if let Some(initialize) = initialize {
+            self.call("_initialize", initialize, ())?;
+            if let Some(main) = main {
+                self.call("main", main, (0, 0))?;
+            }
+        } else if let Some(start) = start {
+            self.call("_start", start, ())?;
+        }
+        let root = self.root();
+        if let Some(create) = self.callbacks.context_create.clone() {
+            self.call("proxy_on_context_create", create, (root, 0))?;
+        }
+        if let Some(vm_start) = self.callbacks.vm_start.clone() {
+            let size = len_u32(self.store.data().vm_configuration.len());
+            if self.call("proxy_on_vm_start", vm_start, (root, size))? == 0 {
+                return Err(HarnessError::VmRefused { log: self.log_text() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the plugin its configuration (`proxy_on_configure`).
+    ///
+    /// # Errors
+    /// [`HarnessError::Refused`] with the filter's log when it returns false;
+    /// a trap.
+    pub fn configure(&mut self, config: &[u8]) -> Result<(), HarnessError> {
+        self.store.data_mut().plugin_configuration = config.to_vec();
+        let Some(configure) = self.callbacks.configure.clone() else { return Ok(()) };
+        let root = self.root();
+        if self.call("proxy_on_configure", configure, (root, len_u32(config.len())))? == 0 {
+            return Err(HarnessError::Refused { log: self.log_text() });
+        }
+        Ok(())
+    }
+
+    /// Runs a headers-only request through the filter in a new stream
+    /// (`end_of_stream` is true). `headers` is the full list, pseudo-headers
+    /// included; names are lower-cased as Envoy's are. `route_name` is what
+    /// `xds.route_name` answers. A forwarded request keeps its stream open
+    /// for [`Self::response`]; any other outcome ends it. A stream still
+    /// open from an earlier request is ended first.
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn request(&mut self, route_name: Option<&str>, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
+        self.finish()?;
+        let id = self.next_context_id;
+        self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
+        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+        let count = len_u32(headers.len());
+        self.store.data_mut().stream = Some(StreamState {
+            context_id: id,
+            route_name: route_name.map(str::to_string),
+            request_headers: headers,
+            response_headers: None,
+            local_response: None,
+            calls: CallCounts::default(),
+        });
+        let root = self.root();
+        if let Some(create) = self.callbacks.context_create.clone() {
+            self.call("proxy_on_context_create", create, (id, root))?;
+        }
+        let action = match self.callbacks.request_headers.clone() {
+            Some(on_headers) => self.call("proxy_on_request_headers", on_headers, (id, count, 1))?,
+            None => action::CONTINUE,
+        };
+        let outcome = self.outcome(action, |s| Some(&s.request_headers));
+        if !matches!(outcome, Outcome::Forwarded { .. }) {
+            self.finish()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Runs the upstream's response headers through the open stream of the
+    /// last forwarded request, then ends the stream.
+    ///
+    /// # Errors
+    /// [`HarnessError::NoOpenRequest`] when no forwarded request is open; a
+    /// trap.
+    pub fn response(&mut self, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
+        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+        let count = len_u32(headers.len());
+        let stream = self.store.data_mut().stream.as_mut().ok_or(HarnessError::NoOpenRequest)?;
+        stream.response_headers = Some(headers);
+        let id = stream.context_id;
+        let action = match self.callbacks.response_headers.clone() {
+            Some(on_headers) => self.call("proxy_on_response_headers", on_headers, (id, count, 1))?,
+            None => action::CONTINUE,
+        };
+        let outcome = self.outcome(action, |s| s.response_headers.as_ref());
+        self.finish()?;
+        Ok(outcome)
+    }
+
+    fn outcome(&mut self, action: u32, map: impl Fn(&StreamState) -> Option<&HeaderList>) -> Outcome {
+        let Some(stream) = self.store.data_mut().stream.as_mut() else {
+            return Outcome::Paused { headers: Vec::new() };
+        };
+        if let Some(local) = stream.local_response.take() {
+            return Outcome::Local(local);
+        }
+        let headers = map(stream).cloned().unwrap_or_default();
+        if action == action::CONTINUE {
+            Outcome::Forwarded { headers }
+        } else {
+            Outcome::Paused { headers }
+        }
+    }
+
+    /// Ends the open stream, if any: `proxy_on_done`, `proxy_on_log`,
+    /// `proxy_on_delete` (the last two even when `on_done` asks to wait, as
+    /// the harness has no later event to wait for). Its host calls become
+    /// [`Self::last_request_host_calls`].
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn finish(&mut self) -> Result<(), HarnessError> {
+        let Some(id) = self.store.data().stream.as_ref().map(|s| s.context_id) else { return Ok(()) };
+        let result = self.end_stream(id);
+        let state = self.store.data_mut();
+        state.last_stream_calls = state.stream.take().map(|s| s.calls);
+        result
+    }
+
+    fn end_stream(&mut self, id: u32) -> Result<(), HarnessError> {
+        if self.trapped.is_some() {
+            return Ok(());
+        }
+        if let Some(done) = self.callbacks.done.clone() {
+            self.call("proxy_on_done", done, id)?;
+        }
+        if let Some(log) = self.callbacks.log.clone() {
+            self.call("proxy_on_log", log, id)?;
+        }
+        if let Some(delete) = self.callbacks.delete.clone() {
+            self.call("proxy_on_delete", delete, id)?;
+        }
+        Ok(())
+    }
+
+    /// The instance's clock (real time until set).
+    pub fn clock(&self) -> &Clock {
+        &self.store.data().clock
+    }
+
+    /// Every line the guest logged, in order.
+    pub fn log(&self) -> &[LogEntry] {
+        &self.store.data().log
+    }
+
+    /// The logged messages, one a line, without levels.
+    pub fn log_text(&self) -> String {
+        let lines: Vec<&str> = self.log().iter().map(|e| e.message.as_str()).collect();
+        lines.join("\n")
+    }
+
+    /// Empties the log, returning what it held.
+    pub fn take_log(&mut self) -> Vec<LogEntry> {
+        std::mem::take(&mut self.store.data_mut().log)
+    }
+
+    /// Every host call since the VM started.
+    pub fn host_calls(&self) -> &CallCounts {
+        &self.store.data().calls
+    }
+
+    /// The host calls of the last finished stream, from its context's
+    /// creation to its deletion.
+    pub fn last_request_host_calls(&self) -> Option<&CallCounts> {
+        self.store.data().last_stream_calls.as_ref()
+    }
+
+    /// Calls to functions the harness does not implement, by name. A
+    /// runner must treat any entry as a failure.
+    pub fn unimplemented_calls(&self) -> &BTreeMap<String, u64> {
+        &self.store.data().unimplemented
+    }
+
+    /// Property paths the guest asked for that the harness does not know.
+    pub fn missing_properties(&self) -> &BTreeMap<String, u64> {
+        &self.store.data().missing_properties
+    }
+}
+
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,204 @@
+//! The `keyswap` binary, run as a user would.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use keyswap_harness::conformance::default_dir;
+use keyswap_harness::default_filter_path;
+
+fn keyswap(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(args)
+        .env("KEYSWAP_FILTER", default_filter_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("keyswap starts");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input.write_all(stdin.unwrap_or_default()).expect("stdin is written");
+    drop(input);
+    child.wait_with_output().expect("keyswap ends")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn gateway() -> String {
+    default_dir().join("configs/gateway.json").display().to_string()
+}
+
+/// A file in a fresh temporary directory, for this test only.
+fn temp_file(test: &str, name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyswap-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("temp file");
+    path
+}
+
+const ENV: [&str; 6] = [
+    "--env",
+    "OPENAI_API_KEY=sk-upstream-openai",
+    "--env",
+    "REGISTRY_PASSWORD=registry-pw",
+    "--env",
+    "GEMINI_API_KEY=gemini-upstream",
+];
+
+#[test]
+fn check_prints_the_summary_or_the_field_path() {
+    let config = gateway();
+    let ok = keyswap(&[&["check", config.as_str()][..], &ENV].concat(), None);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let out = text(&ok.stdout);
+    assert!(out.starts_with("ok: configuration loaded: ") && out.contains("routes, version "), "{out}");
+
+    // Only --env reaches the VM, whatever this process's environment holds.
+    let refused = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["check", config.as_str()])
+        .env("KEYSWAP_FILTER", default_filter_path())
+        .env("OPENAI_API_KEY", "from-the-process")
+        .output()
+        .expect("keyswap runs");
+    assert_eq!(refused.status.code(), Some(1));
+    let out = text(&refused.stdout);
+    assert!(out.contains("error: configuration refused: routes[0].inject[0].value.env: OPENAI_API_KEY is not set"), "{out}");
+}
+
+#[test]
+fn usage_errors_exit_1_and_help_exits_0() {
+    let cases: &[(&str, &[&str], i32, &str)] = &[
+        ("no command", &[], 1, "Usage"),
+        ("unknown command", &["frobnicate"], 1, "unrecognized subcommand"),
+        ("bad --env", &["check", "x.json", "--env", "NOEQUALS"], 1, "is not NAME=VALUE"),
+        ("missing config file", &["check", "/nonexistent.json"], 1, "cannot read /nonexistent.json"),
+        ("top-level help", &["--help"], 0, "hash-key"),
+        ("check help", &["check", "--help"], 0, "vm_config.environment_variables"),
+        ("run help", &["run", "--help"], 0, "REQUEST"),
+        ("new-key needs --id", &["new-key"], 1, "--id"),
+    ];
+    for (name, args, code, want) in cases {
+        let out = keyswap(args, None);
+        assert_eq!(out.status.code(), Some(*code), "{name}");
+        let all = text(&out.stdout) + &text(&out.stderr);
+        assert!(all.contains(want), "{name}: {all}");
+    }
+}
+
+#[test]
+fn a_missing_filter_says_how_to_build_it() {
+    let out = keyswap(&["check", &gateway(), "--filter", "/nonexistent/keyswap_filter.wasm"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cargo build --release --target wasm32-wasip1 -p keyswap-filter"), "{err}");
+}
+
+#[test]
+fn hash_key_reads_stdin_and_trims_one_newline() {
+    // printf %s abc | sha256sum
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let cases: &[(&str, &[u8], bool)] = &[
+        ("bare key", b"abc", true),
+        ("trailing newline", b"abc\n", true),
+        ("trailing CRLF", b"abc\r\n", true),
+        ("only one newline is trimmed", b"abc\n\n", false),
+        ("spaces are part of the key", b" abc", false),
+    ];
+    for (name, input, same) in cases {
+        let out = keyswap(&["hash-key"], Some(input));
+        assert!(out.status.success(), "{name}");
+        let digest = text(&out.stdout).trim().to_string();
+        assert!(digest.len() == 64 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')), "{name}");
+        assert_eq!(digest == abc, *same, "{name}");
+    }
+    let empty = keyswap(&["hash-key"], Some(b"\n"));
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(text(&empty.stderr).contains("no key on stdin"));
+}
+
+#[test]
+fn new_key_prints_a_key_and_its_client_entry() {
+    let out = keyswap(&["new-key", "--id", "ci-bot", "--routes", "openai,registry"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let key = lines.iter().find(|l| l.starts_with("ks_")).expect("a key line");
+    assert_eq!(key.len(), 3 + 43, "32 bytes, base64url without padding");
+    let entry: serde_json::Value =
+        serde_json::from_str(lines.iter().find(|l| l.starts_with('{')).expect("an entry line")).unwrap();
+    assert_eq!(entry["id"], "ci-bot");
+    assert_eq!(entry["routes"], serde_json::json!(["openai", "registry"]));
+    assert!(entry.get("key").is_none(), "the entry holds only the digest");
+    let hashed = keyswap(&["hash-key"], Some(key.as_bytes()));
+    assert_eq!(entry["key_sha256"], text(&hashed.stdout).trim());
+
+    let again = keyswap(&["new-key", "--id", "ci-bot"], None);
+    assert!(!text(&again.stdout).contains(key), "every key is fresh");
+    assert!(text(&again.stdout).contains(r#""routes":["*"]"#), "{}", text(&again.stdout));
+}
+
+#[test]
+fn new_key_works_with_the_filter() {
+    let out = keyswap(&["new-key", "--id", "fresh", "--routes", "openai"], None);
+    let stdout = text(&out.stdout);
+    let key = stdout.lines().find(|l| l.starts_with("ks_")).expect("a key").to_string();
+    let entry = stdout.lines().find(|l| l.starts_with('{')).expect("an entry").to_string();
+    let config = format!(
+        r#"{{"clients": [{entry}], "routes": [{{"name": "openai", "match": {{"route_name": "openai"}},
+            "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"inline": "sk-up"}}}}]}}]}}"#
+    );
+    let config = temp_file("new-key", "config.json", &config);
+    let request = format!(r#"{{"route_name": "openai", "headers": [["authorization", "Bearer {key}"]]}}"#);
+    let request = temp_file("new-key", "request.json", &request);
+    let out = keyswap(&["run", &config.display().to_string(), &request.display().to_string()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("decision: forward"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn run_prints_the_upstream_request_or_the_local_response() {
+    let config = gateway();
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "forward",
+            r#"{"route_name": "openai", "path": "/v1/models", "headers": [["authorization", "Bearer dev-key-123"]]}"#,
+            &["decision: forward", "  GET /v1/models", "  authorization: Bearer sk-upstream-openai", "  x-keyswap-client: local-dev"],
+        ),
+        (
+            "deny",
+            r#"{"route_name": "openai", "path": "/v1/models"}"#,
+            &["decision: deny 401", "  status: 401", r#""error":"missing_key""#],
+        ),
+    ];
+    for (name, request, want) in cases {
+        let request = temp_file("run", &format!("{name}.json"), request);
+        let out = keyswap(&[&["run", config.as_str(), &request.display().to_string()][..], &ENV].concat(), None);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        for line in *want {
+            assert!(stdout.contains(line), "{name}: want {line:?} in\n{stdout}");
+        }
+        assert!(!stdout.contains("dev-key-123"), "{name}: the client's key never reaches the upstream");
+    }
+    let bad = temp_file("run", "bad.json", r#"{"pth": "/"}"#);
+    let out = keyswap(&[&["run", config.as_str(), &bad.display().to_string()][..], &ENV].concat(), None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not a request object"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn conformance_runs_the_suite() {
+    let dir = default_dir().display().to_string();
+    let out = keyswap(&["conformance", &dir], None);
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.contains(" passed, 0 failed"), "{stdout}");
+    assert!(out.status.success(), "{stdout}");
+
+    let empty = std::env::temp_dir().join(format!("keyswap-cli-{}-no-suite", std::process::id()));
+    let out = keyswap(&["conformance", &empty.display().to_string()], None);
+    assert_eq!(out.status.code(), Some(1));
+}
