@@ -70,16 +70,8 @@ impl RootContext for KeyswapRoot {
         let env = |name: &str| std::env::var(name).ok();
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
-                let now = unix_seconds(self.get_current_time());
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "keyswap: configuration loaded: {} ({} active clients)",
-                        policy.summary(),
-                        policy.active_clients(now)
-                    ),
-                );
-                let metrics = Metrics::define(&policy, now);
+                log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
+                let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default() }));
                 true
             }
