@@ -1,20 +1,29 @@
 //! keyswap as a proxy-wasm HTTP filter: thin glue around `keyswap-policy`.
 //!
 //! ```text
-//! Envoy ──on_configure──▶ KeyswapRoot ── Policy::from_json ──▶ Rc<Policy>
+//! Envoy ──on_configure──▶ KeyswapRoot ── Policy::from_json ──▶ Rc<Shared>
 //! Envoy ──on_http_request_headers──▶ KeyswapHttp ── Policy::decide ──▶ set headers | local reply
 //! Envoy ──on_http_response_headers──▶ KeyswapHttp ── Policy::response_removals ──▶ remove headers
 //! ```
 //!
-//! Per request the filter makes one call to read the headers, one for the
-//! route name (only when a route matches on it), one for the clock (only
-//! when the client has `expires`), and one to write the edited headers.
-//! No decision is taken here; no key or credential is ever logged.
+//! - [`metrics`]: counters and gauges in Envoy's stats.
+//! - [`audit`]: rate-limited denial lines.
+//!
+//! Per allowed request the filter makes one host call to read the headers,
+//! one for the route name (only when a route matches on it), one for the
+//! clock (only when the client has `expires`), one to write the edited
+//! headers, one for the counter and one for the access-log field. No
+//! decision is taken here; no key or credential is ever logged.
 
+pub mod audit;
+pub mod metrics;
+
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use keyswap_policy::{Decision, Policy, RequestView};
+use metrics::{Metrics, Outcome};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
@@ -32,10 +41,25 @@ fn log(level: LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);
 }
 
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The name of the filter-state entry the access log reads
+/// (`%FILTER_STATE(wasm.keyswap:PLAIN)%`).
+pub const ACCESS_LOG_PROPERTY: &str = "keyswap";
+
+/// What every stream of one configuration shares.
+struct Shared {
+    policy: Policy,
+    metrics: Metrics,
+    audit: RefCell<audit::Limiter>,
+}
+
 /// The plugin's root context: owns the compiled policy.
 #[derive(Default)]
 pub struct KeyswapRoot {
-    policy: Option<Rc<Policy>>,
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for KeyswapRoot {}
@@ -47,7 +71,8 @@ impl RootContext for KeyswapRoot {
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
-                self.policy = Some(Rc::new(policy));
+                let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
+                self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default() }));
                 true
             }
             Err(err) => {
@@ -58,7 +83,7 @@ impl RootContext for KeyswapRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeyswapHttp { policy: self.policy.clone() }))
+        Some(Box::new(KeyswapHttp { shared: self.shared.clone() }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -68,33 +93,47 @@ impl RootContext for KeyswapRoot {
 
 /// One HTTP stream.
 pub struct KeyswapHttp {
-    policy: Option<Rc<Policy>>,
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for KeyswapHttp {}
 
+impl KeyswapHttp {
+    fn record(&self, shared: &Shared, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
+        shared.metrics.count(route, client, outcome);
+        let (outcome, reason) = outcome.labels();
+        let field = format!(
+            "outcome={outcome} reason={} route={} client={}",
+            if reason.is_empty() { "-" } else { reason },
+            route.unwrap_or("-"),
+            client.unwrap_or("-"),
+        );
+        self.set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
+    }
+}
+
 impl HttpContext for KeyswapHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(policy) = self.policy.clone() else {
+        let Some(shared) = self.shared.clone() else {
             // Envoy never runs a plugin whose configuration was refused; if
             // it ever did, fail closed.
             let body = br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
             self.send_http_response(500, vec![("content-type", "application/json")], Some(body));
             return Action::Pause;
         };
+        let policy = &shared.policy;
         let mut headers = self.get_http_request_headers_bytes();
         let route_name = if policy.needs_route_name() {
             self.get_property(vec!["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok())
         } else {
             None
         };
-        let now = || {
-            let since = self.get_current_time().duration_since(UNIX_EPOCH);
-            since.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        };
+        let now = || unix_seconds(self.get_current_time());
         let view = RequestView::from_headers(route_name.as_deref(), &headers);
         match policy.decide(&view, &now) {
             Decision::Forward(forward) => {
+                let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
+                self.record(&shared, forward.route, forward.client, outcome);
                 if !forward.is_noop() {
                     forward.apply(&mut headers);
                     let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
@@ -104,6 +143,10 @@ impl HttpContext for KeyswapHttp {
             }
             Decision::Deny(denial) => {
                 let reason = denial.reason;
+                self.record(&shared, denial.route, denial.client, Outcome::Denied(reason));
+                if let Some(suppressed) = shared.audit.borrow_mut().admit(now()) {
+                    log(LogLevel::Info, &audit::denial_line(&denial, suppressed));
+                }
                 let body = reason.body();
                 self.send_http_response(
                     u32::from(reason.status()),
@@ -116,9 +159,9 @@ impl HttpContext for KeyswapHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(policy) = self.policy.as_ref().filter(|p| p.strips_responses()) {
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.policy.strips_responses()) {
             let headers = self.get_http_response_headers_bytes();
-            for name in policy.response_removals(&headers) {
+            for name in shared.policy.response_removals(&headers) {
                 self.set_http_response_header(name, None);
             }
         }

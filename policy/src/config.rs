@@ -188,6 +188,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment) -> Result<Policy, ConfigError
         client_id_header,
         unmatched: raw.unmatched_route,
         needs_route_name,
+        per_client_metrics: raw.metrics.per_client,
         version: String::new(),
     })
 }

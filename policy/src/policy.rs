@@ -27,6 +27,7 @@ pub struct Policy {
     pub(crate) client_id_header: Option<String>,
     pub(crate) unmatched: UnmatchedRoute,
     pub(crate) needs_route_name: bool,
+    pub(crate) per_client_metrics: bool,
     pub(crate) version: String,
 }
 
@@ -103,6 +104,28 @@ impl Policy {
     /// Counts and version, never a key or credential.
     pub fn summary(&self) -> Summary {
         Summary { clients: self.clients.len(), routes: self.routes.len(), version: self.version.clone() }
+    }
+
+    /// The route names, in configuration order.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.name.as_str())
+    }
+
+    /// Clients whose key would be accepted at `now` (not disabled, not
+    /// expired).
+    pub fn active_clients(&self, now: i64) -> usize {
+        self.clients.iter().filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at)).count()
+    }
+
+    /// True when requests that match no route are forwarded
+    /// (`unmatched_route: "pass"`).
+    pub fn passes_unmatched(&self) -> bool {
+        self.unmatched == UnmatchedRoute::Pass
+    }
+
+    /// True when `metrics.per_client` is on.
+    pub fn per_client_metrics(&self) -> bool {
+        self.per_client_metrics
     }
 
     /// True when some route matches on Envoy's route name, so hosts fetch

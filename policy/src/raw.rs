@@ -20,6 +20,17 @@ pub struct RawConfig {
     pub client_id_header: Option<String>,
     #[serde(default)]
     pub unmatched_route: UnmatchedRoute,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+/// What the filter counts beyond the per-route totals.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Count allowed requests per client and route (one time series each).
+    #[serde(default)]
+    pub per_client: bool,
 }
 
 /// One client holding one gateway key.

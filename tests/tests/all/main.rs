@@ -13,6 +13,7 @@
 
 mod conformance;
 mod gateway;
+mod operations;
 
 /// The conformance suite's format and its one checker, `Case::check`,
 /// compiled from the harness's own source file so that every runner is

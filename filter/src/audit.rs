@@ -1,0 +1,78 @@
+//! Audit lines for denials, rate-limited per worker so that a flood of bad
+//! keys cannot flood the log. A line names the reason, the route and the
+//! client when known; never a key or a credential.
+
+use keyswap_policy::Denial;
+
+/// Denial lines a worker writes per second at most.
+pub const LINES_PER_SECOND: u32 = 10;
+
+/// A fixed one-second window: up to [`LINES_PER_SECOND`] lines, then
+/// silence, and the next line written says how many were left out.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    second: i64,
+    written: u32,
+    suppressed: u64,
+}
+
+impl Limiter {
+    /// Whether to write a line at `now` (Unix seconds); `Some(n)` means
+    /// yes, and `n` lines were suppressed since the last one written.
+    pub fn admit(&mut self, now: i64) -> Option<u64> {
+        if now != self.second {
+            self.second = now;
+            self.written = 0;
+        }
+        if self.written >= LINES_PER_SECOND {
+            self.suppressed += 1;
+            return None;
+        }
+        self.written += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The audit line for a denial.
+pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
+    let mut line = format!(
+        "keyswap: denied reason={} status={} route={} client={}",
+        denial.reason.code(),
+        denial.reason.status(),
+        denial.route.unwrap_or("-"),
+        denial.client.unwrap_or("-"),
+    );
+    if suppressed > 0 {
+        line.push_str(&format!(" (suppressed {suppressed} earlier denial lines)"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyswap_policy::DenialReason;
+
+    #[test]
+    fn admits_a_bounded_number_per_second_and_reports_the_rest() {
+        let mut limiter = Limiter::default();
+        let admitted = (0..25).filter(|_| limiter.admit(100).is_some()).count();
+        assert_eq!(admitted, LINES_PER_SECOND as usize);
+        assert_eq!(limiter.admit(101), Some(25 - u64::from(LINES_PER_SECOND)));
+        assert_eq!(limiter.admit(101), Some(0));
+    }
+
+    #[test]
+    fn lines_name_reason_route_and_client() {
+        let denial = Denial { reason: DenialReason::RouteForbidden, route: Some("openai"), client: Some("team-a") };
+        assert_eq!(
+            denial_line(&denial, 0),
+            "keyswap: denied reason=route_forbidden status=403 route=openai client=team-a"
+        );
+        let unknown = Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None };
+        assert_eq!(
+            denial_line(&unknown, 3),
+            "keyswap: denied reason=invalid_key status=401 route=openai client=- (suppressed 3 earlier denial lines)"
+        );
+    }
+}
