@@ -168,7 +168,11 @@ impl Gateway {
 /// Accepts connections until the runtime stops.
 async fn accept_loop(gateway: Arc<Gateway>, listener: tokio::net::TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: let connections finish.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
         let gateway = gateway.clone();
         tokio::task::spawn(async move {
             let service = hyper::service::service_fn(move |request| gateway.clone().handle(request));

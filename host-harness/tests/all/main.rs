@@ -6,9 +6,11 @@
 
 mod abi;
 mod cli;
+mod component;
 mod harness;
 mod metrics;
 mod native;
+mod serve;
 
 use std::sync::OnceLock;
 
@@ -20,5 +22,3 @@ pub fn filter() -> &'static FilterModule {
     static FILTER: OnceLock<FilterModule> = OnceLock::new();
     FILTER.get_or_init(|| FilterModule::load(&default_filter_path()).unwrap_or_else(|e| panic!("{e}")))
 }
-mod component;
-mod serve;

@@ -337,49 +337,55 @@ fn an_unreachable_upstream_is_a_502() {
 
 // ----------------------------------------------------------- streaming --
 
-/// `keyswap serve` as a child process, killed when dropped.
+/// `keyswap serve` as a child process under coreutils' `timeout`, so it
+/// stops by itself even if this test process dies; stopped when dropped.
 struct Child {
-    child: std::process::Child,
+    timeout: std::process::Child,
+    /// The `keyswap serve` process itself.
+    pid: u32,
     addr: SocketAddr,
 }
 
 impl Child {
     fn start(config: &std::path::Path, env: &[&str]) -> Self {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyswap"));
-        command.args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(config);
-        command.arg("--component").arg(default_component_path());
+        let mut command = std::process::Command::new("timeout");
+        command.args(["300", env!("CARGO_BIN_EXE_keyswap"), "serve", "--listen", "127.0.0.1:0", "--config"]);
+        command.arg(config).arg("--component").arg(default_component_path());
         for var in env {
             command.args(["--env", var]);
         }
-        let mut child = command.stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut timeout = command.stdout(std::process::Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(timeout.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let addr = line
             .split("http://")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("keyswap serve printed {line:?}"));
-        Self { child, addr }
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", timeout.id())).unwrap();
+        let pid = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("timeout runs keyswap");
+        Self { timeout, pid, addr }
     }
 
     /// A line of the process's `/proc/PID/status`, in KiB.
     fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
         let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
         line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap()
     }
 
     /// Resets the process's peak RSS (VmHWM) to its current RSS.
     fn reset_peak(&self) {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").unwrap();
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5").unwrap();
     }
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // `timeout` passes SIGTERM on to keyswap, then exits.
+        let _ = std::process::Command::new("kill").arg(self.timeout.id().to_string()).status();
+        let _ = self.timeout.wait();
     }
 }
 
