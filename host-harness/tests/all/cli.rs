@@ -215,3 +215,94 @@ fn conformance_runs_the_suite() {
     let out = keyswap(&["conformance", &empty.display().to_string()], None);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Every example configuration in `docs/` passes `keyswap check`, given a
+/// value for each environment variable it names.
+#[test]
+fn check_accepts_every_example_in_docs() {
+    let examples = default_dir().join("../../docs/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).expect("docs/examples exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let json = std::fs::read_to_string(&path).expect("readable example");
+        let mut args = vec!["check".to_string(), path.display().to_string()];
+        for name in env_names(&json) {
+            args.extend(["--env".to_string(), format!("{name}=example-value")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = keyswap(&args, None);
+        assert!(out.status.success(), "{}: {}{}", path.display(), text(&out.stdout), text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("ok: configuration loaded: "), "{}", text(&out.stdout));
+        checked += 1;
+    }
+    assert!(checked > 0, "no example configuration in {}", examples.display());
+}
+
+/// Every configuration the suite expects refused makes `keyswap check` exit 1
+/// with the same `field.path: message` line.
+#[test]
+fn check_refuses_every_broken_config_in_the_suite_with_its_path() {
+    let suite = keyswap_harness::conformance::Suite::load(&default_dir()).expect("the suite loads");
+    let broken: Vec<_> = suite
+        .cases
+        .iter()
+        .filter_map(|case| match &case.expect {
+            keyswap_harness::conformance::Expect::ConfigError(want) => Some((case, want)),
+            _ => None,
+        })
+        .collect();
+    assert!(broken.len() >= 60, "only {} broken configurations in the suite", broken.len());
+    // Each run compiles the module afresh: spread them over a few threads.
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = broken
+            .chunks(broken.len().div_ceil(4))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for (case, want) in chunk {
+                        let config = temp_file("broken", &format!("{}.json", case.name), &case.config);
+                        let mut args = vec!["check".to_string(), config.display().to_string()];
+                        for (name, value) in &case.env {
+                            args.extend(["--env".to_string(), format!("{name}={value}")]);
+                        }
+                        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                        let out = keyswap(&args, None);
+                        let stdout = text(&out.stdout);
+                        if out.status.code() != Some(1) || !stdout.contains(&format!("error: configuration refused: {want}")) {
+                            failures.push(format!("{}: exit {:?}, want {want:?}, got {stdout}", case.name, out.status.code()));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("worker ends")).collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The names of the environment variables a configuration reads (`"env": "NAME"`).
+fn env_names(json: &str) -> std::collections::BTreeSet<String> {
+    fn walk(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match v {
+                        serde_json::Value::String(name) if k == "env" => {
+                            out.insert(name.clone());
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&serde_json::from_str(json).expect("example is JSON"), &mut out);
+    out
+}
