@@ -133,8 +133,12 @@ pub struct EnvoyView {
     /// The version Envoy accepted last and runs
     /// (`extension_config_discovery.http_filter.keyswap.version_text`).
     pub accepted: Option<String>,
-    /// Updates Envoy rejected so far (`…keyswap.update_rejected`).
+    /// Updates Envoy rejected so far (`…keyswap.update_rejected`): the
+    /// resource parsed, but the filter (or Envoy) refused it.
     pub rejected: u64,
+    /// Updates that failed before that (`…keyswap.update_failure`): the
+    /// file did not parse as a `DiscoveryResponse`.
+    pub failed: u64,
     /// The version of the resource in `/config_dump`'s `EcdsConfigDump`.
     /// Envoy 1.40 shows there the resource it last *read* from a file,
     /// refused or not, so this alone does not prove a version active.
@@ -156,6 +160,7 @@ pub fn parse_stats(text: &str, view: &mut EnvoyView) {
                 view.accepted = (!version.is_empty()).then(|| version.to_string());
             }
             "update_rejected" => view.rejected = value.trim().parse().unwrap_or(0),
+            "update_failure" => view.failed = value.trim().parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -228,6 +233,7 @@ mod tests {
         let mut view = EnvoyView::default();
         parse_stats(
             "extension_config_discovery.http_filter.keyswap.update_rejected: 2\n\
+             extension_config_discovery.http_filter.keyswap.update_failure: 1\n\
              extension_config_discovery.http_filter.other.update_rejected: 9\n\
              extension_config_discovery.http_filter.keyswap.version_text: \"abc\"\n",
             &mut view,
@@ -237,7 +243,7 @@ mod tests {
         parse_config_dump(&dump, &mut view);
         assert_eq!(
             view,
-            EnvoyView { accepted: Some("abc".into()), rejected: 2, dumped: Some("def".into()), dump_error: Some("bad".into()) }
+            EnvoyView { accepted: Some("abc".into()), rejected: 2, failed: 1, dumped: Some("def".into()), dump_error: Some("bad".into()) }
         );
     }
 

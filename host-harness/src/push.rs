@@ -111,7 +111,7 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
             println!("active: Envoy runs version {version} ({} ms after the rename)", renamed.elapsed().as_millis());
             return Ok(());
         }
-        if view.rejected > before.rejected {
+        if view.rejected > before.rejected || view.failed > before.failed {
             let runs = view.accepted.as_deref().unwrap_or("its default configuration").to_string();
             println!("rejected: Envoy refused version {version} and keeps running {runs}");
             if let Some(error) = &view.dump_error {
@@ -121,6 +121,7 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
                 (Some(log), Some(offset)) => print_reasons(log, offset),
                 _ => println!("  (give --envoy-log PATH to see Envoy's reason; it logs it, the admin does not keep it)"),
             }
+            restore(&args.ecds, existing.as_deref());
             return Err(String::new());
         }
         if Instant::now() >= deadline {
@@ -132,6 +133,20 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Puts back what the ECDS file held before a push Envoy rejected, so that
+/// the file says what Envoy runs and a restart does not start from the
+/// refused resource.
+fn restore(path: &Path, previous: Option<&[u8]>) {
+    let Some(previous) = previous else {
+        println!("  {} keeps the refused resource (it held nothing before); push a good configuration", path.display());
+        return;
+    };
+    match ecds::write_atomically(path, previous) {
+        Ok(_) => println!("  restored {} to what it held before the push", path.display()),
+        Err(e) => println!("  could not restore {}: {e}; push a good configuration", path.display()),
     }
 }
 
@@ -147,7 +162,8 @@ fn check(module: &FilterModule, text: &str) -> Result<String, String> {
             .rev()
             .find(|e| e.level >= LogLevel::Info)
             .and_then(|e| e.message.split_once("configuration loaded: "))
-            .map_or_else(|| "loaded".to_string(), |(_, summary)| summary.to_string())),
+            .map(|(_, summary)| summary.split(", version ").next().unwrap_or(summary).to_string())
+            .unwrap_or_else(|| "loaded".to_string())),
         Err(HarnessError::Refused { log }) => {
             let lines: Vec<&str> = log.lines().filter(|l| l.contains("refused") || l.contains("panic")).collect();
             let why = if lines.is_empty() { "the filter refused it".to_string() } else { lines.join("; ") };
@@ -161,15 +177,18 @@ fn check(module: &FilterModule, text: &str) -> Result<String, String> {
 /// update (waiting briefly: the log may trail the stats).
 fn print_reasons(log: &Path, offset: u64) {
     let wanted = |l: &&str| {
-        l.contains("config update rejected") || l.contains("configuration refused") || l.contains("failed to load")
+        l.contains("config update rejected") || l.contains("config update failure") || l.contains("configuration refused")
     };
     let deadline = Instant::now() + Duration::from_secs(2);
     let lines: Vec<String> = loop {
         let text = std::fs::read(log).ok().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
         let new = text.get(start..).unwrap_or_default();
-        let lines: Vec<String> = new.lines().filter(wanted).map(|l| without_prefix(l).to_string()).collect();
-        if lines.iter().any(|l| l.contains("rejected")) || Instant::now() >= deadline {
+        let mut lines: Vec<String> = new.lines().filter(wanted).map(|l| without_prefix(l).to_string()).collect();
+        // One line per worker says the same thing.
+        let mut seen = std::collections::BTreeSet::new();
+        lines.retain(|l| seen.insert(l.clone()));
+        if lines.iter().any(|l| l.contains("config update")) || Instant::now() >= deadline {
             break lines;
         }
         std::thread::sleep(Duration::from_millis(20));
