@@ -101,7 +101,8 @@ pub fn configuration_of(response: &Value) -> Option<&str> {
 /// Writes `bytes` to `path` atomically: a temporary file in the same
 /// directory, flushed to disk, then renamed over `path`. Envoy watches the
 /// directory for files moved into it, so it sees one rename and never a
-/// half-written file. Returns the moment of the rename (after it).
+/// half-written file. Returns the moment the rename was started: a clock
+/// read after it could come later than Envoy's reaction on a busy machine.
 ///
 /// # Errors
 /// The directory is missing or not writable; the temporary file is removed.
@@ -116,10 +117,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<std::time:
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temp, path)
+        let renaming = std::time::SystemTime::now();
+        std::fs::rename(&temp, path)?;
+        Ok(renaming)
     })();
     match written {
-        Ok(()) => Ok(std::time::SystemTime::now()),
+        Ok(renaming) => Ok(renaming),
         Err(err) => {
             let _ = std::fs::remove_file(&temp);
             Err(err)

@@ -16,7 +16,7 @@
 //! empty with every configuration). Envoy runs with `TZ=UTC`, so its log
 //! times compare with this process's clock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -149,6 +149,13 @@ pub fn keyed(key: &str) -> Request {
     Request::get("/v1/things").header("host", "gateway.test").header("authorization", format!("Bearer {key}"))
 }
 
+/// [`keyed`] with `connection: close`, for one request on a new
+/// connection: Envoy closes first, so the TIME_WAIT is its, and a prober
+/// opening thousands of connections does not use up the client's ports.
+pub fn keyed_once(key: &str) -> Request {
+    keyed(key).header("connection", "close")
+}
+
 /// True for keyswap's 401 `invalid_key` answer.
 pub fn is_invalid_key(response: &Response) -> bool {
     response.status == 401 && response.json().is_ok_and(|b| b["error"] == "invalid_key")
@@ -193,17 +200,59 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// The worker threads: those that logged loading `version`, without the
-/// main thread (the thread of Envoy's first log line).
-pub fn workers(lines: &[LogLine], version: &str) -> BTreeSet<u64> {
-    let main = lines.first().map(|l| l.thread);
-    let wanted = "keyswap: configuration loaded: ";
-    lines
-        .iter()
-        .filter(|l| l.text.contains(wanted) && l.text.ends_with(&format!("version {version}")))
-        .map(|l| l.thread)
-        .filter(|t| Some(*t) != main)
-        .collect()
+/// Envoy's main thread: the thread of its first log line.
+pub fn main_thread(lines: &[LogLine]) -> Option<u64> {
+    lines.first().map(|l| l.thread)
+}
+
+/// The worker threads that logged loading `version` at or after `since`
+/// (all but `main`, which loads every configuration too).
+pub fn workers(lines: &[LogLine], main: Option<u64>, version: &str, since: SystemTime) -> BTreeMap<u64, SystemTime> {
+    let since = since.checked_sub(Duration::from_millis(1)).unwrap_or(since);
+    let mut out = BTreeMap::new();
+    for line in lines.iter().filter(|l| l.time >= since && Some(l.thread) != main) {
+        if line.text.contains("keyswap: configuration loaded: ") && line.text.ends_with(&format!("version {version}")) {
+            out.entry(line.thread).or_insert(line.time);
+        }
+    }
+    out
+}
+
+/// Envoy's log read as it grows: only new bytes are parsed, and only the
+/// first line (the main thread's) and keyswap's lines are kept.
+pub struct LogTail {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    pub lines: Vec<LogLine>,
+}
+
+impl LogTail {
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), offset: 0, partial: String::new(), lines: Vec::new() }
+    }
+
+    /// Reads what was appended since the last call.
+    pub fn poll(&mut self) {
+        use std::io::{Read as _, Seek as _};
+        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        let Ok(n) = file.read_to_end(&mut bytes) else { return };
+        self.offset += n as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&bytes));
+        let Some(end) = self.partial.rfind('\n') else { return };
+        let complete: String = self.partial.drain(..=end).collect();
+        for line in complete.lines() {
+            if self.lines.is_empty() || line.contains("keyswap: ") {
+                if let Some(parsed) = parse_line(line) {
+                    self.lines.push(parsed);
+                }
+            }
+        }
+    }
 }
 
 /// Per worker thread, the first line at or after `since` that contains `needle`.
@@ -239,7 +288,11 @@ mod tests {
         assert_eq!(parse_line("not a log line"), None);
         let first = "[2026-11-23 10:59:25.000][1][info][main] starting";
         let lines = parse_log(&format!("{first}\n{line}\n{}", line.replace("27757", "9")));
-        assert_eq!(workers(&lines, "abc"), BTreeSet::from([9, 27757]));
-        assert_eq!(workers(&parse_log(&format!("{}\n{line}", line)), "abc"), BTreeSet::new());
+        let main = main_thread(&lines);
+        assert_eq!(main, Some(1));
+        let all: Vec<u64> = workers(&lines, main, "abc", UNIX_EPOCH).into_keys().collect();
+        assert_eq!(all, [9, 27757]);
+        assert!(workers(&lines, main, "abd", UNIX_EPOCH).is_empty());
+        assert!(workers(&lines, main, "abc", parsed.time + Duration::from_millis(2)).is_empty());
     }
 }

@@ -23,7 +23,7 @@ use keyswap_tests::envoy::{filter_wasm, repo_root};
 use keyswap_tests::http::Response;
 use keyswap_tests::load::{percentile, Bounds, Load};
 use keyswap_tests::revocation::{
-    first_per_thread, is_invalid_key, keyed, parse_log, since, workers, EcdsGateway, INVALID_KEY_LINE,
+    first_per_thread, is_invalid_key, keyed, keyed_once, main_thread, parse_log, since, workers, EcdsGateway, INVALID_KEY_LINE,
 };
 
 const K1: &str = "k1-key-to-be-revoked";
@@ -108,7 +108,7 @@ fn a_revoked_key_stops_on_every_worker_under_load_and_nothing_else_breaks() {
             let started = Instant::now();
             while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20) {
                 let sent = SystemTime::now();
-                let status = keyed(K1).send(addr).map(|r| (r.status, is_invalid_key(&r))).map_err(|e| e.to_string());
+                let status = keyed_once(K1).send(addr).map(|r| (r.status, is_invalid_key(&r))).map_err(|e| e.to_string());
                 probes.lock().unwrap().push(Probe { sent, status });
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -123,10 +123,10 @@ fn a_revoked_key_stops_on_every_worker_under_load_and_nothing_else_breaks() {
     // Until each worker has loaded the new version and denied K1 once.
     let enforced = wait_for(Duration::from_secs(10), || {
         let lines = parse_log(&gw.envoy.log());
-        let workers = workers(&lines, &new_version);
+        let workers = workers(&lines, main_thread(&lines), &new_version, renamed);
         let denied = first_per_thread(&lines, renamed, INVALID_KEY_LINE);
         let per_worker: Vec<(u64, Duration)> =
-            workers.iter().filter_map(|w| denied.get(w).map(|l| (*w, since(renamed, l.time)))).collect();
+            workers.keys().filter_map(|w| denied.get(w).map(|l| (*w, since(renamed, l.time)))).collect();
         (workers.len() == 2 && per_worker.len() == 2).then_some(per_worker)
     });
     let enforced_at = SystemTime::now();
