@@ -247,7 +247,7 @@ impl Admin {
         stream.read_to_end(&mut raw).map_err(|e| fail(&e))?;
         let (head, body) = split_response(&raw).ok_or_else(|| fail(&"not an HTTP response"))?;
         let status = head.lines().next().unwrap_or_default();
-        if !status.split(' ').nth(1).is_some_and(|s| s == "200") {
+        if status.split(' ').nth(1) != Some("200") {
             return Err(fail(&format!("GET {path}: {status}")));
         }
         let chunked = head.lines().any(|l| {

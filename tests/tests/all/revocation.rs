@@ -50,15 +50,18 @@ fn version(config: &str) -> String {
     keyswap_policy::content_version(config.as_bytes())
 }
 
-/// Status, and what the upstream saw of the swap (`None` for a local answer).
-fn outcome(response: &Response) -> (u16, Option<(String, Option<String>, Option<String>)>) {
+/// What the upstream saw of the swap: path, `authorization`, client id.
+type Upstream = (String, Option<String>, Option<String>);
+
+/// Status, and what the upstream saw (`None` for a local answer).
+fn outcome(response: &Response) -> (u16, Option<Upstream>) {
     let seen = Echoed::parse(&response.body).map(|e| {
         (e.path.clone(), e.header("authorization").map(str::to_string), e.header("x-keyswap-client").map(str::to_string))
     });
     (response.status, seen)
 }
 
-fn forwarded_as(client: &str) -> (u16, Option<(String, Option<String>, Option<String>)>) {
+fn forwarded_as(client: &str) -> (u16, Option<Upstream>) {
     (200, Some(("/v1/things".into(), Some(format!("Bearer {CREDENTIAL}")), Some(client.into()))))
 }
 
