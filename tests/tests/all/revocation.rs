@@ -7,6 +7,8 @@
 //!   5xx and no dropped connection.
 //! - A bad resource written by hand is refused (log, stats) and Envoy keeps
 //!   serving the previous configuration: K1 and K2 answer exactly as before.
+//! - A push adds, removes and changes clients (`expires`, routes) and
+//!   routes and their credentials.
 //! - `keyswap push --envoy-admin` reports the version only once Envoy runs
 //!   it, says when nothing changed, and reports Envoy's rejection with its
 //!   reason.
@@ -29,6 +31,7 @@ use keyswap_tests::revocation::{
 const K1: &str = "k1-key-to-be-revoked";
 const K2: &str = "k2-key-that-stays";
 const CREDENTIAL: &str = "the-upstream-credential";
+const K3_KEY: &str = "k3-new-key";
 
 /// Two clients on one route injecting `CREDENTIAL`; K1 `disabled` or not.
 fn config(k1_disabled: bool) -> String {
@@ -401,4 +404,63 @@ fn shipped_envoy_yaml_takes_keyswap_from_an_ecds_file_in_the_ignored_run_dir() {
     // Pushes write under .run/, which git ignores: they never dirty the tree.
     let ignore = std::fs::read_to_string(repo_root().join(".gitignore")).expect(".gitignore");
     assert!(ignore.lines().any(|l| l.trim() == "/.run"), ".run is ignored");
+}
+
+// ---- what a push can change ---------------------------------------------------------
+
+#[test]
+fn a_push_adds_removes_and_changes_clients_routes_and_credentials() {
+    let gw = EcdsGateway::start(&config(false), &[("UPSTREAM_CREDENTIAL", CREDENTIAL), ("OTHER_CREDENTIAL", "other-cred")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    // K1 removed; K2 narrowed to route `a`, which now injects another
+    // credential in another header; K3 added; K4 added, already expired.
+    // Route `a` matches /a/, `b` everything else.
+    let changed = format!(
+        r#"{{"clients": [
+  {{"id": "k2-client", "key": "{K2}", "routes": ["a"]}},
+  {{"id": "k3-client", "key": "{K3_KEY}", "routes": ["a", "b"]}},
+  {{"id": "k4-client", "key": "k4-expired-key", "routes": ["*"], "expires": "2020-01-01T00:00:00Z"}}],
+ "routes": [
+  {{"name": "a", "match": {{"path_prefix": "/a/"}},
+    "inject": [{{"header": "x-api-key", "value": {{"env": "OTHER_CREDENTIAL"}}}}]}},
+  {{"name": "b", "match": {{}},
+    "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "UPSTREAM_CREDENTIAL"}}}}]}}],
+ "client_id_header": "x-keyswap-client"}}"#
+    );
+    let v = version(&changed);
+    gw.push(&changed).expect("push");
+    let loaded = wait_for(Duration::from_secs(10), || {
+        let lines = parse_log(&gw.envoy.log());
+        (workers(&lines, main_thread(&lines), &v, SystemTime::UNIX_EPOCH).len() == 2).then_some(())
+    });
+    assert!(loaded.is_some(), "both workers load {v}; log:\n{}", gw.envoy.log());
+
+    let get = |path: &str, key: &str| {
+        keyswap_tests::http::Request::get(path)
+            .header("host", "gateway.test")
+            .header("authorization", format!("Bearer {key}"))
+            .header("connection", "close")
+            .send(gw.addr)
+            .expect("a request")
+    };
+    let error = |r: &Response| r.json().map(|b| b["error"].as_str().unwrap_or_default().to_string()).unwrap_or_default();
+    for _ in 0..10 {
+        // Removed client: unknown key.
+        assert!(is_invalid_key(&get("/a/x", K1)), "K1 removed");
+        // Route `a` now injects OTHER_CREDENTIAL as x-api-key, and no authorization.
+        let k2 = get("/a/x", K2);
+        let seen = Echoed::parse(&k2.body).unwrap_or_else(|| panic!("K2 on /a/: {} {}", k2.status, k2.text()));
+        assert_eq!((seen.header("x-api-key"), seen.header("authorization")), (Some("other-cred"), None));
+        assert_eq!(seen.header("x-keyswap-client"), Some("k2-client"));
+        // K2's routes narrowed: route `b` is now forbidden to it.
+        let k2b = get("/b/x", K2);
+        assert_eq!((k2b.status, error(&k2b)), (403, "route_forbidden".to_string()));
+        // Added client, on both routes.
+        let k3 = Echoed::parse(&get("/b/x", K3_KEY).body).expect("K3 forwarded on b");
+        assert_eq!(k3.header("authorization"), Some(format!("Bearer {CREDENTIAL}").as_str()));
+        assert_eq!(k3.header("x-keyswap-client"), Some("k3-client"));
+        // Added client whose key has expired.
+        let k4 = get("/a/x", "k4-expired-key");
+        assert_eq!((k4.status, error(&k4)), (401, "expired_key".to_string()));
+    }
 }
