@@ -1,5 +1,6 @@
-//! `keyswap`: check a configuration, make and hash keys, and run requests or
-//! the conformance suite through the real filter module, without Envoy.
+//! `keyswap`: check a configuration, make and hash keys, run requests or
+//! the conformance suite through the real filter module without Envoy, and
+//! push a configuration to a running Envoy (ECDS).
 //!
 //! Every command exits 0 on success and 1 on failure (usage errors too).
 
@@ -65,6 +66,11 @@ enum Command {
         #[command(flatten)]
         filter: FilterArg,
     },
+    /// Push a configuration to a running Envoy through the ECDS file it
+    /// watches: checked by the filter first, written atomically, versioned
+    /// by its content; with --envoy-admin, confirmed by Envoy (or its
+    /// rejection reported, exit 1).
+    Push(keyswap_harness::push::PushArgs),
     /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
     /// until Ctrl-C; see docs/component.md.
     Serve(keyswap_harness::serve::ServeArgs),
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
         Command::NewKey { id, routes } => new_key(&id, routes),
         Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
+        Command::Push(args) => keyswap_harness::push::main(&args),
         Command::Serve(args) => keyswap_harness::serve::main(&args),
     };
     match result {

@@ -306,3 +306,55 @@ fn env_names(json: &str) -> std::collections::BTreeSet<String> {
     walk(&serde_json::from_str(json).expect("example is JSON"), &mut out);
     out
 }
+
+#[test]
+fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
+    let config = r#"{"clients": [{"id": "c", "key": "push-cli-secret-key", "routes": ["*"]}],
+ "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-api-key", "value": {"env": "SOME_CREDENTIAL"}}]}]}"#;
+    let path = temp_file("push", "config.json", config);
+    let ecds = path.with_file_name("keyswap.json");
+    let (config_arg, ecds_arg) = (path.display().to_string(), ecds.display().to_string());
+    let version = keyswap_policy::content_version(config.as_bytes());
+
+    // Without Envoy: checked (the variable gets a placeholder), written, versioned by content.
+    let out = keyswap(&["push", &config_arg, "--ecds", &ecds_arg], None);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("wrote {ecds_arg}: version {version} (1 clients, 1 routes)\n"));
+    let original = std::fs::read(&ecds).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    assert_eq!(written["version_info"], version.as_str());
+    let resource = &written["resources"][0];
+    assert_eq!(resource["name"], "keyswap");
+    assert_eq!(resource["typed_config"]["config"]["configuration"]["value"], config, "byte for byte");
+    assert_eq!(resource["typed_config"]["config"]["vm_config"], keyswap_harness::ecds::default_vm_config());
+    let dir_entries = || std::fs::read_dir(ecds.parent().unwrap()).unwrap().count();
+    assert_eq!(dir_entries(), 2, "the config and the ECDS file, no temporary file left");
+
+    // The same content again: a no-op, said so.
+    let before = std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap();
+    let again = keyswap(&["push", &config_arg, "--ecds", &ecds_arg], None);
+    assert!(again.status.success());
+    assert_eq!(text(&again.stdout), format!("unchanged: {ecds_arg} already holds version {version}; nothing written\n"));
+    assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before);
+
+    // Refused by the filter: nothing written, the field named, no secret printed.
+    let bad = temp_file("push", "bad.json", &config.replace(r#"["*"]"#, r#"["nowhere"]"#));
+    let refused = keyswap(&["push", &bad.display().to_string(), "--ecds", &ecds_arg], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("error: configuration refused: clients[0].routes[0]: names no route") && err.contains("nothing written"),
+        "{err}"
+    );
+    assert!(!err.contains("push-cli-secret-key") && !text(&refused.stdout).contains("push-cli-secret-key"));
+    assert_eq!(std::fs::read(&ecds).unwrap(), original, "nothing written");
+
+    // An admin that is not there: an error before anything is written.
+    let other = temp_file("push", "other.json", &config.replace("\"c\"", "\"d\""));
+    let unreachable =
+        keyswap(&["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"], None);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(text(&unreachable.stderr).contains("Envoy's admin at http://127.0.0.1:1"), "{}", text(&unreachable.stderr));
+    assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before, "nothing written");
+    let _ = std::fs::remove_dir_all(ecds.parent().unwrap());
+}
