@@ -18,6 +18,7 @@
 //! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
 pub mod abi;
+pub mod bench;
 pub mod component;
 pub mod conformance;
 pub mod error;
