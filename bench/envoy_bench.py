@@ -61,6 +61,9 @@ LISTENERS = [
     ("keyswap", 19104),
 ]
 JOB_LISTENERS = {"native", "lua", "keyswap"}
+# Extra keyswap listeners (`--variant NAME=WASM`): another build of the
+# filter doing the same job in the same run, for before/after figures.
+VARIANTS: dict[str, Path] = {}
 
 
 def key(i: int) -> str:
@@ -164,8 +167,9 @@ def filters_for(listener: str, noop_wasm: Path, keyswap_wasm: Path) -> list[dict
         return []
     if listener == "noop_wasm":
         return [wasm_filter("noop", noop_wasm, "", {})]
-    if listener == "keyswap":
-        return [wasm_filter("keyswap", keyswap_wasm, keyswap_config(), {"BENCH_UPSTREAM_CREDENTIAL": UPSTREAM_CREDENTIAL})]
+    if listener == "keyswap" or listener in VARIANTS:
+        wasm = VARIANTS.get(listener, keyswap_wasm)
+        return [wasm_filter(listener, wasm, keyswap_config(), {"BENCH_UPSTREAM_CREDENTIAL": UPSTREAM_CREDENTIAL})]
     if listener == "lua":
         return [
             {
@@ -436,7 +440,7 @@ def machine() -> dict:
     envoy_version = subprocess.run(
         [str(ROOT / ".venv/bin/envoy"), "--version"], capture_output=True, text=True
     ).stdout.strip()
-    m = re.search(r"version: (\S+)", envoy_version)
+    m = re.search(r"version: \S*?/(\d+\.\d+\.\d+)/", envoy_version) or re.search(r"version: (\S+)", envoy_version)
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
     return {
         "nproc": os.cpu_count(),
@@ -492,6 +496,7 @@ def svg_chart(summary: dict, title: str) -> str:
     height = head + len(rows) * (bar_h + gap) + 40
     scale = (width - left - right) / top
     colour = {"plain": "#9aa5b1", "noop_wasm": "#b8c2cc", "native": "#3e7cb1", "lua": "#e0a030", "keyswap": "#2f9e44"}
+    colour.update({n: "#8fd19e" for n in VARIANTS})
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="13">',
@@ -531,6 +536,7 @@ def markdown(summary: dict, meta: dict) -> str:
         "lua": "the same job in Lua",
         "keyswap": "keyswap",
     }
+    what.update({n: f"keyswap variant: {VARIANTS[n].name}" for n in VARIANTS})
     m = meta["machine"]
     lines = [
         f"Run {m['date_utc']}: {meta['rounds']} rounds × {len(names)} listeners × {meta['duration_s']} s, "
@@ -560,13 +566,22 @@ def markdown(summary: dict, meta: dict) -> str:
         + ". Target: at most 1.2.",
         f"- keyswap's throughput ÷ plain Envoy's: **{summary['throughput_keyswap_vs_plain'] * 100:.0f}%** "
         "(medians). Target: at least 90%.",
+    ]
+    for n in VARIANTS:
+        if summary["added_cpu_us"]["native"] > 0:
+            lines.append(
+                f"- Variant `{n}` ({VARIANTS[n].name}): added CPU {summary['added_cpu_us'][n]:+.1f} µs, "
+                f"{summary['added_cpu_us'][n] / summary['added_cpu_us']['native']:.2f}× the native chain's; "
+                f"throughput {summary['listeners'][n]['rps']['median'] / summary['listeners']['plain']['rps']['median'] * 100:.0f}% of plain."
+            )
+    lines += [
         f"- Non-2xx responses during measurement: "
         + ", ".join(f"{n} {summary['listeners'][n]['non_2xx']}" for n in names) + ".",
     ]
     return "\n".join(lines) + "\n"
 
 
-def update_docs(block: str) -> None:
+def update_docs_block(block: str) -> None:
     doc = ROOT / "docs" / "performance.md"
     text = doc.read_text()
     start, end = "<!-- bench:envoy:start -->", "<!-- bench:envoy:end -->"
@@ -579,6 +594,36 @@ def update_docs(block: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def write_outputs(meta: dict, summary: dict, rounds: list, update_docs: bool) -> None:
+    (RUN / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=1))
+    table = markdown(summary, meta)
+    chart = svg_chart(summary, f"Envoy {meta['machine']['envoy']}, one worker, {CLIENTS} clients")
+    (RUN / "report.md").write_text(table)
+    (RUN / "cpu-per-request.svg").write_text(chart)
+    print()
+    print(table)
+    print(f"bench: results in {RUN.relative_to(ROOT)}/ (results.json, report.md, cpu-per-request.svg)")
+    if update_docs:
+        (ROOT / "docs" / "performance-cpu.svg").write_text(chart)
+        update_docs_block(table)
+        print("bench: docs/performance.md and docs/performance-cpu.svg updated")
+
+
+def render(args) -> None:
+    data = json.loads(args.render.read_text())
+    meta, summary = data["meta"], data["summary"]
+    m = re.search(r"/(\d+\.\d+\.\d+)/", meta["machine"]["envoy"])
+    if m:
+        meta["machine"]["envoy"] = m.group(1)
+    known = dict(LISTENERS)
+    for name in summary["listeners"]:
+        if name not in known:
+            VARIANTS[name] = Path(meta.get("variants", {}).get(name, f"{name}.wasm"))
+            LISTENERS.append((name, LISTENERS[-1][1] + 1))
+    RUN.mkdir(parents=True, exist_ok=True)
+    write_outputs(meta, summary, data["rounds"], args.update_docs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=10)
@@ -587,11 +632,27 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--envoy-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
-    p.add_argument("--noop-wasm", type=Path, required=True)
-    p.add_argument("--keyswap-wasm", type=Path, required=True)
-    p.add_argument("--responder", type=Path, required=True, help="the echo-upstream binary")
+    p.add_argument("--noop-wasm", type=Path)
+    p.add_argument("--keyswap-wasm", type=Path)
+    p.add_argument("--responder", type=Path, help="the echo-upstream binary")
     p.add_argument("--update-docs", action="store_true", help="write the tables and chart into docs/")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=WASM",
+                   help="also measure another build of the keyswap filter doing the same job")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                   help="only write the tables and chart again from an earlier run's results.json")
     args = p.parse_args()
+    if args.render:
+        render(args)
+        return
+    if not (args.noop_wasm and args.keyswap_wasm and args.responder):
+        p.error("--noop-wasm, --keyswap-wasm and --responder are required to run")
+    for v in args.variant:
+        name, _, wasm = v.partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not wasm or name in dict(LISTENERS):
+            raise SystemExit(f"bench: --variant {v}: expected NAME=WASM with a new lower-case NAME")
+        VARIANTS[name] = Path(wasm).resolve()
+        LISTENERS.append((name, LISTENERS[-1][1] + 1))
+        JOB_LISTENERS.add(name)
 
     RUN.mkdir(parents=True, exist_ok=True)
     config = RUN / "envoy.json"
@@ -650,19 +711,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    summary = summarise(rounds)
-    (RUN / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=1))
-    table = markdown(summary, meta)
-    chart = svg_chart(summary, f"Envoy {meta['machine']['envoy']}, one worker, {CLIENTS} clients")
-    (RUN / "report.md").write_text(table)
-    (RUN / "cpu-per-request.svg").write_text(chart)
-    print()
-    print(table)
-    print(f"bench: results in {RUN.relative_to(ROOT)}/ (results.json, report.md, cpu-per-request.svg)")
-    if args.update_docs:
-        (ROOT / "docs" / "performance-cpu.svg").write_text(chart)
-        update_docs(table)
-        print("bench: docs/performance.md and docs/performance-cpu.svg updated")
+    meta["variants"] = {n: str(w.name) for n, w in VARIANTS.items()}
+    write_outputs(meta, summarise(rounds), rounds, args.update_docs)
 
 
 if __name__ == "__main__":
