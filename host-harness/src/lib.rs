@@ -19,6 +19,7 @@
 //! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
 pub mod abi;
+pub mod bench;
 pub mod component;
 pub mod conformance;
 pub mod ecds;
