@@ -4,6 +4,8 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`leaks`]: Envoy at `trace`; no key or environment credential in its
+//!   log, local responses, `/config_dump` or `/stats`.
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
@@ -13,6 +15,7 @@
 
 mod conformance;
 mod gateway;
+mod leaks;
 mod operations;
 
 /// The conformance suite's format and its one checker, `Case::check`,
