@@ -16,6 +16,8 @@
 //!   `V` is [`keyswap_policy::content_version`] of the configuration bytes.
 //! - Dropping an [`Envoy`] kills it; if the thread is panicking (a failed
 //!   test), Envoy's log is printed first and its directory kept.
+//! - [`Envoy::start_logging`] is [`Envoy::start`] at other [`LogLevels`]
+//!   (the leak test runs Envoy at `trace`).
 //! - [`Envoy::refuse`] runs a configuration Envoy must refuse to start;
 //!   [`validate`] runs `envoy --mode validate`.
 
@@ -251,13 +253,28 @@ fn spawn(launch: &Launch, dir: &Path, extra: &[&str]) -> Result<Child, String> {
         .map_err(|e| format!("{}: {e}", envoy.display()))
 }
 
-/// `serving`: a gateway that will take requests (two workers, debug log);
+/// How much Envoy logs: `-l` and, if set, `--component-log-level`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLevels {
+    /// Every component's level (`trace`, `debug`, `info`, ...).
+    pub level: String,
+    /// Per-component exceptions, `component:level,component:level`.
+    pub components: Option<String>,
+}
+
+impl LogLevels {
+    fn serving() -> Self {
+        Self { level: "debug".into(), components: None }
+    }
+}
+
+/// `serving`: a gateway that will take requests (two workers, `log`);
 /// otherwise a start that should fail at configuration, where neither
 /// workers nor debug lines matter and each costs time.
-fn run_args(dir: &Path, serving: bool) -> Vec<String> {
+fn run_args(dir: &Path, serving: bool, log: &LogLevels) -> Vec<String> {
     let admin = dir.join("admin-address");
-    let (concurrency, level) = if serving { ("2", "debug") } else { ("1", "info") };
-    vec![
+    let (concurrency, level) = if serving { ("2", log.level.as_str()) } else { ("1", "info") };
+    let mut args: Vec<String> = vec![
         "--concurrency".into(),
         concurrency.into(),
         "-l".into(),
@@ -265,7 +282,11 @@ fn run_args(dir: &Path, serving: bool) -> Vec<String> {
         "--disable-hot-restart".into(),
         "--admin-address-path".into(),
         admin.display().to_string(),
-    ]
+    ];
+    if let (true, Some(components)) = (serving, &log.components) {
+        args.extend(["--component-log-level".into(), components.clone()]);
+    }
+    args
 }
 
 /// The admin's address once Envoy has written it.
@@ -314,8 +335,17 @@ impl Envoy {
     /// Envoy is missing, exits, or is not ready in time; the message holds
     /// the end of its log.
     pub fn start(launch: &Launch) -> Result<Self, String> {
+        Self::start_logging(launch, &LogLevels::serving())
+    }
+
+    /// [`Envoy::start`] with other log levels than `-l debug`.
+    ///
+    /// # Errors
+    /// As [`Envoy::start`].
+    pub fn start_logging(launch: &Launch, log: &LogLevels) -> Result<Self, String> {
         let dir = run_dir()?;
-        let child = spawn(launch, &dir, &run_args(&dir, true).iter().map(String::as_str).collect::<Vec<_>>())?;
+        let args = run_args(&dir, true, log);
+        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         // From here on, dropping `envoy` kills the child.
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let fail = |envoy: &Envoy, why: &str| {
@@ -359,7 +389,8 @@ impl Envoy {
     /// happened in time.
     pub fn refuse(launch: &Launch) -> Result<Refusal, String> {
         let dir = run_dir()?;
-        let child = spawn(launch, &dir, &run_args(&dir, false).iter().map(String::as_str).collect::<Vec<_>>())?;
+        let args = run_args(&dir, false, &LogLevels::serving());
+        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let outcome = poll(READY_TIMEOUT, || {
             if let Ok(Some(status)) = envoy.child.try_wait() {

@@ -14,7 +14,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    eprintln!("echo-upstream: listening on http://{addr}");
+    // The bound address, so `127.0.0.1:0` (a kernel-picked port) is usable.
+    let bound = listener.local_addr().map_or(addr, |a| a.to_string());
+    eprintln!("echo-upstream: listening on http://{bound}");
     keyswap_tests::echo::serve(&listener, &AtomicBool::new(false));
     std::process::ExitCode::SUCCESS
 }

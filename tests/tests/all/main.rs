@@ -7,6 +7,8 @@
 //! - [`revocation`]: configuration pushed through ECDS while Envoy serves:
 //!   a revoked key stops on every worker under load, a bad resource changes
 //!   nothing, `keyswap push` confirms with Envoy.
+//! - [`leaks`]: Envoy at `trace`; no key or environment credential in its
+//!   log, local responses, `/config_dump` or `/stats`.
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
@@ -16,6 +18,7 @@
 
 mod conformance;
 mod gateway;
+mod leaks;
 mod operations;
 mod revocation;
 
