@@ -263,7 +263,8 @@ pub struct LogLevels {
 }
 
 impl LogLevels {
-    fn serving() -> Self {
+    /// What a serving test Envoy logs by default: everything at `debug`.
+    pub fn serving() -> Self {
         Self { level: "debug".into(), components: None }
     }
 }

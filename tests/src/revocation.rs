@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::echo::Echo;
 use crate::ecds;
-use crate::envoy::{filter_wasm, gateway, Envoy, Launch, Listener};
+use crate::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, LogLevels};
 use crate::http::{Request, Response};
 
 /// The listener's name in an [`EcdsGateway`].
@@ -75,14 +75,26 @@ impl EcdsGateway {
     /// # Errors
     /// Envoy or the filter is missing, or Envoy does not start.
     pub fn start(config: &str, env: &[(&str, &str)]) -> Result<Self, String> {
-        let wasm = filter_wasm()?;
-        let echo = Echo::start("127.0.0.1:0").map_err(|e| format!("echo upstream: {e}"))?;
         let listener = Listener {
             name: LISTENER.into(),
             config: config.into(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
             ..Listener::default()
         };
+        Self::start_with(listener, &[], &LogLevels::serving())
+    }
+
+    /// [`EcdsGateway::start`] for a `listener` of the caller's (its name
+    /// becomes [`LISTENER`]), with `envoy_env` in Envoy's own environment
+    /// (for the listener's `host_env_keys`) and Envoy logging at `log`.
+    ///
+    /// # Errors
+    /// As [`EcdsGateway::start`].
+    pub fn start_with(listener: Listener, envoy_env: &[(&str, &str)], log: &LogLevels) -> Result<Self, String> {
+        let wasm = filter_wasm()?;
+        let echo = Echo::start("127.0.0.1:0").map_err(|e| format!("echo upstream: {e}"))?;
+        let listener = Listener { name: LISTENER.into(), ..listener };
+        let config = listener.config.clone();
         let dir = std::env::temp_dir().join(format!(
             "keyswap-ecds-{}-{}",
             std::process::id(),
@@ -94,17 +106,42 @@ impl EcdsGateway {
         let filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             ["http_filters"][0];
         let vm_config = filter["config_discovery"]["default_config"]["config"]["vm_config"].clone();
-        ecds::write_atomically(&ecds_path, &ecds::resource_bytes(config, &vm_config))
+        ecds::write_atomically(&ecds_path, &ecds::resource_bytes(&config, &vm_config))
             .map_err(|e| format!("{}: {e}", ecds_path.display()))?;
-        let envoy = Envoy::start(&Launch {
+        let mut env = vec![("TZ".to_string(), "UTC".to_string())];
+        env.extend(envoy_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let launch = Launch {
             file_name: "envoy.json".into(),
             text: bootstrap.to_string(),
-            env: vec![("TZ".into(), "UTC".into())],
-            expect_configs: vec![config.to_string()],
+            env,
+            expect_configs: vec![config],
             ..Launch::default()
-        })?;
+        };
+        let envoy = Envoy::start_logging(&launch, log)?;
         let addr = envoy.listener(LISTENER)?;
         Ok(Self { envoy, echo, ecds: ecds_path, vm_config, addr })
+    }
+
+    /// Runs `keyswap push CONFIG_FILE` against this Envoy (its ECDS file,
+    /// admin and log) with the filter under test.
+    ///
+    /// # Errors
+    /// The CLI or the filter is missing, or the CLI could not run.
+    pub fn push_cli(&self, config_file: &Path) -> Result<std::process::Output, String> {
+        std::process::Command::new(keyswap_cli()?)
+            .arg("push")
+            .arg(config_file)
+            .arg("--ecds")
+            .arg(&self.ecds)
+            .arg("--envoy-admin")
+            .arg(format!("http://{}", self.envoy.admin()))
+            .arg("--envoy-log")
+            .arg(self.envoy.log_path())
+            .arg("--filter")
+            .arg(filter_wasm()?)
+            .env_remove("KEYSWAP_FILTER")
+            .output()
+            .map_err(|e| format!("keyswap push: {e}"))
     }
 
     /// Writes `config` as the ECDS resource (temp file + rename); returns the
@@ -294,5 +331,29 @@ mod tests {
         assert_eq!(all, [9, 27757]);
         assert!(workers(&lines, main, "abd", UNIX_EPOCH).is_empty());
         assert!(workers(&lines, main, "abc", parsed.time + Duration::from_millis(2)).is_empty());
+    }
+}
+
+/// The `keyswap` binary cargo built next to the running test (`cargo test
+/// --workspace` builds it; alone: `cargo build -p keyswap-harness --bin
+/// keyswap`), or `KEYSWAP_CLI`.
+///
+/// # Errors
+/// There is no such file.
+pub fn keyswap_cli() -> Result<PathBuf, String> {
+    let path = match std::env::var_os("KEYSWAP_CLI") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| format!("the test's path: {e}"))?;
+            exe.parent().and_then(Path::parent).map(|debug| debug.join("keyswap")).ok_or("no target/debug")?
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no keyswap CLI at {}: build it with `cargo build -p keyswap-harness --bin keyswap` (or set KEYSWAP_CLI)",
+            path.display()
+        ))
     }
 }

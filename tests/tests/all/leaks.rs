@@ -1,9 +1,10 @@
 //! Secrets never leak: Envoy at `trace` through every denial, the success
-//! path of every credential form, and a configuration reload (LDS), then
+//! path of every credential form, a configuration reload (LDS) and
+//! `keyswap push` (ECDS: a revocation, and a push Envoy rejects), then
 //! every inbound key and every upstream credential that came from Envoy's
 //! environment is searched for in Envoy's whole log (with the shipped
 //! access log), in every local response, and in the admin's `/config_dump`
-//! and `/stats`. None may appear.
+//! and `/stats`, and in what `keyswap push` prints. None may appear.
 //!
 //! The search is shown to work on the same texts: the `inline` credential
 //! and the plaintext `key` (both part of the configuration, documented as
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, Envoy, Launch, Listener, LogLevels, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
+use keyswap_tests::revocation::EcdsGateway;
 
 /// Envoy components that print request headers verbatim below `info`,
 /// found by running this test without them (every secret leaked):
@@ -41,15 +43,19 @@ const KEY_DISABLED: &str = "ksk-disabled-e84f2a6b17c9";
 const KEY_UNKNOWN: &str = "ksk-unknown-3b6e9d0f42a8"; // configured nowhere
 const KEY_ROTATED_1: &str = "ksk-rotated-one-7a1c5e38b2d0"; // the LDS listener, before the reload
 const KEY_ROTATED_2: &str = "ksk-rotated-two-d29b0e4f6c17"; // ... and after
+const KEY_PUSHED_1: &str = "ksk-pushed-one-5c2e8a1f93d4"; // the ECDS gateway, before `keyswap push`
+const KEY_PUSHED_2: &str = "ksk-pushed-two-b7d04f6a2e91"; // ... and after
 
 // Upstream credentials from Envoy's environment (host_env_keys).
-const CREDENTIALS: [(&str, &str); 6] = [
+const CREDENTIALS: [(&str, &str); 8] = [
     ("CHAT_CREDENTIAL", "cred-chat-6d0e2b9a4f71"),
     ("FILES_CREDENTIAL", "cred-files-a3f95c1e08b2"),
     ("REGISTRY_PASSWORD", "cred-registry-4e7b2d9c05a6"),
     ("MAPS_CREDENTIAL", "cred-maps-b81f3a6e2c94"),
     ("ROTATED_CREDENTIAL_1", "cred-rotated-one-2c5a9e0d7f13"),
     ("ROTATED_CREDENTIAL_2", "cred-rotated-two-9e4d1b7a3c58"),
+    ("PUSHED_CREDENTIAL_1", "cred-pushed-one-41e9c7b2a0d6"),
+    ("PUSHED_CREDENTIAL_2", "cred-pushed-two-e05a3d8c6f27"),
 ];
 
 // Part of the configuration by design, and so visible in /config_dump.
@@ -85,6 +91,8 @@ fn secrets() -> Vec<(&'static str, &'static str)> {
         ("key unknown", KEY_UNKNOWN),
         ("key rotated 1", KEY_ROTATED_1),
         ("key rotated 2", KEY_ROTATED_2),
+        ("key pushed 1", KEY_PUSHED_1),
+        ("key pushed 2", KEY_PUSHED_2),
     ];
     all.extend(CREDENTIALS.iter().map(|(name, value)| (*name, *value)));
     all
@@ -370,8 +378,8 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     main_paths(envoy.listener("main").expect("main"), &mut seen);
 
     // The reload: the LDS listener, replaced by one with a new key and a
-    // new credential from the environment. (The ECDS `keyswap push` path,
-    // issue 5, is not on this branch; it belongs next to this reload.)
+    // new credential from the environment. (`keyswap push`, the ECDS path,
+    // is the next test.)
     let bearer = |n: &str| format!("Bearer {}", credential(n));
     until_served(envoy.admin(), KEY_ROTATED_1, &bearer("ROTATED_CREDENTIAL_1"), &mut seen);
     write_lds(&lds, &rotating(2), echo.addr(), &wasm);
@@ -444,6 +452,80 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
     drop(envoy);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The ECDS gateway's configuration: key `n` forwarded with credential `n`,
+/// read from the variable `env`.
+fn pushed_config(n: u8, env: &str) -> String {
+    let key = if n == 1 { KEY_PUSHED_1 } else { KEY_PUSHED_2 };
+    format!(
+        r#"{{"clients": [{{"id": "pushed-{n}", "key_sha256": "{}", "routes": ["*"]}}],
+ "routes": [{{"name": "all", "match": {{}},
+   "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "{env}"}}}}]}}]}}"#,
+        sha256_hex(key)
+    )
+}
+
+/// `keyswap push` at `trace`: a push that revokes a key and swaps the
+/// credential, and one Envoy rejects; none of the secrets in Envoy's log,
+/// the answers, `/config_dump`, or what `keyswap push` prints.
+#[test]
+fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
+    let listener = Listener {
+        config: pushed_config(1, "PUSHED_CREDENTIAL_1"),
+        host_env_keys: vec!["PUSHED_CREDENTIAL_1".into(), "PUSHED_CREDENTIAL_2".into()],
+        ..Listener::default()
+    };
+    let log_levels = LogLevels { level: "trace".into(), components: Some(QUIET_COMPONENTS.into()) };
+    let envoy_env: Vec<(&str, &str)> = CREDENTIALS.to_vec();
+    let gw = EcdsGateway::start_with(listener, &envoy_env, &log_levels).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Seen::default();
+    let bearer = |n: &str| format!("Bearer {}", credential(n));
+
+    let echoed = seen.forward(&request(None, Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1"), "key 1");
+    assert_eq!(echoed.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_1").as_str()));
+
+    // A push that revokes key 1 and brings key 2 with a new credential.
+    let mut printed = String::new();
+    let file = gw.envoy.dir().join("pushed-2.json");
+    std::fs::write(&file, pushed_config(2, "PUSHED_CREDENTIAL_2")).expect("write the config");
+    let out = gw.push_cli(&file).unwrap_or_else(|e| panic!("{e}"));
+    printed.push_str(&String::from_utf8_lossy(&out.stdout));
+    printed.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && printed.contains("active: Envoy runs version"), "push: {printed}");
+    let old = request(None, Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1 again");
+    seen.deny(&old, 401, "invalid_key", "key 1 after the push");
+    let echoed = seen.forward(&request(None, Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
+    assert_eq!(echoed.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_2").as_str()));
+
+    // A push Envoy rejects (a variable its VM does not have): push prints
+    // Envoy's reason.
+    let file = gw.envoy.dir().join("rejected.json");
+    std::fs::write(&file, pushed_config(2, "NOT_IN_ENVOYS_ENVIRONMENT")).expect("write the config");
+    let out = gw.push_cli(&file).unwrap_or_else(|e| panic!("{e}"));
+    let rejected = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && rejected.contains("NOT_IN_ENVOYS_ENVIRONMENT"), "push: {rejected}");
+    printed.push_str(&rejected);
+    let still = seen.forward(&request(None, Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
+    assert_eq!(still.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_2").as_str()));
+
+    let config_dump = gw.admin("/config_dump").expect("config dump");
+    let log = gw.envoy.log();
+    assert!(log.lines().any(|l| l.contains("[trace]")), "Envoy logged no trace line");
+    for n in [1, 2] {
+        let version = keyswap_policy::content_version(pushed_config(n, &format!("PUSHED_CREDENTIAL_{n}")).as_bytes());
+        assert!(log.contains(&format!("version {version}")), "configuration {version} never loaded");
+    }
+    assert!(config_dump.contains(&sha256_hex(KEY_PUSHED_2)), "/config_dump holds the pushed configuration");
+
+    let mut leaks = Vec::new();
+    for (place, text) in [("Envoy's log", &log), ("/config_dump", &config_dump), ("keyswap push", &printed)] {
+        leaks.extend(findings(text).into_iter().map(|f| format!("{place}: {f}")));
+    }
+    for (i, text) in seen.local.iter().chain(&seen.forwarded_heads).enumerate() {
+        leaks.extend(findings(text).into_iter().map(|f| format!("response {i}: {f}")));
+    }
+    assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
 }
 
 fn base64(bytes: &[u8]) -> String {

@@ -13,15 +13,13 @@
 //!   it, says when nothing changed, and reports Envoy's rejection with its
 //!   reason.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use keyswap_tests::echo::Echoed;
 use keyswap_tests::ecds;
-use keyswap_tests::envoy::{filter_wasm, repo_root};
+use keyswap_tests::envoy::repo_root;
 use keyswap_tests::http::Response;
 use keyswap_tests::load::{percentile, Bounds, Load};
 use keyswap_tests::revocation::{
@@ -256,22 +254,6 @@ fn a_bad_resource_leaves_the_previous_configuration_serving() {
 
 // ---- keyswap push -----------------------------------------------------------------
 
-/// The `keyswap` binary cargo built next to this test (`cargo test
-/// --workspace` builds it; alone: `cargo build -p keyswap-harness --bin
-/// keyswap`), or `KEYSWAP_CLI`.
-fn keyswap_cli() -> PathBuf {
-    let path = std::env::var_os("KEYSWAP_CLI").map(PathBuf::from).unwrap_or_else(|| {
-        let exe = std::env::current_exe().expect("the test's path");
-        exe.parent().and_then(|deps| deps.parent()).expect("target/debug").join("keyswap")
-    });
-    assert!(
-        path.is_file(),
-        "no keyswap CLI at {}: build it with `cargo build -p keyswap-harness --bin keyswap` (or set KEYSWAP_CLI)",
-        path.display()
-    );
-    path
-}
-
 struct Pushed {
     ok: bool,
     stdout: String,
@@ -281,20 +263,7 @@ struct Pushed {
 fn push(gw: &EcdsGateway, config: &str, name: &str) -> Pushed {
     let file = gw.envoy.dir().join(name);
     std::fs::write(&file, config).expect("write the config");
-    let output = Command::new(keyswap_cli())
-        .arg("push")
-        .arg(&file)
-        .arg("--ecds")
-        .arg(&gw.ecds)
-        .arg("--envoy-admin")
-        .arg(format!("http://{}", gw.envoy.admin()))
-        .arg("--envoy-log")
-        .arg(gw.envoy.log_path())
-        .arg("--filter")
-        .arg(filter_wasm().expect("the filter"))
-        .env_remove("KEYSWAP_FILTER")
-        .output()
-        .expect("run keyswap push");
+    let output = gw.push_cli(&file).unwrap_or_else(|e| panic!("{e}"));
     let pushed = Pushed {
         ok: output.status.success(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
