@@ -311,29 +311,6 @@ pub fn since(earlier: SystemTime, later: SystemTime) -> Duration {
     later.duration_since(earlier).unwrap_or_default()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn envoy_log_lines_are_parsed_in_utc() {
-        let line = "[2026-11-23 10:59:25.556][27757][info][wasm] [source/x.cc:1] wasm log: keyswap: configuration loaded: 1 clients, 1 routes, version abc";
-        let parsed = parse_line(line).unwrap();
-        assert_eq!(parsed.thread, 27757);
-        // date -u -d '2026-11-23 10:59:25' +%s
-        assert_eq!(parsed.time, UNIX_EPOCH + Duration::from_millis(1_795_431_565_556));
-        assert_eq!(parse_line("not a log line"), None);
-        let first = "[2026-11-23 10:59:25.000][1][info][main] starting";
-        let lines = parse_log(&format!("{first}\n{line}\n{}", line.replace("27757", "9")));
-        let main = main_thread(&lines);
-        assert_eq!(main, Some(1));
-        let all: Vec<u64> = workers(&lines, main, "abc", UNIX_EPOCH).into_keys().collect();
-        assert_eq!(all, [9, 27757]);
-        assert!(workers(&lines, main, "abd", UNIX_EPOCH).is_empty());
-        assert!(workers(&lines, main, "abc", parsed.time + Duration::from_millis(2)).is_empty());
-    }
-}
-
 /// The `keyswap` binary cargo built next to the running test (`cargo test
 /// --workspace` builds it; alone: `cargo build -p keyswap-harness --bin
 /// keyswap`), or `KEYSWAP_CLI`.
@@ -357,3 +334,27 @@ pub fn keyswap_cli() -> Result<PathBuf, String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_log_lines_are_parsed_in_utc() {
+        let line = "[2026-11-23 10:59:25.556][27757][info][wasm] [source/x.cc:1] wasm log: keyswap: configuration loaded: 1 clients, 1 routes, version abc";
+        let parsed = parse_line(line).unwrap();
+        assert_eq!(parsed.thread, 27757);
+        // date -u -d '2026-11-23 10:59:25' +%s
+        assert_eq!(parsed.time, UNIX_EPOCH + Duration::from_millis(1_795_431_565_556));
+        assert_eq!(parse_line("not a log line"), None);
+        let first = "[2026-11-23 10:59:25.000][1][info][main] starting";
+        let lines = parse_log(&format!("{first}\n{line}\n{}", line.replace("27757", "9")));
+        let main = main_thread(&lines);
+        assert_eq!(main, Some(1));
+        let all: Vec<u64> = workers(&lines, main, "abc", UNIX_EPOCH).into_keys().collect();
+        assert_eq!(all, [9, 27757]);
+        assert!(workers(&lines, main, "abd", UNIX_EPOCH).is_empty());
+        assert!(workers(&lines, main, "abc", parsed.time + Duration::from_millis(2)).is_empty());
+    }
+}
+
