@@ -314,8 +314,18 @@ impl Envoy {
     /// Envoy is missing, exits, or is not ready in time; the message holds
     /// the end of its log.
     pub fn start(launch: &Launch) -> Result<Self, String> {
+        Self::start_workers(launch, 2)
+    }
+
+    /// [`Self::start`] with `workers` worker threads (`--concurrency`).
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_workers(launch: &Launch, workers: u32) -> Result<Self, String> {
         let dir = run_dir()?;
-        let child = spawn(launch, &dir, &run_args(&dir, true).iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut args = run_args(&dir, true);
+        args[1] = workers.to_string();
+        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         // From here on, dropping `envoy` kills the child.
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let fail = |envoy: &Envoy, why: &str| {

@@ -15,8 +15,12 @@
 //!   Envoy until ready and the filter's configuration is proven loaded,
 //!   kills it on drop and prints its log when a test fails.
 //!
+//! - [`token`]: a token endpoint / credential service for dynamic
+//!   credentials: answers what the test sets, counts calls, can go down.
+//!
 //! The tests themselves are one binary, `tests/all/`, a module an area.
 
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod token;
