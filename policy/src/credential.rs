@@ -1132,6 +1132,22 @@ mod tests {
         assert_eq!(backoff_ms(40), MAX_BACKOFF_MS);
     }
 
+    /// Every example under `## Dynamic credentials` in docs/config.md loads,
+    /// with the sources it describes.
+    #[test]
+    fn documented_examples_load() {
+        let doc = include_str!("../../docs/config.md");
+        let start = doc.find("## Dynamic credentials").unwrap();
+        let end = start + doc[start..].find("## When a configuration is refused").unwrap();
+        let mut kinds = Vec::new();
+        for block in doc[start..end].split("```json\n").skip(1) {
+            let json = &block[..block.find("```").unwrap()];
+            let p = Policy::from_json(json.as_bytes(), &ENV).unwrap_or_else(|e| panic!("{e}\n{json}"));
+            kinds.extend(p.credential_sources().iter().map(|s| (s.kind, s.pointers.len())));
+        }
+        assert_eq!(kinds, [(Kind::Oauth2, 0), (Kind::TokenExchange, 0), (Kind::Fetch, 2)]);
+    }
+
     #[test]
     fn config_errors_name_the_field() {
         let bad = |value: &str| {
