@@ -36,22 +36,30 @@ fn answer(token: &str, expires_in: u64) -> String {
 /// Echo upstream and Envoy (`workers` workers) with the `idp` cluster
 /// pointing at `token`.
 pub fn start(token: &TokenServer, workers: u32) -> (Echo, Envoy) {
+    let env = BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]);
+    start_with(config(), env, &[("idp", token)], workers)
+}
+
+/// Echo upstream and Envoy running `config`, with a cluster per
+/// `(name, server)`.
+pub fn start_with(
+    config: String,
+    env: BTreeMap<String, String>,
+    clusters: &[(&str, &TokenServer)],
+    workers: u32,
+) -> (Echo, Envoy) {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
-    let listener = Listener {
-        name: "dyn".into(),
-        config: config(),
-        env: BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]),
-        host_env_keys: Vec::new(),
-        route_names: Vec::new(),
-    };
+    let listener = Listener { name: "dyn".into(), config, env, host_env_keys: Vec::new(), route_names: Vec::new() };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
-    let idp = serde_json::json!({
-        "name": "idp", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "idp", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-            {"socket_address": {"address": "127.0.0.1", "port_value": token.addr().port()}}}}]}]}
-    });
-    bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(idp);
+    for (name, server) in clusters {
+        let cluster = serde_json::json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
+        });
+        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(cluster);
+    }
     let launch = Launch {
         file_name: "envoy.json".into(),
         text: bootstrap.to_string(),
@@ -65,13 +73,17 @@ pub fn start(token: &TokenServer, workers: u32) -> (Echo, Envoy) {
 /// One request; `Ok(bearer)` when forwarded (the upstream's
 /// `authorization`), `Err(response)` when answered by Envoy.
 pub fn send(envoy: &Envoy) -> Result<String, Response> {
+    send_to(envoy, "/v1/orders").map(|e| e.header("authorization").unwrap_or_default().to_string())
+}
+
+/// One request to `path`; the upstream's view when forwarded.
+pub fn send_to(envoy: &Envoy, path: &str) -> Result<Echoed, Response> {
     let addr = envoy.listener("dyn").expect("listener");
-    let response = Request::get("/v1/orders").header("host", "api.test").header("x-api-key", KEY).send(addr).expect("request");
+    let response = Request::get(path).header("host", "api.test").header("x-api-key", KEY).send(addr).expect("request");
     if response.status != 200 {
         return Err(response);
     }
-    let echoed = Echoed::parse(&response.body).expect("echo JSON");
-    Ok(echoed.header("authorization").unwrap_or_default().to_string())
+    Ok(Echoed::parse(&response.body).expect("echo JSON"))
 }
 
 /// What keyswap itself logged (Envoy's own debug lines print headers and
@@ -192,6 +204,63 @@ fn two_workers_make_one_token_call_per_refresh() {
     // never two for one refresh (which would be milliseconds apart).
     assert!(times.iter().all(|gap| *gap >= Duration::from_millis(700)), "calls too close: {times:?}");
     assert!((5..=9).contains(&calls.len()), "{} calls in ~7 s at one refresh a second", calls.len());
+}
+
+#[test]
+fn token_exchange_and_a_credential_service_work_end_to_end() {
+    let sts = TokenServer::start(&answer("te-token", 3600)).expect("sts");
+    let vault = TokenServer::start(r#"{"data":{"key_id":"kid-1","secret":"sec-1"}}"#).expect("vault");
+    let config = serde_json::json!({
+        "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
+        "key_sources": [{"header": "x-api-key"}],
+        "routes": [
+            {"name": "billing", "match": {"path_prefix": "/billing/"},
+             "inject": [{"header": "authorization", "prefix": "Bearer ",
+                         "value": {"token_exchange": {"cluster": "sts", "token_path": "/token",
+                                                      "subject_token": {"env": "SUBJECT"},
+                                                      "audience": "https://billing.internal"}}}]},
+            {"name": "signed", "match": {"path_prefix": "/signed/"},
+             "inject": [{"header": "x-key-id", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
+                                                                   "json_pointer": "/data/key_id", "refresh_seconds": 2}}},
+                        {"header": "x-key-secret", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
+                                                                       "json_pointer": "/data/secret", "refresh_seconds": 2}}}]}
+        ]
+    })
+    .to_string();
+    let env = BTreeMap::from([("SUBJECT".to_string(), "gw-subject".to_string())]);
+    let (_echo, envoy) = start_with(config, env, &[("sts", &sts), ("vault", &vault)], 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let billing = loop {
+        match send_to(&envoy, "/billing/v1") {
+            Ok(echoed) => break echoed,
+            Err(r) => assert!(unavailable(&r) && Instant::now() < deadline, "{}", r.status),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(billing.header("authorization"), Some("Bearer te-token"));
+    let call = &sts.calls()[0];
+    assert!(call.body.starts_with("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&audience=https%3A%2F%2Fbilling.internal&subject_token=gw-subject"), "{}", call.body);
+    // Both values of the credential service come from one answer, and a
+    // rotation replaces both at the next refresh (2 s).
+    let pair = |e: &Echoed| (e.header("x-key-id").map(str::to_string), e.header("x-key-secret").map(str::to_string));
+    let first = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
+    assert_eq!(first, Ok((Some("kid-1".into()), Some("sec-1".into()))));
+    vault.set_answer(r#"{"data":{"key_id":"kid-2","secret":"sec-2"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let seen = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
+        match seen {
+            Ok((Some(id), Some(secret))) if id == "kid-2" => {
+                assert_eq!(secret, "sec-2");
+                break;
+            }
+            Ok((Some(id), Some(secret))) => assert_eq!((id.as_str(), secret.as_str()), ("kid-1", "sec-1"), "a mixed set"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "rotation not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sts.count(), 1, "one exchange for a token valid an hour");
 }
 
 /// The figures in docs/performance.md (`## Dynamic credentials`):
