@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::http::{read_body, read_headers, read_line};
+use crate::http::{read_request, ServerRequest};
 
 /// One call the server received.
 #[derive(Debug, Clone)]
@@ -111,17 +111,9 @@ fn connection(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
-        let Some(line) = read_line(&mut reader, 64 * 1024)? else { return Ok(()) };
-        if line.is_empty() {
-            continue;
-        }
-        let line = String::from_utf8_lossy(&line).into_owned();
-        let mut parts = line.split(' ');
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let headers: Vec<(String, String)> =
-            read_headers(&mut reader)?.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
-        let body = read_body(&mut reader, &headers, false)?;
+        let Some(ServerRequest { method, path, headers, body, .. }) = read_request(&mut reader)? else {
+            return Ok(());
+        };
         let answer = {
             let mut s = state.lock().map_err(|_| io::Error::other("poisoned"))?;
             let body = String::from_utf8_lossy(&body).into_owned();
