@@ -21,7 +21,7 @@ impl Engine<'_> {
     fn step(&mut self, step: &Step, now: &mut i64) -> Result<(), String> {
         let start = STEPS_START.as_millis() as i64;
         let sources = self.policy.credential_sources();
-        let mut take = |pending: &mut Vec<usize>, cluster: &str| {
+        let take = |pending: &mut Vec<usize>, cluster: &str| {
             let at = pending.iter().position(|&s| sources[s].cluster == cluster);
             at.map(|at| pending.remove(at)).ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
         };
