@@ -61,6 +61,8 @@ struct Shared {
     policy: Policy,
     metrics: Metrics,
     audit: RefCell<audit::Limiter>,
+    /// The access-log field being written (see `KeyswapHttp::record`).
+    field: RefCell<String>,
 }
 
 /// The plugin's root context: owns the compiled policy.
@@ -88,7 +90,7 @@ impl RootContext for KeyswapRoot {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
-                self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default() }));
+                self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default(), field: RefCell::default() }));
                 true
             }
             Err(err) => {
@@ -125,12 +127,21 @@ impl KeyswapHttp {
     fn record(&self, shared: &Shared, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
         shared.metrics.count(route, client, outcome);
         let (outcome, reason) = outcome.labels();
-        let field = format!(
-            "outcome={outcome} reason={} route={} client={}",
+        // One buffer per configuration, reused: no allocation per request.
+        let mut field = shared.field.borrow_mut();
+        field.clear();
+        for part in [
+            "outcome=",
+            outcome,
+            " reason=",
             if reason.is_empty() { "-" } else { reason },
+            " route=",
             route.unwrap_or("-"),
+            " client=",
             client.unwrap_or("-"),
-        );
+        ] {
+            field.push_str(part);
+        }
         self.set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
     }
 }
@@ -145,7 +156,7 @@ impl HttpContext for KeyswapHttp {
             return Action::Pause;
         };
         let policy = &shared.policy;
-        let mut headers = self.get_http_request_headers_bytes();
+        let headers = self.get_http_request_headers_bytes();
         let route_name = if policy.needs_route_name() {
             self.get_property(vec!["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok())
         } else {
@@ -169,13 +180,18 @@ impl HttpContext for KeyswapHttp {
             Ok((forward, dynamic)) => {
                 let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(&shared, forward.route, forward.client, outcome);
-                if !forward.is_noop() || dynamic.is_some() {
-                    forward.apply(&mut headers);
-                    if let Some(dynamic) = &dynamic {
+                match &dynamic {
+                    // One call replaces the whole map, borrowing every
+                    // header rather than copying it.
+                    None if !forward.is_noop() => self.set_http_request_headers_bytes(forward.edited(&headers)),
+                    None => {}
+                    Some(dynamic) => {
+                        let mut headers = headers;
+                        forward.apply(&mut headers);
                         dynamic.apply(&mut headers);
+                        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                        self.set_http_request_headers_bytes(pairs);
                     }
-                    let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
-                    self.set_http_request_headers_bytes(pairs);
                 }
                 Action::Continue
             }

@@ -46,8 +46,9 @@ const SLOTS: usize = 1 + DenialReason::ALL.len();
 
 /// Counter ids for one configuration.
 pub struct Metrics {
-    /// Per route name: the allowed counter, then one per denial reason.
-    routes: HashMap<String, [Option<u32>; SLOTS]>,
+    /// Per route name: the allowed counter, then one per denial reason
+    /// (a list: routes are few, and comparing a short name beats hashing it).
+    routes: Vec<(String, [Option<u32>; SLOTS])>,
     /// Requests that matched no route: passed, or denied `no_route`.
     unmatched: [Option<u32>; SLOTS],
     per_client: bool,
@@ -105,7 +106,7 @@ impl Metrics {
     /// Counts one request.
     pub fn count(&self, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
         let ids = match route {
-            Some(route) => self.routes.get(route),
+            Some(route) => self.routes.iter().find(|(name, _)| name == route).map(|(_, ids)| ids),
             None => Some(&self.unmatched),
         };
         if let Some(id) = ids.and_then(|ids| ids[outcome.slot()]) {

@@ -9,6 +9,7 @@
 //!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
 //!  abi ────────── host calls, one module a group; codec + headers are pure
 //!  runner ─────── a conformance case (or a CLI request) through an instance
+//!  ecds, push ─── the configuration as Envoy's ECDS resource; `keyswap push`
 //!  error ──────── HarnessError
 //! ```
 //!
@@ -18,10 +19,13 @@
 //! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
 pub mod abi;
+pub mod bench;
 pub mod component;
 pub mod conformance;
+pub mod ecds;
 pub mod error;
 pub mod module;
+pub mod push;
 pub mod runner;
 pub mod serve;
 pub mod state;

@@ -560,6 +560,13 @@ impl FilterInstance {
         self.store.data().metrics.histogram(name)
     }
 
+    /// The size of the guest's linear memory in bytes: what the VM holds
+    /// (wasm memory only grows, so this is its high-water mark).
+    pub fn memory_bytes(&self) -> usize {
+        let state = self.store.data();
+        state.guest.as_ref().map_or(0, |g| g.memory.data_size(&self.store))
+    }
+
     /// Property paths the guest asked for that the harness does not know.
     pub fn missing_properties(&self) -> &BTreeMap<String, u64> {
         &self.store.data().missing_properties

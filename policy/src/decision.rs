@@ -156,6 +156,36 @@ impl Forward<'_> {
     }
 }
 
+impl<'p> Forward<'p> {
+    /// The edited header list as borrowed pairs, for a host that replaces
+    /// the whole map in one call: the same result as [`Self::apply`]
+    /// without copying a header.
+    pub fn edited<'a>(&'a self, headers: &'a [(String, Vec<u8>)]) -> Vec<(&'a str, &'a [u8])>
+    where
+        'p: 'a,
+    {
+        let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
+        let mut path_set = self.path.is_none();
+        for (name, value) in headers {
+            if self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+                continue;
+            }
+            match &self.path {
+                Some(path) if name == ":path" => {
+                    out.push((name.as_str(), path.as_slice()));
+                    path_set = true;
+                }
+                _ => out.push((name.as_str(), value.as_slice())),
+            }
+        }
+        if let (false, Some(path)) = (path_set, &self.path) {
+            out.push((":path", path.as_slice()));
+        }
+        out.extend(self.add_headers.iter().map(|(n, v)| (*n, v.as_bytes())));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +239,10 @@ mod tests {
             add_headers: vec![("authorization", "Bearer up"), ("x-client", "c")],
             path: Some(b"/a".to_vec()),
         };
+        let edited: Vec<(String, Vec<u8>)> =
+            forward.edited(&headers).into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();
         forward.apply(&mut headers);
+        assert_eq!(edited, headers, "edited() and apply() agree");
         assert_eq!(
             headers,
             vec![

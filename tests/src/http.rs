@@ -245,7 +245,7 @@ pub(crate) fn read_body(reader: &mut impl BufRead, headers: &[(String, String)],
     Ok(body)
 }
 
-fn read_response(reader: &mut impl BufRead, head: bool) -> io::Result<Response> {
+pub(crate) fn read_response(reader: &mut impl BufRead, head: bool) -> io::Result<Response> {
     loop {
         let line = read_line(reader, 8192)?.ok_or_else(|| invalid("connection closed before a response"))?;
         let text = String::from_utf8_lossy(&line);

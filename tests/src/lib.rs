@@ -15,12 +15,22 @@
 //!   Envoy until ready and the filter's configuration is proven loaded,
 //!   kills it on drop and prints its log when a test fails.
 //!
+//! - [`ecds`]: the keyswap configuration as an ECDS resource, compiled from
+//!   the harness's own `host-harness/src/ecds.rs`, so the tests write the
+//!   bytes `keyswap push` writes, the same way.
+//! - [`load`]: bounded background load over keep-alive connections.
+//! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
+//!   did what when (from Envoy's log).
 //! - [`token`]: a token endpoint / credential service for dynamic
 //!   credentials: answers what the test sets, counts calls, can go down.
 //!
 //! The tests themselves are one binary, `tests/all/`, a module an area.
 
 pub mod echo;
+#[path = "../../host-harness/src/ecds.rs"]
+pub mod ecds;
 pub mod envoy;
 pub mod http;
+pub mod load;
+pub mod revocation;
 pub mod token;

@@ -1,5 +1,6 @@
-//! `keyswap`: check a configuration, make and hash keys, and run requests or
-//! the conformance suite through the real filter module, without Envoy.
+//! `keyswap`: check a configuration, make and hash keys, run requests or
+//! the conformance suite through the real filter module without Envoy, and
+//! push a configuration to a running Envoy (ECDS).
 //!
 //! Every command exits 0 on success and 1 on failure (usage errors too).
 
@@ -65,9 +66,39 @@ enum Command {
         #[command(flatten)]
         filter: FilterArg,
     },
+    /// Push a configuration to a running Envoy through the ECDS file it
+    /// watches: checked by the filter first, written atomically, versioned
+    /// by its content; with --envoy-admin, confirmed by Envoy (or its
+    /// rejection reported, exit 1).
+    Push(keyswap_harness::push::PushArgs),
+    /// Measure the filter module: per-request cost and host calls (allowed
+    /// request and each denial), configuration time and VM memory, for
+    /// 10, 1,000 and 100,000 clients; and the .wasm size. A benchmark, not
+    /// a test: prints markdown tables.
+    Bench(BenchArgs),
     /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
     /// until Ctrl-C; see docs/component.md.
     Serve(keyswap_harness::serve::ServeArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    filter: FilterArg,
+    /// The no-op filter module, the harness's floor (default:
+    /// keyswap_bench_noop.wasm next to the filter module; skipped when absent).
+    #[arg(long, value_name = "PATH")]
+    noop: Option<PathBuf>,
+    /// Client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,100000")]
+    sizes: Vec<usize>,
+    /// Requests per timed batch (5 batches per case).
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Also write the tables between `<!-- bench:harness:start -->` and
+    /// `<!-- bench:harness:end -->` in this file (docs/performance.md).
+    #[arg(long, value_name = "PATH")]
+    update_docs: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -112,6 +143,8 @@ fn main() -> ExitCode {
         Command::NewKey { id, routes } => new_key(&id, routes),
         Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
+        Command::Push(args) => keyswap_harness::push::main(&args),
+        Command::Bench(args) => bench(&args),
         Command::Serve(args) => keyswap_harness::serve::main(&args),
     };
     match result {
@@ -128,6 +161,46 @@ fn main() -> ExitCode {
 fn load_filter(arg: &FilterArg) -> Result<FilterModule, String> {
     let path = arg.filter.clone().unwrap_or_else(default_filter_path);
     FilterModule::load(&path).map_err(|e| e.to_string())
+}
+
+fn bench(args: &BenchArgs) -> Result<(), String> {
+    use keyswap_harness::bench;
+    let path = args.filter.filter.clone().unwrap_or_else(default_filter_path);
+    let wasm_bytes = read(&path)?.len();
+    let module = FilterModule::load(&path).map_err(|e| e.to_string())?;
+    let noop_path = args.noop.clone().unwrap_or_else(|| path.with_file_name("keyswap_bench_noop.wasm"));
+    let noop = match FilterModule::load(&noop_path) {
+        Ok(noop) => Some(noop),
+        Err(HarnessError::WasmMissing { .. }) if args.noop.is_none() => {
+            eprintln!("bench: no no-op module at {}: no floor (build it: cargo build --release --target wasm32-wasip1 -p keyswap-bench-noop)", noop_path.display());
+            None
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let progress = |line: &str| eprintln!("bench: {line}");
+    let report = bench::run(&module, wasm_bytes, noop.as_ref(), &args.sizes, args.iterations, &progress)
+        .map_err(|e| e.to_string())?;
+    let machine = machine_line();
+    let table = bench::markdown(&report, &machine);
+    println!("{table}");
+    if let Some(doc) = &args.update_docs {
+        let text = std::fs::read_to_string(doc).map_err(|e| format!("cannot read {}: {e}", doc.display()))?;
+        let updated = bench::replace_block(&text, &table)
+            .ok_or_else(|| format!("{} has no <!-- bench:harness:start/end --> block", doc.display()))?;
+        std::fs::write(doc, updated).map_err(|e| format!("cannot write {}: {e}", doc.display()))?;
+        eprintln!("bench: {} updated", doc.display());
+    }
+    Ok(())
+}
+
+/// `Machine: N CPUs, <model>` from /proc/cpuinfo, when it can be read.
+fn machine_line() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    format!("Machine: {cpus} CPUs, {model}; release build of the harness.")
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {

@@ -215,3 +215,146 @@ fn conformance_runs_the_suite() {
     let out = keyswap(&["conformance", &empty.display().to_string()], None);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Every example configuration in `docs/` passes `keyswap check`, given a
+/// value for each environment variable it names.
+#[test]
+fn check_accepts_every_example_in_docs() {
+    let examples = default_dir().join("../../docs/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).expect("docs/examples exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let json = std::fs::read_to_string(&path).expect("readable example");
+        let mut args = vec!["check".to_string(), path.display().to_string()];
+        for name in env_names(&json) {
+            args.extend(["--env".to_string(), format!("{name}=example-value")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = keyswap(&args, None);
+        assert!(out.status.success(), "{}: {}{}", path.display(), text(&out.stdout), text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("ok: configuration loaded: "), "{}", text(&out.stdout));
+        checked += 1;
+    }
+    assert!(checked > 0, "no example configuration in {}", examples.display());
+}
+
+/// Every configuration the suite expects refused makes `keyswap check` exit 1
+/// with the same `field.path: message` line.
+#[test]
+fn check_refuses_every_broken_config_in_the_suite_with_its_path() {
+    let suite = keyswap_harness::conformance::Suite::load(&default_dir()).expect("the suite loads");
+    let broken: Vec<_> = suite
+        .cases
+        .iter()
+        .filter_map(|case| match &case.expect {
+            keyswap_harness::conformance::Expect::ConfigError(want) => Some((case, want)),
+            _ => None,
+        })
+        .collect();
+    assert!(broken.len() >= 60, "only {} broken configurations in the suite", broken.len());
+    // Each run compiles the module afresh: spread them over a few threads.
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = broken
+            .chunks(broken.len().div_ceil(4))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for (case, want) in chunk {
+                        let config = temp_file("broken", &format!("{}.json", case.name), &case.config);
+                        let mut args = vec!["check".to_string(), config.display().to_string()];
+                        for (name, value) in &case.env {
+                            args.extend(["--env".to_string(), format!("{name}={value}")]);
+                        }
+                        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                        let out = keyswap(&args, None);
+                        let stdout = text(&out.stdout);
+                        if out.status.code() != Some(1) || !stdout.contains(&format!("error: configuration refused: {want}")) {
+                            failures.push(format!("{}: exit {:?}, want {want:?}, got {stdout}", case.name, out.status.code()));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("worker ends")).collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The names of the environment variables a configuration reads (`"env": "NAME"`).
+fn env_names(json: &str) -> std::collections::BTreeSet<String> {
+    fn walk(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match v {
+                        serde_json::Value::String(name) if k == "env" => {
+                            out.insert(name.clone());
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&serde_json::from_str(json).expect("example is JSON"), &mut out);
+    out
+}
+
+#[test]
+fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
+    let config = r#"{"clients": [{"id": "c", "key": "push-cli-secret-key", "routes": ["*"]}],
+ "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-api-key", "value": {"env": "SOME_CREDENTIAL"}}]}]}"#;
+    let path = temp_file("push", "config.json", config);
+    let ecds = path.with_file_name("keyswap.json");
+    let (config_arg, ecds_arg) = (path.display().to_string(), ecds.display().to_string());
+    let version = keyswap_policy::content_version(config.as_bytes());
+
+    // Without Envoy: checked (the variable gets a placeholder), written, versioned by content.
+    let out = keyswap(&["push", &config_arg, "--ecds", &ecds_arg], None);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("wrote {ecds_arg}: version {version} (1 clients, 1 routes)\n"));
+    let original = std::fs::read(&ecds).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    assert_eq!(written["version_info"], version.as_str());
+    let resource = &written["resources"][0];
+    assert_eq!(resource["name"], "keyswap");
+    assert_eq!(resource["typed_config"]["config"]["configuration"]["value"], config, "byte for byte");
+    assert_eq!(resource["typed_config"]["config"]["vm_config"], keyswap_harness::ecds::default_vm_config());
+    let dir_entries = || std::fs::read_dir(ecds.parent().unwrap()).unwrap().count();
+    assert_eq!(dir_entries(), 2, "the config and the ECDS file, no temporary file left");
+
+    // The same content again: a no-op, said so.
+    let before = std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap();
+    let again = keyswap(&["push", &config_arg, "--ecds", &ecds_arg], None);
+    assert!(again.status.success());
+    assert_eq!(text(&again.stdout), format!("unchanged: {ecds_arg} already holds version {version}; nothing written\n"));
+    assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before);
+
+    // Refused by the filter: nothing written, the field named, no secret printed.
+    let bad = temp_file("push", "bad.json", &config.replace(r#"["*"]"#, r#"["nowhere"]"#));
+    let refused = keyswap(&["push", &bad.display().to_string(), "--ecds", &ecds_arg], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("error: configuration refused: clients[0].routes[0]: names no route") && err.contains("nothing written"),
+        "{err}"
+    );
+    assert!(!err.contains("push-cli-secret-key") && !text(&refused.stdout).contains("push-cli-secret-key"));
+    assert_eq!(std::fs::read(&ecds).unwrap(), original, "nothing written");
+
+    // An admin that is not there: an error before anything is written.
+    let other = temp_file("push", "other.json", &config.replace("\"c\"", "\"d\""));
+    let unreachable =
+        keyswap(&["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"], None);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(text(&unreachable.stderr).contains("Envoy's admin at http://127.0.0.1:1"), "{}", text(&unreachable.stderr));
+    assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before, "nothing written");
+    let _ = std::fs::remove_dir_all(ecds.parent().unwrap());
+}

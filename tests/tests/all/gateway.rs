@@ -78,6 +78,27 @@ fn on_local_ports(yaml: &str, echo: std::net::SocketAddr) -> String {
         assert_eq!(text.matches(from).count(), 1, "envoy.yaml should hold `{from}` once");
         text = text.replace(from, &to);
     }
+    with_own_ecds_file(&text)
+}
+
+/// `envoy.yaml` with keyswap's ECDS file (`.run/ecds/keyswap.json`) moved
+/// to a fresh directory of its own, holding no resource yet (as
+/// `scripts/setup` creates it), so tests never share or read the
+/// repository's.
+fn with_own_ecds_file(yaml: &str) -> String {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("keyswap-shipped-ecds-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    std::fs::write(dir.join("keyswap.json"), "{\"version_info\": \"\", \"resources\": []}\n").expect("seed");
+    let mut text = yaml.to_string();
+    for (from, to) in [
+        ("path: .run/ecds/keyswap.json", format!("path: {}", dir.join("keyswap.json").display())),
+        ("path: .run/ecds}", format!("path: {}}}", dir.display())),
+    ] {
+        assert_eq!(text.matches(from).count(), 1, "envoy.yaml should hold `{from}` once");
+        text = text.replace(from, &to);
+    }
     text
 }
 
@@ -92,7 +113,9 @@ fn shipped_envoy_yaml_validates_with_and_without_the_real_world_routes() {
     let dir = std::env::temp_dir().join(format!("keyswap-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let real = dir.join("envoy-real-world.yaml");
-    std::fs::write(&real, with_real_world(&shipped_yaml())).expect("write");
+    std::fs::write(&real, with_own_ecds_file(&with_real_world(&shipped_yaml()))).expect("write");
+    let shipped = dir.join("envoy.yaml");
+    std::fs::write(&shipped, with_own_ecds_file(&shipped_yaml())).expect("write");
     let demo_env = env(&[("KEYSWAP_DEMO_CREDENTIAL", DEMO_CREDENTIAL)]);
     let all_env = env(&[
         ("KEYSWAP_DEMO_CREDENTIAL", DEMO_CREDENTIAL),
@@ -102,7 +125,7 @@ fn shipped_envoy_yaml_validates_with_and_without_the_real_world_routes() {
     ]);
     // Both at once: each compiles the filter in V8.
     let (shipped, real_world) = std::thread::scope(|s| {
-        let a = s.spawn(|| validate(&root.join("envoy.yaml"), &demo_env, &root));
+        let a = s.spawn(|| validate(&shipped, &demo_env, &root));
         let b = s.spawn(|| validate(&real, &all_env, &root));
         (a.join().expect("thread"), b.join().expect("thread"))
     });

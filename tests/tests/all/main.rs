@@ -6,6 +6,9 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`revocation`]: configuration pushed through ECDS while Envoy serves:
+//!   a revoked key stops on every worker under load, a bad resource changes
+//!   nothing, `keyswap push` confirms with Envoy.
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
@@ -17,6 +20,7 @@ mod conformance;
 mod credentials;
 mod gateway;
 mod operations;
+mod revocation;
 
 /// The conformance suite's format and its one checker, `Case::check`,
 /// compiled from the harness's own source file so that every runner is
