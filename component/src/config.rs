@@ -74,6 +74,18 @@ impl GatewayConfig {
             };
             ConfigError { path, message: e.message }
         })?;
+        // A component has no timer and no outbound call of its own here, so
+        // it cannot keep a dynamic credential fresh: refused, by its path.
+        if let Some(source) = policy.credential_sources().first() {
+            return Err(error(
+                format!("keyswap.{}", source.path),
+                format!(
+                    "`{}` credentials are fetched in the background, which the component cannot do; \
+                     run this configuration in the proxy-wasm filter",
+                    source.kind.name()
+                ),
+            ));
+        }
         // The policy accepted this text, so it parses again; only the route
         // names and the unmatched-route setting are read from it.
         let shape: RawConfig = serde_json::from_str(policy_text)
@@ -220,6 +232,16 @@ mod tests {
         assert_eq!(err.to_string(), "keyswap.routes[1].inject[0].value.env: UP is not set");
         let err = GatewayConfig::from_json(r#"{"keyswap": []}"#, &env).unwrap_err();
         assert_eq!(err.path, "keyswap");
+    }
+
+    #[test]
+    fn dynamic_credentials_are_refused_by_path() {
+        let policy = r#"{"routes": [{"name": "a", "match": {}, "inject": [{"header": "authorization",
+            "value": {"fetch": {"cluster": "vault", "path": "/c", "json_pointer": "/t"}}}]}]}"#;
+        let text = format!(r#"{{"keyswap": {policy}, "upstreams": {{"*": "http://h:1"}}}}"#);
+        let err = GatewayConfig::from_json(&text, &|_: &str| None).unwrap_err();
+        assert_eq!(err.path, "keyswap.routes[0].inject[0].value.fetch");
+        assert!(err.message.starts_with("`fetch` credentials are fetched in the background"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
+//! - [`credentials`]: dynamic credentials: the root context refreshes them
+//!   on a timer; requests read the shared values.
 //!
 //! Per allowed request the filter makes one host call to read the headers,
 //! one for the route name (only when a route matches on it), one for the
@@ -16,13 +18,14 @@
 //! decision is taken here; no key or credential is ever logged.
 
 pub mod audit;
+pub mod credentials;
 pub mod metrics;
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use keyswap_policy::{Decision, Policy, RequestView};
+use keyswap_policy::{Decision, Denial, Policy, RequestView};
 use metrics::{Metrics, Outcome};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -39,6 +42,10 @@ proxy_wasm::main! {{
 fn log(level: LogLevel, message: &str) {
     // A failed log call has nowhere better to go.
     let _ = proxy_wasm::hostcalls::log(level, message);
+}
+
+fn unix_millis(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn unix_seconds(time: SystemTime) -> i64 {
@@ -62,9 +69,17 @@ struct Shared {
 #[derive(Default)]
 pub struct KeyswapRoot {
     shared: Option<Rc<Shared>>,
+    refresher: credentials::Refresher,
 }
 
-impl Context for KeyswapRoot {}
+impl Context for KeyswapRoot {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let Some(shared) = &self.shared {
+            let now = unix_millis(self.get_current_time());
+            self.refresher.answer(&shared.policy, token_id, num_headers, body_size, now);
+        }
+    }
+}
 
 impl RootContext for KeyswapRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -74,6 +89,7 @@ impl RootContext for KeyswapRoot {
             Ok(policy) => {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
+                self.refresher.start(&policy);
                 self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default(), field: RefCell::default() }));
                 true
             }
@@ -81,6 +97,13 @@ impl RootContext for KeyswapRoot {
                 log(LogLevel::Error, &format!("keyswap: configuration refused: {err}"));
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            let now = unix_millis(self.get_current_time());
+            self.refresher.tick(&shared.policy, now);
         }
     }
 
@@ -141,18 +164,38 @@ impl HttpContext for KeyswapHttp {
         };
         let now = || unix_seconds(self.get_current_time());
         let view = RequestView::from_headers(route_name.as_deref(), &headers);
-        match policy.decide(&view, &now) {
+        let decision = match policy.decide(&view, &now) {
+            // A route with dynamic credentials gets them all, or none.
             Decision::Forward(forward) => {
+                let route = forward.route.unwrap_or_default();
+                let now_ms = || unix_millis(self.get_current_time());
+                match credentials::request_edits(policy, route, &view, &now_ms) {
+                    Ok(dynamic) => Ok((forward, dynamic)),
+                    Err(reason) => Err(Denial { reason, route: forward.route, client: forward.client }),
+                }
+            }
+            Decision::Deny(denial) => Err(denial),
+        };
+        match decision {
+            Ok((forward, dynamic)) => {
                 let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(&shared, forward.route, forward.client, outcome);
-                if !forward.is_noop() {
+                match &dynamic {
                     // One call replaces the whole map, borrowing every
                     // header rather than copying it.
-                    self.set_http_request_headers_bytes(forward.edited(&headers));
+                    None if !forward.is_noop() => self.set_http_request_headers_bytes(forward.edited(&headers)),
+                    None => {}
+                    Some(dynamic) => {
+                        let mut headers = headers;
+                        forward.apply(&mut headers);
+                        dynamic.apply(&mut headers);
+                        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                        self.set_http_request_headers_bytes(pairs);
+                    }
                 }
                 Action::Continue
             }
-            Decision::Deny(denial) => {
+            Err(denial) => {
                 let reason = denial.reason;
                 self.record(&shared, denial.route, denial.client, Outcome::Denied(reason));
                 if let Some(suppressed) = shared.audit.borrow_mut().admit(now()) {

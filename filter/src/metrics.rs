@@ -71,7 +71,15 @@ impl Metrics {
         let route_outcomes = |route: &str| {
             let mut ids = [None; SLOTS];
             ids[0] = counter(&requests_name(route, Outcome::Allowed));
-            for reason in DenialReason::ALL.into_iter().filter(|r| *r != DenialReason::NoRoute) {
+            // `credential_unavailable` is counted only where it can happen:
+            // on routes with dynamic credentials.
+            let dynamic = !policy.route_sources(route).is_empty();
+            let possible = |r: &DenialReason| match r {
+                DenialReason::NoRoute => false,
+                DenialReason::CredentialUnavailable => dynamic,
+                _ => true,
+            };
+            for reason in DenialReason::ALL.into_iter().filter(possible) {
                 ids[Outcome::Denied(reason).slot()] = counter(&requests_name(route, Outcome::Denied(reason)));
             }
             ids

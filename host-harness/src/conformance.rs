@@ -33,6 +33,115 @@ pub struct Case {
     pub expect: Expect,
     /// What the upstream answers and what the client must see of it.
     pub response: Option<Response>,
+    /// Dynamic credentials: what happens before the request (timer ticks on
+    /// a controlled clock, token calls answered or failed). Empty for a
+    /// case without them; a runner without a controlled clock and HTTP
+    /// calls skips a case that has steps (with its reason in `skip.json`).
+    pub steps: Vec<Step>,
+    /// How many workers (VMs sharing shared data and the clock) run the
+    /// steps; every tick reaches them in order, and the request goes to the
+    /// last (so a worker that made no call must see what another fetched).
+    /// 1 unless given.
+    pub workers: usize,
+    /// The request's time, in milliseconds after [`STEPS_START`]; the last
+    /// `tick_at` unless given.
+    pub request_at_ms: Option<u64>,
+}
+
+/// The clock's start for a case with steps: 2027-01-15T08:00:00Z.
+pub const STEPS_START: std::time::Duration = std::time::Duration::from_secs(1_800_000_000);
+
+/// One step of a case's timeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Step {
+    /// Sets the clock to [`STEPS_START`] plus this many milliseconds, then
+    /// gives every worker one timer tick.
+    TickAt(u64),
+    /// Answers the oldest pending call to `cluster` (there must be one).
+    Answer(CallAnswer),
+    /// The oldest pending call to `cluster` (there must be one) fails
+    /// without an answer (a timeout or a reset).
+    Fail { cluster: String },
+    /// Exactly this many calls are pending, across every worker.
+    Pending(usize),
+}
+
+/// A token endpoint's or credential service's answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallAnswer {
+    pub cluster: String,
+    #[serde(default = "ok_status")]
+    pub status: u16,
+    /// A JSON value, sent as its compact text; a string is sent as is.
+    pub body: serde_json::Value,
+    /// What the call must have been.
+    #[serde(default)]
+    pub call: Option<ExpectCall>,
+}
+
+/// What an HTTP call the filter made must hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectCall {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub authority: Option<String>,
+    /// Headers the call must carry with exactly these values.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The exact body.
+    pub body: Option<String>,
+}
+
+impl ExpectCall {
+    /// Compares a call's headers and body with this expectation.
+    ///
+    /// # Errors
+    /// Every difference, one a line.
+    pub fn check(&self, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), String> {
+        let get = |name: &str| {
+            headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let mut diff = String::new();
+        for (name, want) in [(":method", &self.method), (":path", &self.path), (":authority", &self.authority)] {
+            if let Some(want) = want {
+                if get(name).as_deref() != Some(want.as_str()) {
+                    let _ = writeln!(diff, "call {name}: want {want:?}, got {:?}", get(name));
+                }
+            }
+        }
+        for (name, want) in &self.headers {
+            if get(&name.to_ascii_lowercase()).as_deref() != Some(want.as_str()) {
+                let _ = writeln!(diff, "call header {name}: want {want:?}, got {:?}", get(&name.to_ascii_lowercase()));
+            }
+        }
+        if let Some(want) = &self.body {
+            if want.as_bytes() != body {
+                let _ = writeln!(diff, "call body: want {want:?}, got {:?}", String::from_utf8_lossy(body));
+            }
+        }
+        if diff.is_empty() {
+            Ok(())
+        } else {
+            Err(diff)
+        }
+    }
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+impl CallAnswer {
+    /// The body's bytes.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        match &self.body {
+            serde_json::Value::String(text) => text.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        }
+    }
 }
 
 /// The request the client sends.
@@ -166,6 +275,12 @@ struct CaseFile {
     expect: Expect,
     #[serde(default)]
     response: Option<Response>,
+    #[serde(default)]
+    steps: Vec<Step>,
+    #[serde(default)]
+    workers: Option<usize>,
+    #[serde(default)]
+    request_at_ms: Option<u64>,
 }
 
 /// A file under `configs/` (read as raw text, so it may be broken JSON), or
@@ -263,6 +378,9 @@ fn load_case(dir: &Path, file: &Path) -> Result<Case, String> {
         request: raw.request,
         expect: raw.expect,
         response: raw.response,
+        steps: raw.steps,
+        workers: raw.workers.unwrap_or(1).max(1),
+        request_at_ms: raw.request_at_ms,
     })
 }
 

@@ -24,7 +24,8 @@ use crate::abi::codec::HeaderList;
 use crate::abi::metrics::MetricType;
 use crate::abi::{self, action};
 use crate::error::HarnessError;
-use crate::state::{CallCounts, Clock, GuestExports, HostState, LocalResponse, LogEntry, StreamState, Stdio};
+use crate::abi::callout::SharedData;
+use crate::state::{CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, StreamState, Stdio};
 
 /// The most WASI stdout or stderr output one instance keeps.
 const STDIO_CAPACITY: usize = 1 << 20;
@@ -110,7 +111,22 @@ impl FilterModule {
     /// # Errors
     /// A trap, a missing export, or a VM that refuses to start.
     pub fn start(&self, env: &BTreeMap<String, String>) -> Result<FilterInstance, HarnessError> {
-        let clock = Clock::real();
+        self.start_worker(env, &SharedData::default(), &Clock::real())
+    }
+
+    /// Starts a VM like [`Self::start`] that shares `shared` and `clock`
+    /// with the other VMs given them, as the workers of one Envoy share
+    /// shared data and time.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_worker(
+        &self,
+        env: &BTreeMap<String, String>,
+        shared: &SharedData,
+        clock: &Clock,
+    ) -> Result<FilterInstance, HarnessError> {
+        let clock = clock.clone();
         let stdio = Stdio {
             stdout: MemoryOutputPipe::new(STDIO_CAPACITY),
             stderr: MemoryOutputPipe::new(STDIO_CAPACITY),
@@ -123,7 +139,7 @@ impl FilterModule {
             .stderr(stdio.stderr.clone())
             .wall_clock(clock.clone())
             .build_p1();
-        let mut store = Store::new(&self.engine, HostState::new(wasi, stdio, clock));
+        let mut store = Store::new(&self.engine, HostState::new(wasi, stdio, clock, shared.clone()));
         store.call_hook(|mut ctx, hook| {
             if matches!(hook, CallHook::CallingHost) {
                 ctx.data_mut().entered_host();
@@ -165,6 +181,10 @@ pub enum Outcome {
     Paused { headers: HeaderList },
 }
 
+/// `proxy_on_http_call_response`'s parameters: root context, token,
+/// header count, body size, trailer count.
+type CallResponseParams = (u32, u32, u32, u32, u32);
+
 /// The guest's exported callbacks; all optional but memory management, as
 /// the ABI says.
 struct Callbacks {
@@ -177,6 +197,8 @@ struct Callbacks {
     request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     done: Option<TypedFunc<u32, u32>>,
+    tick: Option<TypedFunc<u32, ()>>,
+    call_response: Option<TypedFunc<CallResponseParams, ()>>,
     log: Option<TypedFunc<u32, ()>>,
     delete: Option<TypedFunc<u32, ()>>,
 }
@@ -202,6 +224,8 @@ impl Callbacks {
             request_headers: typed(instance, store, "proxy_on_request_headers")?,
             response_headers: typed(instance, store, "proxy_on_response_headers")?,
             done: typed(instance, store, "proxy_on_done")?,
+            tick: typed(instance, store, "proxy_on_tick")?,
+            call_response: typed(instance, store, "proxy_on_http_call_response")?,
             log: typed(instance, store, "proxy_on_log")?,
             delete: typed(instance, store, "proxy_on_delete")?,
         })
@@ -413,6 +437,65 @@ impl FilterInstance {
             self.call("proxy_on_delete", delete, id)?;
         }
         Ok(())
+    }
+
+    /// The root context's tick period, once it set one.
+    pub fn tick_period(&self) -> Option<std::time::Duration> {
+        self.store.data().tick_period_ms.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+    }
+
+    /// One timer event (`proxy_on_tick` on the root context), if the root
+    /// context asked for a timer; returns whether it did.
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn tick(&mut self) -> Result<bool, HarnessError> {
+        let (Some(_), Some(tick)) = (self.store.data().tick_period_ms, self.callbacks.tick.clone()) else {
+            return Ok(false);
+        };
+        let root = self.root();
+        self.call("proxy_on_tick", tick, root)?;
+        Ok(true)
+    }
+
+    /// The HTTP calls made and not answered yet, oldest first.
+    pub fn pending_calls(&self) -> &[HttpCall] {
+        &self.store.data().http_calls
+    }
+
+    /// Refuses calls to `cluster` from now on, as Envoy refuses a cluster
+    /// it does not know.
+    pub fn refuse_cluster(&mut self, cluster: &str) {
+        self.store.data_mut().unknown_clusters.push(cluster.to_string());
+    }
+
+    /// The shared data this VM sees.
+    pub fn shared_data(&self) -> &SharedData {
+        &self.store.data().shared
+    }
+
+    /// Answers a pending call: `Some((headers, body))` (`:status` among the
+    /// headers) delivers a response; `None` is a call that failed without
+    /// one (timeout, reset), which Envoy reports with no headers.
+    ///
+    /// # Errors
+    /// [`HarnessError::Abi`] for a token that is not pending; a trap.
+    pub fn answer_call(&mut self, token: u32, answer: Option<(HeaderList, Vec<u8>)>) -> Result<(), HarnessError> {
+        let state = self.store.data_mut();
+        let Some(at) = state.http_calls.iter().position(|c| c.token == token) else {
+            return Err(HarnessError::Abi(format!("no pending HTTP call has token {token}")));
+        };
+        state.http_calls.remove(at);
+        let (headers, body) = match &answer {
+            Some((h, b)) => (len_u32(h.len()), len_u32(b.len())),
+            None => (0, 0),
+        };
+        state.call_response = answer;
+        let Some(on_response) = self.callbacks.call_response.clone() else { return Ok(()) };
+        let root = self.root();
+        let result = self.call("proxy_on_http_call_response", on_response, (root, token, headers, body, 0));
+        self.store.data_mut().call_response = None;
+        result
     }
 
     /// The instance's clock (real time until set).

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::conformance::{Case, Observed, Report, Suite};
+use crate::conformance::{Case, Observed, Report, Step, Suite, STEPS_START};
 use crate::error::HarnessError;
 use crate::module::{FilterInstance, FilterModule, Outcome};
-use crate::state::CallCounts;
+use crate::state::{CallCounts, Clock};
+use crate::SharedData;
 
 /// The runner's name in `skip.json`.
 pub const RUNNER: &str = "harness";
@@ -29,6 +30,9 @@ pub struct CaseRun {
 /// Runs `case`: a fresh VM with the case's environment, its configuration,
 /// its request on real time, and its upstream response when it has one.
 pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
+    if !case.steps.is_empty() {
+        return run_timeline(module, case);
+    }
     let mut instance = match module.start(&case.env) {
         Ok(instance) => instance,
         Err(err) => {
@@ -54,6 +58,126 @@ pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
         other => other,
     };
     CaseRun { observed, unimplemented, request_host_calls: instance.last_request_host_calls().cloned() }
+}
+
+/// A case with steps: `case.workers` VMs sharing shared data and a clock
+/// stopped at [`STEPS_START`], configured in order; the steps; then the
+/// request on the last worker at `request_at_ms`.
+fn run_timeline(module: &FilterModule, case: &Case) -> CaseRun {
+    let shared = SharedData::default();
+    let clock = Clock::fixed(std::time::UNIX_EPOCH + STEPS_START);
+    let mut workers: Vec<FilterInstance> = Vec::with_capacity(case.workers);
+    let mut result: Result<Option<Observed>, String> = Ok(None);
+    for _ in 0..case.workers {
+        let started = module.start_worker(&case.env, &shared, &clock).map_err(|e| e.to_string());
+        let configured = started.and_then(|mut w| match w.configure(case.config.as_bytes()) {
+            Ok(()) => Ok(Ok(w)),
+            Err(HarnessError::Refused { log }) => Ok(Err(Observed::ConfigRefused { log })),
+            Err(err) => Err(err.to_string()),
+        });
+        match configured {
+            Ok(Ok(worker)) => workers.push(worker),
+            Ok(Err(refused)) => {
+                result = Ok(Some(refused));
+                break;
+            }
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    let mut at_ms = 0u64;
+    if matches!(result, Ok(None)) {
+        result = case
+            .steps
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, step)| {
+                run_step(&mut workers, &clock, step, &mut at_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))
+            })
+            .map(|()| None);
+    }
+    let observed = match result {
+        Ok(Some(refused)) => Ok(refused),
+        Err(err) => Err(err),
+        Ok(None) => match workers.last_mut() {
+            None => Err("no worker ran".to_string()),
+            Some(first) => {
+                clock.set(std::time::UNIX_EPOCH + STEPS_START + std::time::Duration::from_millis(case.request_at_ms.unwrap_or(at_ms)));
+                observe(first, case).and_then(|observed| {
+                    first.finish().map_err(|e| e.to_string())?;
+                    Ok(observed)
+                })
+            }
+        },
+    };
+    let mut unimplemented = BTreeMap::new();
+    for worker in &workers {
+        for (name, count) in worker.unimplemented_calls() {
+            *unimplemented.entry(name.clone()).or_insert(0) += count;
+        }
+    }
+    let observed = match observed {
+        Err(err) => {
+            let logs: Vec<String> = workers.iter().map(FilterInstance::log_text).collect();
+            Err(format!("{err}
+worker logs:
+{}", logs.join("\n--\n")))
+        }
+        ok => ok,
+    };
+    let request_host_calls = workers.last().and_then(|w| w.last_request_host_calls().cloned());
+    CaseRun { observed, unimplemented, request_host_calls }
+}
+
+fn run_step(workers: &mut [FilterInstance], clock: &Clock, step: &Step, at_ms: &mut u64) -> Result<(), String> {
+    let oldest = |workers: &mut [FilterInstance], cluster: &str| -> Result<(usize, u32), String> {
+        workers
+            .iter()
+            .enumerate()
+            .find_map(|(w, worker)| worker.pending_calls().iter().find(|c| c.cluster == cluster).map(|c| (w, c.token)))
+            .ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
+    };
+    match step {
+        Step::TickAt(ms) => {
+            if *ms < *at_ms {
+                return Err(format!("time goes back from {at_ms} ms"));
+            }
+            *at_ms = *ms;
+            clock.set(std::time::UNIX_EPOCH + STEPS_START + std::time::Duration::from_millis(*ms));
+            for worker in workers.iter_mut() {
+                worker.tick().map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        Step::Answer(answer) => {
+            let (w, token) = oldest(workers, &answer.cluster)?;
+            if let Some(want) = &answer.call {
+                let call = workers[w].pending_calls().iter().find(|c| c.token == token).cloned();
+                if let Some(call) = call {
+                    want.check(&call.headers, &call.body)?;
+                }
+            }
+            let headers = vec![
+                (":status".to_string(), answer.status.to_string().into_bytes()),
+                ("content-type".to_string(), b"application/json".to_vec()),
+            ];
+            workers[w].answer_call(token, Some((headers, answer.body_bytes()))).map_err(|e| e.to_string())
+        }
+        Step::Fail { cluster } => {
+            let (w, token) = oldest(workers, cluster)?;
+            workers[w].answer_call(token, None).map_err(|e| e.to_string())
+        }
+        Step::Pending(want) => {
+            let got: usize = workers.iter().map(|w| w.pending_calls().len()).sum();
+            if got == *want {
+                Ok(())
+            } else {
+                Err(format!("{got} calls are pending, not {want}"))
+            }
+        }
+    }
 }
 
 fn observe(instance: &mut FilterInstance, case: &Case) -> Result<Observed, String> {

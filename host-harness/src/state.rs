@@ -180,6 +180,25 @@ pub struct LocalResponse {
     pub grpc_status: i32,
 }
 
+/// An HTTP call the guest made (`proxy_http_call`), waiting for the test
+/// to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub token: u32,
+    /// The Envoy cluster it goes to.
+    pub cluster: String,
+    pub headers: HeaderList,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+}
+
+impl HttpCall {
+    /// A header's value, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
 /// The open HTTP stream (request and response share one context).
 #[derive(Debug)]
 pub(crate) struct StreamState {
@@ -230,10 +249,21 @@ pub struct HostState {
     pub(crate) last_stream_calls: Option<CallCounts>,
     /// The filter state of the last stream that finished.
     pub(crate) last_stream_filter_state: Option<BTreeMap<String, Vec<u8>>>,
+    /// The root context's tick period, once it set one.
+    pub(crate) tick_period_ms: Option<u32>,
+    /// HTTP calls made and not answered yet, oldest first.
+    pub(crate) http_calls: Vec<HttpCall>,
+    pub(crate) next_call_token: u32,
+    /// Clusters whose calls are refused (`BAD_ARGUMENT`), as Envoy refuses
+    /// a cluster it does not know.
+    pub(crate) unknown_clusters: Vec<String>,
+    /// The response being delivered by `proxy_on_http_call_response`.
+    pub(crate) call_response: Option<(HeaderList, Vec<u8>)>,
+    pub(crate) shared: crate::abi::callout::SharedData,
 }
 
 impl HostState {
-    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock) -> Self {
+    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock, shared: crate::abi::callout::SharedData) -> Self {
         Self {
             wasi,
             stdio,
@@ -251,6 +281,12 @@ impl HostState {
             stream: None,
             last_stream_calls: None,
             last_stream_filter_state: None,
+            tick_period_ms: None,
+            http_calls: Vec::new(),
+            next_call_token: 0,
+            unknown_clusters: Vec::new(),
+            call_response: None,
+            shared,
         }
     }
 

@@ -13,7 +13,8 @@ use crate::policy::{
     Allowed, Client, ClientIndex, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch,
 };
 use crate::query::encode_component;
-use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawValue};
+use crate::credential::{DynamicInject, RawDynamic, SourceBuilder, Target};
+use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue};
 use crate::time::parse_rfc3339;
 
 /// A configuration the filter refuses, with the field at fault.
@@ -28,7 +29,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self { path: path.into(), message: message.into() }
     }
 }
@@ -139,7 +140,9 @@ fn redact_backquoted_value(text: &str) -> String {
 
 fn compile(raw: &RawConfig, env: &dyn Environment) -> Result<Policy, ConfigError> {
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
-    let routes = compile_routes(&raw.routes, env)?;
+    let mut builder = SourceBuilder { sources: Vec::new() };
+    let routes = compile_routes(&raw.routes, env, &mut builder)?;
+    let sources = builder.finish();
     let route_index: HashMap<&str, usize> =
         routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
 
@@ -190,6 +193,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment) -> Result<Policy, ConfigError
         needs_route_name,
         per_client_metrics: raw.metrics.per_client,
         version: String::new(),
+        sources,
     })
 }
 
@@ -243,7 +247,11 @@ fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, C
     Ok(sources)
 }
 
-fn compile_routes(raw: &[RawRoute], env: &dyn Environment) -> Result<Vec<Route>, ConfigError> {
+fn compile_routes(
+    raw: &[RawRoute],
+    env: &dyn Environment,
+    builder: &mut SourceBuilder,
+) -> Result<Vec<Route>, ConfigError> {
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
     for (r, route) in raw.iter().enumerate() {
         let path = format!("routes[{r}]");
@@ -291,13 +299,94 @@ fn compile_routes(raw: &[RawRoute], env: &dyn Environment) -> Result<Vec<Route>,
         }
         let mut headers: Vec<HeaderInject> = Vec::new();
         let mut queries: Vec<QueryInject> = Vec::new();
+        let mut dynamic: Vec<DynamicInject> = Vec::new();
         for (i, inject) in route.inject.iter().enumerate() {
             let ipath = format!("{path}.inject[{i}]");
-            compile_inject(inject, &ipath, env, &mut headers, &mut queries)?;
+            let entry = match inject.value.as_ref().and_then(dynamic_value) {
+                Some(raw) => Some(compile_dynamic_inject(inject, raw, &route.name, &ipath, env, builder)?),
+                None => {
+                    compile_inject(inject, &ipath, env, &mut headers, &mut queries)?;
+                    None
+                }
+            };
+            // A name injected twice, one of them dynamic.
+            let header_clash = |name: &String| {
+                headers.iter().filter(|h| h.name == *name).count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Header(n) if n == name)).count()
+            };
+            let query_clash = |name: &Vec<u8>| {
+                queries.iter().filter(|q| q.name == *name).count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Query(n) if n == name)).count()
+            };
+            let clash = match &entry {
+                Some(DynamicInject { target: Target::Header(name), .. }) => header_clash(name) > 0,
+                Some(DynamicInject { target: Target::Query(name), .. }) => query_clash(name) > 0,
+                None => {
+                    headers.last().is_some_and(|h| inject.header.is_some() && header_clash(&h.name) > 1)
+                        || queries.last().is_some_and(|q| inject.query.is_some() && query_clash(&q.name) > 1)
+                }
+            };
+            if clash {
+                let field = if inject.header.is_some() { "header" } else { "query" };
+                return Err(ConfigError::new(
+                    format!("{ipath}.{field}"),
+                    "is already injected by an earlier entry of this route",
+                ));
+            }
+            dynamic.extend(entry);
         }
-        routes.push(Route { name: route.name.clone(), matcher, headers, queries });
+        let mut sources: Vec<usize> = dynamic.iter().map(|d| d.source).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        routes.push(Route { name: route.name.clone(), matcher, headers, queries, dynamic, sources });
     }
     Ok(routes)
+}
+
+fn dynamic_value(value: &RawValue) -> Option<RawDynamic<'_>> {
+    match value {
+        RawValue::Env(_) | RawValue::Inline(_) => None,
+        RawValue::Oauth2(o) => Some(RawDynamic::Oauth2(o)),
+        RawValue::TokenExchange(t) => Some(RawDynamic::TokenExchange(t)),
+        RawValue::Fetch(f) => Some(RawDynamic::Fetch(f)),
+    }
+}
+
+/// An inject entry whose value is fetched: its target is checked here, the
+/// value itself arrives later (see [`crate::credential`]).
+fn compile_dynamic_inject(
+    inject: &RawInject,
+    raw: RawDynamic<'_>,
+    route: &str,
+    path: &str,
+    env: &dyn Environment,
+    builder: &mut SourceBuilder,
+) -> Result<DynamicInject, ConfigError> {
+    let prefix = inject.prefix.clone().unwrap_or_default();
+    if inject.basic.is_some() {
+        return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`"));
+    }
+    let target = match (&inject.header, &inject.query) {
+        (Some(header), None) => {
+            let name = header_name(header, &format!("{path}.header"))?;
+            if !is_header_value(prefix.trim_end().as_bytes()) {
+                return Err(ConfigError::new(
+                    format!("{path}.prefix"),
+                    "holds a character not allowed in a header value",
+                ));
+            }
+            Target::Header(name)
+        }
+        (None, Some(query)) => {
+            if query.is_empty() {
+                return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
+            }
+            Target::Query(query.clone().into_bytes())
+        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
+    };
+    let (source, value) = builder.add(raw, route, &format!("{path}.value"), env)?;
+    Ok(DynamicInject { source, value, prefix, target })
 }
 
 fn compile_inject(
@@ -309,7 +398,15 @@ fn compile_inject(
 ) -> Result<(), ConfigError> {
     let prefix = inject.prefix.as_deref().unwrap_or("");
     let value = match (&inject.value, &inject.basic) {
-        (Some(value), None) => format!("{prefix}{}", secret(value, &format!("{path}.value"), env)?),
+        (Some(value), None) => {
+            let value = match value {
+                RawValue::Env(v) => RawSecret::Env(v.clone()),
+                RawValue::Inline(v) => RawSecret::Inline(v.clone()),
+                // Dynamic values never reach here (see compile_routes).
+                _ => return Err(ConfigError::new(format!("{path}.value"), "is not a static value")),
+            };
+            format!("{prefix}{}", secret(&value, &format!("{path}.value"), env)?)
+        }
         (None, Some(basic)) => {
             if inject.prefix.is_some() {
                 return Err(ConfigError::new(
@@ -372,13 +469,13 @@ fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<St
 }
 
 /// Resolves a secret value. `env` is read here, once, never per request.
-fn secret(value: &RawValue, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+pub(crate) fn secret(value: &RawSecret, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
     match value {
-        RawValue::Inline(v) if v.is_empty() => {
+        RawSecret::Inline(v) if v.is_empty() => {
             Err(ConfigError::new(format!("{path}.inline"), "must not be empty"))
         }
-        RawValue::Inline(v) => Ok(v.clone()),
-        RawValue::Env(name) => {
+        RawSecret::Inline(v) => Ok(v.clone()),
+        RawSecret::Env(name) => {
             let path = format!("{path}.env");
             if name.is_empty() {
                 return Err(ConfigError::new(path, "must name an environment variable"));
@@ -627,7 +724,7 @@ mod tests {
     #[test]
     fn env_errors_quote_only_conventional_names() {
         let env = |_: &str| None;
-        let value = |name: &str| RawValue::Env(name.to_string());
+        let value = |name: &str| RawSecret::Env(name.to_string());
         let message = |name: &str| secret(&value(name), "v", &env).unwrap_err().to_string();
         assert_eq!(message("OPENAI_API_KEY"), "v.env: OPENAI_API_KEY is not set");
         assert_eq!(message("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "v.env: the variable is not set");

@@ -17,23 +17,28 @@ pub enum DenialReason {
     RouteForbidden,
     /// No route matched and `unmatched_route` is `deny`.
     NoRoute,
+    /// The route's dynamic credentials are not (or no longer) available:
+    /// none fetched yet, or the last one expired.
+    CredentialUnavailable,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 const NO_STORE: (&str, &str) = ("cache-control", "no-store");
+const RETRY_AFTER: (&str, &str) = ("retry-after", "1");
 const CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap\"");
 const INVALID_TOKEN: (&str, &str) =
     ("www-authenticate", "Bearer realm=\"keyswap\", error=\"invalid_token\"");
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 6] = [
+    pub const ALL: [DenialReason; 7] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
         DenialReason::AmbiguousKey,
         DenialReason::RouteForbidden,
         DenialReason::NoRoute,
+        DenialReason::CredentialUnavailable,
     ];
 
     /// The HTTP status the client receives.
@@ -42,6 +47,7 @@ impl DenialReason {
             Self::MissingKey | Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => 401,
             Self::RouteForbidden => 403,
             Self::NoRoute => 404,
+            Self::CredentialUnavailable => 503,
         }
     }
 
@@ -54,6 +60,7 @@ impl DenialReason {
             Self::AmbiguousKey => "ambiguous_key",
             Self::RouteForbidden => "route_forbidden",
             Self::NoRoute => "no_route",
+            Self::CredentialUnavailable => "credential_unavailable",
         }
     }
 
@@ -66,6 +73,9 @@ impl DenialReason {
             Self::AmbiguousKey => "Different API keys were presented in one request.",
             Self::RouteForbidden => "The API key may not be used on this route.",
             Self::NoRoute => "No route is configured for this request.",
+            Self::CredentialUnavailable => {
+                "The upstream credential for this route is not available yet; retry shortly."
+            }
         }
     }
 
@@ -77,6 +87,7 @@ impl DenialReason {
                 &[JSON, NO_STORE, INVALID_TOKEN]
             }
             Self::RouteForbidden | Self::NoRoute => &[JSON, NO_STORE],
+            Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
     }
 
@@ -188,6 +199,7 @@ mod tests {
             (DenialReason::AmbiguousKey, 401),
             (DenialReason::RouteForbidden, 403),
             (DenialReason::NoRoute, 404),
+            (DenialReason::CredentialUnavailable, 503),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

@@ -9,6 +9,8 @@
 //! - [`raw`]: the configuration as written (serde, unknown fields refused).
 //! - [`config`]: parse and compile; errors carry the field path.
 //! - [`policy`]: the compiled form and [`Policy::decide`], the one entry point.
+//! - [`credential`]: dynamic credentials (`oauth2`, `token_exchange`,
+//!   `fetch`): what to ask, how to read the answer, when to ask again.
 //! - [`decision`]: the answer as a value, and the reason-to-status mapping.
 //! - [`request`], [`query`], [`time`]: what `decide` reads, and helpers.
 //!
@@ -17,6 +19,7 @@
 //! decision carries a key or an upstream credential.
 
 pub mod config;
+pub mod credential;
 pub mod decision;
 pub mod policy;
 pub mod query;

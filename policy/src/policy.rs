@@ -29,6 +29,8 @@ pub struct Policy {
     pub(crate) needs_route_name: bool,
     pub(crate) per_client_metrics: bool,
     pub(crate) version: String,
+    /// Dynamic credential sources (see [`crate::credential`]).
+    pub(crate) sources: Vec<crate::credential::Source>,
 }
 
 #[derive(Debug)]
@@ -61,6 +63,10 @@ pub(crate) struct Route {
     pub matcher: RouteMatch,
     pub headers: Vec<HeaderInject>,
     pub queries: Vec<QueryInject>,
+    /// Dynamic credentials (see [`crate::credential`]).
+    pub dynamic: Vec<crate::credential::DynamicInject>,
+    /// The sources `dynamic` reads, sorted, once each.
+    pub sources: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -275,7 +281,7 @@ impl Policy {
     /// fragment (never part of a request target, and a place to hide a key
     /// or a second credential from the query rewrite); `None` when nothing
     /// changes.
-    fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
+    pub(crate) fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
         let removed = |p: &Param<'_>| {
             let name = p.name();
             self.key_sources.iter().any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))

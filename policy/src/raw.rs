@@ -93,15 +93,94 @@ pub struct RawInject {
 #[serde(deny_unknown_fields)]
 pub struct RawBasic {
     pub username: String,
-    pub password: RawValue,
+    pub password: RawSecret,
 }
 
-/// A secret value: read from the VM's environment or written inline.
+/// An injected credential's value: a static secret (`env`, `inline`), or a
+/// dynamic one fetched and refreshed in the background (see
+/// [`crate::credential`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawValue {
     Env(String),
     Inline(String),
+    Oauth2(Box<RawOauth2>),
+    TokenExchange(Box<RawTokenExchange>),
+    Fetch(Box<RawFetch>),
+}
+
+/// A static secret value: read from the VM's environment or written inline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum RawSecret {
+    Env(String),
+    Inline(String),
+}
+
+/// How an OAuth2 client authenticates to the token endpoint.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic (`client_secret_basic`, RFC 6749 2.3.1).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`).
+    Body,
+}
+
+/// An OAuth2 client-credentials grant (RFC 6749 4.4).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOauth2 {
+    pub cluster: String,
+    pub token_path: String,
+    pub authority: Option<String>,
+    pub client_id: RawSecret,
+    pub client_secret: RawSecret,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub refresh_margin_seconds: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// An OAuth2 token exchange (RFC 8693) of a configured subject token for an
+/// audience-scoped access token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenExchange {
+    pub cluster: String,
+    pub token_path: String,
+    pub authority: Option<String>,
+    pub subject_token: RawSecret,
+    pub subject_token_type: Option<String>,
+    pub audience: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub resource: Option<String>,
+    pub requested_token_type: Option<String>,
+    pub client_id: Option<RawSecret>,
+    pub client_secret: Option<RawSecret>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub refresh_margin_seconds: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A credential service answering JSON to a GET.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFetch {
+    pub cluster: String,
+    pub path: String,
+    pub authority: Option<String>,
+    /// Sent as the `authorization` header to the credential service.
+    pub authorization: Option<RawSecret>,
+    pub json_pointer: String,
+    pub refresh_seconds: Option<u64>,
+    pub timeout_ms: Option<u64>,
 }
 
 /// What happens to a request that matches no route.

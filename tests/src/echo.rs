@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::http::{read_body, read_headers, read_line};
+use crate::http::{read_request, ServerRequest};
 
 /// The request header that carries the response headers a test wants:
 /// `x-echo-respond: [["set-cookie", "a=1"], ["x-upstream", "ok"]]`.
@@ -125,18 +125,9 @@ fn connection(stream: TcpStream) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
-        let Some(line) = read_line(&mut reader, 64 * 1024)? else { return Ok(()) };
-        if line.is_empty() {
-            continue;
-        }
-        let line = String::from_utf8_lossy(&line).into_owned();
-        let mut parts = line.split(' ');
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let version = parts.next().unwrap_or_default().to_string();
-        let headers: Vec<(String, String)> =
-            read_headers(&mut reader)?.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
-        read_body(&mut reader, &headers, false)?;
+        let Some(ServerRequest { method, path, version, headers, .. }) = read_request(&mut reader)? else {
+            return Ok(());
+        };
         let close =
             version != "HTTP/1.1" || headers.iter().any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
         writer.write_all(&answer(&method, &path, &headers, close))?;

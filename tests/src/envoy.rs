@@ -344,8 +344,21 @@ impl Envoy {
     /// # Errors
     /// As [`Envoy::start`].
     pub fn start_logging(launch: &Launch, log: &LogLevels) -> Result<Self, String> {
+        Self::start_with(launch, log, 2)
+    }
+
+    /// [`Envoy::start`] with `workers` worker threads (`--concurrency`).
+    ///
+    /// # Errors
+    /// As [`Envoy::start`].
+    pub fn start_workers(launch: &Launch, workers: u32) -> Result<Self, String> {
+        Self::start_with(launch, &LogLevels::serving(), workers)
+    }
+
+    fn start_with(launch: &Launch, log: &LogLevels, workers: u32) -> Result<Self, String> {
         let dir = run_dir()?;
-        let args = run_args(&dir, true, log);
+        let mut args = run_args(&dir, true, log);
+        args[1] = workers.to_string();
         let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         // From here on, dropping `envoy` kills the child.
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };

@@ -164,6 +164,35 @@ pub(crate) fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<O
     Ok(Some(line))
 }
 
+/// One request a server read: method, target, version, headers (names
+/// lower-cased) and body.
+pub(crate) struct ServerRequest {
+    pub method: String,
+    pub path: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Reads the next request on a server connection (`None`: the peer closed
+/// it); blank lines between requests are skipped.
+pub(crate) fn read_request(reader: &mut impl BufRead) -> io::Result<Option<ServerRequest>> {
+    let line = loop {
+        let Some(line) = read_line(reader, 64 * 1024)? else { return Ok(None) };
+        if !line.is_empty() {
+            break String::from_utf8_lossy(&line).into_owned();
+        }
+    };
+    let mut parts = line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let version = parts.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> =
+        read_headers(reader)?.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
+    let body = read_body(reader, &headers, false)?;
+    Ok(Some(ServerRequest { method, path, version, headers, body }))
+}
+
 /// Reads header lines up to the empty line.
 pub(crate) fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> {
     let mut headers = Vec::new();

@@ -21,6 +21,8 @@
 //! - [`load`]: bounded background load over keep-alive connections.
 //! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
 //!   did what when (from Envoy's log).
+//! - [`token`]: a token endpoint / credential service for dynamic
+//!   credentials: answers what the test sets, counts calls, can go down.
 //!
 //! The tests themselves are one binary, `tests/all/`, a module an area.
 
@@ -31,3 +33,4 @@ pub mod envoy;
 pub mod http;
 pub mod load;
 pub mod revocation;
+pub mod token;

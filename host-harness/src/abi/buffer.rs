@@ -1,5 +1,6 @@
-//! Buffers: the VM and plugin configurations. Bodies, call responses and
-//! the like are not held by this harness (`NOT_FOUND`).
+//! Buffers: the VM and plugin configurations, and the body of the HTTP
+//! call response being delivered. Request and response bodies and the like
+//! are not held by this harness (`NOT_FOUND`).
 
 use wasmtime::{Caller, Linker};
 
@@ -34,6 +35,10 @@ fn contents(state: &HostState, buffer: u32) -> Result<&[u8], HostError> {
     match buffer {
         buffer_type::VM_CONFIGURATION => Ok(&state.vm_configuration),
         buffer_type::PLUGIN_CONFIGURATION => Ok(&state.plugin_configuration),
+        buffer_type::HTTP_CALL_RESPONSE_BODY => match &state.call_response {
+            Some((_, body)) => Ok(body),
+            None => Err(Status::NotFound.into()),
+        },
         b if b <= buffer_type::LAST => Err(Status::NotFound.into()),
         _ => Err(Status::BadArgument.into()),
     }

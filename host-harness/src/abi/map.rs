@@ -71,6 +71,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 /// The map `map` of the open stream.
 fn map_mut(state: &mut HostState, map: u32) -> Result<&mut HeaderList, HostError> {
+    if map == map_type::HTTP_CALL_RESPONSE_HEADERS {
+        return state.call_response.as_mut().map(|(headers, _)| headers).ok_or(Status::BadArgument.into());
+    }
     let stream = state.stream.as_mut().ok_or(Status::BadArgument)?;
     match map {
         map_type::HTTP_REQUEST_HEADERS => Ok(&mut stream.request_headers),

@@ -8,9 +8,11 @@
 //! - [`memory`]: copying into and out of the guest, its allocator.
 //! - [`log`], [`time`], [`buffer`], [`map`], [`property`], [`http`],
 //!   [`context`], [`metrics`]: the implemented host calls.
+//! - [`callout`]: timer, HTTP calls and shared data (dynamic credentials).
 //! - [`stub`]: everything else the module imports.
 
 pub mod buffer;
+pub mod callout;
 pub mod codec;
 pub mod context;
 pub mod headers;
@@ -49,12 +51,14 @@ pub mod map_type {
     pub const HTTP_REQUEST_TRAILERS: u32 = 1;
     pub const HTTP_RESPONSE_HEADERS: u32 = 2;
     pub const HTTP_RESPONSE_TRAILERS: u32 = 3;
+    pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
     /// The highest defined map type (`HTTP_CALL_RESPONSE_TRAILERS`).
     pub const LAST: u32 = 7;
 }
 
 /// `proxy_buffer_type_t` values the harness holds.
 pub mod buffer_type {
+    pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
     pub const VM_CONFIGURATION: u32 = 6;
     pub const PLUGIN_CONFIGURATION: u32 = 7;
     /// The highest defined buffer type (`FOREIGN_FUNCTION_ARGUMENTS`).
@@ -95,6 +99,10 @@ pub const IMPLEMENTED: &[&str] = &[
     "proxy_increment_metric",
     "proxy_record_metric",
     "proxy_get_metric",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_http_call",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
 ];
 
 /// An error inside a host call: an ABI status for the guest, or a trap
@@ -140,6 +148,7 @@ pub fn link(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result
     http::add_to_linker(linker)?;
     context::add_to_linker(linker)?;
     metrics::add_to_linker(linker)?;
+    callout::add_to_linker(linker)?;
     wasmtime_wasi::p1::add_to_linker_sync(linker, |state: &mut HostState| state.wasi_mut())?;
     stub::add_to_linker(linker, module)
 }

@@ -288,27 +288,26 @@ fn wasi_output_and_environment_are_captured() {
 #[test]
 fn unimplemented_imports_answer_12_and_are_counted() {
     let module = wat(
-        r#"(import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))"#,
+        r#"(import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))"#,
         r#"(data (i32.const 300) "got UNIMPLEMENTED")
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (if (i32.eq (call $http_call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                                 (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
+    (if (i32.eq (call $enqueue (i32.const 0) (i32.const 0) (i32.const 0))
                 (i32.const 12))
       (then (drop (call $log (i32.const 2) (i32.const 300) (i32.const 17)))))
     (i32.const 0))"#,
     );
     let stubbed: Vec<&str> = module.stubbed_imports().iter().map(|(_, name)| name.as_str()).collect();
-    assert_eq!(stubbed, ["proxy_http_call", "proxy_set_tick_period_milliseconds"]);
+    assert_eq!(stubbed, ["proxy_enqueue_shared_queue", "proxy_register_shared_queue"]);
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.request(None, &headers(&[(":path", "/")])).unwrap();
     instance.finish().unwrap();
     assert_eq!(instance.log_text(), "got UNIMPLEMENTED");
-    let want = BTreeMap::from([("proxy_http_call".to_string(), 1)]);
+    let want = BTreeMap::from([("proxy_enqueue_shared_queue".to_string(), 1)]);
     assert_eq!(instance.unimplemented_calls(), &want);
-    assert_eq!(instance.last_request_host_calls().unwrap().get("proxy_http_call"), 1);
+    assert_eq!(instance.last_request_host_calls().unwrap().get("proxy_enqueue_shared_queue"), 1);
     let err = check_unimplemented(instance.unimplemented_calls()).unwrap_err();
-    assert!(err.contains("proxy_http_call ×1"), "{err}");
+    assert!(err.contains("proxy_enqueue_shared_queue ×1"), "{err}");
 }
 
 /// What the conformance runner does with such a call: the test fails.

@@ -151,7 +151,9 @@ fn the_component_and_the_proxy_wasm_module_agree_on_every_case() {
     let component = policy_component();
     let mut compared = 0;
     let mut disagreements = Vec::new();
-    for case in &suite.cases {
+    // Cases with steps (dynamic credentials) need a timer and HTTP calls,
+    // which the component does not have: it refuses their configurations.
+    for case in suite.cases.iter().filter(|c| c.steps.is_empty()) {
         let by_component = component::observe(component, case);
         let by_module = runner::run_case(module, case).observed;
         match (&by_component, &by_module) {

@@ -7,6 +7,7 @@
 mod abi;
 mod cli;
 mod component;
+mod credentials;
 mod harness;
 mod metrics;
 mod native;

@@ -1,6 +1,8 @@
 //! keyswap in the real Envoy: one test binary, a module an area.
 //!
 //! - [`conformance`]: runner 3, the whole conformance suite through Envoy.
+//! - [`credentials`]: dynamic credentials (oauth2) with a local token
+//!   server: first token, rotation, outage and expiry, two workers.
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
@@ -17,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod conformance;
+mod credentials;
 mod gateway;
 mod leaks;
 mod operations;

@@ -1,0 +1,190 @@
+//! What dynamic credentials need of the host: the root context's timer
+//! (`proxy_set_tick_period_milliseconds`), outgoing HTTP calls
+//! (`proxy_http_call`, answered later by the test through
+//! [`FilterInstance::answer_call`](crate::FilterInstance::answer_call)), and
+//! shared data with compare-and-swap (`proxy_get_shared_data`,
+//! `proxy_set_shared_data`) with Envoy's semantics:
+//!
+//! - every write gives the entry a new, never-zero `cas`;
+//! - a write with `cas` 0 always succeeds; with another `cas` it succeeds
+//!   only when the entry is missing or holds that `cas` (`CAS_MISMATCH`
+//!   otherwise);
+//! - a read of a missing key is `NOT_FOUND`.
+//!
+//! Shared data is a [`SharedData`] handle: instances given the same handle
+//! share it like the workers of one Envoy VM.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wasmtime::{Caller, Linker};
+
+use super::codec::decode_map;
+use super::{memory, status, HostResult, Status, ENV};
+use crate::state::{HostState, HttpCall};
+
+/// Shared data: one per Envoy VM id, shared by its workers. Clones share.
+#[derive(Debug, Clone, Default)]
+pub struct SharedData(Arc<Mutex<SharedInner>>);
+
+#[derive(Debug, Default)]
+struct SharedInner {
+    entries: HashMap<String, (Vec<u8>, u32)>,
+    last_cas: u32,
+}
+
+impl SharedData {
+    /// The value and `cas` under `key`.
+    pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.0.lock().ok()?.entries.get(key).cloned()
+    }
+
+    /// Every key held, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.0.lock().map(|s| s.entries.keys().cloned().collect()).unwrap_or_default();
+        keys.sort();
+        keys
+    }
+
+    /// Envoy's `SharedData::set`.
+    ///
+    /// # Errors
+    /// [`Status::CasMismatch`] when `cas` is not 0 and the entry holds
+    /// another.
+    pub fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+        let mut inner = self.0.lock().map_err(|_| Status::InternalFailure)?;
+        if let Some((_, held)) = inner.entries.get(key) {
+            if cas != 0 && cas != *held {
+                return Err(Status::CasMismatch);
+            }
+        }
+        inner.last_cas = inner.last_cas.wrapping_add(1).max(1);
+        let next = inner.last_cas;
+        inner.entries.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+}
+
+/// Registers the timer, HTTP-call and shared-data host calls.
+///
+/// # Errors
+/// A definition wasmtime refuses.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(ENV, "proxy_set_tick_period_milliseconds", |mut caller: Caller<'_, HostState>, period: u32| {
+        caller.data_mut().record("proxy_set_tick_period_milliseconds");
+        caller.data_mut().tick_period_ms = (period > 0).then_some(period);
+        Ok(Status::Ok as u32)
+    })?;
+    linker.func_wrap(
+        ENV,
+        "proxy_http_call",
+        |mut caller: Caller<'_, HostState>,
+         upstream: u32,
+         upstream_len: u32,
+         headers: u32,
+         headers_len: u32,
+         body: u32,
+         body_len: u32,
+         trailers: u32,
+         trailers_len: u32,
+         timeout_ms: u32,
+         token_out: u32| {
+            caller.data_mut().record("proxy_http_call");
+            let _ = (trailers, trailers_len);
+            let args = CallArgs { upstream, upstream_len, headers, headers_len, body, body_len, timeout_ms, token_out };
+            status(http_call(&mut caller, args))
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_get_shared_data",
+        |mut caller: Caller<'_, HostState>, key: u32, key_len: u32, data_out: u32, size_out: u32, cas_out: u32| {
+            caller.data_mut().record("proxy_get_shared_data");
+            status(get_shared(&mut caller, key, key_len, data_out, size_out, cas_out))
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_set_shared_data",
+        |mut caller: Caller<'_, HostState>, key: u32, key_len: u32, value: u32, value_len: u32, cas: u32| {
+            caller.data_mut().record("proxy_set_shared_data");
+            status(set_shared(&mut caller, key, key_len, value, value_len, cas))
+        },
+    )?;
+    Ok(())
+}
+
+struct CallArgs {
+    upstream: u32,
+    upstream_len: u32,
+    headers: u32,
+    headers_len: u32,
+    body: u32,
+    body_len: u32,
+    timeout_ms: u32,
+    token_out: u32,
+}
+
+fn http_call(caller: &mut Caller<'_, HostState>, args: CallArgs) -> HostResult {
+    let cluster = memory::read_str(caller, args.upstream, args.upstream_len)?;
+    let headers = decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
+    let body = memory::read(caller, args.body, args.body_len)?;
+    // Envoy refuses a call without :method, :path or :authority, or to a
+    // cluster it does not know (BAD_ARGUMENT).
+    let has = |name: &str| headers.iter().any(|(n, v)| n == name && !v.is_empty());
+    if !(has(":method") && has(":path") && has(":authority")) {
+        return Err(Status::BadArgument.into());
+    }
+    let state = caller.data_mut();
+    if state.unknown_clusters.contains(&cluster) {
+        return Err(Status::BadArgument.into());
+    }
+    state.next_call_token = state.next_call_token.wrapping_add(1).max(1);
+    let token = state.next_call_token;
+    state.http_calls.push(HttpCall { token, cluster, headers, body, timeout_ms: args.timeout_ms });
+    memory::write_u32(caller, args.token_out, token)
+}
+
+fn get_shared(
+    caller: &mut Caller<'_, HostState>,
+    key: u32,
+    key_len: u32,
+    data_out: u32,
+    size_out: u32,
+    cas_out: u32,
+) -> HostResult {
+    let key = memory::read_str(caller, key, key_len)?;
+    let (value, cas) = caller.data().shared.get(&key).ok_or(Status::NotFound)?;
+    memory::give(caller, &value, data_out, size_out)?;
+    memory::write_u32(caller, cas_out, cas)
+}
+
+fn set_shared(caller: &mut Caller<'_, HostState>, key: u32, key_len: u32, value: u32, value_len: u32, cas: u32) -> HostResult {
+    let key = memory::read_str(caller, key, key_len)?;
+    let value = memory::read(caller, value, value_len)?;
+    caller.data().shared.set(&key, &value, cas).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_follows_envoys_compare_and_swap() {
+        let shared = SharedData::default();
+        assert_eq!(shared.get("k"), None);
+        shared.set("k", b"a", 77).unwrap();
+        let (_, first) = shared.get("k").unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(shared.set("k", b"b", first.wrapping_add(1)), Err(Status::CasMismatch));
+        shared.set("k", b"b", first).unwrap();
+        let (value, second) = shared.get("k").unwrap();
+        assert_eq!((value.as_slice(), second != first), (&b"b"[..], true));
+        assert_eq!(shared.set("k", b"c", first), Err(Status::CasMismatch));
+        shared.set("k", b"c", 0).unwrap();
+        assert_eq!(shared.get("k").unwrap().0, b"c");
+        let other = shared.clone();
+        other.set("j", b"x", 0).unwrap();
+        assert_eq!(shared.keys(), ["j", "k"]);
+    }
+}

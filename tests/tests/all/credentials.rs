@@ -1,0 +1,296 @@
+//! Dynamic credentials in the real Envoy: an `oauth2` route whose token
+//! comes from a local token server (loopback, `keyswap_tests::token`)
+//! through an Envoy cluster, refreshed by the filter's root context on its
+//! timer. Times are bounded by polling, never by a fixed sleep before an
+//! assertion.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keyswap_tests::echo::{Echo, Echoed};
+use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener};
+use keyswap_tests::http::{Request, Response};
+use keyswap_tests::token::TokenServer;
+
+const KEY: &str = "dyn-client-key";
+const CLIENT_SECRET: &str = "idp-client-secret-value";
+
+fn config() -> String {
+    serde_json::json!({
+        "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
+        "key_sources": [{"header": "x-api-key"}],
+        "routes": [{"name": "orders", "match": {"path_prefix": "/"},
+                    "inject": [{"header": "authorization", "prefix": "Bearer ",
+                                "value": {"oauth2": {"cluster": "idp", "token_path": "/oauth/token",
+                                                     "authority": "idp.test", "client_id": {"inline": "gw"},
+                                                     "client_secret": {"env": "IDP_SECRET"},
+                                                     "scopes": ["orders"], "timeout_ms": 1000}}}]}]
+    })
+    .to_string()
+}
+
+fn answer(token: &str, expires_in: u64) -> String {
+    serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in}).to_string()
+}
+
+/// Echo upstream and Envoy (`workers` workers) with the `idp` cluster
+/// pointing at `token`.
+pub fn start(token: &TokenServer, workers: u32) -> (Echo, Envoy) {
+    let env = BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]);
+    start_with(config(), env, &[("idp", token)], workers)
+}
+
+/// Echo upstream and Envoy running `config`, with a cluster per
+/// `(name, server)`.
+pub fn start_with(
+    config: String,
+    env: BTreeMap<String, String>,
+    clusters: &[(&str, &TokenServer)],
+    workers: u32,
+) -> (Echo, Envoy) {
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let listener = Listener { name: "dyn".into(), config, env, host_env_keys: Vec::new(), route_names: Vec::new() };
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    for (name, server) in clusters {
+        let cluster = serde_json::json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
+        });
+        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(cluster);
+    }
+    let launch = Launch {
+        file_name: "envoy.json".into(),
+        text: bootstrap.to_string(),
+        expect_configs: vec![listener.config],
+        ..Launch::default()
+    };
+    let envoy = Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    (echo, envoy)
+}
+
+/// One request; `Ok(bearer)` when forwarded (the upstream's
+/// `authorization`), `Err(response)` when answered by Envoy.
+pub fn send(envoy: &Envoy) -> Result<String, Response> {
+    send_to(envoy, "/v1/orders").map(|e| e.header("authorization").unwrap_or_default().to_string())
+}
+
+/// One request to `path`; the upstream's view when forwarded.
+pub fn send_to(envoy: &Envoy, path: &str) -> Result<Echoed, Response> {
+    let addr = envoy.listener("dyn").expect("listener");
+    let response = Request::get(path).header("host", "api.test").header("x-api-key", KEY).send(addr).expect("request");
+    if response.status != 200 {
+        return Err(response);
+    }
+    Ok(Echoed::parse(&response.body).expect("echo JSON"))
+}
+
+/// What keyswap itself logged (Envoy's own debug lines print headers and
+/// the configuration, the test's secrets included: that is Envoy's `-l
+/// debug`, not keyswap).
+fn keyswap_lines(log: &str) -> String {
+    log.lines().filter(|l| l.contains("wasm log")).collect::<Vec<_>>().join("\n")
+}
+
+fn unavailable(response: &Response) -> bool {
+    response.status == 503 && String::from_utf8_lossy(&response.body).contains("\"credential_unavailable\"")
+}
+
+/// Polls requests every 20 ms until one is forwarded with `bearer`; every
+/// other answer must be a 503 `credential_unavailable` or a forward with
+/// one of `allowed`. Returns when it was seen.
+pub fn wait_for(envoy: &Envoy, bearer: &str, allowed: &[&str], within: Duration) -> Instant {
+    let deadline = Instant::now() + within;
+    loop {
+        match send(envoy) {
+            Ok(seen) if seen == bearer => return Instant::now(),
+            Ok(seen) => assert!(allowed.contains(&seen.as_str()), "unexpected credential {seen:?}"),
+            Err(r) => assert!(unavailable(&r), "unexpected answer {} {:?}", r.status, String::from_utf8_lossy(&r.body)),
+        }
+        assert!(Instant::now() < deadline, "{bearer:?} not injected within {within:?}\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_first_request_waits_no_longer_than_the_first_refresh() {
+    let token = TokenServer::start(&answer("tok-1", 3600)).expect("token server");
+    let (_echo, envoy) = start(&token, 2);
+    let ready = Instant::now();
+    let seen = wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
+    let calls = token.calls();
+    assert_eq!(calls.len(), 1, "one token call for the first token: {calls:?}");
+    let call = &calls[0];
+    // The grant as RFC 6749 4.4 has it, the client authenticated with Basic.
+    assert_eq!((call.method.as_str(), call.path.as_str()), ("POST", "/oauth/token"));
+    assert_eq!(call.body, "grant_type=client_credentials&scope=orders");
+    let basic = call.headers.iter().find(|(n, _)| n == "authorization").map(|(_, v)| v.as_str());
+    assert_eq!(basic, Some("Basic Z3c6aWRwLWNsaWVudC1zZWNyZXQtdmFsdWU="));
+    // The first call follows the first tick (500 ms) after Envoy is ready;
+    // the token is in use right after it is answered.
+    assert!(call.at.saturating_duration_since(ready) < Duration::from_millis(1500), "first call late");
+    let after_call = seen.saturating_duration_since(call.at);
+    assert!(after_call < Duration::from_millis(500), "token in use {after_call:?} after its call");
+    let log = envoy.log();
+    assert!(log.contains("keyswap: credential routes[0].inject[0].value.oauth2 (oauth2): first value fetched"), "{log}");
+    let ours = keyswap_lines(&log);
+    assert!(!ours.contains("tok-1") && !ours.contains(CLIENT_SECRET) && !ours.contains("Z3c6"), "{ours}");
+}
+
+#[test]
+fn a_rotated_token_is_used_after_the_next_refresh_and_expires_in_is_honoured() {
+    // expires_in 4 s: refreshed half-way, every 2 s.
+    let token = TokenServer::start(&answer("tok-1", 4)).expect("token server");
+    let (_echo, envoy) = start(&token, 2);
+    let first = wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
+    token.set_answer(&answer("tok-2", 4));
+    let rotated = wait_for(&envoy, "Bearer tok-2", &["Bearer tok-1"], Duration::from_secs(6));
+    let calls = token.calls();
+    assert_eq!(calls.len(), 2, "one call per refresh: {:?}", calls.iter().map(|c| c.at).collect::<Vec<_>>());
+    let gap = calls[1].at.saturating_duration_since(calls[0].at);
+    assert!(gap >= Duration::from_millis(1500) && gap <= Duration::from_millis(3000), "refresh after {gap:?}, want ~2 s");
+    assert!(rotated.saturating_duration_since(first) <= Duration::from_millis(3500));
+}
+
+#[test]
+fn the_token_server_down_keeps_the_last_token_until_it_expires() {
+    let token = TokenServer::start(&answer("tok-1", 6)).expect("token server");
+    let (_echo, envoy) = start(&token, 2);
+    wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
+    let issued = token.calls()[0].at;
+    token.take_down();
+    // Until expires_in (6 s) runs out, every request still gets tok-1.
+    while issued.elapsed() < Duration::from_millis(5500) {
+        assert_eq!(send(&envoy).map_err(|r| r.status), Ok("Bearer tok-1".to_string()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // After it: 503 credential_unavailable, never the expired token.
+    while issued.elapsed() < Duration::from_millis(6300) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = send(&envoy).expect_err("an expired token is not sent");
+    assert!(unavailable(&refused), "{}", refused.status);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let failed_calls = token.count() - 1;
+    assert!((2..=4).contains(&failed_calls), "retried with backoff: {failed_calls} failed calls in ~3 s");
+    // One log line for the whole failure streak, and no secret in the log.
+    let log = envoy.log();
+    let lines = log.lines().filter(|l| l.contains("refresh failed")).count();
+    assert_eq!(lines, 1, "{log}");
+    assert!(log.contains("the token endpoint answered status 503"), "{log}");
+    let ours = keyswap_lines(&log);
+    assert!(!ours.contains("tok-1") && !ours.contains(CLIENT_SECRET) && !ours.contains("Z3c6"), "{ours}");
+    // Back up: the next retry brings a token again.
+    token.set_answer(&answer("tok-2", 60));
+    wait_for(&envoy, "Bearer tok-2", &[], Duration::from_secs(10));
+    assert!(envoy.log().contains("refreshed again after"), "recovery logged");
+}
+
+#[test]
+fn two_workers_make_one_token_call_per_refresh() {
+    // expires_in 2 s: a refresh every second, raced for by both workers.
+    let token = TokenServer::start(&answer("tok", 2)).expect("token server");
+    let (_echo, envoy) = start(&token, 2);
+    wait_for(&envoy, "Bearer tok", &[], Duration::from_secs(10));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        assert_eq!(send(&envoy).map_err(|r| r.status), Ok("Bearer tok".to_string()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = token.calls();
+    let times: Vec<Duration> = calls.windows(2).map(|w| w[1].at.saturating_duration_since(w[0].at)).collect();
+    // One call per refresh: consecutive calls are a refresh period apart,
+    // never two for one refresh (which would be milliseconds apart).
+    assert!(times.iter().all(|gap| *gap >= Duration::from_millis(700)), "calls too close: {times:?}");
+    assert!((5..=9).contains(&calls.len()), "{} calls in ~7 s at one refresh a second", calls.len());
+}
+
+#[test]
+fn token_exchange_and_a_credential_service_work_end_to_end() {
+    let sts = TokenServer::start(&answer("te-token", 3600)).expect("sts");
+    let vault = TokenServer::start(r#"{"data":{"key_id":"kid-1","secret":"sec-1"}}"#).expect("vault");
+    let config = serde_json::json!({
+        "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
+        "key_sources": [{"header": "x-api-key"}],
+        "routes": [
+            {"name": "billing", "match": {"path_prefix": "/billing/"},
+             "inject": [{"header": "authorization", "prefix": "Bearer ",
+                         "value": {"token_exchange": {"cluster": "sts", "token_path": "/token",
+                                                      "subject_token": {"env": "SUBJECT"},
+                                                      "audience": "https://billing.internal"}}}]},
+            {"name": "signed", "match": {"path_prefix": "/signed/"},
+             "inject": [{"header": "x-key-id", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
+                                                                   "json_pointer": "/data/key_id", "refresh_seconds": 2}}},
+                        {"header": "x-key-secret", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
+                                                                       "json_pointer": "/data/secret", "refresh_seconds": 2}}}]}
+        ]
+    })
+    .to_string();
+    let env = BTreeMap::from([("SUBJECT".to_string(), "gw-subject".to_string())]);
+    let (_echo, envoy) = start_with(config, env, &[("sts", &sts), ("vault", &vault)], 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let billing = loop {
+        match send_to(&envoy, "/billing/v1") {
+            Ok(echoed) => break echoed,
+            Err(r) => assert!(unavailable(&r) && Instant::now() < deadline, "{}", r.status),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(billing.header("authorization"), Some("Bearer te-token"));
+    let call = &sts.calls()[0];
+    assert!(call.body.starts_with("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&audience=https%3A%2F%2Fbilling.internal&subject_token=gw-subject"), "{}", call.body);
+    // Both values of the credential service come from one answer, and a
+    // rotation replaces both at the next refresh (2 s).
+    let pair = |e: &Echoed| (e.header("x-key-id").map(str::to_string), e.header("x-key-secret").map(str::to_string));
+    let first = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
+    assert_eq!(first, Ok((Some("kid-1".into()), Some("sec-1".into()))));
+    vault.set_answer(r#"{"data":{"key_id":"kid-2","secret":"sec-2"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let seen = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
+        match seen {
+            Ok((Some(id), Some(secret))) if id == "kid-2" => {
+                assert_eq!(secret, "sec-2");
+                break;
+            }
+            Ok((Some(id), Some(secret))) => assert_eq!((id.as_str(), secret.as_str()), ("kid-1", "sec-1"), "a mixed set"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "rotation not picked up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sts.count(), 1, "one exchange for a token valid an hour");
+}
+
+/// The figures in docs/performance.md (`## Dynamic credentials`):
+/// `cargo test -p keyswap-tests --test all credentials::figures -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement for docs/performance.md; run by hand"]
+fn figures() {
+    println!("| workers | refreshes (1 s period) in 10 s | token calls | calls per refresh | first token in use after ready | rotation seen after its call |");
+    println!("|---|---|---|---|---|---|");
+    for workers in [1u32, 2, 4] {
+        let token = TokenServer::start(&answer("tok-1", 2)).expect("token server");
+        let (_echo, envoy) = start(&token, workers);
+        let ready = Instant::now();
+        let first = wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
+        let before = token.count();
+        let window = Instant::now();
+        token.set_answer(&answer("tok-2", 2));
+        let rotated = wait_for(&envoy, "Bearer tok-2", &["Bearer tok-1"], Duration::from_secs(5));
+        let rotation_call = token.calls().get(before).map(|c| c.at).unwrap_or(rotated);
+        while window.elapsed() < Duration::from_secs(10) {
+            let _ = send(&envoy);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let calls = token.count() - before;
+        let refreshes = 10; // period: half of expires_in 2 s
+        println!(
+            "| {workers} | {refreshes} | {calls} | {:.2} | {} ms | {} ms |",
+            calls as f64 / f64::from(refreshes),
+            first.saturating_duration_since(ready).as_millis(),
+            rotated.saturating_duration_since(rotation_call).as_millis()
+        );
+    }
+}
