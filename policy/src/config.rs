@@ -153,9 +153,10 @@ fn compile(raw: &RawConfig, env: &dyn Environment) -> Result<Policy, ConfigError
         None => None,
     };
     if let Some(id_header) = &client_id_header {
-        for (r, route) in routes.iter().enumerate() {
-            for (i, inject) in route.headers.iter().enumerate() {
-                if &inject.name == id_header {
+        // Static and dynamic injections alike, by their place in the config.
+        for (r, route) in raw.routes.iter().enumerate() {
+            for (i, inject) in route.inject.iter().enumerate() {
+                if inject.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header)) {
                     return Err(ConfigError::new(
                         format!("routes[{r}].inject[{i}].header"),
                         "is the client_id_header; a credential cannot replace the client id",
