@@ -88,6 +88,9 @@ impl Refresher {
     /// Creates the records that do not exist yet, so that every later write
     /// is a compare-and-swap, and starts the timer.
     pub fn start(&mut self, policy: &Policy) {
+        // Calls made for an earlier configuration are known by the index of
+        // their source in it: their answers must not land in this one's.
+        self.in_flight.clear();
         if policy.credential_sources().is_empty() {
             return;
         }

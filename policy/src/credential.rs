@@ -116,7 +116,7 @@ pub(crate) enum Target {
 }
 
 /// What a successful call gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Fetched {
     pub values: Vec<String>,
     /// Unix milliseconds after which the values may no longer be used.
@@ -192,6 +192,9 @@ impl Source {
                     Some(s) if !(s.is_finite() && s > 0.0) => {
                         return fail("`expires_in` in the answer is not a positive number")
                     }
+                    // A token that lives under a second would be fetched
+                    // again on every tick, by every worker, and never used.
+                    Some(s) if s < 1.0 => return fail("`expires_in` in the answer is under a second"),
                     Some(s) => {
                         let life = (s * 1000.0).min(i64::MAX as f64 / 4.0) as i64;
                         // Refresh `margin` before expiry, but never later
@@ -235,7 +238,7 @@ fn check_value(value: &str, what: &str) -> Result<(), FetchError> {
 }
 
 /// The shared state of one source.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The last good values; empty until the first success.
     #[serde(default)]
@@ -346,7 +349,7 @@ pub fn backoff_ms(failures: u32) -> i64 {
 
 /// The edits a route's dynamic credentials add to a forwarded request,
 /// applied after [`crate::Forward::apply`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct DynamicEdits<'p> {
     /// Client-sent copies of the injected headers.
     pub remove_headers: Vec<&'p str>,
@@ -885,6 +888,42 @@ fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Source, Co
     })
 }
 
+// Credentials never show in Debug output: values are counted, not printed.
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("values", &format_args!("[{} redacted]", self.values.len()))
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("values", &format_args!("[{} redacted]", self.values.len()))
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .field("failures", &self.failures)
+            .field("lease_until", &self.lease_until)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DynamicEdits<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let added: Vec<&str> = self.add_headers.iter().map(|(name, _)| *name).collect();
+        f.debug_struct("DynamicEdits")
+            .field("remove_headers", &self.remove_headers)
+            .field("add_headers", &added)
+            .field("path", &self.path.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -970,7 +1009,7 @@ mod tests {
     fn bad_answers_are_refused_without_quoting_them() {
         let p = policy(OAUTH);
         let s = source(&p);
-        let cases: [(u16, &[u8], &str); 7] = [
+        let cases: [(u16, &[u8], &str); 8] = [
             (
                 500,
                 br#"{"access_token":"secret-t"}"#,
@@ -1005,6 +1044,11 @@ mod tests {
                 200,
                 br#"{"access_token":"secret-t","expires_in":0}"#,
                 "`expires_in` in the answer is not a positive number",
+            ),
+            (
+                200,
+                br#"{"access_token":"secret-t","expires_in":0.0001}"#,
+                "`expires_in` in the answer is under a second",
             ),
         ];
         for (status, body, message) in cases {
@@ -1182,5 +1226,17 @@ mod tests {
             ),
             "routes[0].inject[0].value.token_exchange.client_secret: is needed with `client_id`"
         );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_value() {
+        let record = Record { values: vec!["tok-secret-1".into()], generation: 3, ..Record::default() };
+        let fetched = Fetched { values: vec!["tok-secret-2".into()], expires_at: None, refresh_at: 1 };
+        let edits =
+            DynamicEdits { remove_headers: vec!["authorization"], add_headers: vec![("authorization", "tok-secret-3".into())], path: Some(b"/?k=tok-secret-4".to_vec()) };
+        let raw: crate::raw::RawValue = serde_json::from_str(r#"{"inline": "tok-secret-5"}"#).unwrap();
+        let text = format!("{record:?} {fetched:?} {edits:?} {raw:?}");
+        assert!(!text.contains("tok-secret"), "{text}");
+        assert!(text.contains("generation: 3") && text.contains("[1 redacted]") && text.contains("Inline(..)"), "{text}");
     }
 }

@@ -99,7 +99,7 @@ pub struct RawBasic {
 /// An injected credential's value: a static secret (`env`, `inline`), or a
 /// dynamic one fetched and refreshed in the background (see
 /// [`crate::credential`]).
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawValue {
     Env(String),
@@ -110,11 +110,34 @@ pub enum RawValue {
 }
 
 /// A static secret value: read from the VM's environment or written inline.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawSecret {
     Env(String),
     Inline(String),
+}
+
+/// An `inline` secret shows as `Inline(..)`: never its value.
+impl std::fmt::Debug for RawValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env(name) => f.debug_tuple("Env").field(name).finish(),
+            Self::Inline(_) => f.write_str("Inline(..)"),
+            Self::Oauth2(o) => f.debug_tuple("Oauth2").field(o).finish(),
+            Self::TokenExchange(t) => f.debug_tuple("TokenExchange").field(t).finish(),
+            Self::Fetch(x) => f.debug_tuple("Fetch").field(x).finish(),
+        }
+    }
+}
+
+/// An `inline` secret shows as `Inline(..)`: never its value.
+impl std::fmt::Debug for RawSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env(name) => f.debug_tuple("Env").field(name).finish(),
+            Self::Inline(_) => f.write_str("Inline(..)"),
+        }
+    }
 }
 
 /// How an OAuth2 client authenticates to the token endpoint.
