@@ -22,6 +22,7 @@
 //! `keyswap_config_info`, so one version names a configuration everywhere.
 
 use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -114,7 +115,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<std::time:
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
+        // The resource can hold secrets: the file keeps the mode of the one
+        // it replaces, or is readable by its owner only. `create_new` never
+        // follows a link planted at the temporary name.
+        let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
         let renaming = std::time::SystemTime::now();
@@ -186,7 +193,9 @@ pub fn parse_config_dump(dump: &Value, view: &mut EnvoyView) {
             }
             view.dumped = entry.get("version_info").and_then(Value::as_str).map(str::to_string);
             view.dump_error = entry.get("error_state").map(|e| {
-                e.get("details").and_then(Value::as_str).map_or_else(|| e.to_string(), str::to_string)
+                // Only Envoy's message: the rest of an error state can hold
+                // the refused resource, secrets and all.
+                e.get("details").and_then(Value::as_str).unwrap_or("an error without details (see Envoy's log)").to_string()
             });
         }
     }

@@ -329,6 +329,8 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert_eq!(resource["typed_config"]["config"]["vm_config"], keyswap_harness::ecds::default_vm_config());
     let dir_entries = || std::fs::read_dir(ecds.parent().unwrap()).unwrap().count();
     assert_eq!(dir_entries(), 2, "the config and the ECDS file, no temporary file left");
+    let mode = |p: &std::path::Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    assert_eq!(mode(&ecds), 0o600, "a new ECDS file is its owner's only");
 
     // The same content again: a no-op, said so.
     let before = std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap();
