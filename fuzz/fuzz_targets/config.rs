@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
         Err(err) => {
             assert!(!err.path.is_empty(), "an error names its field");
             let text = err.to_string();
-            assert!(!text.contains("secret-"), "a refusal repeats an environment value");
+            // Unless the input itself holds the marker (it may quote its
+            // own field names), an environment value never shows.
+            let in_input = data.windows(b"secret-".len()).any(|w| w == b"secret-");
+            assert!(in_input || !text.contains("secret-"), "a refusal repeats an environment value");
         }
     }
 });
