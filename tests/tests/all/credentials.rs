@@ -53,12 +53,7 @@ pub fn start_with(
     let listener = Listener { name: "dyn".into(), config, env, host_env_keys: Vec::new(), route_names: Vec::new() };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
     for (name, server) in clusters {
-        let cluster = serde_json::json!({
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
-        });
-        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(cluster);
+        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
     }
     let launch = Launch {
         file_name: "envoy.json".into(),
@@ -68,6 +63,15 @@ pub fn start_with(
     };
     let envoy = Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
     (echo, envoy)
+}
+
+/// The Envoy cluster `name`, pointing at `server`.
+pub fn token_cluster(name: &str, server: &TokenServer) -> serde_json::Value {
+    serde_json::json!({
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
+    })
 }
 
 /// One request; `Ok(bearer)` when forwarded (the upstream's
