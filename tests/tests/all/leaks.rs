@@ -595,7 +595,8 @@ fn dynamic_config() -> String {
         serde_json::json!({"fetch": {"cluster": "vault", "path": "/v1/creds", "authorization": {"env": "VAULT_AUTHORIZATION"},
                                      "json_pointer": pointer, "refresh_seconds": 1, "timeout_ms": 2000}})
     };
-    let bearer = |value: serde_json::Value| serde_json::json!([{"header": "authorization", "prefix": "Bearer ", "value": value}]);
+    let bearer =
+        |value: serde_json::Value| serde_json::json!([{"header": "authorization", "prefix": "Bearer ", "value": value}]);
     serde_json::json!({
         "clients": [{"id": "dynamic", "key_sha256": sha256_hex(KEY_DYNAMIC), "routes": ["*"]}],
         "routes": [
@@ -715,7 +716,9 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     idp_basic.set_answer(&token_answer(issued("token basic"), "3600"));
 
     // Every route forwards with what its server issued.
-    let bearer = |name: &'static str| move |e: &Echoed| e.header("authorization") == Some(&format!("Bearer {}", issued(name)));
+    let bearer = |name: &'static str| {
+        move |e: &Echoed| e.header("authorization") == Some(format!("Bearer {}", issued(name)).as_str())
+    };
     let never = |_: &Echoed| false;
     until_injected(addr, "/basic/v1", bearer("token basic"), never, &mut seen);
     until_injected(addr, "/body/v1", bearer("token body"), never, &mut seen);
@@ -779,7 +782,8 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     assert!(stats.contains("credential_unavailable"), "keyswap's metrics are in /stats");
 
     let mut leaks = Vec::new();
-    for (place, text) in [("Envoy's log", &log), ("/config_dump", &config_dump), ("/stats", &stats), ("/stats/prometheus", &prometheus)] {
+    let admin = [("/config_dump", &config_dump), ("/stats", &stats), ("/stats/prometheus", &prometheus)];
+    for (place, text) in [("Envoy's log", &log)].into_iter().chain(admin) {
         leaks.extend(findings(text).into_iter().map(|f| format!("{place}: {f}")));
     }
     for (i, text) in seen.local.iter().enumerate() {
