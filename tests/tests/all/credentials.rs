@@ -2,7 +2,9 @@
 //! comes from a local token server (loopback, `keyswap_tests::token`)
 //! through an Envoy cluster, refreshed by the filter's root context on its
 //! timer. Times are bounded by polling, never by a fixed sleep before an
-//! assertion.
+//! assertion, and timing bounds leave room for a loaded 2-core CI machine
+//! (Envoy's ticks and answers run late there) while staying well inside
+//! what a wrong behaviour would give (a refresh period, a token's life).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -53,12 +55,7 @@ pub fn start_with(
     let listener = Listener { name: "dyn".into(), config, env, host_env_keys: Vec::new(), route_names: Vec::new() };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
     for (name, server) in clusters {
-        let cluster = serde_json::json!({
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
-        });
-        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(cluster);
+        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
     }
     let launch = Launch {
         file_name: "envoy.json".into(),
@@ -68,6 +65,15 @@ pub fn start_with(
     };
     let envoy = Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
     (echo, envoy)
+}
+
+/// The Envoy cluster `name`, pointing at `server`.
+pub fn token_cluster(name: &str, server: &TokenServer) -> serde_json::Value {
+    serde_json::json!({
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": "127.0.0.1", "port_value": server.addr().port()}}}}]}]}
+    })
 }
 
 /// One request; `Ok(bearer)` when forwarded (the upstream's
@@ -127,11 +133,14 @@ fn the_first_request_waits_no_longer_than_the_first_refresh() {
     assert_eq!(call.body, "grant_type=client_credentials&scope=orders");
     let basic = call.headers.iter().find(|(n, _)| n == "authorization").map(|(_, v)| v.as_str());
     assert_eq!(basic, Some("Basic Z3c6aWRwLWNsaWVudC1zZWNyZXQtdmFsdWU="));
-    // The first call follows the first tick (500 ms) after Envoy is ready;
-    // the token is in use right after it is answered.
-    assert!(call.at.saturating_duration_since(ready) < Duration::from_millis(1500), "first call late");
+    // The first call follows the first tick (500 ms) after Envoy is ready,
+    // not a refresh period or a request; the token is in use right after
+    // it is answered, not at a later refresh. (Nominal: 500 ms and one
+    // 20 ms poll; the bounds are for a loaded machine.)
+    let first_call = call.at.saturating_duration_since(ready);
+    assert!(first_call < Duration::from_millis(3000), "first call {first_call:?} after Envoy was ready");
     let after_call = seen.saturating_duration_since(call.at);
-    assert!(after_call < Duration::from_millis(500), "token in use {after_call:?} after its call");
+    assert!(after_call < Duration::from_millis(1500), "token in use {after_call:?} after its call");
     let log = envoy.log();
     assert!(log.contains("keyswap: credential routes[0].inject[0].value.oauth2 (oauth2): first value fetched"), "{log}");
     let ours = keyswap_lines(&log);
@@ -145,28 +154,38 @@ fn a_rotated_token_is_used_after_the_next_refresh_and_expires_in_is_honoured() {
     let (_echo, envoy) = start(&token, 2);
     let first = wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
     token.set_answer(&answer("tok-2", 4));
-    let rotated = wait_for(&envoy, "Bearer tok-2", &["Bearer tok-1"], Duration::from_secs(6));
+    let rotated = wait_for(&envoy, "Bearer tok-2", &["Bearer tok-1"], Duration::from_secs(10));
     let calls = token.calls();
     assert_eq!(calls.len(), 2, "one call per refresh: {:?}", calls.iter().map(|c| c.at).collect::<Vec<_>>());
+    // Due 2 s after the first answer was parsed, picked up at the next
+    // 500 ms tick: nominally 2.0-2.5 s; never early, and well before the
+    // token's 4 s life runs out.
     let gap = calls[1].at.saturating_duration_since(calls[0].at);
-    assert!(gap >= Duration::from_millis(1500) && gap <= Duration::from_millis(3000), "refresh after {gap:?}, want ~2 s");
-    assert!(rotated.saturating_duration_since(first) <= Duration::from_millis(3500));
+    assert!(gap >= Duration::from_millis(1500) && gap <= Duration::from_millis(3500), "refresh after {gap:?}, want ~2 s");
+    // The rotated token is in use right after its call, not a refresh later.
+    let after_call = rotated.saturating_duration_since(calls[1].at);
+    assert!(after_call < Duration::from_millis(1500), "tok-2 in use {after_call:?} after its call");
+    assert!(rotated.saturating_duration_since(first) <= Duration::from_millis(5000));
 }
 
 #[test]
 fn the_token_server_down_keeps_the_last_token_until_it_expires() {
     let token = TokenServer::start(&answer("tok-1", 6)).expect("token server");
     let (_echo, envoy) = start(&token, 2);
-    wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
-    let issued = token.calls()[0].at;
+    // The filter counts expires_in from when it parsed the answer, which is
+    // after the call reached the server (`called`) and before the token
+    // was first in use (`first`).
+    let first = wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(10));
+    let called = token.calls()[0].at;
     token.take_down();
-    // Until expires_in (6 s) runs out, every request still gets tok-1.
-    while issued.elapsed() < Duration::from_millis(5500) {
+    // Until expires_in (6 s) runs out, every request still gets tok-1
+    // (sent until 5 s after the call: a late request has a second).
+    while called.elapsed() < Duration::from_millis(5000) {
         assert_eq!(send(&envoy).map_err(|r| r.status), Ok("Bearer tok-1".to_string()));
         std::thread::sleep(Duration::from_millis(100));
     }
     // After it: 503 credential_unavailable, never the expired token.
-    while issued.elapsed() < Duration::from_millis(6300) {
+    while first.elapsed() < Duration::from_millis(6300) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let refused = send(&envoy).expect_err("an expired token is not sent");
@@ -198,12 +217,19 @@ fn two_workers_make_one_token_call_per_refresh() {
         assert_eq!(send(&envoy).map_err(|r| r.status), Ok("Bearer tok".to_string()));
         std::thread::sleep(Duration::from_millis(50));
     }
+    let window = started.elapsed();
     let calls = token.calls();
     let times: Vec<Duration> = calls.windows(2).map(|w| w[1].at.saturating_duration_since(w[0].at)).collect();
     // One call per refresh: consecutive calls are a refresh period apart,
     // never two for one refresh (which would be milliseconds apart).
     assert!(times.iter().all(|gap| *gap >= Duration::from_millis(700)), "calls too close: {times:?}");
-    assert!((5..=9).contains(&calls.len()), "{} calls in ~7 s at one refresh a second", calls.len());
+    // Counted in the measured window: at most one a second (a refresh is
+    // due 1 s after the previous answer), and at least one every 2 s (or
+    // the 2 s token would have expired between them).
+    let in_window = calls.iter().filter(|c| c.at >= started).count();
+    let secs = usize::try_from(window.as_secs()).unwrap_or(usize::MAX);
+    let (least, most) = ((secs / 2).saturating_sub(1), secs + 1);
+    assert!((least..=most).contains(&in_window), "{in_window} calls in {window:?} at one refresh a second");
 }
 
 #[test]
@@ -246,7 +272,7 @@ fn token_exchange_and_a_credential_service_work_end_to_end() {
     let first = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
     assert_eq!(first, Ok((Some("kid-1".into()), Some("sec-1".into()))));
     vault.set_answer(r#"{"data":{"key_id":"kid-2","secret":"sec-2"}}"#);
-    let deadline = Instant::now() + Duration::from_secs(6);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seen = send_to(&envoy, "/signed/v1").map(|e| pair(&e)).map_err(|r| r.status);
         match seen {
@@ -263,12 +289,20 @@ fn token_exchange_and_a_credential_service_work_end_to_end() {
     assert_eq!(sts.count(), 1, "one exchange for a token valid an hour");
 }
 
+/// Refreshes among `calls`: calls less than half a refresh period (500 ms)
+/// after the previous one belong to the same refresh (several workers
+/// calling for it).
+fn refreshes(calls: &[keyswap_tests::token::TokenCall]) -> u32 {
+    let new = calls.windows(2).filter(|w| w[1].at.saturating_duration_since(w[0].at) >= Duration::from_millis(500));
+    u32::from(!calls.is_empty()) + u32::try_from(new.count()).unwrap_or(u32::MAX)
+}
+
 /// The figures in docs/performance.md (`## Dynamic credentials`):
 /// `cargo test -p keyswap-tests --test all credentials::figures -- --ignored --nocapture`.
 #[test]
 #[ignore = "measurement for docs/performance.md; run by hand"]
 fn figures() {
-    println!("| workers | refreshes (1 s period) in 10 s | token calls | calls per refresh | first token in use after ready | rotation seen after its call |");
+    println!("| workers | refreshes seen in 10 s (1 s due, at 500 ms ticks) | token calls | calls per refresh | first token in use after ready | rotation seen after its call |");
     println!("|---|---|---|---|---|---|");
     for workers in [1u32, 2, 4] {
         let token = TokenServer::start(&answer("tok-1", 2)).expect("token server");
@@ -284,8 +318,9 @@ fn figures() {
             let _ = send(&envoy);
             std::thread::sleep(Duration::from_millis(50));
         }
-        let calls = token.count() - before;
-        let refreshes = 10; // period: half of expires_in 2 s
+        let calls = token.calls().split_off(before);
+        let refreshes = refreshes(&calls);
+        let calls = calls.len();
         println!(
             "| {workers} | {refreshes} | {calls} | {:.2} | {} ms | {} ms |",
             calls as f64 / f64::from(refreshes),

@@ -1,15 +1,24 @@
 //! Secrets never leak: Envoy at `trace` through every denial, the success
 //! path of every credential form, a configuration reload (LDS) and
-//! `keyswap push` (ECDS: a revocation, and a push Envoy rejects), then
-//! every inbound key and every upstream credential that came from Envoy's
-//! environment is searched for in Envoy's whole log (with the shipped
-//! access log), in every local response, and in the admin's `/config_dump`
-//! and `/stats`, and in what `keyswap push` prints. None may appear.
+//! `keyswap push` (ECDS: a revocation, and a push Envoy rejects), and
+//! dynamic credentials (`oauth2` with Basic and with body client
+//! authentication, `token_exchange`, `fetch`, against loopback token
+//! servers: a refused answer, first values, a rotation), then every inbound
+//! key, every upstream credential that came from Envoy's environment, every
+//! secret the filter sends its token endpoints (client secrets, also as
+//! base64 of `client_id:client_secret`, the subject token, the credential
+//! service's `authorization`) and every token or value they answered is
+//! searched for in Envoy's whole log (with the shipped access log), in
+//! every local response, and in the admin's `/config_dump` and `/stats`,
+//! and in what `keyswap push` prints. None may appear.
 //!
 //! The search is shown to work on the same texts: the `inline` credential
 //! and the plaintext `key` (both part of the configuration, documented as
 //! visible) must be found in `/config_dump`, and the log must hold trace
-//! lines, the filter's lines and one access-log line per request.
+//! lines, the filter's lines (for dynamic credentials: every refresh, a
+//! failed one and its recovery) and one access-log line per request.
+//! Every dynamic route is polled until the upstream receives what its
+//! server issued, and the token servers must have received the secrets.
 //!
 //! Envoy's own HTTP components print request headers verbatim at
 //! debug/trace (see SECURITY.md, "Envoy's own logs"); they run at `info`
@@ -58,6 +67,38 @@ const CREDENTIALS: [(&str, &str); 8] = [
     ("PUSHED_CREDENTIAL_2", "cred-pushed-two-e05a3d8c6f27"),
 ];
 
+// Dynamic credentials: what the filter sends its token endpoints and
+// credential service, from Envoy's environment (host_env_keys) ...
+const DYNAMIC_ENV: [(&str, &str); 4] = [
+    ("IDP_CLIENT_SECRET", "idp-secret-basic-7c1e93a0d5f2"), // oauth2, Basic client auth (the default)
+    ("IDP_BODY_CLIENT_SECRET", "idp-secret-body-e2a6f08b4c19"), // oauth2, `client_auth: "body"`
+    ("SUBJECT_TOKEN", "subject-token-3f8b5d2e9a07"),        // token_exchange
+    ("VAULT_AUTHORIZATION", "Bearer vault-token-a94c1e6b2d38"), // fetch's `authorization`
+];
+const CLIENT_ID_BASIC: &str = "gw-basic";
+const CLIENT_ID_BODY: &str = "gw-body";
+const VAULT_TOKEN: &str = "vault-token-a94c1e6b2d38";
+// ... and what those answer.
+const ISSUED: [(&str, &str); 8] = [
+    ("token rejected", "at-rejected-8e2b4d6f1a03"), // an answer the filter refuses (bad expires_in)
+    ("token basic", "at-basic-5d9e2c7b10f4"),
+    ("token body", "at-body-b37a0e9c6d21"),
+    ("token exchanged", "te-billing-0f6c2a8e4b95"),
+    ("fetched id 1", "fk-id-one-2a7d9b3e5c01"),
+    ("fetched secret 1", "fk-secret-one-c4e81f0a7b36"),
+    ("fetched id 2", "fk-id-two-93e0b6d1a7f4"),
+    ("fetched secret 2", "fk-secret-two-6b0d3a9e2f48"),
+];
+const KEY_DYNAMIC: &str = "ksk-dynamic-4c9a2e7f1b60"; // the dynamic-credential listener
+
+fn issued(name: &str) -> &'static str {
+    ISSUED.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("an issued test token")
+}
+
+fn dynamic_env(name: &str) -> &'static str {
+    DYNAMIC_ENV.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("a dynamic test secret")
+}
+
 // Part of the configuration by design, and so visible in /config_dump.
 const INLINE_CREDENTIAL: &str = "cred-inline-visible-5f0a2e7c";
 const PLAIN_KEY: &str = "ksk-plaintext-visible-8b3d1f";
@@ -72,16 +113,25 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// Every form in which a secret could be written: as is, and base64 (of
-/// itself, and, for the Basic password, of `user:password`).
+/// itself, and, for a Basic password or an OAuth2 client secret, of
+/// `user:password`).
 fn forms(secret: &str) -> Vec<String> {
     let mut out = vec![secret.to_string(), base64(secret.as_bytes())];
-    if secret == credential("REGISTRY_PASSWORD") {
-        out.push(base64(format!("ci:{secret}").as_bytes()));
+    let user = match secret {
+        s if s == credential("REGISTRY_PASSWORD") => Some("ci"),
+        s if s == dynamic_env("IDP_CLIENT_SECRET") => Some(CLIENT_ID_BASIC),
+        s if s == dynamic_env("IDP_BODY_CLIENT_SECRET") => Some(CLIENT_ID_BODY),
+        _ => None,
+    };
+    if let Some(user) = user {
+        out.push(base64(format!("{user}:{secret}").as_bytes()));
     }
     out
 }
 
-/// Inbound keys and environment credentials: none may appear anywhere.
+/// Inbound keys, environment credentials, and the secrets of dynamic
+/// credentials (sent to and answered by their endpoints): none may appear
+/// anywhere.
 fn secrets() -> Vec<(&'static str, &'static str)> {
     let mut all = vec![
         ("key alpha", KEY_ALPHA),
@@ -93,8 +143,12 @@ fn secrets() -> Vec<(&'static str, &'static str)> {
         ("key rotated 2", KEY_ROTATED_2),
         ("key pushed 1", KEY_PUSHED_1),
         ("key pushed 2", KEY_PUSHED_2),
+        ("key dynamic", KEY_DYNAMIC),
     ];
     all.extend(CREDENTIALS.iter().map(|(name, value)| (*name, *value)));
+    all.extend(DYNAMIC_ENV.iter().filter(|(name, _)| *name != "VAULT_AUTHORIZATION").map(|(name, value)| (*name, *value)));
+    all.push(("VAULT_AUTHORIZATION's token", VAULT_TOKEN));
+    all.extend(ISSUED);
     all
 }
 
@@ -525,6 +579,227 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
     for (i, text) in seen.local.iter().chain(&seen.forwarded_heads).enumerate() {
         leaks.extend(findings(text).into_iter().map(|f| format!("response {i}: {f}")));
     }
+    assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
+}
+
+/// The dynamic-credential listener's configuration: `oauth2` with Basic
+/// and with body client authentication, `token_exchange`, and `fetch` (a
+/// header and a query parameter from one call), each from its own server.
+fn dynamic_config() -> String {
+    let oauth2 = |cluster: &str, id: &str, secret: &str, client_auth: &str| {
+        serde_json::json!({"oauth2": {"cluster": cluster, "token_path": "/oauth/token", "authority": "idp.test",
+                                      "client_id": {"inline": id}, "client_secret": {"env": secret},
+                                      "client_auth": client_auth, "scopes": ["orders"], "timeout_ms": 2000}})
+    };
+    let fetch = |pointer: &str| {
+        serde_json::json!({"fetch": {"cluster": "vault", "path": "/v1/creds", "authorization": {"env": "VAULT_AUTHORIZATION"},
+                                     "json_pointer": pointer, "refresh_seconds": 1, "timeout_ms": 2000}})
+    };
+    let bearer =
+        |value: serde_json::Value| serde_json::json!([{"header": "authorization", "prefix": "Bearer ", "value": value}]);
+    serde_json::json!({
+        "clients": [{"id": "dynamic", "key_sha256": sha256_hex(KEY_DYNAMIC), "routes": ["*"]}],
+        "routes": [
+            {"name": "basic", "match": {"path_prefix": "/basic/"},
+             "inject": bearer(oauth2("idp_basic", CLIENT_ID_BASIC, "IDP_CLIENT_SECRET", "basic"))},
+            {"name": "body", "match": {"path_prefix": "/body/"},
+             "inject": bearer(oauth2("idp_body", CLIENT_ID_BODY, "IDP_BODY_CLIENT_SECRET", "body"))},
+            {"name": "exchange", "match": {"path_prefix": "/exchange/"},
+             "inject": bearer(serde_json::json!({"token_exchange": {"cluster": "sts", "token_path": "/token",
+                 "subject_token": {"env": "SUBJECT_TOKEN"}, "audience": "https://billing.internal", "timeout_ms": 2000}}))},
+            {"name": "fetch", "match": {"path_prefix": "/fetch/"},
+             "inject": [{"header": "x-key-id", "value": fetch("/data/key_id")},
+                        {"query": "sig", "value": fetch("/data/secret")}]}
+        ]
+    })
+    .to_string()
+}
+
+fn token_answer(token: &str, expires_in: &str) -> String {
+    format!(r#"{{"access_token": "{token}", "token_type": "Bearer", "expires_in": {expires_in}}}"#)
+}
+
+fn vault_answer(n: u8) -> String {
+    let (id, secret) = (issued(&format!("fetched id {n}")), issued(&format!("fetched secret {n}")));
+    format!(r#"{{"data": {{"key_id": "{id}", "secret": "{secret}"}}}}"#)
+}
+
+/// Sends requests to `path` (every 50 ms) until one is forwarded and the
+/// upstream's view passes `arrived`; every other answer must be a 503
+/// `credential_unavailable`, or a forward `allowed` passes.
+fn until_injected(
+    addr: SocketAddr,
+    path: &str,
+    arrived: impl Fn(&Echoed) -> bool,
+    allowed: impl Fn(&Echoed) -> bool,
+    seen: &mut Seen,
+) -> Echoed {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let what = format!("dynamic credential on {path}");
+    loop {
+        let request = Request::get(path).header("host", "gateway.test").header("x-api-key", KEY_DYNAMIC);
+        let response = request.send(addr).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if response.status == 200 {
+            let echoed = seen.forward(&response, &what);
+            let sent = format!("{} {:?}", echoed.path, echoed.headers);
+            assert!(!sent.contains(KEY_DYNAMIC), "{what}: the key reached the upstream: {sent}");
+            if arrived(&echoed) {
+                return echoed;
+            }
+            assert!(allowed(&echoed), "{what}: forwarded with an unexpected credential: {sent}");
+        } else {
+            seen.deny(&response, 503, "credential_unavailable", &what);
+        }
+        assert!(Instant::now() < deadline, "{what}: not injected within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls Envoy's log until it holds `text`.
+fn until_logged(envoy: &Envoy, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !envoy.log().contains(text) {
+        assert!(Instant::now() < deadline, "never logged: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Dynamic credentials at `trace`: the secrets the filter sends its token
+/// endpoints and credential service (the OAuth2 client secrets, Basic and
+/// body, the token-exchange subject token, the credential service's
+/// `authorization`) and every token and value they answer (a refused one,
+/// the first ones, and a rotation) appear nowhere: not in Envoy's log, its
+/// local responses, `/config_dump` or `/stats`.
+#[test]
+fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
+    use super::credentials::token_cluster;
+    use keyswap_tests::token::{TokenCall, TokenServer};
+
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    // The Basic route's server first answers a token the filter refuses.
+    let idp_basic = TokenServer::start(&token_answer(issued("token rejected"), r#""soon""#)).expect("idp_basic");
+    let idp_body = TokenServer::start(&token_answer(issued("token body"), "3600")).expect("idp_body");
+    let sts = TokenServer::start(&token_answer(issued("token exchanged"), "3600")).expect("sts");
+    let vault = TokenServer::start(&vault_answer(1)).expect("vault");
+
+    let listener = Listener {
+        name: "dynamic".into(),
+        config: dynamic_config(),
+        host_env_keys: DYNAMIC_ENV.iter().map(|(name, _)| name.to_string()).collect(),
+        ..Listener::default()
+    };
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters");
+    for (name, server) in [("idp_basic", &idp_basic), ("idp_body", &idp_body), ("sts", &sts), ("vault", &vault)] {
+        clusters.push(token_cluster(name, server));
+    }
+    bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] =
+        shipped_access_log();
+    let launch = Launch {
+        file_name: "envoy.json".into(),
+        text: bootstrap.to_string(),
+        env: DYNAMIC_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cwd: None,
+        expect_configs: vec![listener.config.clone()],
+    };
+    let log_levels = LogLevels { level: "trace".into(), components: Some(QUIET_COMPONENTS.into()) };
+    let envoy = Envoy::start_logging(&launch, &log_levels).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    let addr = envoy.listener("dynamic").expect("the dynamic listener");
+    let mut seen = Seen::default();
+
+    // The refused answer: the route has no token yet, and says so.
+    until_logged(&envoy, "routes[0].inject[0].value.oauth2 (oauth2): refresh failed");
+    let request = Request::get("/basic/v1").header("host", "gateway.test").header("x-api-key", KEY_DYNAMIC);
+    let refused = request.send(addr).expect("the Basic route before its token");
+    seen.deny(&refused, 503, "credential_unavailable", "the Basic route before its token");
+    idp_basic.set_answer(&token_answer(issued("token basic"), "3600"));
+
+    // Every route forwards with what its server issued.
+    let bearer = |name: &'static str| {
+        move |e: &Echoed| e.header("authorization") == Some(format!("Bearer {}", issued(name)).as_str())
+    };
+    let never = |_: &Echoed| false;
+    until_injected(addr, "/basic/v1", bearer("token basic"), never, &mut seen);
+    until_injected(addr, "/body/v1", bearer("token body"), never, &mut seen);
+    until_injected(addr, "/exchange/v1", bearer("token exchanged"), never, &mut seen);
+    let fetched = |n: u8| {
+        move |e: &Echoed| {
+            let sig = format!("sig={}", issued(&format!("fetched secret {n}")));
+            e.header("x-key-id") == Some(issued(&format!("fetched id {n}"))) && e.path.contains(&sig)
+        }
+    };
+    until_injected(addr, "/fetch/v1", fetched(1), never, &mut seen);
+    // A rotation at the credential service, picked up at its next refresh.
+    vault.set_answer(&vault_answer(2));
+    until_injected(addr, "/fetch/v1", fetched(2), fetched(1), &mut seen);
+
+    // The secrets really went out, each the way its route says.
+    let header = |call: &TokenCall, name: &str| {
+        call.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    };
+    let basic = format!("Basic {}", base64(format!("{CLIENT_ID_BASIC}:{}", dynamic_env("IDP_CLIENT_SECRET")).as_bytes()));
+    let calls = idp_basic.calls();
+    assert!(calls.len() >= 2, "a refused answer, then a token: {calls:?}");
+    assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(basic.as_str())), "{calls:?}");
+    let call = &idp_body.calls()[0];
+    let form = format!("client_id={CLIENT_ID_BODY}&client_secret={}", dynamic_env("IDP_BODY_CLIENT_SECRET"));
+    assert!(call.body.contains(&form) && header(call, "authorization").is_none(), "{call:?}");
+    let call = &sts.calls()[0];
+    assert!(call.body.contains(&format!("subject_token={}", dynamic_env("SUBJECT_TOKEN"))), "{call:?}");
+    let calls = vault.calls();
+    assert!(calls.len() >= 2, "a first answer and a rotation: {calls:?}");
+    assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(dynamic_env("VAULT_AUTHORIZATION"))));
+
+    let config_dump = admin_text(&envoy, "/config_dump");
+    let stats = admin_text(&envoy, "/stats");
+    let prometheus = admin_text(&envoy, "/stats/prometheus");
+    let access_lines = |log: &str| log.lines().filter(|l| l.contains(" keyswap[outcome=")).count();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while access_lines(&envoy.log()) < seen.requests && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = envoy.log();
+
+    // The searched texts are the real thing: trace lines, and the filter's
+    // lines for every refresh (a failure, its recovery, first values).
+    assert_eq!(access_lines(&log), seen.requests, "one access-log line a request");
+    assert!(log.lines().any(|l| l.contains("[trace]")), "Envoy logged no trace line");
+    assert!(log.lines().any(|l| l.contains("[debug]")), "Envoy logged no debug line");
+    for line in [
+        "routes[0].inject[0].value.oauth2 (oauth2): refresh failed: `expires_in` in the answer is not a number",
+        "routes[0].inject[0].value.oauth2 (oauth2): refreshed again after",
+        "routes[1].inject[0].value.oauth2 (oauth2): first value fetched",
+        "routes[2].inject[0].value.token_exchange (token_exchange): first value fetched",
+        "routes[3].inject[0].value.fetch (fetch): first value fetched",
+    ] {
+        assert!(log.contains(&format!("keyswap: credential {line}")), "not logged: {line}");
+    }
+    assert!(seen.reasons.contains_key("credential_unavailable"), "{:?}", seen.reasons);
+    for name in ["IDP_CLIENT_SECRET", "IDP_BODY_CLIENT_SECRET", "SUBJECT_TOKEN", "VAULT_AUTHORIZATION", "idp_basic", "vault"] {
+        assert!(config_dump.contains(name), "/config_dump holds the configuration naming {name}");
+    }
+    assert!(stats.contains("credential_unavailable"), "keyswap's metrics are in /stats");
+
+    let mut leaks = Vec::new();
+    let admin = [("/config_dump", &config_dump), ("/stats", &stats), ("/stats/prometheus", &prometheus)];
+    for (place, text) in [("Envoy's log", &log)].into_iter().chain(admin) {
+        leaks.extend(findings(text).into_iter().map(|f| format!("{place}: {f}")));
+    }
+    for (i, text) in seen.local.iter().enumerate() {
+        leaks.extend(findings(text).into_iter().map(|f| format!("local response {i}: {f}")));
+    }
+    for (i, text) in seen.forwarded_heads.iter().enumerate() {
+        leaks.extend(findings(text).into_iter().map(|f| format!("forwarded response {i} (status, headers): {f}")));
+    }
+    println!(
+        "searched {} log lines ({} bytes), {} local and {} forwarded responses, /config_dump ({} bytes), /stats",
+        log.lines().count(),
+        log.len(),
+        seen.local.len(),
+        seen.forwarded_heads.len(),
+        config_dump.len()
+    );
     assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
 }
 
