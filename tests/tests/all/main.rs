@@ -1,16 +1,18 @@
 //! keyswap in the real Envoy: one test binary, a module an area.
 //!
 //! - [`conformance`]: runner 3, the whole conformance suite through Envoy.
-//! - [`credentials`]: dynamic credentials (oauth2) with a local token
-//!   server: first token, rotation, outage and expiry, two workers.
+//! - [`credentials`]: dynamic credentials (oauth2, token exchange, fetch)
+//!   with a local token server: first token, rotation, outage and expiry,
+//!   two workers.
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
 //! - [`revocation`]: configuration pushed through ECDS while Envoy serves:
 //!   a revoked key stops on every worker under load, a bad resource changes
 //!   nothing, `keyswap push` confirms with Envoy.
-//! - [`leaks`]: Envoy at `trace`; no key or environment credential in its
-//!   log, local responses, `/config_dump` or `/stats`.
+//! - [`leaks`]: Envoy at `trace`; no key, environment credential, client
+//!   secret or issued token in its log, local responses, `/config_dump`,
+//!   `/stats` or what `keyswap push` prints.
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
