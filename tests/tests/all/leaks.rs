@@ -442,17 +442,7 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     let old = old.expect("the LDS listener").expect("the old key");
     seen.deny(&old, 401, "invalid_key", "the old key after the reload");
 
-    let config_dump = admin_text(&envoy, "/config_dump");
-    let stats = admin_text(&envoy, "/stats");
-    let prometheus = admin_text(&envoy, "/stats/prometheus");
-
-    // Every request is in the access log before the log is read.
-    let access_lines = |log: &str| log.lines().filter(|l| l.contains(" keyswap[outcome=")).count();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while access_lines(&envoy.log()) < seen.requests && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = envoy.log();
+    let Searched { config_dump, stats, prometheus, log } = searched(&envoy, &seen);
 
     // The searched texts are the real thing.
     assert_eq!(access_lines(&log), seen.requests, "one access-log line a request");
@@ -751,15 +741,7 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     assert!(calls.len() >= 2, "a first answer and a rotation: {calls:?}");
     assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(dynamic_env("VAULT_AUTHORIZATION"))));
 
-    let config_dump = admin_text(&envoy, "/config_dump");
-    let stats = admin_text(&envoy, "/stats");
-    let prometheus = admin_text(&envoy, "/stats/prometheus");
-    let access_lines = |log: &str| log.lines().filter(|l| l.contains(" keyswap[outcome=")).count();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while access_lines(&envoy.log()) < seen.requests && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = envoy.log();
+    let Searched { config_dump, stats, prometheus, log } = searched(&envoy, &seen);
 
     // The searched texts are the real thing: trace lines, and the filter's
     // lines for every refresh (a failure, its recovery, first values).
@@ -801,6 +783,32 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
         config_dump.len()
     );
     assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
+}
+
+/// What is searched for secrets, read once every request of `seen` is in
+/// the access log.
+struct Searched {
+    config_dump: String,
+    stats: String,
+    prometheus: String,
+    log: String,
+}
+
+fn access_lines(log: &str) -> usize {
+    log.lines().filter(|l| l.contains(" keyswap[outcome=")).count()
+}
+
+fn searched(envoy: &Envoy, seen: &Seen) -> Searched {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while access_lines(&envoy.log()) < seen.requests && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Searched {
+        config_dump: admin_text(envoy, "/config_dump"),
+        stats: admin_text(envoy, "/stats"),
+        prometheus: admin_text(envoy, "/stats/prometheus"),
+        log: envoy.log(),
+    }
 }
 
 fn base64(bytes: &[u8]) -> String {
