@@ -442,10 +442,11 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     let old = old.expect("the LDS listener").expect("the old key");
     seen.deny(&old, 401, "invalid_key", "the old key after the reload");
 
-    let Searched { config_dump, stats, prometheus, log } = searched(&envoy, &seen);
+    let searched = searched(&envoy, &seen);
+    let Searched { config_dump, stats, log, .. } = &searched;
 
     // The searched texts are the real thing.
-    assert_eq!(access_lines(&log), seen.requests, "one access-log line a request");
+    assert_eq!(access_lines(log), seen.requests, "one access-log line a request");
     for reason in ["missing_key", "invalid_key", "expired_key", "ambiguous_key", "route_forbidden", "no_route"] {
         assert!(seen.reasons.contains_key(reason), "no {reason} denial: {:?}", seen.reasons);
         assert!(log.contains(&format!("reason={reason} ")), "no {reason} in the log");
@@ -469,31 +470,7 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     assert!(stats.contains("keyswap_requests_total"), "keyswap's metrics are in /stats");
 
     // None of the secrets, anywhere.
-    let mut leaks = Vec::new();
-    let mut search = |place: &str, text: &str| {
-        for finding in findings(text) {
-            leaks.push(format!("{place}: {finding}"));
-        }
-    };
-    search("Envoy's log", &log);
-    search("/config_dump", &config_dump);
-    search("/stats", &stats);
-    search("/stats/prometheus", &prometheus);
-    for (i, text) in seen.local.iter().enumerate() {
-        search(&format!("local response {i}"), text);
-    }
-    for (i, text) in seen.forwarded_heads.iter().enumerate() {
-        search(&format!("forwarded response {i} (status, headers)"), text);
-    }
-    println!(
-        "searched {} log lines ({} bytes), {} local and {} forwarded responses, /config_dump ({} bytes), /stats",
-        log.lines().count(),
-        log.len(),
-        seen.local.len(),
-        seen.forwarded_heads.len(),
-        config_dump.len()
-    );
-    assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
+    assert_none_leaked(&searched, &seen);
     drop(envoy);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -741,11 +718,12 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     assert!(calls.len() >= 2, "a first answer and a rotation: {calls:?}");
     assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(dynamic_env("VAULT_AUTHORIZATION"))));
 
-    let Searched { config_dump, stats, prometheus, log } = searched(&envoy, &seen);
+    let searched = searched(&envoy, &seen);
+    let Searched { config_dump, stats, log, .. } = &searched;
 
     // The searched texts are the real thing: trace lines, and the filter's
     // lines for every refresh (a failure, its recovery, first values).
-    assert_eq!(access_lines(&log), seen.requests, "one access-log line a request");
+    assert_eq!(access_lines(log), seen.requests, "one access-log line a request");
     assert!(log.lines().any(|l| l.contains("[trace]")), "Envoy logged no trace line");
     assert!(log.lines().any(|l| l.contains("[debug]")), "Envoy logged no debug line");
     for line in [
@@ -763,9 +741,29 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     }
     assert!(stats.contains("credential_unavailable"), "keyswap's metrics are in /stats");
 
+    assert_none_leaked(&searched, &seen);
+}
+
+/// What is searched for secrets, read once every request of `seen` is in
+/// the access log.
+struct Searched {
+    config_dump: String,
+    stats: String,
+    prometheus: String,
+    log: String,
+}
+
+/// Every secret (see [`findings`]) in what was searched and in every
+/// answer `seen`; fails the test with where each was found.
+fn assert_none_leaked(searched: &Searched, seen: &Seen) {
+    let admin = [
+        ("Envoy's log", &searched.log),
+        ("/config_dump", &searched.config_dump),
+        ("/stats", &searched.stats),
+        ("/stats/prometheus", &searched.prometheus),
+    ];
     let mut leaks = Vec::new();
-    let admin = [("/config_dump", &config_dump), ("/stats", &stats), ("/stats/prometheus", &prometheus)];
-    for (place, text) in [("Envoy's log", &log)].into_iter().chain(admin) {
+    for (place, text) in admin {
         leaks.extend(findings(text).into_iter().map(|f| format!("{place}: {f}")));
     }
     for (i, text) in seen.local.iter().enumerate() {
@@ -776,22 +774,13 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     }
     println!(
         "searched {} log lines ({} bytes), {} local and {} forwarded responses, /config_dump ({} bytes), /stats",
-        log.lines().count(),
-        log.len(),
+        searched.log.lines().count(),
+        searched.log.len(),
         seen.local.len(),
         seen.forwarded_heads.len(),
-        config_dump.len()
+        searched.config_dump.len()
     );
     assert!(leaks.is_empty(), "{} secrets leaked:\n{}", leaks.len(), leaks.join("\n"));
-}
-
-/// What is searched for secrets, read once every request of `seen` is in
-/// the access log.
-struct Searched {
-    config_dump: String,
-    stats: String,
-    prometheus: String,
-    log: String,
 }
 
 fn access_lines(log: &str) -> usize {
