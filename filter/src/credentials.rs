@@ -46,13 +46,15 @@ fn read(key: &str) -> (Record, Option<u32>) {
 
 /// The edits for a forwarded request on `route`, or `None` for a route
 /// with static credentials only. `now_ms` is called only on a route with
-/// dynamic credentials.
+/// dynamic credentials. `record_keys` holds [`record_key`] of each source,
+/// made once at configuration.
 ///
 /// # Errors
 /// [`DenialReason::CredentialUnavailable`] when one of the route's
 /// credentials has no usable value at `now_ms`.
 pub fn request_edits<'p>(
     policy: &'p Policy,
+    record_keys: &[String],
     route: &str,
     req: &RequestView<'_>,
     now_ms: &dyn Fn() -> i64,
@@ -66,12 +68,11 @@ pub fn request_edits<'p>(
         return Ok(None);
     }
     let now_ms = now_ms();
-    let sources = policy.credential_sources();
     // One read per source: every value of a source comes from one record,
     // written whole by one refresh.
     let records: Vec<(usize, Record)> =
-        needed.iter().filter_map(|&s| sources.get(s).map(|src| (s, read(&record_key(src)).0))).collect();
-    let mut values: Vec<Option<&[String]>> = vec![None; sources.len()];
+        needed.iter().filter_map(|&s| record_keys.get(s).map(|key| (s, read(key).0))).collect();
+    let mut values: Vec<Option<&[String]>> = vec![None; record_keys.len()];
     for (s, record) in &records {
         values[*s] = record.usable(now_ms);
     }

@@ -63,6 +63,8 @@ struct Shared {
     audit: RefCell<audit::Limiter>,
     /// The access-log field being written (see `KeyswapHttp::record`).
     field: RefCell<String>,
+    /// The shared-data key of each dynamic credential source, by index.
+    record_keys: Vec<String>,
 }
 
 /// The plugin's root context: owns the compiled policy.
@@ -90,7 +92,9 @@ impl RootContext for KeyswapRoot {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
-                self.shared = Some(Rc::new(Shared { policy, metrics, audit: RefCell::default(), field: RefCell::default() }));
+                let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();
+                let (audit, field) = (RefCell::default(), RefCell::default());
+                self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
                 true
             }
             Err(err) => {
@@ -169,7 +173,7 @@ impl HttpContext for KeyswapHttp {
             Decision::Forward(forward) => {
                 let route = forward.route.unwrap_or_default();
                 let now_ms = || unix_millis(self.get_current_time());
-                match credentials::request_edits(policy, route, &view, &now_ms) {
+                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms) {
                     Ok(dynamic) => Ok((forward, dynamic)),
                     Err(reason) => Err(Denial { reason, route: forward.route, client: forward.client }),
                 }
