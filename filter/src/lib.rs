@@ -1,21 +1,36 @@
 //! keyswap as a proxy-wasm HTTP filter: thin glue around `keyswap-policy`.
 //!
+//! The same module, with the same configuration, runs in two places of one
+//! Envoy, and each request meets it twice:
+//!
 //! ```text
-//! Envoy ──on_configure──▶ KeyswapRoot ── Policy::from_json ──▶ Rc<Shared>
-//! Envoy ──on_http_request_headers──▶ KeyswapHttp ── Policy::decide ──▶ set headers | local reply
-//! Envoy ──on_http_response_headers──▶ KeyswapHttp ── Policy::response_removals ──▶ remove headers
+//!            listener (HTTP filter, before the router)          cluster (upstream HTTP filter)
+//! request ─▶ first stage: Policy::key_check + admit ─▶ router ─▶ final stage: Policy::decide_with
+//!            keys and look-alikes removed, nothing added         on Envoy's final route and cluster:
+//!            the key's digest left in filter state               credentials set | local reply
+//! response ◀ strip_response_headers ◀──────────────────────────── credentials echoed back removed
 //! ```
+//!
+//! A credential is set only in the final stage, which runs after Envoy has
+//! routed the request for the last time (an upstream filter of the cluster
+//! the request is sent to), so it reaches only a cluster its route is
+//! bound to. The first stage is told from the final one by the filter-state
+//! record it leaves: a stream without one is in its first stage, unless
+//! Envoy already picked an upstream host (an upstream filter with no first
+//! stage before it: refused, 500).
 //!
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
 //! - [`credentials`]: dynamic credentials: the root context refreshes them
 //!   on a timer; requests read the shared values.
 //!
-//! Per allowed request the filter makes one host call to read the headers,
-//! one for the route name (only when a route matches on it), one for the
-//! clock (only when the client has `expires`), one to write the edited
-//! headers, one for the counter and one for the access-log field. No
-//! decision is taken here; no key or credential is ever logged.
+//! Per allowed request, the first stage reads the record (absent), the
+//! upstream address (absent), the headers, writes the edited headers and
+//! the record; the final stage reads the record, the cluster, the route
+//! name (only when a route matches on it), the headers, the clock (only
+//! when the client has `expires`), writes the edited headers, the counter
+//! and the access-log field. No decision is taken here; no key or
+//! credential is ever logged.
 
 pub mod audit;
 pub mod credentials;
@@ -25,7 +40,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use keyswap_policy::{Decision, Denial, Policy, RequestView};
+use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView};
 use metrics::{Metrics, Outcome};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -45,16 +60,28 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn unix_millis(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The name of the filter-state entry the access log reads
 /// (`%FILTER_STATE(wasm.keyswap:PLAIN)%`).
 pub const ACCESS_LOG_PROPERTY: &str = "keyswap";
+
+/// The filter-state entry (`wasm.keyswap_key`) the first stage leaves for
+/// the final one: the presented key's SHA-256 or why there is none
+/// ([`KeyCheck::encode`]), never the key.
+pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
+
+const NOT_CONFIGURED: &[u8] =
+    br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
+const NO_FIRST_STAGE: &[u8] =
+    br#"{"error":"not_configured","message":"keyswap runs on this cluster but not on the listener."}"#;
 
 /// What every stream of one configuration shares.
 struct Shared {
@@ -75,10 +102,17 @@ pub struct KeyswapRoot {
 }
 
 impl Context for KeyswapRoot {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
         if let Some(shared) = &self.shared {
             let now = unix_millis(self.get_current_time());
-            self.refresher.answer(&shared.policy, token_id, num_headers, body_size, now);
+            self.refresher
+                .answer(&shared.policy, token_id, num_headers, body_size, now);
         }
     }
 }
@@ -89,16 +123,32 @@ impl RootContext for KeyswapRoot {
         let env = |name: &str| std::env::var(name).ok();
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
-                log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
+                log(
+                    LogLevel::Info,
+                    &format!("keyswap: configuration loaded: {}", policy.summary()),
+                );
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
-                let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();
+                let record_keys = policy
+                    .credential_sources()
+                    .iter()
+                    .map(credentials::record_key)
+                    .collect();
                 let (audit, field) = (RefCell::default(), RefCell::default());
-                self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
+                self.shared = Some(Rc::new(Shared {
+                    policy,
+                    metrics,
+                    audit,
+                    field,
+                    record_keys,
+                }));
                 true
             }
             Err(err) => {
-                log(LogLevel::Error, &format!("keyswap: configuration refused: {err}"));
+                log(
+                    LogLevel::Error,
+                    &format!("keyswap: configuration refused: {err}"),
+                );
                 false
             }
         }
@@ -112,7 +162,10 @@ impl RootContext for KeyswapRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeyswapHttp { shared: self.shared.clone() }))
+        Some(Box::new(KeyswapHttp {
+            shared: self.shared.clone(),
+            stage: Stage::First,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -120,9 +173,22 @@ impl RootContext for KeyswapRoot {
     }
 }
 
+/// Where this stream's context runs, once its request headers are seen.
+enum Stage {
+    /// The listener's filter, before routing is final.
+    First,
+    /// The cluster's upstream filter; `route` is the route the credentials
+    /// were set for, `secrets` the dynamic values injected.
+    Final {
+        route: Option<String>,
+        secrets: Vec<String>,
+    },
+}
+
 /// One HTTP stream.
 pub struct KeyswapHttp {
     shared: Option<Rc<Shared>>,
+    stage: Stage,
 }
 
 impl Context for KeyswapHttp {}
@@ -148,52 +214,90 @@ impl KeyswapHttp {
         }
         self.set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
     }
-}
 
-impl HttpContext for KeyswapHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else {
-            // Envoy never runs a plugin whose configuration was refused; if
-            // it ever did, fail closed.
-            let body = br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
-            self.send_http_response(500, vec![("content-type", "application/json")], Some(body));
-            return Action::Pause;
-        };
+    fn refuse_unconfigured(&self, body: &[u8]) -> Action {
+        self.send_http_response(500, vec![("content-type", "application/json")], Some(body));
+        Action::Pause
+    }
+
+    /// The first stage: read the key, remove every place a key can be, and
+    /// leave the key's digest for the final stage. Nothing is added.
+    fn first_stage(&mut self, policy: &Policy) -> Action {
+        let headers = self.get_http_request_headers_bytes();
+        let view = RequestView::from_headers(None, &headers);
+        let key = policy.key_check(&view);
+        let admit = policy.admit(&view);
+        if !admit.is_noop() {
+            self.set_http_request_headers_bytes(admit.edited(&headers));
+        }
+        self.set_property(vec![KEY_RECORD_PROPERTY], Some(&key.encode()));
+        Action::Continue
+    }
+
+    /// The final stage: decide on Envoy's final route and cluster.
+    fn final_stage(&mut self, shared: &Shared, key: &KeyCheck) -> Action {
         let policy = &shared.policy;
         let headers = self.get_http_request_headers_bytes();
+        let text = |b: Vec<u8>| String::from_utf8(b).ok();
+        let cluster = self
+            .get_property(vec!["xds", "cluster_name"])
+            .and_then(text);
         let route_name = if policy.needs_route_name() {
-            self.get_property(vec!["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok())
+            self.get_property(vec!["xds", "route_name"]).and_then(text)
         } else {
             None
         };
         let now = || unix_seconds(self.get_current_time());
-        let view = RequestView::from_headers(route_name.as_deref(), &headers);
-        let decision = match policy.decide(&view, &now) {
+        let mut view = RequestView::from_headers(route_name.as_deref(), &headers);
+        view.cluster = cluster.as_deref();
+        let decision = match policy.decide_with(&view, key, &now) {
             // A route with dynamic credentials gets them all, or none.
             Decision::Forward(forward) => {
                 let route = forward.route.unwrap_or_default();
                 let now_ms = || unix_millis(self.get_current_time());
-                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms) {
+                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms)
+                {
                     Ok(dynamic) => Ok((forward, dynamic)),
-                    Err(reason) => Err(Denial { reason, route: forward.route, client: forward.client }),
+                    Err(reason) => Err(Denial {
+                        reason,
+                        route: forward.route,
+                        client: forward.client,
+                    }),
                 }
             }
             Decision::Deny(denial) => Err(denial),
         };
         match decision {
             Ok((forward, dynamic)) => {
-                let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
-                self.record(&shared, forward.route, forward.client, outcome);
+                let outcome = if forward.route.is_some() {
+                    Outcome::Allowed
+                } else {
+                    Outcome::Passed
+                };
+                self.record(shared, forward.route, forward.client, outcome);
+                let secrets = dynamic
+                    .as_ref()
+                    .map(|d| d.secrets.clone())
+                    .unwrap_or_default();
+                self.stage = Stage::Final {
+                    route: forward.route.map(str::to_string),
+                    secrets,
+                };
                 match &dynamic {
                     // One call replaces the whole map, borrowing every
                     // header rather than copying it.
-                    None if !forward.is_noop() => self.set_http_request_headers_bytes(forward.edited(&headers)),
+                    None if !forward.is_noop() => {
+                        self.set_http_request_headers_bytes(forward.edited(&headers))
+                    }
                     None => {}
                     Some(dynamic) => {
                         let mut headers = headers;
                         forward.apply(&mut headers);
                         dynamic.apply(&mut headers);
-                        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                        let pairs = headers
+                            .iter()
+                            .map(|(n, v)| (n.as_str(), v.as_slice()))
+                            .collect();
                         self.set_http_request_headers_bytes(pairs);
                     }
                 }
@@ -201,7 +305,7 @@ impl HttpContext for KeyswapHttp {
             }
             Err(denial) => {
                 let reason = denial.reason;
-                self.record(&shared, denial.route, denial.client, Outcome::Denied(reason));
+                self.record(shared, denial.route, denial.client, Outcome::Denied(reason));
                 if let Some(suppressed) = shared.audit.borrow_mut().admit(now()) {
                     log(LogLevel::Info, &audit::denial_line(&denial, suppressed));
                 }
@@ -215,13 +319,105 @@ impl HttpContext for KeyswapHttp {
             }
         }
     }
+}
+
+impl HttpContext for KeyswapHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(shared) = self.shared.clone() else {
+            // Envoy never runs a plugin whose configuration was refused; if
+            // it ever did, fail closed.
+            return self.refuse_unconfigured(NOT_CONFIGURED);
+        };
+        match self.get_property(vec![KEY_RECORD_PROPERTY]) {
+            // A record the first stage never wrote is nobody's key: the
+            // request is decided as one without a key.
+            Some(record) => self.final_stage(
+                &shared,
+                &KeyCheck::decode(&record).unwrap_or(KeyCheck::Missing),
+            ),
+            None if self.get_property(vec!["upstream", "address"]).is_some() => {
+                if let Some(suppressed) = shared
+                    .audit
+                    .borrow_mut()
+                    .admit(unix_seconds(self.get_current_time()))
+                {
+                    log(
+                        LogLevel::Error,
+                        &format!(
+                            "keyswap: refused a request on a cluster whose listener does not run keyswap \
+                             (add it to the listener's http_filters; {suppressed} suppressed)"
+                        ),
+                    );
+                }
+                self.refuse_unconfigured(NO_FIRST_STAGE)
+            }
+            None => self.first_stage(&shared.policy),
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(shared) = &self.shared {
+            let trailers = self.get_http_request_trailers_bytes();
+            for name in shared.policy.trailer_removals(&trailers) {
+                self.set_http_request_trailer(&name, None);
+            }
+        }
+        Action::Continue
+    }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(shared) = self.shared.as_ref().filter(|s| s.policy.strips_responses()) {
-            let headers = self.get_http_response_headers_bytes();
-            for name in shared.policy.response_removals(&headers) {
-                self.set_http_response_header(name, None);
+        let Some(shared) = self.shared.clone() else {
+            return Action::Continue;
+        };
+        match &self.stage {
+            Stage::First if shared.policy.strips_responses() => {
+                let headers = self.get_http_response_headers_bytes();
+                for name in shared.policy.response_removals(&headers) {
+                    self.set_http_response_header(name, None);
+                }
             }
+            Stage::First | Stage::Final { route: None, .. } => {}
+            Stage::Final {
+                route: Some(route),
+                secrets,
+            } => {
+                let headers = self.get_http_response_headers_bytes();
+                let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+                for (name, value) in shared.policy.reflections(route, &secrets, &headers) {
+                    self.set_http_response_header_bytes(&name, value.as_deref());
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(shared) = self.shared.clone() else {
+            return Action::Continue;
+        };
+        let trailers = self.get_http_response_trailers_bytes();
+        let mut removals: Vec<String> = shared
+            .policy
+            .response_removals(&trailers)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if let Stage::Final {
+            route: Some(route),
+            secrets,
+        } = &self.stage
+        {
+            let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            removals.extend(
+                shared
+                    .policy
+                    .reflections(route, &secrets, &trailers)
+                    .into_iter()
+                    .map(|(n, _)| n),
+            );
+        }
+        for name in removals {
+            self.set_http_response_trailer(&name, None);
         }
         Action::Continue
     }

@@ -16,19 +16,28 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use wasmtime::{CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams, WasmResults};
+use wasmtime::{
+    CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams,
+    WasmResults,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::WasiCtxBuilder;
 
+use crate::abi::callout::SharedData;
 use crate::abi::codec::HeaderList;
 use crate::abi::metrics::MetricType;
 use crate::abi::{self, action};
 use crate::error::HarnessError;
-use crate::abi::callout::SharedData;
-use crate::state::{CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, StreamState, Stdio};
+use crate::state::{
+    CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, Stdio,
+    StreamState,
+};
 
 /// The most WASI stdout or stderr output one instance keeps.
 const STDIO_CAPACITY: usize = 1 << 20;
+
+/// What `upstream.address` answers in the final stage.
+const UPSTREAM_ADDRESS: &str = "127.0.0.1:10001";
 
 /// The filter module's path: `KEYSWAP_FILTER` if set, else
 /// `target/wasm32-wasip1/release/keyswap_filter.wasm` under the workspace
@@ -43,7 +52,8 @@ pub fn default_filter_path() -> PathBuf {
 
 /// The filter module's place in this workspace's `target/`.
 pub fn workspace_filter_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
 }
 
 /// A compiled and linked proxy-wasm module.
@@ -56,7 +66,9 @@ pub struct FilterModule {
 
 impl std::fmt::Debug for FilterModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilterModule").field("stubbed", &self.stubbed).finish_non_exhaustive()
+        f.debug_struct("FilterModule")
+            .field("stubbed", &self.stubbed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,8 +80,13 @@ impl FilterModule {
     /// unreadable file, or what [`Self::from_bytes`] refuses.
     pub fn load(path: &Path) -> Result<Self, HarnessError> {
         let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => HarnessError::WasmMissing { path: path.to_path_buf() },
-            _ => HarnessError::Read { path: path.to_path_buf(), source },
+            std::io::ErrorKind::NotFound => HarnessError::WasmMissing {
+                path: path.to_path_buf(),
+            },
+            _ => HarnessError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
         })?;
         Self::from_bytes(&bytes)
     }
@@ -80,23 +97,41 @@ impl FilterModule {
     /// A module that does not compile, does not advertise proxy-wasm ABI
     /// 0.2.x, exports no memory or allocator, or cannot be linked.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HarnessError> {
-        let engine = Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
-        let module = Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let engine =
+            Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let module =
+            Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
         let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
-        if !exports.iter().any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0") {
-            return Err(HarnessError::Abi("it exports no proxy_abi_version_0_2_1 (or _0_2_0) marker".into()));
+        if !exports
+            .iter()
+            .any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0")
+        {
+            return Err(HarnessError::Abi(
+                "it exports no proxy_abi_version_0_2_1 (or _0_2_0) marker".into(),
+            ));
         }
         if !exports.contains(&"memory") {
             return Err(HarnessError::Abi("it exports no memory".into()));
         }
-        if !exports.iter().any(|e| *e == "proxy_on_memory_allocate" || *e == "malloc") {
-            return Err(HarnessError::Abi("it exports no proxy_on_memory_allocate (or malloc)".into()));
+        if !exports
+            .iter()
+            .any(|e| *e == "proxy_on_memory_allocate" || *e == "malloc")
+        {
+            return Err(HarnessError::Abi(
+                "it exports no proxy_on_memory_allocate (or malloc)".into(),
+            ));
         }
         let mut linker = Linker::new(&engine);
         abi::link(&mut linker, &module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
-        let pre = linker.instantiate_pre(&module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| HarnessError::Link(format!("{e:#}")))?;
         let stubbed = abi::stub::stubbed(&module);
-        Ok(Self { engine, pre, stubbed })
+        Ok(Self {
+            engine,
+            pre,
+            stubbed,
+        })
     }
 
     /// The imports linked to an `Unimplemented` stub, as (module, name).
@@ -139,20 +174,32 @@ impl FilterModule {
             .stderr(stdio.stderr.clone())
             .wall_clock(clock.clone())
             .build_p1();
-        let mut store = Store::new(&self.engine, HostState::new(wasi, stdio, clock, shared.clone()));
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(wasi, stdio, clock, shared.clone()),
+        );
         store.call_hook(|mut ctx, hook| {
             if matches!(hook, CallHook::CallingHost) {
                 ctx.data_mut().entered_host();
             }
             Ok(())
         });
-        let instance = self.pre.instantiate(&mut store).map_err(|e| HarnessError::Trap {
-            callback: "instantiate",
-            message: format!("{e:#}"),
-            log: String::new(),
-        })?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| HarnessError::Trap {
+                callback: "instantiate",
+                message: format!("{e:#}"),
+                log: String::new(),
+            })?;
         let callbacks = Callbacks::find(&instance, &mut store)?;
-        let mut filter = FilterInstance { store, callbacks, next_context_id: 2, trapped: None };
+        let mut filter = FilterInstance {
+            store,
+            callbacks,
+            next_context_id: 2,
+            first_stage: None,
+            trapped: None,
+        };
         filter.boot()?;
         Ok(filter)
     }
@@ -162,7 +209,11 @@ impl FilterModule {
     /// # Errors
     /// [`HarnessError::Refused`] with the filter's log when it refuses the
     /// configuration; anything [`Self::start`] returns.
-    pub fn configure(&self, config: &[u8], env: &BTreeMap<String, String>) -> Result<FilterInstance, HarnessError> {
+    pub fn configure(
+        &self,
+        config: &[u8],
+        env: &BTreeMap<String, String>,
+    ) -> Result<FilterInstance, HarnessError> {
         let mut instance = self.start(env)?;
         instance.configure(config)?;
         Ok(instance)
@@ -253,13 +304,18 @@ pub struct FilterInstance {
     store: Store<HostState>,
     callbacks: Callbacks,
     next_context_id: u32,
+    /// The open request's first stage (the listener's filter), parked while
+    /// its final stage (the cluster's upstream filter) is the active stream.
+    first_stage: Option<StreamState>,
     /// Set once a callback trapped: the guest's state is no longer sound.
     trapped: Option<String>,
 }
 
 impl std::fmt::Debug for FilterInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilterInstance").field("trapped", &self.trapped).finish_non_exhaustive()
+        f.debug_struct("FilterInstance")
+            .field("trapped", &self.trapped)
+            .finish_non_exhaustive()
     }
 }
 
@@ -287,7 +343,11 @@ impl FilterInstance {
         self.store.data_mut().drain_stdio();
         result.map_err(|e| {
             self.trapped = Some(callback.to_string());
-            HarnessError::Trap { callback, message: format!("{e:#}"), log: self.log_text() }
+            HarnessError::Trap {
+                callback,
+                message: format!("{e:#}"),
+                log: self.log_text(),
+            }
         })
     }
 
@@ -309,7 +369,9 @@ impl FilterInstance {
         if let Some(vm_start) = self.callbacks.vm_start.clone() {
             let size = len_u32(self.store.data().vm_configuration.len());
             if self.call("proxy_on_vm_start", vm_start, (root, size))? == 0 {
-                return Err(HarnessError::VmRefused { log: self.log_text() });
+                return Err(HarnessError::VmRefused {
+                    log: self.log_text(),
+                });
             }
         }
         Ok(())
@@ -322,77 +384,215 @@ impl FilterInstance {
     /// a trap.
     pub fn configure(&mut self, config: &[u8]) -> Result<(), HarnessError> {
         self.store.data_mut().plugin_configuration = config.to_vec();
-        let Some(configure) = self.callbacks.configure.clone() else { return Ok(()) };
+        let Some(configure) = self.callbacks.configure.clone() else {
+            return Ok(());
+        };
         let root = self.root();
-        if self.call("proxy_on_configure", configure, (root, len_u32(config.len())))? == 0 {
-            return Err(HarnessError::Refused { log: self.log_text() });
+        if self.call(
+            "proxy_on_configure",
+            configure,
+            (root, len_u32(config.len())),
+        )? == 0
+        {
+            return Err(HarnessError::Refused {
+                log: self.log_text(),
+            });
         }
         Ok(())
     }
 
-    /// Runs a headers-only request through the filter in a new stream
-    /// (`end_of_stream` is true). `headers` is the full list, pseudo-headers
-    /// included; names are lower-cased as Envoy's are. `route_name` is what
-    /// `xds.route_name` answers. A forwarded request keeps its stream open
-    /// for [`Self::response`]; any other outcome ends it. A stream still
-    /// open from an earlier request is ended first.
+    /// Runs a headers-only request through the filter as Envoy does, with
+    /// the cluster named like the route ([`Self::request_to`]).
     ///
     /// # Errors
     /// A trap.
-    pub fn request(&mut self, route_name: Option<&str>, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
+    pub fn request(
+        &mut self,
+        route_name: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<Outcome, HarnessError> {
+        self.request_to(route_name, route_name, headers)
+    }
+
+    /// Runs a headers-only request (`end_of_stream` true) through the
+    /// filter's two places in Envoy: a stream of the listener's filter (the
+    /// first stage), then, if it continues, a stream of the cluster's
+    /// upstream filter (the final stage, where `upstream.address` is set)
+    /// with the first stage's headers and filter state. `headers` is the
+    /// full list, pseudo-headers included; names are lower-cased as Envoy's
+    /// are. `route_name` and `cluster` are what `xds.route_name` and
+    /// `xds.cluster_name` answer. A forwarded request keeps both streams
+    /// open for [`Self::response`]; any other outcome ends them. A request
+    /// still open is ended first.
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn request_to(
+        &mut self,
+        route_name: Option<&str>,
+        cluster: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<Outcome, HarnessError> {
         self.finish()?;
-        let id = self.next_context_id;
-        self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
-        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
-        let count = len_u32(headers.len());
-        self.store.data_mut().stream = Some(StreamState {
+        let headers: HeaderList = headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+            .collect();
+        let stream = |id, headers, upstream_address: Option<&str>, filter_state| StreamState {
             context_id: id,
             route_name: route_name.map(str::to_string),
+            cluster: cluster.map(str::to_string),
+            upstream_address: upstream_address.map(str::to_string),
             request_headers: headers,
             response_headers: None,
             local_response: None,
             calls: CallCounts::default(),
-            filter_state: BTreeMap::new(),
-        });
-        let root = self.root();
-        if let Some(create) = self.callbacks.context_create.clone() {
-            self.call("proxy_on_context_create", create, (id, root))?;
-        }
-        let action = match self.callbacks.request_headers.clone() {
-            Some(on_headers) => self.call("proxy_on_request_headers", on_headers, (id, count, 1))?,
-            None => action::CONTINUE,
+            filter_state,
         };
-        let outcome = self.outcome(action, |s| Some(&s.request_headers));
+        let id = self.new_context_id();
+        let first = self.request_headers(stream(id, headers, None, BTreeMap::new()))?;
+        let Outcome::Forwarded { headers } = first else {
+            self.finish()?;
+            return Ok(first);
+        };
+        let parked = self.store.data_mut().stream.take();
+        let filter_state = parked
+            .as_ref()
+            .map(|s| s.filter_state.clone())
+            .unwrap_or_default();
+        self.first_stage = parked;
+        let id = self.new_context_id();
+        let last =
+            self.request_headers(stream(id, headers, Some(UPSTREAM_ADDRESS), filter_state))?;
+        if !matches!(last, Outcome::Forwarded { .. }) {
+            self.finish()?;
+        }
+        Ok(last)
+    }
+
+    /// Runs only the final stage, as on a cluster whose listener lacks the
+    /// filter (a misdeployment the filter must refuse).
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn request_upstream_only(
+        &mut self,
+        route_name: Option<&str>,
+        cluster: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<Outcome, HarnessError> {
+        self.finish()?;
+        let id = self.new_context_id();
+        let outcome = self.request_headers(StreamState {
+            context_id: id,
+            route_name: route_name.map(str::to_string),
+            cluster: cluster.map(str::to_string),
+            upstream_address: Some(UPSTREAM_ADDRESS.to_string()),
+            request_headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            response_headers: None,
+            local_response: None,
+            calls: CallCounts::default(),
+            filter_state: BTreeMap::new(),
+        })?;
         if !matches!(outcome, Outcome::Forwarded { .. }) {
             self.finish()?;
         }
         Ok(outcome)
     }
 
-    /// Runs the upstream's response headers through the open stream of the
-    /// last forwarded request, then ends the stream.
+    fn new_context_id(&mut self) -> u32 {
+        let id = self.next_context_id;
+        self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
+        id
+    }
+
+    /// Opens `stream` as the active stream and runs its request headers.
+    fn request_headers(&mut self, stream: StreamState) -> Result<Outcome, HarnessError> {
+        let (id, count) = (stream.context_id, len_u32(stream.request_headers.len()));
+        self.store.data_mut().stream = Some(stream);
+        let root = self.root();
+        if let Some(create) = self.callbacks.context_create.clone() {
+            self.call("proxy_on_context_create", create, (id, root))?;
+        }
+        let action = match self.callbacks.request_headers.clone() {
+            Some(on_headers) => {
+                self.call("proxy_on_request_headers", on_headers, (id, count, 1))?
+            }
+            None => action::CONTINUE,
+        };
+        Ok(self.outcome(action, |s| Some(&s.request_headers)))
+    }
+
+    /// Runs the upstream's response headers through the open request (the
+    /// final stage, then the first, as Envoy's upstream and downstream
+    /// filter chains do), then ends it.
     ///
     /// # Errors
     /// [`HarnessError::NoOpenRequest`] when no forwarded request is open; a
     /// trap.
     pub fn response(&mut self, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
-        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
-        let count = len_u32(headers.len());
-        let stream = self.store.data_mut().stream.as_mut().ok_or(HarnessError::NoOpenRequest)?;
-        stream.response_headers = Some(headers);
-        let id = stream.context_id;
-        let action = match self.callbacks.response_headers.clone() {
-            Some(on_headers) => self.call("proxy_on_response_headers", on_headers, (id, count, 1))?,
-            None => action::CONTINUE,
-        };
-        let outcome = self.outcome(action, |s| s.response_headers.as_ref());
+        let headers: HeaderList = headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+            .collect();
+        let mut outcome = self.response_headers(headers)?;
+        if let (Outcome::Forwarded { headers }, Some(mut first)) =
+            (&outcome, self.first_stage.take())
+        {
+            let state = self.store.data_mut();
+            if let Some(last) = state.stream.take() {
+                first.filter_state = last.filter_state.clone();
+                first.calls.add(&last.calls);
+                self.end_parked(last)?;
+            }
+            self.store.data_mut().stream = Some(first);
+            outcome = self.response_headers(headers.clone())?;
+        }
         self.finish()?;
         Ok(outcome)
     }
 
-    fn outcome(&mut self, action: u32, map: impl Fn(&StreamState) -> Option<&HeaderList>) -> Outcome {
+    fn response_headers(&mut self, headers: HeaderList) -> Result<Outcome, HarnessError> {
+        let count = len_u32(headers.len());
+        let stream = self
+            .store
+            .data_mut()
+            .stream
+            .as_mut()
+            .ok_or(HarnessError::NoOpenRequest)?;
+        stream.response_headers = Some(headers);
+        let id = stream.context_id;
+        let action = match self.callbacks.response_headers.clone() {
+            Some(on_headers) => {
+                self.call("proxy_on_response_headers", on_headers, (id, count, 1))?
+            }
+            None => action::CONTINUE,
+        };
+        Ok(self.outcome(action, |s| s.response_headers.as_ref()))
+    }
+
+    /// Ends a stream that is no longer the active one, keeping the active
+    /// one as it is.
+    fn end_parked(&mut self, parked: StreamState) -> Result<(), HarnessError> {
+        let id = parked.context_id;
+        let active = self.store.data_mut().stream.replace(parked);
+        let result = self.end_stream(id);
+        self.store.data_mut().stream = active;
+        result
+    }
+
+    fn outcome(
+        &mut self,
+        action: u32,
+        map: impl Fn(&StreamState) -> Option<&HeaderList>,
+    ) -> Outcome {
         let Some(stream) = self.store.data_mut().stream.as_mut() else {
-            return Outcome::Paused { headers: Vec::new() };
+            return Outcome::Paused {
+                headers: Vec::new(),
+            };
         };
         if let Some(local) = stream.local_response.take() {
             return Outcome::Local(local);
@@ -413,13 +613,26 @@ impl FilterInstance {
     /// # Errors
     /// A trap.
     pub fn finish(&mut self) -> Result<(), HarnessError> {
-        let Some(id) = self.store.data().stream.as_ref().map(|s| s.context_id) else { return Ok(()) };
-        let result = self.end_stream(id);
-        let state = self.store.data_mut();
-        if let Some(stream) = state.stream.take() {
-            state.last_stream_calls = Some(stream.calls);
-            state.last_stream_filter_state = Some(stream.filter_state);
+        let parked = self.first_stage.take();
+        let Some(active) = self.store.data_mut().stream.take() else {
+            return Ok(());
+        };
+        // The active stream holds the request's whole filter state; both
+        // stages' host calls count as the request's.
+        let filter_state = active.filter_state.clone();
+        let mut calls = CallCounts::default();
+        let mut result = Ok(());
+        for stream in [Some(active), parked].into_iter().flatten() {
+            let id = stream.context_id;
+            self.store.data_mut().stream = Some(stream);
+            result = result.and(self.end_stream(id));
+            if let Some(ended) = self.store.data_mut().stream.take() {
+                calls.add(&ended.calls);
+            }
         }
+        let state = self.store.data_mut();
+        state.last_stream_calls = Some(calls);
+        state.last_stream_filter_state = Some(filter_state);
         result
     }
 
@@ -441,7 +654,10 @@ impl FilterInstance {
 
     /// The root context's tick period, once it set one.
     pub fn tick_period(&self) -> Option<std::time::Duration> {
-        self.store.data().tick_period_ms.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+        self.store
+            .data()
+            .tick_period_ms
+            .map(|ms| std::time::Duration::from_millis(u64::from(ms)))
     }
 
     /// One timer event (`proxy_on_tick` on the root context), if the root
@@ -450,7 +666,10 @@ impl FilterInstance {
     /// # Errors
     /// A trap.
     pub fn tick(&mut self) -> Result<bool, HarnessError> {
-        let (Some(_), Some(tick)) = (self.store.data().tick_period_ms, self.callbacks.tick.clone()) else {
+        let (Some(_), Some(tick)) = (
+            self.store.data().tick_period_ms,
+            self.callbacks.tick.clone(),
+        ) else {
             return Ok(false);
         };
         let root = self.root();
@@ -466,7 +685,10 @@ impl FilterInstance {
     /// Refuses calls to `cluster` from now on, as Envoy refuses a cluster
     /// it does not know.
     pub fn refuse_cluster(&mut self, cluster: &str) {
-        self.store.data_mut().unknown_clusters.push(cluster.to_string());
+        self.store
+            .data_mut()
+            .unknown_clusters
+            .push(cluster.to_string());
     }
 
     /// The shared data this VM sees.
@@ -480,10 +702,16 @@ impl FilterInstance {
     ///
     /// # Errors
     /// [`HarnessError::Abi`] for a token that is not pending; a trap.
-    pub fn answer_call(&mut self, token: u32, answer: Option<(HeaderList, Vec<u8>)>) -> Result<(), HarnessError> {
+    pub fn answer_call(
+        &mut self,
+        token: u32,
+        answer: Option<(HeaderList, Vec<u8>)>,
+    ) -> Result<(), HarnessError> {
         let state = self.store.data_mut();
         let Some(at) = state.http_calls.iter().position(|c| c.token == token) else {
-            return Err(HarnessError::Abi(format!("no pending HTTP call has token {token}")));
+            return Err(HarnessError::Abi(format!(
+                "no pending HTTP call has token {token}"
+            )));
         };
         state.http_calls.remove(at);
         let (headers, body) = match &answer {
@@ -491,9 +719,15 @@ impl FilterInstance {
             None => (0, 0),
         };
         state.call_response = answer;
-        let Some(on_response) = self.callbacks.call_response.clone() else { return Ok(()) };
+        let Some(on_response) = self.callbacks.call_response.clone() else {
+            return Ok(());
+        };
         let root = self.root();
-        let result = self.call("proxy_on_http_call_response", on_response, (root, token, headers, body, 0));
+        let result = self.call(
+            "proxy_on_http_call_response",
+            on_response,
+            (root, token, headers, body, 0),
+        );
         self.store.data_mut().call_response = None;
         result
     }
@@ -564,7 +798,10 @@ impl FilterInstance {
     /// (wasm memory only grows, so this is its high-water mark).
     pub fn memory_bytes(&self) -> usize {
         let state = self.store.data();
-        state.guest.as_ref().map_or(0, |g| g.memory.data_size(&self.store))
+        state
+            .guest
+            .as_ref()
+            .map_or(0, |g| g.memory.data_size(&self.store))
     }
 
     /// Property paths the guest asked for that the harness does not know.

@@ -99,7 +99,9 @@ impl Clock {
 
     /// Stops the clock at `at` (before 1970 counts as 1970).
     pub fn set(&self, at: SystemTime) {
-        let nanos = at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(REAL_TIME - 1));
+        let nanos = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(REAL_TIME - 1));
         self.0.store(nanos.min(REAL_TIME - 1), Ordering::Relaxed);
     }
 
@@ -158,6 +160,14 @@ impl CallCounts {
         self.total.saturating_sub(self.by_name.values().sum())
     }
 
+    /// Adds another stream's calls (a request's two stages).
+    pub fn add(&mut self, other: &CallCounts) {
+        for (name, count) in &other.by_name {
+            *self.by_name.entry(name.clone()).or_insert(0) += count;
+        }
+        self.total += other.total;
+    }
+
     fn named(&mut self, name: &str) {
         match self.by_name.get_mut(name) {
             Some(count) => *count += 1,
@@ -195,7 +205,10 @@ pub struct HttpCall {
 impl HttpCall {
     /// A header's value, as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 }
 
@@ -204,6 +217,11 @@ impl HttpCall {
 pub(crate) struct StreamState {
     pub context_id: u32,
     pub route_name: Option<String>,
+    /// What `xds.cluster_name` answers.
+    pub cluster: Option<String>,
+    /// What `upstream.address` answers: set only in the cluster's upstream
+    /// filter chain, where Envoy has picked a host.
+    pub upstream_address: Option<String>,
     pub request_headers: HeaderList,
     /// Present once the upstream's response arrived.
     pub response_headers: Option<HeaderList>,
@@ -263,7 +281,12 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock, shared: crate::abi::callout::SharedData) -> Self {
+    pub(crate) fn new(
+        wasi: WasiP1Ctx,
+        stdio: Stdio,
+        clock: Clock,
+        shared: crate::abi::callout::SharedData,
+    ) -> Self {
         Self {
             wasi,
             stdio,
@@ -321,10 +344,19 @@ impl HostState {
     pub(crate) fn drain_stdio(&mut self) {
         let (out, err) = (self.stdio.stdout.contents(), self.stdio.stderr.contents());
         let (seen_out, seen_err) = self.stdio.seen;
-        for (bytes, seen, level) in [(&out, seen_out, LogLevel::Info), (&err, seen_err, LogLevel::Error)] {
+        for (bytes, seen, level) in [
+            (&out, seen_out, LogLevel::Info),
+            (&err, seen_err, LogLevel::Error),
+        ] {
             let fresh = bytes.get(seen..).unwrap_or_default();
-            for line in String::from_utf8_lossy(fresh).lines().filter(|l| !l.is_empty()) {
-                self.log.push(LogEntry { level, message: line.to_string() });
+            for line in String::from_utf8_lossy(fresh)
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                self.log.push(LogEntry {
+                    level,
+                    message: line.to_string(),
+                });
             }
         }
         self.stdio.seen = (out.len(), err.len());

@@ -20,18 +20,28 @@ pub enum DenialReason {
     /// The route's dynamic credentials are not (or no longer) available:
     /// none fetched yet, or the last one expired.
     CredentialUnavailable,
+    /// `TRACE` (or `TRACK`) on a route with credentials: the upstream would
+    /// echo the injected credential back.
+    MethodNotAllowed,
+    /// The authority cannot be read strictly (an empty or doubled port,
+    /// user information, a byte no host holds) where a route matches on
+    /// `host`.
+    InvalidAuthority,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 const NO_STORE: (&str, &str) = ("cache-control", "no-store");
+const ALLOW: (&str, &str) = ("allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS");
 const RETRY_AFTER: (&str, &str) = ("retry-after", "1");
 const CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap\"");
-const INVALID_TOKEN: (&str, &str) =
-    ("www-authenticate", "Bearer realm=\"keyswap\", error=\"invalid_token\"");
+const INVALID_TOKEN: (&str, &str) = (
+    "www-authenticate",
+    "Bearer realm=\"keyswap\", error=\"invalid_token\"",
+);
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 7] = [
+    pub const ALL: [DenialReason; 9] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -39,6 +49,8 @@ impl DenialReason {
         DenialReason::RouteForbidden,
         DenialReason::NoRoute,
         DenialReason::CredentialUnavailable,
+        DenialReason::MethodNotAllowed,
+        DenialReason::InvalidAuthority,
     ];
 
     /// The HTTP status the client receives.
@@ -48,6 +60,8 @@ impl DenialReason {
             Self::RouteForbidden => 403,
             Self::NoRoute => 404,
             Self::CredentialUnavailable => 503,
+            Self::MethodNotAllowed => 405,
+            Self::InvalidAuthority => 400,
         }
     }
 
@@ -61,6 +75,8 @@ impl DenialReason {
             Self::RouteForbidden => "route_forbidden",
             Self::NoRoute => "no_route",
             Self::CredentialUnavailable => "credential_unavailable",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::InvalidAuthority => "invalid_authority",
         }
     }
 
@@ -76,6 +92,10 @@ impl DenialReason {
             Self::CredentialUnavailable => {
                 "The upstream credential for this route is not available yet; retry shortly."
             }
+            Self::MethodNotAllowed => {
+                "This method is not allowed on a route with upstream credentials."
+            }
+            Self::InvalidAuthority => "The request's authority (Host) is malformed.",
         }
     }
 
@@ -86,7 +106,8 @@ impl DenialReason {
             Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => {
                 &[JSON, NO_STORE, INVALID_TOKEN]
             }
-            Self::RouteForbidden | Self::NoRoute => &[JSON, NO_STORE],
+            Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority => &[JSON, NO_STORE],
+            Self::MethodNotAllowed => &[JSON, NO_STORE, ALLOW],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
     }
@@ -94,7 +115,11 @@ impl DenialReason {
     /// The JSON body: `{"error":"<code>","message":"<sentence>"}`.
     pub fn body(self) -> String {
         // Codes and messages are fixed ASCII with nothing to escape.
-        format!(r#"{{"error":"{}","message":"{}"}}"#, self.code(), self.message())
+        format!(
+            r#"{{"error":"{}","message":"{}"}}"#,
+            self.code(),
+            self.message()
+        )
     }
 }
 
@@ -130,6 +155,9 @@ pub struct Forward<'p> {
     pub client: Option<&'p str>,
     /// Header names (lower case) present in the request to remove.
     pub remove_headers: Vec<&'p str>,
+    /// Client-sent look-alikes of protected names (`x_api_key`), as sent,
+    /// to remove too (empty on almost every request: no allocation).
+    pub remove_look_alikes: Vec<String>,
     /// Headers to add after the removals: credentials and the client id.
     pub add_headers: Vec<(&'p str, &'p str)>,
     /// The new `:path`, when the query changed.
@@ -139,20 +167,37 @@ pub struct Forward<'p> {
 impl Forward<'_> {
     /// True when the edits change nothing.
     pub fn is_noop(&self) -> bool {
-        self.remove_headers.is_empty() && self.add_headers.is_empty() && self.path.is_none()
+        self.remove_headers.is_empty()
+            && self.remove_look_alikes.is_empty()
+            && self.add_headers.is_empty()
+            && self.path.is_none()
+    }
+
+    fn removes(&self, name: &str) -> bool {
+        self.remove_headers
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
+            || self
+                .remove_look_alikes
+                .iter()
+                .any(|r| name.eq_ignore_ascii_case(r))
     }
 
     /// Applies the edits to a request's header list (pseudo-headers
     /// included, names in lower case), in place.
     pub fn apply(&self, headers: &mut Vec<(String, Vec<u8>)>) {
-        headers.retain(|(name, _)| !self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)));
+        headers.retain(|(name, _)| !self.removes(name));
         if let Some(path) = &self.path {
             match headers.iter_mut().find(|(name, _)| name == ":path") {
                 Some(entry) => entry.1.clone_from(path),
                 None => headers.push((":path".to_string(), path.clone())),
             }
         }
-        headers.extend(self.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+        headers.extend(
+            self.add_headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
     }
 }
 
@@ -164,10 +209,11 @@ impl<'p> Forward<'p> {
     where
         'p: 'a,
     {
-        let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
+        let mut out: Vec<(&str, &[u8])> =
+            Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
         let mut path_set = self.path.is_none();
         for (name, value) in headers {
-            if self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+            if self.removes(name) {
                 continue;
             }
             match &self.path {
@@ -200,6 +246,8 @@ mod tests {
             (DenialReason::RouteForbidden, 403),
             (DenialReason::NoRoute, 404),
             (DenialReason::CredentialUnavailable, 503),
+            (DenialReason::MethodNotAllowed, 405),
+            (DenialReason::InvalidAuthority, 400),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");
@@ -219,7 +267,10 @@ mod tests {
     #[test]
     fn every_401_carries_a_bearer_challenge() {
         for reason in DenialReason::ALL {
-            let challenge = reason.headers().iter().any(|(n, _)| *n == "www-authenticate");
+            let challenge = reason
+                .headers()
+                .iter()
+                .any(|(n, _)| *n == "www-authenticate");
             assert_eq!(challenge, reason.status() == 401, "{reason:?}");
         }
     }
@@ -231,16 +282,21 @@ mod tests {
             ("authorization".to_string(), b"Bearer one".to_vec()),
             ("Authorization".to_string(), b"Bearer two".to_vec()),
             ("accept".to_string(), b"*/*".to_vec()),
+            ("X_Api_Key".to_string(), b"k".to_vec()),
         ];
         let forward = Forward {
             route: Some("r"),
             client: Some("c"),
             remove_headers: vec!["authorization"],
+            remove_look_alikes: vec!["x_api_key".to_string()],
             add_headers: vec![("authorization", "Bearer up"), ("x-client", "c")],
             path: Some(b"/a".to_vec()),
         };
-        let edited: Vec<(String, Vec<u8>)> =
-            forward.edited(&headers).into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();
+        let edited: Vec<(String, Vec<u8>)> = forward
+            .edited(&headers)
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect();
         forward.apply(&mut headers);
         assert_eq!(edited, headers, "edited() and apply() agree");
         assert_eq!(

@@ -27,7 +27,7 @@ pub mod raw;
 pub mod request;
 pub mod time;
 
-pub use config::{content_version, ConfigError, Environment, MAX_KEY_BYTES};
+pub use config::{content_version, ConfigError, Environment, Routing, MAX_KEY_BYTES};
 pub use decision::{Decision, Denial, DenialReason, Forward};
-pub use policy::{Policy, Summary};
+pub use policy::{KeyCheck, Policy, Summary};
 pub use request::RequestView;

@@ -23,6 +23,15 @@ pub struct Policy {
     /// Key-source headers, stripped headers and the client-id header: what
     /// every forwarded request loses.
     pub(crate) request_removals: Vec<String>,
+    /// `request_removals` and every injected header name: a client-sent
+    /// header whose name is one of these with `_` for `-` is removed.
+    pub(crate) protected: Vec<String>,
+    /// Every cluster some route is bound to, sorted: a request to one of
+    /// them is never passed unchecked.
+    pub(crate) bound_clusters: Vec<String>,
+    /// True when some route matches on `host` (then a malformed authority
+    /// is refused, never matched loosely).
+    pub(crate) matches_host: bool,
     pub(crate) strip_response: Vec<String>,
     pub(crate) client_id_header: Option<String>,
     pub(crate) unmatched: UnmatchedRoute,
@@ -53,8 +62,13 @@ pub(crate) enum Allowed {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum KeySource {
     /// `prefix` is lower case and compared case-insensitively.
-    Header { name: String, prefix: Option<Vec<u8>> },
-    Query { name: Vec<u8> },
+    Header {
+        name: String,
+        prefix: Option<Vec<u8>>,
+    },
+    Query {
+        name: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -72,6 +86,8 @@ pub(crate) struct Route {
 #[derive(Debug)]
 pub(crate) struct RouteMatch {
     pub route_name: Option<String>,
+    /// Envoy clusters; `None` only where keyswap itself routes.
+    pub clusters: Option<Vec<String>>,
     pub path_prefix: Option<String>,
     /// Lower case, without a port.
     pub host: Option<String>,
@@ -82,6 +98,8 @@ pub(crate) struct HeaderInject {
     pub name: String,
     /// The full header value, prefix included.
     pub value: String,
+    /// Where the secret starts in `value` (after the prefix or `Basic `).
+    pub secret_at: usize,
 }
 
 #[derive(Debug)]
@@ -89,6 +107,8 @@ pub(crate) struct QueryInject {
     pub name: Vec<u8>,
     /// `name=value`, percent-encoded.
     pub encoded: String,
+    /// The value as configured, before encoding.
+    pub value: String,
 }
 
 /// What a loaded configuration holds, for logs and `keyswap check`.
@@ -102,14 +122,22 @@ pub struct Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} clients, {} routes, version {}", self.clients, self.routes, self.version)
+        write!(
+            f,
+            "{} clients, {} routes, version {}",
+            self.clients, self.routes, self.version
+        )
     }
 }
 
 impl Policy {
     /// Counts and version, never a key or credential.
     pub fn summary(&self) -> Summary {
-        Summary { clients: self.clients.len(), routes: self.routes.len(), version: self.version.clone() }
+        Summary {
+            clients: self.clients.len(),
+            routes: self.routes.len(),
+            version: self.version.clone(),
+        }
     }
 
     /// The route names, in configuration order.
@@ -120,7 +148,10 @@ impl Policy {
     /// Clients whose key would be accepted at `now` (not disabled, not
     /// expired).
     pub fn active_clients(&self, now: i64) -> usize {
-        self.clients.iter().filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at)).count()
+        self.clients
+            .iter()
+            .filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at))
+            .count()
     }
 
     /// True when requests that match no route are forwarded
@@ -140,22 +171,91 @@ impl Policy {
         self.needs_route_name
     }
 
-    /// Decides one request. `now` gives Unix seconds and is called only when
-    /// the client has an `expires` time.
+    /// Decides one request in one pass, for a host that reads the key and
+    /// routes in the same place (the component, the native runner): the
+    /// key is read here, then [`Self::decide_with`]. `now` gives Unix
+    /// seconds and is called only when the client has an `expires` time.
     pub fn decide<'p>(&'p self, req: &RequestView<'_>, now: &dyn Fn() -> i64) -> Decision<'p> {
+        self.decide_with(req, &self.key_check(req), now)
+    }
+
+    /// What the request presents as a key, read from every key source:
+    /// the first stage in Envoy, before routing is final.
+    pub fn key_check(&self, req: &RequestView<'_>) -> KeyCheck {
+        match self.presented_key(req) {
+            Presented::None => KeyCheck::Missing,
+            Presented::Conflicting => KeyCheck::Ambiguous,
+            Presented::One(key) if key.len() > MAX_KEY_BYTES => KeyCheck::TooLong,
+            Presented::One(key) => KeyCheck::Digest(Sha256::digest(&key).into()),
+        }
+    }
+
+    /// The first stage's edits in Envoy, made before the route is final:
+    /// every key source, `strip_request_headers`, the client-id header and
+    /// their look-alikes removed, the key parameters and any fragment
+    /// dropped from the path. Nothing is added: credentials are set only
+    /// by [`Self::decide_with`] on the final route.
+    pub fn admit<'p>(&'p self, req: &RequestView<'_>) -> Forward<'p> {
+        let present = |name: &str| {
+            req.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        };
+        let remove_headers = self
+            .request_removals
+            .iter()
+            .map(String::as_str)
+            .filter(|n| present(n))
+            .collect();
+        Forward {
+            route: None,
+            client: None,
+            remove_headers,
+            remove_look_alikes: self.look_alikes(req),
+            add_headers: Vec::new(),
+            path: self.rewrite_query(req.path, &[]),
+        }
+    }
+
+    /// Decides one request on its final route (`route_name`, `cluster`)
+    /// with the key the first stage read. `now` gives Unix seconds and is
+    /// called only when the client has an `expires` time.
+    pub fn decide_with<'p>(
+        &'p self,
+        req: &RequestView<'_>,
+        key: &KeyCheck,
+        now: &dyn Fn() -> i64,
+    ) -> Decision<'p> {
+        let deny_unrouted = |reason| {
+            Decision::Deny(Denial {
+                reason,
+                route: None,
+                client: None,
+            })
+        };
+        if self.matches_host && authority_host(req.authority).is_none() {
+            return deny_unrouted(DenialReason::InvalidAuthority);
+        }
         // A CONNECT opens a tunnel whose bytes keyswap never sees: no key
         // can be checked and no credential swapped inside it, so it matches
         // no route.
         let tunnel = req.method.eq_ignore_ascii_case(b"CONNECT");
-        let route = if tunnel { None } else { self.routes.iter().position(|r| r.matcher.matches(req)) };
+        let route = if tunnel {
+            None
+        } else {
+            self.routes.iter().position(|r| r.matcher.matches(req))
+        };
         let Some(r) = route else {
+            // A request to a cluster some route is bound to is that route's
+            // business: never passed unchecked.
+            let bound = req.cluster.is_some_and(|c| {
+                self.bound_clusters
+                    .binary_search_by(|b| b.as_str().cmp(c))
+                    .is_ok()
+            });
             return match self.unmatched {
-                UnmatchedRoute::Deny => Decision::Deny(Denial {
-                    reason: DenialReason::NoRoute,
-                    route: None,
-                    client: None,
-                }),
-                UnmatchedRoute::Pass => Decision::Forward(self.forward(req, None, None)),
+                UnmatchedRoute::Pass if !bound => Decision::Forward(self.forward(req, None, None)),
+                _ => deny_unrouted(DenialReason::NoRoute),
             };
         };
         let route = &self.routes[r];
@@ -166,16 +266,22 @@ impl Policy {
                 client: client.map(|c| c.id.as_str()),
             })
         };
-        let key = match self.presented_key(req) {
-            Presented::None => return deny(DenialReason::MissingKey, None),
-            Presented::Conflicting => return deny(DenialReason::AmbiguousKey, None),
-            Presented::One(key) => key,
-        };
-        if key.len() > MAX_KEY_BYTES {
-            return deny(DenialReason::InvalidKey, None);
+        // TRACE (and IIS's TRACK) ask the upstream to echo the request,
+        // credential included, back to the client.
+        if req.method.eq_ignore_ascii_case(b"TRACE") || req.method.eq_ignore_ascii_case(b"TRACK") {
+            return deny(DenialReason::MethodNotAllowed, None);
         }
-        let digest: [u8; 32] = Sha256::digest(&key).into();
-        let Some(client) = self.index.find(&self.clients, &digest).map(|c| &self.clients[c]) else {
+        let digest = match key {
+            KeyCheck::Missing => return deny(DenialReason::MissingKey, None),
+            KeyCheck::Ambiguous => return deny(DenialReason::AmbiguousKey, None),
+            KeyCheck::TooLong => return deny(DenialReason::InvalidKey, None),
+            KeyCheck::Digest(digest) => digest,
+        };
+        let Some(client) = self
+            .index
+            .find(&self.clients, digest)
+            .map(|c| &self.clients[c])
+        else {
             return deny(DenialReason::InvalidKey, None);
         };
         if client.disabled {
@@ -192,6 +298,119 @@ impl Policy {
             return deny(DenialReason::RouteForbidden, Some(client));
         }
         Decision::Forward(self.forward(req, Some(route), Some(client)))
+    }
+
+    /// Client-sent header names that are a protected name with `_` for
+    /// `-` (`x_api_key`, `X_Keyswap_Client`), to remove.
+    fn look_alikes(&self, req: &RequestView<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, _) in req.headers.iter().filter(|(n, _)| n.contains('_')) {
+            let normal = name.replace('_', "-");
+            if self
+                .protected
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(&normal))
+                && !out.contains(name)
+            {
+                out.push(name.clone());
+            }
+        }
+        out
+    }
+
+    /// Request trailers to remove: every protected name (key sources,
+    /// `strip_request_headers`, the client-id header, injected names) and
+    /// their look-alikes. Trailers reach an HTTP/2 upstream, or an
+    /// HTTP/1.1 one with trailers enabled, after every header edit.
+    pub fn trailer_removals(&self, trailers: &[(String, Vec<u8>)]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (name, _) in trailers {
+            let normal = name.replace('_', "-");
+            if self
+                .protected
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(&normal))
+                && !out.contains(name)
+            {
+                out.push(name.clone());
+            }
+        }
+        out
+    }
+
+    /// Response headers that would hand a credential the route injected
+    /// back to the client, with what to do: `Some(value)` replaces a
+    /// `location` or `content-location` whose query carried an injected
+    /// parameter (the parameter removed), `None` removes the header (any
+    /// other header holding a secret). `dynamic` are the values the host
+    /// injected for the route's dynamic credentials.
+    pub fn reflections(
+        &self,
+        route: &str,
+        dynamic: &[&str],
+        headers: &[(String, Vec<u8>)],
+    ) -> Vec<(String, Option<Vec<u8>>)> {
+        let Some(route) = self.routes.iter().find(|r| r.name == route) else {
+            return Vec::new();
+        };
+        let mut secrets: Vec<&[u8]> = Vec::new();
+        let mut encoded: Vec<String> = Vec::new();
+        for h in &route.headers {
+            secrets.push(&h.value.as_bytes()[h.secret_at..]);
+        }
+        for q in &route.queries {
+            secrets.push(q.value.as_bytes());
+            encoded.push(crate::query::encode_component(&q.value));
+        }
+        for d in dynamic {
+            secrets.push(d.as_bytes());
+            encoded.push(crate::query::encode_component(d));
+        }
+        secrets.extend(encoded.iter().map(String::as_bytes));
+        let query_names = route
+            .queries
+            .iter()
+            .map(|q| q.name.as_slice())
+            .collect::<Vec<_>>();
+        let holds = |value: &[u8]| secrets.iter().any(|s| contains_secret(value, s));
+        let mut out = Vec::new();
+        for (name, value) in headers {
+            if !holds(value) {
+                continue;
+            }
+            let uri = name.eq_ignore_ascii_case("location")
+                || name.eq_ignore_ascii_case("content-location");
+            let cleaned = uri.then(|| self.without_params(value, &query_names, &route.dynamic));
+            match cleaned {
+                Some(v) if !holds(&v) => out.push((name.clone(), Some(v))),
+                _ => out.push((name.clone(), None)),
+            }
+        }
+        out
+    }
+
+    /// A URI without the route's injected query parameters.
+    fn without_params(
+        &self,
+        uri: &[u8],
+        names: &[&[u8]],
+        dynamic: &[crate::credential::DynamicInject],
+    ) -> Vec<u8> {
+        let injected = |n: &[u8]| {
+            names.contains(&n)
+                || dynamic.iter().any(|d| matches!(&d.target, crate::credential::Target::Query(q) if q.as_slice() == n))
+        };
+        let (base, query, _) = query::split_path(uri);
+        let mut out = base.to_vec();
+        let mut first = true;
+        for p in query::params(query.unwrap_or(b"")) {
+            if !injected(&p.name()) && !p.raw.is_empty() {
+                out.push(if first { b'?' } else { p.separator });
+                out.extend_from_slice(p.raw);
+                first = false;
+            }
+        }
+        out
     }
 
     /// The response headers to remove: configured names present in
@@ -218,7 +437,10 @@ impl Policy {
                     // the same thing in HTTP (RFC 9110, 5.3), and Envoy joins
                     // some repeated headers (`authorization`) that way, so
                     // each comma-separated element is one presentation.
-                    let values = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
+                    let values = req
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(name));
                     for element in values.flat_map(|(_, v)| v.split(|&b| b == b',')) {
                         if let Some(key) = header_key(element, prefix.as_deref()) {
                             found.add(std::borrow::Cow::Borrowed(key));
@@ -250,17 +472,33 @@ impl Policy {
         route: Option<&'p Route>,
         client: Option<&'p Client>,
     ) -> Forward<'p> {
-        let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let present = |name: &str| {
+            req.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        };
         let mut remove_headers: Vec<&str> = Vec::new();
-        let inject_names = route.into_iter().flat_map(|r| r.headers.iter().map(|h| h.name.as_str()));
-        for name in self.request_removals.iter().map(String::as_str).chain(inject_names) {
+        let inject_names = route
+            .into_iter()
+            .flat_map(|r| r.headers.iter().map(|h| h.name.as_str()));
+        for name in self
+            .request_removals
+            .iter()
+            .map(String::as_str)
+            .chain(inject_names)
+        {
             if present(name) && !remove_headers.contains(&name) {
                 remove_headers.push(name);
             }
         }
         let mut add_headers: Vec<(&str, &str)> = Vec::new();
         if let Some(route) = route {
-            add_headers.extend(route.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
+            add_headers.extend(
+                route
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.value.as_str())),
+            );
         }
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
             add_headers.push((name.as_str(), client.id.as_str()));
@@ -271,6 +509,7 @@ impl Policy {
             route: route.map(|r| r.name.as_str()),
             client: client.map(|c| c.id.as_str()),
             remove_headers,
+            remove_look_alikes: self.look_alikes(req),
             add_headers,
             path,
         }
@@ -284,7 +523,9 @@ impl Policy {
     pub(crate) fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
         let removed = |p: &Param<'_>| {
             let name = p.name();
-            self.key_sources.iter().any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
+            self.key_sources
+                .iter()
+                .any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
                 || injected.iter().any(|q| q.name == *name)
         };
         let (base, query, fragment) = query::split_path(path);
@@ -310,6 +551,63 @@ impl Policy {
         }
         Some(out)
     }
+}
+
+/// What a request presented as a key, as the first stage hands it to the
+/// decision: never the key itself, only its SHA-256 (what the
+/// configuration stores too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// No key in any key source.
+    Missing,
+    /// Different keys in different places.
+    Ambiguous,
+    /// A key longer than [`MAX_KEY_BYTES`], never hashed.
+    TooLong,
+    /// The SHA-256 of the one key presented.
+    Digest([u8; 32]),
+}
+
+impl KeyCheck {
+    /// The record the first stage leaves for the second (Envoy filter
+    /// state): one tag byte, and the digest after `d`.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            KeyCheck::Missing => b"m".to_vec(),
+            KeyCheck::Ambiguous => b"a".to_vec(),
+            KeyCheck::TooLong => b"l".to_vec(),
+            KeyCheck::Digest(d) => {
+                let mut out = Vec::with_capacity(33);
+                out.push(b'd');
+                out.extend_from_slice(d);
+                out
+            }
+        }
+    }
+
+    /// The record back; `None` for anything [`Self::encode`] never writes.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            b"m" => Some(KeyCheck::Missing),
+            b"a" => Some(KeyCheck::Ambiguous),
+            b"l" => Some(KeyCheck::TooLong),
+            [b'd', digest @ ..] => <[u8; 32]>::try_from(digest).ok().map(KeyCheck::Digest),
+            _ => None,
+        }
+    }
+}
+
+/// True when `value` holds `secret`: anywhere for a secret of 8 bytes or
+/// more, as the whole value for a shorter one (a short test value would
+/// otherwise match unrelated text).
+fn contains_secret(value: &[u8], secret: &[u8]) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
+    if secret.len() < 8 {
+        return value == secret;
+    }
+    value.windows(secret.len()).any(|w| w == secret)
 }
 
 enum Presented<'r> {
@@ -359,6 +657,11 @@ impl RouteMatch {
                 return false;
             }
         }
+        if let Some(clusters) = &self.clusters {
+            if !req.cluster.is_some_and(|c| clusters.iter().any(|b| b == c)) {
+                return false;
+            }
+        }
         if let Some(prefix) = &self.path_prefix {
             let (base, _, _) = query::split_path(req.path);
             if !base.starts_with(prefix.as_bytes()) {
@@ -366,7 +669,9 @@ impl RouteMatch {
             }
         }
         if let Some(host) = &self.host {
-            if !host_of(req.authority).eq_ignore_ascii_case(host.as_bytes()) {
+            if !authority_host(req.authority)
+                .is_some_and(|h| h.eq_ignore_ascii_case(host.as_bytes()))
+            {
                 return false;
             }
         }
@@ -374,17 +679,40 @@ impl RouteMatch {
     }
 }
 
-/// The authority without its port (IPv6 literals keep their brackets).
-fn host_of(authority: &[u8]) -> &[u8] {
-    if authority.first() == Some(&b'[') {
-        return match authority.iter().position(|&b| b == b']') {
-            Some(end) => &authority[..=end],
-            None => authority,
-        };
+/// The host of an authority (`host[:port]`, IPv6 literals in brackets),
+/// read strictly (RFC 3986 3.2): `None` for an empty host, an empty,
+/// doubled or non-numeric port, user information, or any byte a host
+/// cannot hold. Such an authority is refused, never matched loosely.
+pub(crate) fn authority_host(authority: &[u8]) -> Option<&[u8]> {
+    let (host, port) = if authority.first() == Some(&b'[') {
+        let end = authority.iter().position(|&b| b == b']')?;
+        let literal = &authority[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return None;
+        }
+        (&authority[..=end], &authority[end + 1..])
+    } else {
+        match authority.iter().position(|&b| b == b':') {
+            Some(colon) => (&authority[..colon], &authority[colon..]),
+            None => (authority, &authority[authority.len()..]),
+        }
+    };
+    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    if host.is_empty() || (host[0] != b'[' && !host.iter().all(reg_name)) {
+        return None;
     }
-    match authority.iter().rposition(|&b| b == b':') {
-        Some(colon) => &authority[..colon],
-        None => authority,
+    match port {
+        [] => Some(host),
+        [b':', digits @ ..]
+            if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
+        {
+            Some(host)
+        }
+        _ => None,
     }
 }
 
@@ -400,7 +728,10 @@ pub(crate) struct ClientIndex {
 
 impl ClientIndex {
     pub fn with_capacity(n: usize) -> Self {
-        Self { first: HashMap::with_capacity_and_hasher(n, Default::default()), colliding: Vec::new() }
+        Self {
+            first: HashMap::with_capacity_and_hasher(n, Default::default()),
+            colliding: Vec::new(),
+        }
     }
 
     /// Adds client `index`; on a duplicate digest returns the earlier client.
@@ -418,7 +749,11 @@ impl ClientIndex {
     }
 
     pub fn find(&self, clients: &[Client], digest: &[u8; 32]) -> Option<usize> {
-        let same = |c: &usize| clients.get(*c).is_some_and(|c| bool::from(c.digest.ct_eq(digest)));
+        let same = |c: &usize| {
+            clients
+                .get(*c)
+                .is_some_and(|c| bool::from(c.digest.ct_eq(digest)))
+        };
         match self.first.get(&prefix(digest)) {
             Some(c) if same(c) => Some(*c),
             _ => self.colliding.iter().copied().find(same),
@@ -474,7 +809,7 @@ mod tests {
                              "inject": [{{"query": "key", "value": {{"inline": "up"}}}}]}}],
                 "unmatched_route": "{unmatched}"}}"#
         );
-        match Policy::from_json(json.as_bytes(), &|_: &str| None) {
+        match Policy::from_json_for(json.as_bytes(), &|_: &str| None, crate::Routing::Own) {
             Ok(policy) => policy,
             Err(err) => panic!("{err}"),
         }
@@ -486,7 +821,11 @@ mod tests {
             (":path".to_string(), path.as_bytes().to_vec()),
             (":authority".to_string(), b"api.test:443".to_vec()),
         ];
-        list.extend(headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+        list.extend(
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
         list
     }
 
@@ -504,7 +843,10 @@ mod tests {
         assert_eq!(reason(&p, &joined("Bearer k1,Bearer k1")), None);
         assert_eq!(reason(&p, &joined("Bearer k1, Bearer k1")), None);
         assert_eq!(reason(&p, &joined("Bearer k1,Basic eA==")), None);
-        assert_eq!(reason(&p, &joined("Bearer k1,Bearer k2")), Some(DenialReason::AmbiguousKey));
+        assert_eq!(
+            reason(&p, &joined("Bearer k1,Bearer k2")),
+            Some(DenialReason::AmbiguousKey)
+        );
         assert_eq!(reason(&p, &joined("Bearer k1,")), None);
         assert_eq!(reason(&p, &joined(",")), Some(DenialReason::MissingKey));
     }
@@ -540,7 +882,10 @@ mod tests {
     #[test]
     fn connect_matches_no_route() {
         let bearer = [("authorization", "Bearer k1")];
-        assert_eq!(reason(&policy("deny"), &request("CONNECT", "", &bearer)), Some(DenialReason::NoRoute));
+        assert_eq!(
+            reason(&policy("deny"), &request("CONNECT", "", &bearer)),
+            Some(DenialReason::NoRoute)
+        );
         let p = policy("pass");
         let headers = request("CONNECT", "", &bearer);
         match p.decide(&RequestView::from_headers(None, &headers), &|| 0) {
@@ -555,10 +900,43 @@ mod tests {
     }
 
     #[test]
-    fn hosts_lose_their_port() {
-        assert_eq!(host_of(b"api.example.com:8443"), b"api.example.com");
-        assert_eq!(host_of(b"api.example.com"), b"api.example.com");
-        assert_eq!(host_of(b"[::1]:80"), b"[::1]");
-        assert_eq!(host_of(b"[::1]"), b"[::1]");
+    fn hosts_lose_their_port_and_malformed_authorities_have_no_host() {
+        let host = authority_host;
+        assert_eq!(host(b"api.example.com:8443"), Some(&b"api.example.com"[..]));
+        assert_eq!(host(b"api.example.com"), Some(&b"api.example.com"[..]));
+        assert_eq!(host(b"[::1]:80"), Some(&b"[::1]"[..]));
+        assert_eq!(host(b"[::1]"), Some(&b"[::1]"[..]));
+        for bad in [
+            &b"registry.internal:"[..],
+            b"registry.internal:80:80",
+            b"registry.internal:http",
+            b"registry.internal:123456",
+            b":80",
+            b"",
+            b"user@registry.internal",
+            b"registry.internal/x",
+            b"registry internal",
+            b"[::1]:",
+            b"[::1]x",
+            b"[]",
+            b"[::1",
+        ] {
+            assert_eq!(host(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn key_check_records_round_trip() {
+        for check in [
+            KeyCheck::Missing,
+            KeyCheck::Ambiguous,
+            KeyCheck::TooLong,
+            KeyCheck::Digest([7; 32]),
+        ] {
+            assert_eq!(KeyCheck::decode(&check.encode()), Some(check));
+        }
+        for bad in [&b""[..], b"x", b"d", b"dshort", &[b'd'; 34]] {
+            assert_eq!(KeyCheck::decode(bad), None);
+        }
     }
 }

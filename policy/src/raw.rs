@@ -73,6 +73,8 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub route_name: Option<String>,
+    /// Envoy clusters the route's credentials may go to.
+    pub clusters: Option<Vec<String>>,
     pub path_prefix: Option<String>,
     pub host: Option<String>,
 }

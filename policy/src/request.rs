@@ -5,6 +5,9 @@
 pub struct RequestView<'a> {
     /// Envoy's route name (`xds.route_name`), when the host has one.
     pub route_name: Option<&'a str>,
+    /// The upstream cluster the request goes to (`xds.cluster_name`), when
+    /// the host has decided it.
+    pub cluster: Option<&'a str>,
     pub method: &'a [u8],
     /// The request target: path and query.
     pub path: &'a [u8],
@@ -19,13 +22,23 @@ impl<'a> RequestView<'a> {
     /// `:authority` (or `host`) from it.
     pub fn from_headers(route_name: Option<&'a str>, headers: &'a [(String, Vec<u8>)]) -> Self {
         let get = |name: &str| {
-            headers.iter().find(|(n, _)| n == name).map_or(&[][..], |(_, v)| v.as_slice())
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, v)| v.as_slice())
         };
         let mut authority = get(":authority");
         if authority.is_empty() {
             authority = get("host");
         }
-        Self { route_name, method: get(":method"), path: get(":path"), authority, headers }
+        Self {
+            route_name,
+            cluster: None,
+            method: get(":method"),
+            path: get(":path"),
+            authority,
+            headers,
+        }
     }
 
     /// The query string, without `?` (empty when there is none).

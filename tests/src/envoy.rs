@@ -3,8 +3,12 @@
 //! - [`envoy_binary`] and [`filter_wasm`] find what `scripts/setup` installs
 //!   and builds (`KEYSWAP_ENVOY`, `KEYSWAP_FILTER` override them).
 //! - [`gateway`] writes a bootstrap: an admin and any number of listeners,
-//!   each with its own keyswap filter, configuration and VM environment, in
-//!   front of one upstream cluster. Every port is picked by the kernel
+//!   each with its own keyswap configuration and VM environment, placed as
+//!   keyswap is deployed: an HTTP filter of the listener (the first stage)
+//!   and an upstream HTTP filter of each of the listener's clusters (the
+//!   final stage). Each named route `N` goes to a cluster `N`, the
+//!   catch-all route to `<listener>-default`; every cluster reaches the one
+//!   upstream address. Every port is picked by the kernel
 //!   (port 0); the admin's address comes back through
 //!   `--admin-address-path` and the listeners' through the admin, so
 //!   parallel tests never race for a port.
@@ -45,7 +49,9 @@ pub const ROUTE_HEADER: &str = "x-test-route";
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+    manifest
+        .parent()
+        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// The Envoy binary: `KEYSWAP_ENVOY`, else `.venv/bin/envoy` at the root.
@@ -53,11 +59,15 @@ pub fn repo_root() -> PathBuf {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn envoy_binary() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_ENVOY").map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
+    let path = std::env::var_os("KEYSWAP_ENVOY")
+        .map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!("no Envoy at {}: run scripts/setup (or set KEYSWAP_ENVOY)", path.display()))
+        Err(format!(
+            "no Envoy at {}: run scripts/setup (or set KEYSWAP_ENVOY)",
+            path.display()
+        ))
     }
 }
 
@@ -66,12 +76,17 @@ pub fn envoy_binary() -> Result<PathBuf, String> {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn filter_wasm() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_FILTER")
-        .map_or_else(|| repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"), PathBuf::from);
+    let path = std::env::var_os("KEYSWAP_FILTER").map_or_else(
+        || repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"),
+        PathBuf::from,
+    );
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!("no filter at {}: run scripts/setup (or set KEYSWAP_FILTER)", path.display()))
+        Err(format!(
+            "no filter at {}: run scripts/setup (or set KEYSWAP_FILTER)",
+            path.display()
+        ))
     }
 }
 
@@ -87,39 +102,146 @@ pub struct Listener {
     /// Variables the VM inherits from Envoy's own environment
     /// (`vm_config.environment_variables.host_env_keys`).
     pub host_env_keys: Vec<String>,
-    /// Envoy route names, each selected by [`ROUTE_HEADER`]; before the
-    /// unnamed catch-all route.
+    /// Envoy route names, each selected by [`ROUTE_HEADER`] and sent to the
+    /// cluster of the same name; before the unnamed catch-all route.
     pub route_names: Vec<String>,
+    /// More routes, `(route name, cluster)`, each selected by
+    /// [`ROUTE_HEADER`] `route@cluster` (see [`route_selector`]).
+    pub routes_to: Vec<(String, String)>,
 }
 
-/// A bootstrap: admin and listeners on loopback port 0, every route to the
-/// one cluster `upstream` at `upstream`, the filter loaded from `wasm` in V8.
+/// The [`ROUTE_HEADER`] value that selects the Envoy route named `route`
+/// sending to `cluster`: the route name alone when the cluster is named
+/// like it.
+pub fn route_selector(route: &str, cluster: &str) -> String {
+    if route == cluster {
+        route.to_string()
+    } else {
+        format!("{route}@{cluster}")
+    }
+}
+
+impl Listener {
+    /// The cluster of the catch-all route.
+    pub fn default_cluster(&self) -> String {
+        format!("{}-default", self.name)
+    }
+
+    /// Every cluster this listener's routes reach.
+    pub fn clusters(&self) -> Vec<String> {
+        let mut clusters = self.route_names.clone();
+        for (_, cluster) in &self.routes_to {
+            if !clusters.contains(cluster) {
+                clusters.push(cluster.clone());
+            }
+        }
+        clusters.push(self.default_cluster());
+        clusters
+    }
+}
+
+/// Splits `listeners` into groups whose clusters have distinct names, each
+/// group one Envoy (a cluster carries one listener's keyswap
+/// configuration, so two listeners cannot share a cluster name).
+pub fn without_shared_clusters(listeners: &[Listener]) -> Vec<Vec<Listener>> {
+    let mut groups: Vec<(Vec<Listener>, std::collections::BTreeSet<String>)> = Vec::new();
+    for l in listeners {
+        let names = l.clusters();
+        match groups
+            .iter_mut()
+            .find(|(_, taken)| names.iter().all(|n| !taken.contains(n)))
+        {
+            Some((group, taken)) => {
+                taken.extend(names);
+                group.push(l.clone());
+            }
+            None => groups.push((vec![l.clone()], names.into_iter().collect())),
+        }
+    }
+    groups.into_iter().map(|(group, _)| group).collect()
+}
+
+/// A bootstrap: admin and listeners on loopback port 0, each listener's
+/// clusters reaching `upstream`, the filter loaded from `wasm` in V8.
+///
+/// # Panics
+/// Two listeners with a cluster of the same name (see
+/// [`without_shared_clusters`]).
 pub fn gateway(listeners: &[Listener], upstream: SocketAddr, wasm: &Path) -> serde_json::Value {
+    let mut clusters: Vec<serde_json::Value> = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for l in listeners {
+        let filter = keyswap_filter(l, wasm);
+        for name in l.clusters() {
+            assert!(
+                names.insert(name.clone()),
+                "two listeners of one bootstrap have a cluster `{name}`"
+            );
+            clusters.push(cluster(&name, upstream, &filter));
+        }
+    }
     let listeners: Vec<serde_json::Value> = listeners.iter().map(|l| listener(l, wasm)).collect();
     json!({
         // Required as soon as a test adds dynamic resources (LDS).
         "node": {"id": "keyswap-test", "cluster": "keyswap-test"},
         "admin": {"address": loopback(0)},
-        "static_resources": {
-            "listeners": listeners,
-            "clusters": [{
-                "name": "upstream",
-                "type": "STATIC",
-                "connect_timeout": "2s",
-                "load_assignment": {
-                    "cluster_name": "upstream",
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                        "address": upstream.ip().to_string(),
-                        "port_value": upstream.port(),
-                    }}}}]}],
-                },
-            }],
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    })
+}
+
+/// A cluster reaching `upstream` over HTTP/1.1, with `filter` (keyswap's
+/// final stage) as its upstream HTTP filter.
+pub fn cluster(name: &str, upstream: SocketAddr, filter: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": upstream.ip().to_string(),
+                "port_value": upstream.port(),
+            }}}}]}],
         },
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": [filter, {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+            }],
+        }},
     })
 }
 
 fn loopback(port: u16) -> serde_json::Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+/// The keyswap HTTP filter of listener `l`: the same object in the
+/// listener's chain and in its clusters'.
+pub fn keyswap_filter(l: &Listener, wasm: &Path) -> serde_json::Value {
+    json!({
+        "name": "keyswap",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "keyswap",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": l.config,
+                },
+                "vm_config": {
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm.display().to_string()}},
+                    "environment_variables": {
+                        "host_env_keys": l.host_env_keys,
+                        "key_values": l.env,
+                    },
+                },
+            },
+        },
+    })
 }
 
 fn listener(l: &Listener, wasm: &Path) -> serde_json::Value {
@@ -130,11 +252,18 @@ fn listener(l: &Listener, wasm: &Path) -> serde_json::Value {
             json!({
                 "name": name,
                 "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": name}}]},
-                "route": {"cluster": "upstream"},
+                "route": {"cluster": name},
             })
         })
         .collect();
-    routes.push(json!({"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}));
+    routes.extend(l.routes_to.iter().map(|(name, cluster)| {
+        json!({
+            "name": name,
+            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route_selector(name, cluster)}}]},
+            "route": {"cluster": cluster},
+        })
+    }));
+    routes.push(json!({"match": {"prefix": "/"}, "route": {"cluster": l.default_cluster()}}));
     json!({
         "name": l.name,
         "address": loopback(0),
@@ -148,27 +277,7 @@ fn listener(l: &Listener, wasm: &Path) -> serde_json::Value {
                     "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
                 },
                 "http_filters": [
-                    {
-                        "name": "keyswap",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                            "config": {
-                                "name": "keyswap",
-                                "configuration": {
-                                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                                    "value": l.config,
-                                },
-                                "vm_config": {
-                                    "runtime": "envoy.wasm.runtime.v8",
-                                    "code": {"local": {"filename": wasm.display().to_string()}},
-                                    "environment_variables": {
-                                        "host_env_keys": l.host_env_keys,
-                                        "key_values": l.env,
-                                    },
-                                },
-                            },
-                        },
-                    },
+                    keyswap_filter(l, wasm),
                     {
                         "name": "envoy.filters.http.router",
                         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -226,8 +335,14 @@ pub struct Refusal {
 /// A fresh directory for one run.
 fn run_dir() -> Result<PathBuf, String> {
     static RUNS: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let name = format!("keyswap-envoy-{}-{}-{nanos}", std::process::id(), RUNS.fetch_add(1, Ordering::SeqCst));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!(
+        "keyswap-envoy-{}-{}-{nanos}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::SeqCst)
+    );
     let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(dir)
@@ -237,7 +352,8 @@ fn spawn(launch: &Launch, dir: &Path, extra: &[&str]) -> Result<Child, String> {
     let envoy = envoy_binary()?;
     let config = dir.join(&launch.file_name);
     std::fs::write(&config, &launch.text).map_err(|e| format!("{}: {e}", config.display()))?;
-    let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| format!("envoy.log: {e}"))?;
+    let log =
+        std::fs::File::create(dir.join("envoy.log")).map_err(|e| format!("envoy.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("envoy.log: {e}"))?;
     Command::new(&envoy)
         .arg("-c")
@@ -265,7 +381,10 @@ pub struct LogLevels {
 impl LogLevels {
     /// What a serving test Envoy logs by default: everything at `debug`.
     pub fn serving() -> Self {
-        Self { level: "debug".into(), components: None }
+        Self {
+            level: "debug".into(),
+            components: None,
+        }
     }
 }
 
@@ -274,7 +393,11 @@ impl LogLevels {
 /// workers nor debug lines matter and each costs time.
 fn run_args(dir: &Path, serving: bool, log: &LogLevels) -> Vec<String> {
     let admin = dir.join("admin-address");
-    let (concurrency, level) = if serving { ("2", log.level.as_str()) } else { ("1", "info") };
+    let (concurrency, level) = if serving {
+        ("2", log.level.as_str())
+    } else {
+        ("1", "info")
+    };
     let mut args: Vec<String> = vec![
         "--concurrency".into(),
         concurrency.into(),
@@ -292,15 +415,24 @@ fn run_args(dir: &Path, serving: bool, log: &LogLevels) -> Vec<String> {
 
 /// The admin's address once Envoy has written it.
 fn admin_address(dir: &Path) -> Option<SocketAddr> {
-    std::fs::read_to_string(dir.join("admin-address")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(dir.join("admin-address"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn is_ready(admin: SocketAddr) -> bool {
-    Request::get("/ready").header("host", "admin").send(admin).is_ok_and(|r| r.status == 200)
+    Request::get("/ready")
+        .header("host", "admin")
+        .send(admin)
+        .is_ok_and(|r| r.status == 200)
 }
 
 fn read_log(dir: &Path) -> String {
-    std::fs::read(dir.join("envoy.log")).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    std::fs::read(dir.join("envoy.log"))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 /// The last `lines` lines of `log`, with a header saying how many there were.
@@ -359,11 +491,24 @@ impl Envoy {
         let dir = run_dir()?;
         let mut args = run_args(&dir, true, log);
         args[1] = workers.to_string();
-        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let child = spawn(
+            launch,
+            &dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
         // From here on, dropping `envoy` kills the child.
-        let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
+        let mut envoy = Self {
+            child,
+            dir,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listeners: BTreeMap::new(),
+        };
         let fail = |envoy: &Envoy, why: &str| {
-            format!("{why}\n---- Envoy log {}\n{}", envoy.log_path().display(), tail(&envoy.log(), 150))
+            format!(
+                "{why}\n---- Envoy log {}\n{}",
+                envoy.log_path().display(),
+                tail(&envoy.log(), 150)
+            )
         };
         let ready = poll(READY_TIMEOUT, || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -375,21 +520,37 @@ impl Envoy {
         envoy.admin = match ready {
             Some(Ok(admin)) => admin,
             Some(Err(why)) => return Err(fail(&envoy, &why)),
-            None => return Err(fail(&envoy, &format!("Envoy was not ready within {READY_TIMEOUT:?}"))),
+            None => {
+                return Err(fail(
+                    &envoy,
+                    &format!("Envoy was not ready within {READY_TIMEOUT:?}"),
+                ))
+            }
         };
         envoy.listeners = envoy.fetch_listeners().map_err(|e| fail(&envoy, &e))?;
         // The first check: the filter runs with exactly these configurations.
-        let versions: Vec<String> =
-            launch.expect_configs.iter().map(|c| keyswap_policy::content_version(c.as_bytes())).collect();
+        let versions: Vec<String> = launch
+            .expect_configs
+            .iter()
+            .map(|c| keyswap_policy::content_version(c.as_bytes()))
+            .collect();
         let loaded = poll(Duration::from_secs(10), || {
             let log = envoy.log();
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains("keyswap: configuration loaded:")).collect();
-            let missing: Vec<&String> =
-                versions.iter().filter(|v| !lines.iter().any(|l| l.ends_with(&format!("version {v}")))).collect();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("keyswap: configuration loaded:"))
+                .collect();
+            let missing: Vec<&String> = versions
+                .iter()
+                .filter(|v| !lines.iter().any(|l| l.ends_with(&format!("version {v}"))))
+                .collect();
             missing.is_empty().then_some(())
         });
         if loaded.is_none() {
-            return Err(fail(&envoy, &format!("keyswap did not log `configuration loaded` for versions {versions:?}")));
+            return Err(fail(
+                &envoy,
+                &format!("keyswap did not log `configuration loaded` for versions {versions:?}"),
+            ));
         }
         Ok(envoy)
     }
@@ -404,21 +565,38 @@ impl Envoy {
     pub fn refuse(launch: &Launch) -> Result<Refusal, String> {
         let dir = run_dir()?;
         let args = run_args(&dir, false, &LogLevels::serving());
-        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
+        let child = spawn(
+            launch,
+            &dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        let mut envoy = Self {
+            child,
+            dir,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listeners: BTreeMap::new(),
+        };
         let outcome = poll(READY_TIMEOUT, || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
                 return Some(Ok(status));
             }
             let admin = admin_address(&envoy.dir)?;
-            is_ready(admin).then_some(Err("Envoy started and became ready; it should have refused".to_string()))
+            is_ready(admin).then_some(Err(
+                "Envoy started and became ready; it should have refused".to_string(),
+            ))
         });
         let log = envoy.log();
         match outcome {
             Some(Ok(status)) if !status.success() => Ok(Refusal { status, log }),
-            Some(Ok(status)) => Err(format!("Envoy exited with {status}; it should have failed\n{}", tail(&log, 100))),
+            Some(Ok(status)) => Err(format!(
+                "Envoy exited with {status}; it should have failed\n{}",
+                tail(&log, 100)
+            )),
             Some(Err(why)) => Err(format!("{why}\n{}", tail(&log, 100))),
-            None => Err(format!("Envoy neither exited nor became ready within {READY_TIMEOUT:?}\n{}", tail(&log, 100))),
+            None => Err(format!(
+                "Envoy neither exited nor became ready within {READY_TIMEOUT:?}\n{}",
+                tail(&log, 100)
+            )),
         }
     }
 
@@ -427,16 +605,22 @@ impl Envoy {
             .header("host", "admin")
             .send(self.admin)
             .map_err(|e| format!("admin /listeners: {e}"))?;
-        let json = response.json().map_err(|e| format!("admin /listeners: {e}"))?;
+        let json = response
+            .json()
+            .map_err(|e| format!("admin /listeners: {e}"))?;
         let mut out = BTreeMap::new();
         for status in json["listener_statuses"].as_array().into_iter().flatten() {
             let address = &status["local_address"]["socket_address"];
-            let (Some(name), Some(ip), Some(port)) =
-                (status["name"].as_str(), address["address"].as_str(), address["port_value"].as_u64())
-            else {
+            let (Some(name), Some(ip), Some(port)) = (
+                status["name"].as_str(),
+                address["address"].as_str(),
+                address["port_value"].as_u64(),
+            ) else {
                 return Err(format!("admin /listeners: unexpected entry {status}"));
             };
-            let addr = format!("{ip}:{port}").parse().map_err(|e| format!("admin /listeners: {e}"))?;
+            let addr = format!("{ip}:{port}")
+                .parse()
+                .map_err(|e| format!("admin /listeners: {e}"))?;
             out.insert(name.to_string(), addr);
         }
         Ok(out)
@@ -452,7 +636,10 @@ impl Envoy {
     /// # Errors
     /// Envoy has no such listener.
     pub fn listener(&self, name: &str) -> Result<SocketAddr, String> {
-        self.listeners.get(name).copied().ok_or_else(|| format!("Envoy has no listener {name}: {:?}", self.listeners))
+        self.listeners
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("Envoy has no listener {name}: {:?}", self.listeners))
     }
 
     /// Every listener by name.
@@ -485,7 +672,11 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- Envoy log, kept at {} {}", self.log_path().display(), tail(&self.log(), 300));
+            eprintln!(
+                "---- Envoy log, kept at {} {}",
+                self.log_path().display(),
+                tail(&self.log(), 300)
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -510,10 +701,19 @@ pub fn validate(config: &Path, env: &[(String, String)], cwd: &Path) -> Result<S
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{}: {e}", envoy.display()))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     if output.status.success() {
         Ok(text)
     } else {
-        Err(format!("envoy --mode validate -c {} failed ({}):\n{}", config.display(), output.status, tail(&text, 60)))
+        Err(format!(
+            "envoy --mode validate -c {} failed ({}):\n{}",
+            config.display(),
+            output.status,
+            tail(&text, 60)
+        ))
     }
 }

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 
 use crate::suite::{default_dir, Case, Expect, Observed, Report, Suite};
 use keyswap_tests::echo::{Echo, Echoed, RESPOND_HEADER};
-use keyswap_tests::envoy::{filter_wasm, Envoy, Launch, Listener, ROUTE_HEADER};
+use keyswap_tests::envoy::{
+    filter_wasm, route_selector, without_shared_clusters, Envoy, Launch, Listener, ROUTE_HEADER,
+};
 use keyswap_tests::http::Request;
 
 /// Request headers the upstream receives that neither the client sent nor
@@ -43,16 +45,26 @@ fn request_for(case: &Case) -> Request {
     let r = &case.request;
     // CONNECT carries its authority as the target (authority-form); an
     // absolute-form path is sent as the target it is.
-    let target = if r.method.eq_ignore_ascii_case("CONNECT") && r.path.is_empty() { &r.authority } else { &r.path };
+    let target = if r.method.eq_ignore_ascii_case("CONNECT") && r.path.is_empty() {
+        &r.authority
+    } else {
+        &r.path
+    };
     let mut request = Request::new(&r.method, target).header("host", &r.authority);
     for (name, value) in &r.headers {
         request = request.header(name, value);
     }
     if let Some(route) = &r.route_name {
-        request = request.header(ROUTE_HEADER, route);
+        request = request.header(
+            ROUTE_HEADER,
+            &route_selector(route, r.cluster().unwrap_or(route)),
+        );
     }
     if let Some(response) = &case.response {
-        request = request.header(RESPOND_HEADER, serde_json::json!(response.headers).to_string());
+        request = request.header(
+            RESPOND_HEADER,
+            serde_json::json!(response.headers).to_string(),
+        );
     }
     request
 }
@@ -61,10 +73,16 @@ fn request_for(case: &Case) -> Request {
 /// echo's JSON body means the request was forwarded, anything else that it
 /// was answered by the gateway.
 fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, String> {
-    let response = request_for(case).send(listener).map_err(|e| format!("request through Envoy: {e}"))?;
+    let response = request_for(case)
+        .send(listener)
+        .map_err(|e| format!("request through Envoy: {e}"))?;
     match Echoed::parse(&response.body) {
         Some(echoed) if response.status == 200 => {
-            let client_framed = case.request.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+            let client_framed = case
+                .request
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
             let headers = echoed
                 .headers
                 .into_iter()
@@ -74,9 +92,17 @@ fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, Stri
                 .filter(|(n, v)| client_framed || !(n == "content-length" && v == "0"))
                 .collect();
             let client_response = case.response.as_ref().map(|_| response.headers.clone());
-            Ok(Observed::Forwarded { path: echoed.path, headers, client_response })
+            Ok(Observed::Forwarded {
+                path: echoed.path,
+                headers,
+                client_response,
+            })
         }
-        _ => Ok(Observed::Denied { status: response.status, headers: response.headers, body: response.body }),
+        _ => Ok(Observed::Denied {
+            status: response.status,
+            headers: response.headers,
+            body: response.body,
+        }),
     }
 }
 
@@ -85,9 +111,17 @@ fn group_of(case: &Case) -> Group {
 }
 
 /// Starts one Envoy that must refuse `case`'s configuration.
-fn refused(case: &Case, upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Result<Observed, String> {
-    let listener =
-        Listener { name: "refused".into(), config: case.config.clone(), env: case.env.clone(), ..Listener::default() };
+fn refused(
+    case: &Case,
+    upstream: std::net::SocketAddr,
+    wasm: &std::path::Path,
+) -> Result<Observed, String> {
+    let listener = Listener {
+        name: "refused".into(),
+        config: case.config.clone(),
+        env: case.env.clone(),
+        ..Listener::default()
+    };
     let refusal = Envoy::refuse(&Launch::gateway(&[listener], upstream, wasm))?;
     Ok(Observed::ConfigRefused { log: refusal.log })
 }
@@ -100,16 +134,25 @@ fn start_gateways(
     upstream: std::net::SocketAddr,
     wasm: &std::path::Path,
 ) -> Vec<Result<Envoy, String>> {
-    match Envoy::start(&Launch::gateway(listeners, upstream, wasm)) {
-        Ok(envoy) => vec![Ok(envoy)],
-        Err(_) => listeners
-            .iter()
-            .map(|l| {
-                Envoy::start(&Launch::gateway(std::slice::from_ref(l), upstream, wasm))
-                    .map_err(|e| format!("Envoy with listener {} alone did not start: {e}", l.name))
-            })
-            .collect(),
-    }
+    // Listeners whose clusters share a name need an Envoy each (a cluster
+    // carries its listener's configuration).
+    without_shared_clusters(listeners)
+        .iter()
+        .flat_map(
+            |group| match Envoy::start(&Launch::gateway(group, upstream, wasm)) {
+                Ok(envoy) => vec![Ok(envoy)],
+                Err(_) => group
+                    .iter()
+                    .map(|l| {
+                        Envoy::start(&Launch::gateway(std::slice::from_ref(l), upstream, wasm))
+                            .map_err(|e| {
+                                format!("Envoy with listener {} alone did not start: {e}", l.name)
+                            })
+                    })
+                    .collect(),
+            },
+        )
+        .collect()
 }
 
 #[test]
@@ -120,17 +163,28 @@ fn conformance_suite_passes_in_envoy() {
     let echo = Echo::start("127.0.0.1:0").expect("the echo upstream starts");
 
     // config_error cases: one Envoy each, that must exit by itself.
-    let refusing: Vec<&Case> =
-        plan.run.iter().copied().filter(|c| matches!(c.expect, Expect::ConfigError(_))).collect();
+    let refusing: Vec<&Case> = plan
+        .run
+        .iter()
+        .copied()
+        .filter(|c| matches!(c.expect, Expect::ConfigError(_)))
+        .collect();
     let mut refusals: BTreeMap<String, Result<Observed, String>> = BTreeMap::new();
     for batch in refusing.chunks(REFUSALS_AT_ONCE) {
         std::thread::scope(|scope| {
             let handles: Vec<_> = batch
                 .iter()
-                .map(|case| (case.name.clone(), scope.spawn(|| refused(case, echo.addr(), &wasm))))
+                .map(|case| {
+                    (
+                        case.name.clone(),
+                        scope.spawn(|| refused(case, echo.addr(), &wasm)),
+                    )
+                })
                 .collect();
             for (name, handle) in handles {
-                let outcome = handle.join().unwrap_or_else(|_| Err("the runner thread panicked".into()));
+                let outcome = handle
+                    .join()
+                    .unwrap_or_else(|_| Err("the runner thread panicked".into()));
                 refusals.insert(name, outcome);
             }
         });
@@ -138,34 +192,68 @@ fn conformance_suite_passes_in_envoy() {
 
     // Every other case: a listener per (config, env), all in one Envoy.
     let mut groups: BTreeMap<Group, Vec<&Case>> = BTreeMap::new();
-    for case in plan.run.iter().copied().filter(|c| !matches!(c.expect, Expect::ConfigError(_))) {
+    for case in plan
+        .run
+        .iter()
+        .copied()
+        .filter(|c| !matches!(c.expect, Expect::ConfigError(_)))
+    {
         groups.entry(group_of(case)).or_default().push(case);
     }
     let listeners: Vec<Listener> = groups
         .iter()
         .enumerate()
         .map(|(i, ((config, env), cases))| {
-            let mut route_names: Vec<String> = cases.iter().filter_map(|c| c.request.route_name.clone()).collect();
+            fn named<'c>(c: &&'c Case) -> Option<(&'c str, &'c str)> {
+                c.request
+                    .route_name
+                    .as_deref()
+                    .map(|r| (r, c.request.cluster().unwrap_or(r)))
+            }
+            let mut route_names: Vec<String> = cases
+                .iter()
+                .filter_map(named)
+                .filter(|(r, c)| r == c)
+                .map(|(r, _)| r.to_string())
+                .collect();
             route_names.sort();
             route_names.dedup();
+            let mut routes_to: Vec<(String, String)> = cases
+                .iter()
+                .filter_map(named)
+                .filter(|(r, c)| r != c)
+                .map(|(r, c)| (r.to_string(), c.to_string()))
+                .collect();
+            routes_to.sort();
+            routes_to.dedup();
             Listener {
                 name: format!("group-{i}"),
                 config: config.clone(),
                 env: env.clone(),
                 route_names,
+                routes_to,
                 ..Listener::default()
             }
         })
         .collect();
-    let listener_of: BTreeMap<&Group, &str> = groups.keys().zip(listeners.iter().map(|l| l.name.as_str())).collect();
+    let listener_of: BTreeMap<&Group, &str> = groups
+        .keys()
+        .zip(listeners.iter().map(|l| l.name.as_str()))
+        .collect();
     let gateways = start_gateways(&listeners, echo.addr(), &wasm);
 
     let report = Report::run(&plan, |case| {
         if let Some(outcome) = refusals.remove(&case.name) {
             return outcome;
         }
-        let listener = listener_of.get(&group_of(case)).ok_or("no listener for this case")?;
-        let envoy = gateways.iter().find_map(|g| g.as_ref().ok().filter(|e| e.listeners().contains_key(*listener)));
+        let listener = listener_of
+            .get(&group_of(case))
+            .ok_or("no listener for this case")?;
+        let envoy = gateways.iter().find_map(|g| {
+            g.as_ref()
+                .ok()
+                .filter(|e| e.listeners().contains_key(*listener))
+        });
         match envoy {
             Some(envoy) => observe(case, envoy.listener(listener)?),
             None => {
@@ -180,6 +268,10 @@ fn conformance_suite_passes_in_envoy() {
         }
     });
     println!("{}", report.render());
-    assert!(report.failed.is_empty(), "the conformance suite in Envoy:\n{}", report.render());
+    assert!(
+        report.failed.is_empty(),
+        "the conformance suite in Envoy:\n{}",
+        report.render()
+    );
     assert!(report.passed >= 1, "no case ran");
 }
