@@ -60,13 +60,11 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn unix_millis(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The name of the filter-state entry the access log reads
@@ -78,8 +76,7 @@ pub const ACCESS_LOG_PROPERTY: &str = "keyswap";
 /// ([`KeyCheck::encode`]), never the key.
 pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
 
-const NOT_CONFIGURED: &[u8] =
-    br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
+const NOT_CONFIGURED: &[u8] = br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
 const NO_FIRST_STAGE: &[u8] =
     br#"{"error":"not_configured","message":"keyswap runs on this cluster but not on the listener."}"#;
 
@@ -102,17 +99,10 @@ pub struct KeyswapRoot {
 }
 
 impl Context for KeyswapRoot {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(shared) = &self.shared {
             let now = unix_millis(self.get_current_time());
-            self.refresher
-                .answer(&shared.policy, token_id, num_headers, body_size, now);
+            self.refresher.answer(&shared.policy, token_id, num_headers, body_size, now);
         }
     }
 }
@@ -123,32 +113,16 @@ impl RootContext for KeyswapRoot {
         let env = |name: &str| std::env::var(name).ok();
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
-                log(
-                    LogLevel::Info,
-                    &format!("keyswap: configuration loaded: {}", policy.summary()),
-                );
+                log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
-                let record_keys = policy
-                    .credential_sources()
-                    .iter()
-                    .map(credentials::record_key)
-                    .collect();
+                let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();
                 let (audit, field) = (RefCell::default(), RefCell::default());
-                self.shared = Some(Rc::new(Shared {
-                    policy,
-                    metrics,
-                    audit,
-                    field,
-                    record_keys,
-                }));
+                self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
                 true
             }
             Err(err) => {
-                log(
-                    LogLevel::Error,
-                    &format!("keyswap: configuration refused: {err}"),
-                );
+                log(LogLevel::Error, &format!("keyswap: configuration refused: {err}"));
                 false
             }
         }
@@ -162,10 +136,7 @@ impl RootContext for KeyswapRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeyswapHttp {
-            shared: self.shared.clone(),
-            stage: Stage::First,
-        }))
+        Some(Box::new(KeyswapHttp { shared: self.shared.clone(), stage: Stage::First }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -179,10 +150,7 @@ enum Stage {
     First,
     /// The cluster's upstream filter; `route` is the route the credentials
     /// were set for, `secrets` the dynamic values injected.
-    Final {
-        route: Option<String>,
-        secrets: Vec<String>,
-    },
+    Final { route: Option<String>, secrets: Vec<String> },
 }
 
 /// One HTTP stream.
@@ -239,14 +207,9 @@ impl KeyswapHttp {
         let policy = &shared.policy;
         let headers = self.get_http_request_headers_bytes();
         let text = |b: Vec<u8>| String::from_utf8(b).ok();
-        let cluster = self
-            .get_property(vec!["xds", "cluster_name"])
-            .and_then(text);
-        let route_name = if policy.needs_route_name() {
-            self.get_property(vec!["xds", "route_name"]).and_then(text)
-        } else {
-            None
-        };
+        let cluster = self.get_property(vec!["xds", "cluster_name"]).and_then(text);
+        let route_name =
+            if policy.needs_route_name() { self.get_property(vec!["xds", "route_name"]).and_then(text) } else { None };
         let now = || unix_seconds(self.get_current_time());
         let mut view = RequestView::from_headers(route_name.as_deref(), &headers);
         view.cluster = cluster.as_deref();
@@ -255,49 +218,29 @@ impl KeyswapHttp {
             Decision::Forward(forward) => {
                 let route = forward.route.unwrap_or_default();
                 let now_ms = || unix_millis(self.get_current_time());
-                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms)
-                {
+                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms) {
                     Ok(dynamic) => Ok((forward, dynamic)),
-                    Err(reason) => Err(Denial {
-                        reason,
-                        route: forward.route,
-                        client: forward.client,
-                    }),
+                    Err(reason) => Err(Denial { reason, route: forward.route, client: forward.client }),
                 }
             }
             Decision::Deny(denial) => Err(denial),
         };
         match decision {
             Ok((forward, dynamic)) => {
-                let outcome = if forward.route.is_some() {
-                    Outcome::Allowed
-                } else {
-                    Outcome::Passed
-                };
+                let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(shared, forward.route, forward.client, outcome);
-                let secrets = dynamic
-                    .as_ref()
-                    .map(|d| d.secrets.clone())
-                    .unwrap_or_default();
-                self.stage = Stage::Final {
-                    route: forward.route.map(str::to_string),
-                    secrets,
-                };
+                let secrets = dynamic.as_ref().map(|d| d.secrets.clone()).unwrap_or_default();
+                self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets };
                 match &dynamic {
                     // One call replaces the whole map, borrowing every
                     // header rather than copying it.
-                    None if !forward.is_noop() => {
-                        self.set_http_request_headers_bytes(forward.edited(&headers))
-                    }
+                    None if !forward.is_noop() => self.set_http_request_headers_bytes(forward.edited(&headers)),
                     None => {}
                     Some(dynamic) => {
                         let mut headers = headers;
                         forward.apply(&mut headers);
                         dynamic.apply(&mut headers);
-                        let pairs = headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_slice()))
-                            .collect();
+                        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
                         self.set_http_request_headers_bytes(pairs);
                     }
                 }
@@ -310,11 +253,7 @@ impl KeyswapHttp {
                     log(LogLevel::Info, &audit::denial_line(&denial, suppressed));
                 }
                 let body = reason.body();
-                self.send_http_response(
-                    u32::from(reason.status()),
-                    reason.headers().to_vec(),
-                    Some(body.as_bytes()),
-                );
+                self.send_http_response(u32::from(reason.status()), reason.headers().to_vec(), Some(body.as_bytes()));
                 Action::Pause
             }
         }
@@ -331,16 +270,9 @@ impl HttpContext for KeyswapHttp {
         match self.get_property(vec![KEY_RECORD_PROPERTY]) {
             // A record the first stage never wrote is nobody's key: the
             // request is decided as one without a key.
-            Some(record) => self.final_stage(
-                &shared,
-                &KeyCheck::decode(&record).unwrap_or(KeyCheck::Missing),
-            ),
+            Some(record) => self.final_stage(&shared, &KeyCheck::decode(&record).unwrap_or(KeyCheck::Missing)),
             None if self.get_property(vec!["upstream", "address"]).is_some() => {
-                if let Some(suppressed) = shared
-                    .audit
-                    .borrow_mut()
-                    .admit(unix_seconds(self.get_current_time()))
-                {
+                if let Some(suppressed) = shared.audit.borrow_mut().admit(unix_seconds(self.get_current_time())) {
                     log(
                         LogLevel::Error,
                         &format!(
@@ -377,10 +309,7 @@ impl HttpContext for KeyswapHttp {
                 }
             }
             Stage::First | Stage::Final { route: None, .. } => {}
-            Stage::Final {
-                route: Some(route),
-                secrets,
-            } => {
+            Stage::Final { route: Some(route), secrets } => {
                 let headers = self.get_http_response_headers_bytes();
                 let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
                 for (name, value) in shared.policy.reflections(route, &secrets, &headers) {
@@ -396,25 +325,11 @@ impl HttpContext for KeyswapHttp {
             return Action::Continue;
         };
         let trailers = self.get_http_response_trailers_bytes();
-        let mut removals: Vec<String> = shared
-            .policy
-            .response_removals(&trailers)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        if let Stage::Final {
-            route: Some(route),
-            secrets,
-        } = &self.stage
-        {
+        let mut removals: Vec<String> =
+            shared.policy.response_removals(&trailers).into_iter().map(str::to_string).collect();
+        if let Stage::Final { route: Some(route), secrets } = &self.stage {
             let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            removals.extend(
-                shared
-                    .policy
-                    .reflections(route, &secrets, &trailers)
-                    .into_iter()
-                    .map(|(n, _)| n),
-            );
+            removals.extend(shared.policy.reflections(route, &secrets, &trailers).into_iter().map(|(n, _)| n));
         }
         for name in removals {
             self.set_http_response_trailer(&name, None);

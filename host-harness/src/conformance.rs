@@ -101,18 +101,10 @@ impl ExpectCall {
     /// # Errors
     /// Every difference, one a line.
     pub fn check(&self, headers: &[(String, Vec<u8>)], body: &[u8]) -> Result<(), String> {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        };
+        let get =
+            |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         let mut diff = String::new();
-        for (name, want) in [
-            (":method", &self.method),
-            (":path", &self.path),
-            (":authority", &self.authority),
-        ] {
+        for (name, want) in [(":method", &self.method), (":path", &self.path), (":authority", &self.authority)] {
             if let Some(want) = want {
                 if get(name).as_deref() != Some(want.as_str()) {
                     let _ = writeln!(diff, "call {name}: want {want:?}, got {:?}", get(name));
@@ -121,20 +113,12 @@ impl ExpectCall {
         }
         for (name, want) in &self.headers {
             if get(&name.to_ascii_lowercase()).as_deref() != Some(want.as_str()) {
-                let _ = writeln!(
-                    diff,
-                    "call header {name}: want {want:?}, got {:?}",
-                    get(&name.to_ascii_lowercase())
-                );
+                let _ = writeln!(diff, "call header {name}: want {want:?}, got {:?}", get(&name.to_ascii_lowercase()));
             }
         }
         if let Some(want) = &self.body {
             if want.as_bytes() != body {
-                let _ = writeln!(
-                    diff,
-                    "call body: want {want:?}, got {:?}",
-                    String::from_utf8_lossy(body)
-                );
+                let _ = writeln!(diff, "call body: want {want:?}, got {:?}", String::from_utf8_lossy(body));
             }
         }
         if diff.is_empty() {
@@ -211,11 +195,7 @@ impl Request {
             (":method".to_string(), self.method.as_bytes().to_vec()),
             (":scheme".to_string(), b"http".to_vec()),
         ];
-        list.extend(
-            self.headers
-                .iter()
-                .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec())),
-        );
+        list.extend(self.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec())));
         list
     }
 }
@@ -291,7 +271,9 @@ pub enum Observed {
         body: Vec<u8>,
     },
     /// The host refused the configuration; `log` is what it logged.
-    ConfigRefused { log: String },
+    ConfigRefused {
+        log: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -345,8 +327,7 @@ impl Suite {
     /// A case or skip list that cannot be read or parsed, named by file.
     pub fn load(dir: &Path) -> Result<Self, String> {
         let cases_dir = dir.join("cases");
-        let entries =
-            std::fs::read_dir(&cases_dir).map_err(|e| format!("{}: {e}", cases_dir.display()))?;
+        let entries = std::fs::read_dir(&cases_dir).map_err(|e| format!("{}: {e}", cases_dir.display()))?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -358,17 +339,11 @@ impl Suite {
         }
         let skip_file = dir.join("skip.json");
         let skips = match std::fs::read_to_string(&skip_file) {
-            Ok(text) => {
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", skip_file.display()))?
-            }
+            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", skip_file.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", skip_file.display())),
         };
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            cases,
-            skips,
-        })
+        Ok(Self { dir: dir.to_path_buf(), cases, skips })
     }
 
     /// The cases `runner` runs and skips.
@@ -380,20 +355,13 @@ impl Suite {
         let skips = self.skips.get(runner).unwrap_or(&EMPTY);
         for (name, reason) in skips {
             if !self.cases.iter().any(|c| &c.name == name) {
-                return Err(format!(
-                    "skip.json: {runner} skips `{name}`, which is not a case"
-                ));
+                return Err(format!("skip.json: {runner} skips `{name}`, which is not a case"));
             }
             if reason.trim().is_empty() {
-                return Err(format!(
-                    "skip.json: {runner} skips `{name}` without a reason"
-                ));
+                return Err(format!("skip.json: {runner} skips `{name}` without a reason"));
             }
         }
-        let mut plan = Plan {
-            run: Vec::new(),
-            skipped: Vec::new(),
-        };
+        let mut plan = Plan { run: Vec::new(), skipped: Vec::new() };
         for case in &self.cases {
             match skips.get(&case.name) {
                 Some(reason) => plan.skipped.push((case, reason.as_str())),
@@ -414,10 +382,7 @@ fn load_case(dir: &Path, file: &Path) -> Result<Case, String> {
         }
         ConfigRef::Inline(value) => value.to_string(),
     };
-    let name = file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(Case {
         name,
         description: raw.description,
@@ -433,10 +398,7 @@ fn load_case(dir: &Path, file: &Path) -> Result<Case, String> {
 }
 
 fn sorted(headers: &[(String, String)]) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
-        .collect();
+    let mut out: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
     out.sort();
     out
 }
@@ -449,23 +411,13 @@ impl Case {
     pub fn check(&self, observed: &Observed) -> Result<(), String> {
         let mut diff = String::new();
         match (&self.expect, observed) {
-            (
-                Expect::Forward(want),
-                Observed::Forwarded {
-                    path,
-                    headers,
-                    client_response,
-                },
-            ) => {
+            (Expect::Forward(want), Observed::Forwarded { path, headers, client_response }) => {
                 if &want.path != path {
                     let _ = writeln!(diff, "upstream path: want {:?}, got {path:?}", want.path);
                 }
                 let (want_h, got_h) = (sorted(&want.headers), sorted(headers));
                 if want_h != got_h {
-                    let _ = writeln!(
-                        diff,
-                        "upstream headers:\n  want {want_h:?}\n  got  {got_h:?}"
-                    );
+                    let _ = writeln!(diff, "upstream headers:\n  want {want_h:?}\n  got  {got_h:?}");
                 }
                 if let Some(response) = &self.response {
                     match client_response {
@@ -473,56 +425,34 @@ impl Case {
                             let _ = writeln!(diff, "the host did not report the client's response");
                         }
                         Some(received) => {
-                            let sent: Vec<String> = response
-                                .headers
-                                .iter()
-                                .map(|(n, _)| n.to_ascii_lowercase())
-                                .collect();
-                            let seen: Vec<(String, String)> = sorted(received)
-                                .into_iter()
-                                .filter(|(n, _)| sent.contains(n))
-                                .collect();
+                            let sent: Vec<String> =
+                                response.headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+                            let seen: Vec<(String, String)> =
+                                sorted(received).into_iter().filter(|(n, _)| sent.contains(n)).collect();
                             let want_seen = sorted(&response.client_sees);
                             if seen != want_seen {
-                                let _ = writeln!(
-                                    diff,
-                                    "client response headers:\n  want {want_seen:?}\n  got  {seen:?}"
-                                );
+                                let _ =
+                                    writeln!(diff, "client response headers:\n  want {want_seen:?}\n  got  {seen:?}");
                             }
                         }
                     }
                 }
             }
-            (
-                Expect::Deny(want),
-                Observed::Denied {
-                    status,
-                    headers,
-                    body,
-                },
-            ) => {
+            (Expect::Deny(want), Observed::Denied { status, headers, body }) => {
                 if want.status != *status {
                     let _ = writeln!(diff, "status: want {}, got {status}", want.status);
                 }
                 match serde_json::from_slice::<serde_json::Value>(body) {
                     Ok(json) => {
                         if json["error"] != want.error.as_str() {
-                            let _ = writeln!(
-                                diff,
-                                "error code: want {:?}, got {}",
-                                want.error, json["error"]
-                            );
+                            let _ = writeln!(diff, "error code: want {:?}, got {}", want.error, json["error"]);
                         }
                         if json["message"].as_str().is_none_or(str::is_empty) {
                             let _ = writeln!(diff, "the body has no message: {json}");
                         }
                     }
                     Err(_) => {
-                        let _ = writeln!(
-                            diff,
-                            "body is not JSON: {:?}",
-                            String::from_utf8_lossy(body)
-                        );
+                        let _ = writeln!(diff, "body is not JSON: {:?}", String::from_utf8_lossy(body));
                     }
                 }
                 let got = sorted(headers);
@@ -534,10 +464,7 @@ impl Case {
             }
             (Expect::ConfigError(want), Observed::ConfigRefused { log }) => {
                 if !log.contains(want.as_str()) {
-                    let _ = writeln!(
-                        diff,
-                        "config error: want a line with {want:?}, log was:\n{log}"
-                    );
+                    let _ = writeln!(diff, "config error: want a line with {want:?}, log was:\n{log}");
                 }
             }
             (want, got) => {
@@ -564,10 +491,7 @@ pub struct Report {
 impl Report {
     /// Runs every planned case through `run` and checks it.
     pub fn run(plan: &Plan<'_>, mut run: impl FnMut(&Case) -> Result<Observed, String>) -> Self {
-        let mut report = Report {
-            skipped: plan.skipped.len(),
-            ..Self::default()
-        };
+        let mut report = Report { skipped: plan.skipped.len(), ..Self::default() };
         for case in &plan.run {
             match run(case).and_then(|observed| case.check(&observed)) {
                 Ok(()) => report.passed += 1,

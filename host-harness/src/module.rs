@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use wasmtime::{
-    CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams,
-    WasmResults,
+    CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams, WasmResults,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::WasiCtxBuilder;
@@ -28,10 +27,7 @@ use crate::abi::codec::HeaderList;
 use crate::abi::metrics::MetricType;
 use crate::abi::{self, action};
 use crate::error::HarnessError;
-use crate::state::{
-    CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, Stdio,
-    StreamState,
-};
+use crate::state::{CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, Stdio, StreamState};
 
 /// The most WASI stdout or stderr output one instance keeps.
 const STDIO_CAPACITY: usize = 1 << 20;
@@ -52,8 +48,7 @@ pub fn default_filter_path() -> PathBuf {
 
 /// The filter module's place in this workspace's `target/`.
 pub fn workspace_filter_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
 }
 
 /// A compiled and linked proxy-wasm module.
@@ -66,9 +61,7 @@ pub struct FilterModule {
 
 impl std::fmt::Debug for FilterModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilterModule")
-            .field("stubbed", &self.stubbed)
-            .finish_non_exhaustive()
+        f.debug_struct("FilterModule").field("stubbed", &self.stubbed).finish_non_exhaustive()
     }
 }
 
@@ -80,13 +73,8 @@ impl FilterModule {
     /// unreadable file, or what [`Self::from_bytes`] refuses.
     pub fn load(path: &Path) -> Result<Self, HarnessError> {
         let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => HarnessError::WasmMissing {
-                path: path.to_path_buf(),
-            },
-            _ => HarnessError::Read {
-                path: path.to_path_buf(),
-                source,
-            },
+            std::io::ErrorKind::NotFound => HarnessError::WasmMissing { path: path.to_path_buf() },
+            _ => HarnessError::Read { path: path.to_path_buf(), source },
         })?;
         Self::from_bytes(&bytes)
     }
@@ -97,41 +85,23 @@ impl FilterModule {
     /// A module that does not compile, does not advertise proxy-wasm ABI
     /// 0.2.x, exports no memory or allocator, or cannot be linked.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HarnessError> {
-        let engine =
-            Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
-        let module =
-            Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let engine = Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let module = Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
         let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
-        if !exports
-            .iter()
-            .any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0")
-        {
-            return Err(HarnessError::Abi(
-                "it exports no proxy_abi_version_0_2_1 (or _0_2_0) marker".into(),
-            ));
+        if !exports.iter().any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0") {
+            return Err(HarnessError::Abi("it exports no proxy_abi_version_0_2_1 (or _0_2_0) marker".into()));
         }
         if !exports.contains(&"memory") {
             return Err(HarnessError::Abi("it exports no memory".into()));
         }
-        if !exports
-            .iter()
-            .any(|e| *e == "proxy_on_memory_allocate" || *e == "malloc")
-        {
-            return Err(HarnessError::Abi(
-                "it exports no proxy_on_memory_allocate (or malloc)".into(),
-            ));
+        if !exports.iter().any(|e| *e == "proxy_on_memory_allocate" || *e == "malloc") {
+            return Err(HarnessError::Abi("it exports no proxy_on_memory_allocate (or malloc)".into()));
         }
         let mut linker = Linker::new(&engine);
         abi::link(&mut linker, &module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| HarnessError::Link(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
         let stubbed = abi::stub::stubbed(&module);
-        Ok(Self {
-            engine,
-            pre,
-            stubbed,
-        })
+        Ok(Self { engine, pre, stubbed })
     }
 
     /// The imports linked to an `Unimplemented` stub, as (module, name).
@@ -174,32 +144,20 @@ impl FilterModule {
             .stderr(stdio.stderr.clone())
             .wall_clock(clock.clone())
             .build_p1();
-        let mut store = Store::new(
-            &self.engine,
-            HostState::new(wasi, stdio, clock, shared.clone()),
-        );
+        let mut store = Store::new(&self.engine, HostState::new(wasi, stdio, clock, shared.clone()));
         store.call_hook(|mut ctx, hook| {
             if matches!(hook, CallHook::CallingHost) {
                 ctx.data_mut().entered_host();
             }
             Ok(())
         });
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| HarnessError::Trap {
-                callback: "instantiate",
-                message: format!("{e:#}"),
-                log: String::new(),
-            })?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| HarnessError::Trap {
+            callback: "instantiate",
+            message: format!("{e:#}"),
+            log: String::new(),
+        })?;
         let callbacks = Callbacks::find(&instance, &mut store)?;
-        let mut filter = FilterInstance {
-            store,
-            callbacks,
-            next_context_id: 2,
-            first_stage: None,
-            trapped: None,
-        };
+        let mut filter = FilterInstance { store, callbacks, next_context_id: 2, first_stage: None, trapped: None };
         filter.boot()?;
         Ok(filter)
     }
@@ -209,11 +167,7 @@ impl FilterModule {
     /// # Errors
     /// [`HarnessError::Refused`] with the filter's log when it refuses the
     /// configuration; anything [`Self::start`] returns.
-    pub fn configure(
-        &self,
-        config: &[u8],
-        env: &BTreeMap<String, String>,
-    ) -> Result<FilterInstance, HarnessError> {
+    pub fn configure(&self, config: &[u8], env: &BTreeMap<String, String>) -> Result<FilterInstance, HarnessError> {
         let mut instance = self.start(env)?;
         instance.configure(config)?;
         Ok(instance)
@@ -261,8 +215,7 @@ impl Callbacks {
             .ok_or_else(|| HarnessError::Abi("the export `memory` is not a memory".into()))?;
         let alloc = match typed::<u32, u32>(instance, store, "proxy_on_memory_allocate")? {
             Some(alloc) => alloc,
-            None => typed(instance, store, "malloc")?
-                .ok_or_else(|| HarnessError::Abi("no allocator export".into()))?,
+            None => typed(instance, store, "malloc")?.ok_or_else(|| HarnessError::Abi("no allocator export".into()))?,
         };
         store.data_mut().guest = Some(GuestExports { memory, alloc });
         Ok(Self {
@@ -313,9 +266,7 @@ pub struct FilterInstance {
 
 impl std::fmt::Debug for FilterInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilterInstance")
-            .field("trapped", &self.trapped)
-            .finish_non_exhaustive()
+        f.debug_struct("FilterInstance").field("trapped", &self.trapped).finish_non_exhaustive()
     }
 }
 
@@ -343,11 +294,7 @@ impl FilterInstance {
         self.store.data_mut().drain_stdio();
         result.map_err(|e| {
             self.trapped = Some(callback.to_string());
-            HarnessError::Trap {
-                callback,
-                message: format!("{e:#}"),
-                log: self.log_text(),
-            }
+            HarnessError::Trap { callback, message: format!("{e:#}"), log: self.log_text() }
         })
     }
 
@@ -369,9 +316,7 @@ impl FilterInstance {
         if let Some(vm_start) = self.callbacks.vm_start.clone() {
             let size = len_u32(self.store.data().vm_configuration.len());
             if self.call("proxy_on_vm_start", vm_start, (root, size))? == 0 {
-                return Err(HarnessError::VmRefused {
-                    log: self.log_text(),
-                });
+                return Err(HarnessError::VmRefused { log: self.log_text() });
             }
         }
         Ok(())
@@ -388,15 +333,8 @@ impl FilterInstance {
             return Ok(());
         };
         let root = self.root();
-        if self.call(
-            "proxy_on_configure",
-            configure,
-            (root, len_u32(config.len())),
-        )? == 0
-        {
-            return Err(HarnessError::Refused {
-                log: self.log_text(),
-            });
+        if self.call("proxy_on_configure", configure, (root, len_u32(config.len())))? == 0 {
+            return Err(HarnessError::Refused { log: self.log_text() });
         }
         Ok(())
     }
@@ -434,10 +372,7 @@ impl FilterInstance {
         headers: &[(String, Vec<u8>)],
     ) -> Result<Outcome, HarnessError> {
         self.finish()?;
-        let headers: HeaderList = headers
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
-            .collect();
+        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
         let stream = |id, headers, upstream_address: Option<&str>, filter_state| StreamState {
             context_id: id,
             route_name: route_name.map(str::to_string),
@@ -456,14 +391,10 @@ impl FilterInstance {
             return Ok(first);
         };
         let parked = self.store.data_mut().stream.take();
-        let filter_state = parked
-            .as_ref()
-            .map(|s| s.filter_state.clone())
-            .unwrap_or_default();
+        let filter_state = parked.as_ref().map(|s| s.filter_state.clone()).unwrap_or_default();
         self.first_stage = parked;
         let id = self.new_context_id();
-        let last =
-            self.request_headers(stream(id, headers, Some(UPSTREAM_ADDRESS), filter_state))?;
+        let last = self.request_headers(stream(id, headers, Some(UPSTREAM_ADDRESS), filter_state))?;
         if !matches!(last, Outcome::Forwarded { .. }) {
             self.finish()?;
         }
@@ -488,10 +419,7 @@ impl FilterInstance {
             route_name: route_name.map(str::to_string),
             cluster: cluster.map(str::to_string),
             upstream_address: Some(UPSTREAM_ADDRESS.to_string()),
-            request_headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
-                .collect(),
+            request_headers: headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
             response_headers: None,
             local_response: None,
             calls: CallCounts::default(),
@@ -518,9 +446,7 @@ impl FilterInstance {
             self.call("proxy_on_context_create", create, (id, root))?;
         }
         let action = match self.callbacks.request_headers.clone() {
-            Some(on_headers) => {
-                self.call("proxy_on_request_headers", on_headers, (id, count, 1))?
-            }
+            Some(on_headers) => self.call("proxy_on_request_headers", on_headers, (id, count, 1))?,
             None => action::CONTINUE,
         };
         Ok(self.outcome(action, |s| Some(&s.request_headers)))
@@ -534,14 +460,9 @@ impl FilterInstance {
     /// [`HarnessError::NoOpenRequest`] when no forwarded request is open; a
     /// trap.
     pub fn response(&mut self, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
-        let headers: HeaderList = headers
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
-            .collect();
+        let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
         let mut outcome = self.response_headers(headers)?;
-        if let (Outcome::Forwarded { headers }, Some(mut first)) =
-            (&outcome, self.first_stage.take())
-        {
+        if let (Outcome::Forwarded { headers }, Some(mut first)) = (&outcome, self.first_stage.take()) {
             let state = self.store.data_mut();
             if let Some(last) = state.stream.take() {
                 first.filter_state = last.filter_state.clone();
@@ -557,18 +478,11 @@ impl FilterInstance {
 
     fn response_headers(&mut self, headers: HeaderList) -> Result<Outcome, HarnessError> {
         let count = len_u32(headers.len());
-        let stream = self
-            .store
-            .data_mut()
-            .stream
-            .as_mut()
-            .ok_or(HarnessError::NoOpenRequest)?;
+        let stream = self.store.data_mut().stream.as_mut().ok_or(HarnessError::NoOpenRequest)?;
         stream.response_headers = Some(headers);
         let id = stream.context_id;
         let action = match self.callbacks.response_headers.clone() {
-            Some(on_headers) => {
-                self.call("proxy_on_response_headers", on_headers, (id, count, 1))?
-            }
+            Some(on_headers) => self.call("proxy_on_response_headers", on_headers, (id, count, 1))?,
             None => action::CONTINUE,
         };
         Ok(self.outcome(action, |s| s.response_headers.as_ref()))
@@ -584,15 +498,9 @@ impl FilterInstance {
         result
     }
 
-    fn outcome(
-        &mut self,
-        action: u32,
-        map: impl Fn(&StreamState) -> Option<&HeaderList>,
-    ) -> Outcome {
+    fn outcome(&mut self, action: u32, map: impl Fn(&StreamState) -> Option<&HeaderList>) -> Outcome {
         let Some(stream) = self.store.data_mut().stream.as_mut() else {
-            return Outcome::Paused {
-                headers: Vec::new(),
-            };
+            return Outcome::Paused { headers: Vec::new() };
         };
         if let Some(local) = stream.local_response.take() {
             return Outcome::Local(local);
@@ -654,10 +562,7 @@ impl FilterInstance {
 
     /// The root context's tick period, once it set one.
     pub fn tick_period(&self) -> Option<std::time::Duration> {
-        self.store
-            .data()
-            .tick_period_ms
-            .map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+        self.store.data().tick_period_ms.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
     }
 
     /// One timer event (`proxy_on_tick` on the root context), if the root
@@ -666,10 +571,7 @@ impl FilterInstance {
     /// # Errors
     /// A trap.
     pub fn tick(&mut self) -> Result<bool, HarnessError> {
-        let (Some(_), Some(tick)) = (
-            self.store.data().tick_period_ms,
-            self.callbacks.tick.clone(),
-        ) else {
+        let (Some(_), Some(tick)) = (self.store.data().tick_period_ms, self.callbacks.tick.clone()) else {
             return Ok(false);
         };
         let root = self.root();
@@ -685,10 +587,7 @@ impl FilterInstance {
     /// Refuses calls to `cluster` from now on, as Envoy refuses a cluster
     /// it does not know.
     pub fn refuse_cluster(&mut self, cluster: &str) {
-        self.store
-            .data_mut()
-            .unknown_clusters
-            .push(cluster.to_string());
+        self.store.data_mut().unknown_clusters.push(cluster.to_string());
     }
 
     /// The shared data this VM sees.
@@ -702,16 +601,10 @@ impl FilterInstance {
     ///
     /// # Errors
     /// [`HarnessError::Abi`] for a token that is not pending; a trap.
-    pub fn answer_call(
-        &mut self,
-        token: u32,
-        answer: Option<(HeaderList, Vec<u8>)>,
-    ) -> Result<(), HarnessError> {
+    pub fn answer_call(&mut self, token: u32, answer: Option<(HeaderList, Vec<u8>)>) -> Result<(), HarnessError> {
         let state = self.store.data_mut();
         let Some(at) = state.http_calls.iter().position(|c| c.token == token) else {
-            return Err(HarnessError::Abi(format!(
-                "no pending HTTP call has token {token}"
-            )));
+            return Err(HarnessError::Abi(format!("no pending HTTP call has token {token}")));
         };
         state.http_calls.remove(at);
         let (headers, body) = match &answer {
@@ -723,11 +616,7 @@ impl FilterInstance {
             return Ok(());
         };
         let root = self.root();
-        let result = self.call(
-            "proxy_on_http_call_response",
-            on_response,
-            (root, token, headers, body, 0),
-        );
+        let result = self.call("proxy_on_http_call_response", on_response, (root, token, headers, body, 0));
         self.store.data_mut().call_response = None;
         result
     }
@@ -798,10 +687,7 @@ impl FilterInstance {
     /// (wasm memory only grows, so this is its high-water mark).
     pub fn memory_bytes(&self) -> usize {
         let state = self.store.data();
-        state
-            .guest
-            .as_ref()
-            .map_or(0, |g| g.memory.data_size(&self.store))
+        state.guest.as_ref().map_or(0, |g| g.memory.data_size(&self.store))
     }
 
     /// Property paths the guest asked for that the harness does not know.

@@ -36,11 +36,7 @@ pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
     let mut instance = match module.start(&case.env) {
         Ok(instance) => instance,
         Err(err) => {
-            return CaseRun {
-                observed: Err(err.to_string()),
-                unimplemented: BTreeMap::new(),
-                request_host_calls: None,
-            }
+            return CaseRun { observed: Err(err.to_string()), unimplemented: BTreeMap::new(), request_host_calls: None }
         }
     };
     let observed = match instance.configure(case.config.as_bytes()) {
@@ -58,16 +54,10 @@ pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
     // The SDK panics on an UNIMPLEMENTED status, so a trap often has one
     // behind it: name it.
     let observed = match observed {
-        Err(err) if !unimplemented.is_empty() => Err(format!(
-            "{err}\nunimplemented host calls: {unimplemented:?}"
-        )),
+        Err(err) if !unimplemented.is_empty() => Err(format!("{err}\nunimplemented host calls: {unimplemented:?}")),
         other => other,
     };
-    CaseRun {
-        observed,
-        unimplemented,
-        request_host_calls: instance.last_request_host_calls().cloned(),
-    }
+    CaseRun { observed, unimplemented, request_host_calls: instance.last_request_host_calls().cloned() }
 }
 
 /// A case with steps: `case.workers` VMs sharing shared data and a clock
@@ -79,9 +69,7 @@ fn run_timeline(module: &FilterModule, case: &Case) -> CaseRun {
     let mut workers: Vec<FilterInstance> = Vec::with_capacity(case.workers);
     let mut result: Result<Option<Observed>, String> = Ok(None);
     for _ in 0..case.workers {
-        let started = module
-            .start_worker(&case.env, &shared, &clock)
-            .map_err(|e| e.to_string());
+        let started = module.start_worker(&case.env, &shared, &clock).map_err(|e| e.to_string());
         let configured = started.and_then(|mut w| match w.configure(case.config.as_bytes()) {
             Ok(()) => Ok(Ok(w)),
             Err(HarnessError::Refused { log }) => Ok(Err(Observed::ConfigRefused { log })),
@@ -106,8 +94,7 @@ fn run_timeline(module: &FilterModule, case: &Case) -> CaseRun {
             .iter()
             .enumerate()
             .try_for_each(|(i, step)| {
-                run_step(&mut workers, &clock, step, &mut at_ms)
-                    .map_err(|e| format!("step {i} ({step:?}): {e}"))
+                run_step(&mut workers, &clock, step, &mut at_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))
             })
             .map(|()| None);
     }
@@ -147,33 +134,16 @@ worker logs:
         }
         ok => ok,
     };
-    let request_host_calls = workers
-        .last()
-        .and_then(|w| w.last_request_host_calls().cloned());
-    CaseRun {
-        observed,
-        unimplemented,
-        request_host_calls,
-    }
+    let request_host_calls = workers.last().and_then(|w| w.last_request_host_calls().cloned());
+    CaseRun { observed, unimplemented, request_host_calls }
 }
 
-fn run_step(
-    workers: &mut [FilterInstance],
-    clock: &Clock,
-    step: &Step,
-    at_ms: &mut u64,
-) -> Result<(), String> {
+fn run_step(workers: &mut [FilterInstance], clock: &Clock, step: &Step, at_ms: &mut u64) -> Result<(), String> {
     let oldest = |workers: &mut [FilterInstance], cluster: &str| -> Result<(usize, u32), String> {
         workers
             .iter()
             .enumerate()
-            .find_map(|(w, worker)| {
-                worker
-                    .pending_calls()
-                    .iter()
-                    .find(|c| c.cluster == cluster)
-                    .map(|c| (w, c.token))
-            })
+            .find_map(|(w, worker)| worker.pending_calls().iter().find(|c| c.cluster == cluster).map(|c| (w, c.token)))
             .ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
     };
     match step {
@@ -191,31 +161,20 @@ fn run_step(
         Step::Answer(answer) => {
             let (w, token) = oldest(workers, &answer.cluster)?;
             if let Some(want) = &answer.call {
-                let call = workers[w]
-                    .pending_calls()
-                    .iter()
-                    .find(|c| c.token == token)
-                    .cloned();
+                let call = workers[w].pending_calls().iter().find(|c| c.token == token).cloned();
                 if let Some(call) = call {
                     want.check(&call.headers, &call.body)?;
                 }
             }
             let headers = vec![
-                (
-                    ":status".to_string(),
-                    answer.status.to_string().into_bytes(),
-                ),
+                (":status".to_string(), answer.status.to_string().into_bytes()),
                 ("content-type".to_string(), b"application/json".to_vec()),
             ];
-            workers[w]
-                .answer_call(token, Some((headers, answer.body_bytes())))
-                .map_err(|e| e.to_string())
+            workers[w].answer_call(token, Some((headers, answer.body_bytes()))).map_err(|e| e.to_string())
         }
         Step::Fail { cluster } => {
             let (w, token) = oldest(workers, cluster)?;
-            workers[w]
-                .answer_call(token, None)
-                .map_err(|e| e.to_string())
+            workers[w].answer_call(token, None).map_err(|e| e.to_string())
         }
         Step::Pending(want) => {
             let got: usize = workers.iter().map(|w| w.pending_calls().len()).sum();
@@ -230,16 +189,11 @@ fn run_step(
 
 fn observe(instance: &mut FilterInstance, case: &Case) -> Result<Observed, String> {
     let outcome = instance
-        .request_to(
-            case.request.route_name.as_deref(),
-            case.request.cluster(),
-            &case.request.header_list(),
-        )
+        .request_to(case.request.route_name.as_deref(), case.request.cluster(), &case.request.header_list())
         .map_err(|e| e.to_string())?;
     match outcome {
         Outcome::Local(local) => Ok(Observed::Denied {
-            status: u16::try_from(local.status)
-                .map_err(|_| format!("local response status {}", local.status))?,
+            status: u16::try_from(local.status).map_err(|_| format!("local response status {}", local.status))?,
             headers: text_pairs(&local.headers),
             body: local.body,
         }),
@@ -250,43 +204,26 @@ fn observe(instance: &mut FilterInstance, case: &Case) -> Result<Observed, Strin
                 .find(|(n, _)| n == ":path")
                 .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default();
-            let upstream: Vec<(String, Vec<u8>)> = headers
-                .into_iter()
-                .filter(|(n, _)| !n.starts_with(':'))
-                .collect();
+            let upstream: Vec<(String, Vec<u8>)> = headers.into_iter().filter(|(n, _)| !n.starts_with(':')).collect();
             let client_response = match &case.response {
                 None => None,
                 Some(response) => {
-                    let sent: Vec<(String, Vec<u8>)> = response
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
-                        .collect();
+                    let sent: Vec<(String, Vec<u8>)> =
+                        response.headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
                     match instance.response(&sent).map_err(|e| e.to_string())? {
                         Outcome::Forwarded { headers } => Some(text_pairs(&headers)),
-                        other => {
-                            return Err(format!(
-                                "the filter did not pass the response on: {other:?}"
-                            ))
-                        }
+                        other => return Err(format!("the filter did not pass the response on: {other:?}")),
                     }
                 }
             };
-            Ok(Observed::Forwarded {
-                path,
-                headers: text_pairs(&upstream),
-                client_response,
-            })
+            Ok(Observed::Forwarded { path, headers: text_pairs(&upstream), client_response })
         }
     }
 }
 
 /// Header values as text, for reports (lossy for non-UTF-8 bytes).
 pub fn text_pairs(headers: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
-        .collect()
+    headers.iter().map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
 /// The whole suite through `module`, as runner [`RUNNER`]: the report, and
@@ -294,10 +231,7 @@ pub fn text_pairs(headers: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
 ///
 /// # Errors
 /// A skip list that names no case, or gives no reason.
-pub fn run_suite(
-    module: &FilterModule,
-    suite: &Suite,
-) -> Result<(Report, BTreeMap<String, u64>), String> {
+pub fn run_suite(module: &FilterModule, suite: &Suite) -> Result<(Report, BTreeMap<String, u64>), String> {
     let plan = suite.plan(RUNNER)?;
     let mut unimplemented = BTreeMap::new();
     let report = Report::run(&plan, |case| {
@@ -319,10 +253,7 @@ pub fn check_unimplemented(unimplemented: &BTreeMap<String, u64>) -> Result<(), 
     if unimplemented.is_empty() {
         return Ok(());
     }
-    let calls: Vec<String> = unimplemented
-        .iter()
-        .map(|(name, count)| format!("{name} ×{count}"))
-        .collect();
+    let calls: Vec<String> = unimplemented.iter().map(|(name, count)| format!("{name} ×{count}")).collect();
     Err(format!(
         "the filter called host functions the harness does not implement (they answered UNIMPLEMENTED): {}",
         calls.join(", ")

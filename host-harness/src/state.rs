@@ -99,9 +99,7 @@ impl Clock {
 
     /// Stops the clock at `at` (before 1970 counts as 1970).
     pub fn set(&self, at: SystemTime) {
-        let nanos = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(REAL_TIME - 1));
+        let nanos = at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(REAL_TIME - 1));
         self.0.store(nanos.min(REAL_TIME - 1), Ordering::Relaxed);
     }
 
@@ -205,10 +203,7 @@ pub struct HttpCall {
 impl HttpCall {
     /// A header's value, as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 }
 
@@ -281,12 +276,7 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(
-        wasi: WasiP1Ctx,
-        stdio: Stdio,
-        clock: Clock,
-        shared: crate::abi::callout::SharedData,
-    ) -> Self {
+    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock, shared: crate::abi::callout::SharedData) -> Self {
         Self {
             wasi,
             stdio,
@@ -344,19 +334,10 @@ impl HostState {
     pub(crate) fn drain_stdio(&mut self) {
         let (out, err) = (self.stdio.stdout.contents(), self.stdio.stderr.contents());
         let (seen_out, seen_err) = self.stdio.seen;
-        for (bytes, seen, level) in [
-            (&out, seen_out, LogLevel::Info),
-            (&err, seen_err, LogLevel::Error),
-        ] {
+        for (bytes, seen, level) in [(&out, seen_out, LogLevel::Info), (&err, seen_err, LogLevel::Error)] {
             let fresh = bytes.get(seen..).unwrap_or_default();
-            for line in String::from_utf8_lossy(fresh)
-                .lines()
-                .filter(|l| !l.is_empty())
-            {
-                self.log.push(LogEntry {
-                    level,
-                    message: line.to_string(),
-                });
+            for line in String::from_utf8_lossy(fresh).lines().filter(|l| !l.is_empty()) {
+                self.log.push(LogEntry { level, message: line.to_string() });
             }
         }
         self.stdio.seen = (out.len(), err.len());

@@ -10,13 +10,9 @@ use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::credential::{DynamicInject, RawDynamic, SourceBuilder, Target};
-use crate::policy::{
-    Allowed, Client, ClientIndex, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch,
-};
+use crate::policy::{Allowed, Client, ClientIndex, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::encode_component;
-use crate::raw::{
-    RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue,
-};
+use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue};
 use crate::time::parse_rfc3339;
 
 /// A configuration the filter refuses, with the field at fault.
@@ -32,10 +28,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 }
 
@@ -83,11 +76,7 @@ impl Policy {
     ///
     /// # Errors
     /// The first problem found, with its field path.
-    pub fn from_json_for(
-        json: &[u8],
-        env: &dyn Environment,
-        routing: Routing,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_json_for(json: &[u8], env: &dyn Environment, routing: Routing) -> Result<Self, ConfigError> {
         let raw = parse(json)?;
         let mut policy = compile(&raw, env, routing)?;
         policy.version = content_version(json);
@@ -98,11 +87,7 @@ impl Policy {
 /// A short, stable version for a configuration's exact bytes: the first
 /// twelve hex digits of its SHA-256.
 pub fn content_version(json: &[u8]) -> String {
-    Sha256::digest(json)
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(json).iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
@@ -111,15 +96,10 @@ fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
         let path = e.path().to_string();
         // serde_path_to_error writes `.` for the document and `?` where the
         // error came before any field was known (broken JSON).
-        let path = if path.is_empty() || path == "." || path == "?" {
-            "$".to_string()
-        } else {
-            path
-        };
+        let path = if path.is_empty() || path == "." || path == "?" { "$".to_string() } else { path };
         ConfigError::new(path, redact_serde_message(e.inner()))
     })?;
-    de.end()
-        .map_err(|e| ConfigError::new("$", redact_serde_message(&e)))?;
+    de.end().map_err(|e| ConfigError::new("$", redact_serde_message(&e)))?;
     Ok(raw)
 }
 
@@ -179,22 +159,12 @@ fn redact_backquoted_value(text: &str) -> String {
     out
 }
 
-fn compile(
-    raw: &RawConfig,
-    env: &dyn Environment,
-    routing: Routing,
-) -> Result<Policy, ConfigError> {
+fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<Policy, ConfigError> {
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
-    let mut builder = SourceBuilder {
-        sources: Vec::new(),
-    };
+    let mut builder = SourceBuilder { sources: Vec::new() };
     let routes = compile_routes(&raw.routes, env, &mut builder, routing)?;
     let sources = builder.finish();
-    let route_index: HashMap<&str, usize> = routes
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
-        .collect();
+    let route_index: HashMap<&str, usize> = routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
 
     let strip_request = header_names(&raw.strip_request_headers, "strip_request_headers")?;
     let strip_response = header_names(&raw.strip_response_headers, "strip_response_headers")?;
@@ -206,11 +176,7 @@ fn compile(
         // Static and dynamic injections alike, by their place in the config.
         for (r, route) in raw.routes.iter().enumerate() {
             for (i, inject) in route.inject.iter().enumerate() {
-                if inject
-                    .header
-                    .as_deref()
-                    .is_some_and(|h| h.eq_ignore_ascii_case(id_header))
-                {
+                if inject.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header)) {
                     return Err(ConfigError::new(
                         format!("routes[{r}].inject[{i}].header"),
                         "is the client_id_header; a credential cannot replace the client id",
@@ -240,23 +206,18 @@ fn compile(
     // `x_api_key` and `x-api-key` as one variable).
     let mut protected: Vec<String> = request_removals.clone();
     let injected = routes.iter().flat_map(|r| {
-        r.headers
-            .iter()
-            .map(|h| h.name.clone())
-            .chain(r.dynamic.iter().filter_map(|d| match &d.target {
-                Target::Header(name) => Some(name.clone()),
-                Target::Query(_) => None,
-            }))
+        r.headers.iter().map(|h| h.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
+            Target::Header(name) => Some(name.clone()),
+            Target::Query(_) => None,
+        }))
     });
     for name in injected {
         if !protected.contains(&name) {
             protected.push(name);
         }
     }
-    let mut bound_clusters: Vec<String> = routes
-        .iter()
-        .flat_map(|r| r.matcher.clusters.iter().flatten().cloned())
-        .collect();
+    let mut bound_clusters: Vec<String> =
+        routes.iter().flat_map(|r| r.matcher.clusters.iter().flatten().cloned()).collect();
     bound_clusters.sort();
     bound_clusters.dedup();
     let matches_host = routes.iter().any(|r| r.matcher.host.is_some());
@@ -283,14 +244,8 @@ fn compile(
 fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(vec![
-            KeySource::Header {
-                name: "authorization".into(),
-                prefix: Some(b"bearer ".to_vec()),
-            },
-            KeySource::Header {
-                name: "x-api-key".into(),
-                prefix: None,
-            },
+            KeySource::Header { name: "authorization".into(), prefix: Some(b"bearer ".to_vec()) },
+            KeySource::Header { name: "x-api-key".into(), prefix: None },
         ]);
     };
     if raw.is_empty() {
@@ -307,10 +262,7 @@ fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, C
                 let name = header_name(header, &format!("{path}.header"))?;
                 let prefix = match &source.prefix {
                     Some(p) if p.trim().is_empty() => {
-                        return Err(ConfigError::new(
-                            format!("{path}.prefix"),
-                            "must not be empty",
-                        ))
+                        return Err(ConfigError::new(format!("{path}.prefix"), "must not be empty"))
                     }
                     Some(p) => Some(p.to_ascii_lowercase().into_bytes()),
                     None => None,
@@ -319,27 +271,14 @@ fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, C
             }
             (None, Some(query)) => {
                 if source.prefix.is_some() {
-                    return Err(ConfigError::new(
-                        format!("{path}.prefix"),
-                        "applies to header sources only",
-                    ));
+                    return Err(ConfigError::new(format!("{path}.prefix"), "applies to header sources only"));
                 }
                 if query.is_empty() {
-                    return Err(ConfigError::new(
-                        format!("{path}.query"),
-                        "must not be empty",
-                    ));
+                    return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
                 }
-                KeySource::Query {
-                    name: query.clone().into_bytes(),
-                }
+                KeySource::Query { name: query.clone().into_bytes() }
             }
-            _ => {
-                return Err(ConfigError::new(
-                    path,
-                    "needs exactly one of `header` or `query`",
-                ))
-            }
+            _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
         };
         if sources.contains(&compiled) {
             return Err(ConfigError::new(path, "repeats an earlier key source"));
@@ -373,10 +312,7 @@ fn compile_routes(
         let m = &route.matcher;
         let clusters = match &m.clusters {
             Some(list) if list.is_empty() => {
-                return Err(ConfigError::new(
-                    format!("{path}.match.clusters"),
-                    "must name at least one cluster",
-                ))
+                return Err(ConfigError::new(format!("{path}.match.clusters"), "must name at least one cluster"))
             }
             Some(list) => {
                 if let Some(c) = list.iter().position(|c| !is_cluster_name(c)) {
@@ -390,10 +326,7 @@ fn compile_routes(
             None => None,
         };
         if routing == Routing::Envoy {
-            for (field, given) in [
-                ("host", m.host.is_some()),
-                ("path_prefix", m.path_prefix.is_some()),
-            ] {
+            for (field, given) in [("host", m.host.is_some()), ("path_prefix", m.path_prefix.is_some())] {
                 if given {
                     return Err(ConfigError::new(
                         format!("{path}.match.{field}"),
@@ -411,33 +344,20 @@ fn compile_routes(
         }
         if let Some(prefix) = &m.path_prefix {
             if !prefix.starts_with('/') {
-                return Err(ConfigError::new(
-                    format!("{path}.match.path_prefix"),
-                    "must start with `/`",
-                ));
+                return Err(ConfigError::new(format!("{path}.match.path_prefix"), "must start with `/`"));
             }
         }
         let host = match &m.host {
             Some(h) if h.is_empty() || h.contains(':') && !h.starts_with('[') => {
-                return Err(ConfigError::new(
-                    format!("{path}.match.host"),
-                    "must be a host name without a port",
-                ))
+                return Err(ConfigError::new(format!("{path}.match.host"), "must be a host name without a port"))
             }
             Some(h) => Some(h.to_ascii_lowercase()),
             None => None,
         };
-        let matcher = RouteMatch {
-            route_name: m.route_name.clone(),
-            clusters,
-            path_prefix: m.path_prefix.clone(),
-            host,
-        };
+        let matcher =
+            RouteMatch { route_name: m.route_name.clone(), clusters, path_prefix: m.path_prefix.clone(), host };
         if route.inject.is_empty() {
-            return Err(ConfigError::new(
-                format!("{path}.inject"),
-                "must hold at least one credential to inject",
-            ));
+            return Err(ConfigError::new(format!("{path}.inject"), "must hold at least one credential to inject"));
         }
         let mut headers: Vec<HeaderInject> = Vec::new();
         let mut queries: Vec<QueryInject> = Vec::new();
@@ -445,14 +365,7 @@ fn compile_routes(
         for (i, inject) in route.inject.iter().enumerate() {
             let ipath = format!("{path}.inject[{i}]");
             let entry = match inject.value.as_ref().and_then(dynamic_value) {
-                Some(raw) => Some(compile_dynamic_inject(
-                    inject,
-                    raw,
-                    &route.name,
-                    &ipath,
-                    env,
-                    builder,
-                )?),
+                Some(raw) => Some(compile_dynamic_inject(inject, raw, &route.name, &ipath, env, builder)?),
                 None => {
                     compile_inject(inject, &ipath, env, &mut headers, &mut queries)?;
                     None
@@ -461,42 +374,22 @@ fn compile_routes(
             // A name injected twice, one of them dynamic.
             let header_clash = |name: &String| {
                 headers.iter().filter(|h| h.name == *name).count()
-                    + dynamic
-                        .iter()
-                        .filter(|d| matches!(&d.target, Target::Header(n) if n == name))
-                        .count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Header(n) if n == name)).count()
             };
             let query_clash = |name: &Vec<u8>| {
                 queries.iter().filter(|q| q.name == *name).count()
-                    + dynamic
-                        .iter()
-                        .filter(|d| matches!(&d.target, Target::Query(n) if n == name))
-                        .count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Query(n) if n == name)).count()
             };
             let clash = match &entry {
-                Some(DynamicInject {
-                    target: Target::Header(name),
-                    ..
-                }) => header_clash(name) > 0,
-                Some(DynamicInject {
-                    target: Target::Query(name),
-                    ..
-                }) => query_clash(name) > 0,
+                Some(DynamicInject { target: Target::Header(name), .. }) => header_clash(name) > 0,
+                Some(DynamicInject { target: Target::Query(name), .. }) => query_clash(name) > 0,
                 None => {
-                    headers
-                        .last()
-                        .is_some_and(|h| inject.header.is_some() && header_clash(&h.name) > 1)
-                        || queries
-                            .last()
-                            .is_some_and(|q| inject.query.is_some() && query_clash(&q.name) > 1)
+                    headers.last().is_some_and(|h| inject.header.is_some() && header_clash(&h.name) > 1)
+                        || queries.last().is_some_and(|q| inject.query.is_some() && query_clash(&q.name) > 1)
                 }
             };
             if clash {
-                let field = if inject.header.is_some() {
-                    "header"
-                } else {
-                    "query"
-                };
+                let field = if inject.header.is_some() { "header" } else { "query" };
                 return Err(ConfigError::new(
                     format!("{ipath}.{field}"),
                     "is already injected by an earlier entry of this route",
@@ -507,14 +400,7 @@ fn compile_routes(
         let mut sources: Vec<usize> = dynamic.iter().map(|d| d.source).collect();
         sources.sort_unstable();
         sources.dedup();
-        routes.push(Route {
-            name: route.name.clone(),
-            matcher,
-            headers,
-            queries,
-            dynamic,
-            sources,
-        });
+        routes.push(Route { name: route.name.clone(), matcher, headers, queries, dynamic, sources });
     }
     Ok(routes)
 }
@@ -540,10 +426,7 @@ fn compile_dynamic_inject(
 ) -> Result<DynamicInject, ConfigError> {
     let prefix = inject.prefix.clone().unwrap_or_default();
     if inject.basic.is_some() {
-        return Err(ConfigError::new(
-            path,
-            "needs exactly one of `value` or `basic`",
-        ));
+        return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`"));
     }
     let target = match (&inject.header, &inject.query) {
         (Some(header), None) => {
@@ -558,27 +441,14 @@ fn compile_dynamic_inject(
         }
         (None, Some(query)) => {
             if query.is_empty() {
-                return Err(ConfigError::new(
-                    format!("{path}.query"),
-                    "must not be empty",
-                ));
+                return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
             }
             Target::Query(query.clone().into_bytes())
         }
-        _ => {
-            return Err(ConfigError::new(
-                path,
-                "needs exactly one of `header` or `query`",
-            ))
-        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     };
     let (source, value) = builder.add(raw, route, &format!("{path}.value"), env)?;
-    Ok(DynamicInject {
-        source,
-        value,
-        prefix,
-        target,
-    })
+    Ok(DynamicInject { source, value, prefix, target })
 }
 
 fn compile_inject(
@@ -589,23 +459,14 @@ fn compile_inject(
     queries: &mut Vec<QueryInject>,
 ) -> Result<(), ConfigError> {
     let prefix = inject.prefix.as_deref().unwrap_or("");
-    let secret_at = if inject.basic.is_some() {
-        "Basic ".len()
-    } else {
-        prefix.len()
-    };
+    let secret_at = if inject.basic.is_some() { "Basic ".len() } else { prefix.len() };
     let value = match (&inject.value, &inject.basic) {
         (Some(value), None) => {
             let value = match value {
                 RawValue::Env(v) => RawSecret::Env(v.clone()),
                 RawValue::Inline(v) => RawSecret::Inline(v.clone()),
                 // Dynamic values never reach here (see compile_routes).
-                _ => {
-                    return Err(ConfigError::new(
-                        format!("{path}.value"),
-                        "is not a static value",
-                    ))
-                }
+                _ => return Err(ConfigError::new(format!("{path}.value"), "is not a static value")),
             };
             format!("{prefix}{}", secret(&value, &format!("{path}.value"), env)?)
         }
@@ -618,21 +479,13 @@ fn compile_inject(
             }
             basic_value(basic, &format!("{path}.basic"), env)?
         }
-        _ => {
-            return Err(ConfigError::new(
-                path,
-                "needs exactly one of `value` or `basic`",
-            ))
-        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`")),
     };
     match (&inject.header, &inject.query) {
         (Some(header), None) => {
             let name = header_name(header, &format!("{path}.header"))?;
             if !is_header_value(value.as_bytes()) {
-                return Err(ConfigError::new(
-                    path,
-                    "the credential holds a character not allowed in a header value",
-                ));
+                return Err(ConfigError::new(path, "the credential holds a character not allowed in a header value"));
             }
             if headers.iter().any(|h| h.name == name) {
                 return Err(ConfigError::new(
@@ -640,24 +493,14 @@ fn compile_inject(
                     "is already injected by an earlier entry of this route",
                 ));
             }
-            headers.push(HeaderInject {
-                name,
-                value,
-                secret_at,
-            });
+            headers.push(HeaderInject { name, value, secret_at });
         }
         (None, Some(query)) => {
             if inject.basic.is_some() {
-                return Err(ConfigError::new(
-                    format!("{path}.basic"),
-                    "applies to header credentials only",
-                ));
+                return Err(ConfigError::new(format!("{path}.basic"), "applies to header credentials only"));
             }
             if query.is_empty() {
-                return Err(ConfigError::new(
-                    format!("{path}.query"),
-                    "must not be empty",
-                ));
+                return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
             }
             if queries.iter().any(|q| q.name == query.as_bytes()) {
                 return Err(ConfigError::new(
@@ -666,48 +509,26 @@ fn compile_inject(
                 ));
             }
             let encoded = format!("{}={}", encode_component(query), encode_component(&value));
-            queries.push(QueryInject {
-                name: query.clone().into_bytes(),
-                encoded,
-                value,
-            });
+            queries.push(QueryInject { name: query.clone().into_bytes(), encoded, value });
         }
-        _ => {
-            return Err(ConfigError::new(
-                path,
-                "needs exactly one of `header` or `query`",
-            ))
-        }
+        _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     }
     Ok(())
 }
 
 fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
     if basic.username.contains(':') {
-        return Err(ConfigError::new(
-            format!("{path}.username"),
-            "must not contain `:`",
-        ));
+        return Err(ConfigError::new(format!("{path}.username"), "must not contain `:`"));
     }
     let password = secret(&basic.password, &format!("{path}.password"), env)?;
     let pair = format!("{}:{password}", basic.username);
-    Ok(format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(pair)
-    ))
+    Ok(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
 }
 
 /// Resolves a secret value. `env` is read here, once, never per request.
-pub(crate) fn secret(
-    value: &RawSecret,
-    path: &str,
-    env: &dyn Environment,
-) -> Result<String, ConfigError> {
+pub(crate) fn secret(value: &RawSecret, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
     match value {
-        RawSecret::Inline(v) if v.is_empty() => Err(ConfigError::new(
-            format!("{path}.inline"),
-            "must not be empty",
-        )),
+        RawSecret::Inline(v) if v.is_empty() => Err(ConfigError::new(format!("{path}.inline"), "must not be empty")),
         RawSecret::Inline(v) => Ok(v.clone()),
         RawSecret::Env(name) => {
             let path = format!("{path}.env");
@@ -724,11 +545,7 @@ pub(crate) fn secret(
             }
             // Only a conventional upper-case name is quoted back; any other
             // (`sk_live_…` is a valid name) might still be a credential.
-            let shown = if is_conventional_env_name(name) {
-                name.as_str()
-            } else {
-                "the variable"
-            };
+            let shown = if is_conventional_env_name(name) { name.as_str() } else { "the variable" };
             match env.var(name) {
                 Some(v) if !v.is_empty() => Ok(v),
                 Some(_) => Err(ConfigError::new(path, format!("{shown} is empty"))),
@@ -772,12 +589,8 @@ fn compile_clients(
             ));
         }
         let digest = match (&client.key_sha256, &client.key) {
-            (Some(hex), None) => decode_digest(hex).ok_or_else(|| {
-                ConfigError::new(
-                    format!("{path}.key_sha256"),
-                    "must be 64 hexadecimal digits",
-                )
-            })?,
+            (Some(hex), None) => decode_digest(hex)
+                .ok_or_else(|| ConfigError::new(format!("{path}.key_sha256"), "must be 64 hexadecimal digits"))?,
             (None, Some(key)) => {
                 let trimmed = key.trim_matches([' ', '\t']);
                 if trimmed.is_empty() || trimmed.len() != key.len() {
@@ -794,41 +607,20 @@ fn compile_clients(
                 }
                 Sha256::digest(key.as_bytes()).into()
             }
-            _ => {
-                return Err(ConfigError::new(
-                    path.to_string(),
-                    "needs exactly one of `key_sha256` or `key`",
-                ))
-            }
+            _ => return Err(ConfigError::new(path.to_string(), "needs exactly one of `key_sha256` or `key`")),
         };
         let allowed = compile_client_routes(&client.routes, path, route_index)?;
         let expires = match &client.expires {
             Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
-                ConfigError::new(
-                    format!("{path}.expires"),
-                    "must be an RFC 3339 time such as 2027-01-01T00:00:00Z",
-                )
+                ConfigError::new(format!("{path}.expires"), "must be an RFC 3339 time such as 2027-01-01T00:00:00Z")
             })?),
             None => None,
         };
         if let Some(earlier) = index.insert(&clients, &digest, c) {
-            let what = if client.key.is_some() {
-                "key"
-            } else {
-                "key_sha256"
-            };
-            return Err(ConfigError::new(
-                format!("{path}.{what}"),
-                format!("is the same key as clients[{earlier}]"),
-            ));
+            let what = if client.key.is_some() { "key" } else { "key_sha256" };
+            return Err(ConfigError::new(format!("{path}.{what}"), format!("is the same key as clients[{earlier}]")));
         }
-        clients.push(Client {
-            id: client.id.clone(),
-            digest,
-            allowed,
-            expires,
-            disabled: client.disabled,
-        });
+        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled: client.disabled });
     }
     Ok((clients, index))
 }
@@ -920,8 +712,7 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 fn is_header_value(v: &[u8]) -> bool {
-    v.iter()
-        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
+    v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
         && v.first().is_none_or(|&b| b != b' ' && b != b'\t')
         && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
 }
@@ -933,24 +724,15 @@ fn is_env_name(name: &str) -> bool {
 }
 
 fn is_conventional_env_name(name: &str) -> bool {
-    is_env_name(name)
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    is_env_name(name) && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn is_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn is_client_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !b"\"',\\".contains(&b))
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic() && !b"\"',\\".contains(&b))
 }
 
 #[cfg(test)]
@@ -975,10 +757,7 @@ mod tests {
         let err = serde_json::from_str::<Kind>("\"sk-secret-value\"").unwrap_err();
         let text = redact_serde_message(&err);
         assert!(!text.contains("sk-secret-value"), "{text}");
-        assert!(
-            text.starts_with("unknown variant `…`, expected `env`"),
-            "{text}"
-        );
+        assert!(text.starts_with("unknown variant `…`, expected `env`"), "{text}");
         let err = serde_json::from_str::<String>("918273645").unwrap_err();
         assert!(!redact_serde_message(&err).contains("918273645"));
         let kept = "unknown field `clientz`, expected one of `clients`";
@@ -990,14 +769,8 @@ mod tests {
         let env = |_: &str| None;
         let value = |name: &str| RawSecret::Env(name.to_string());
         let message = |name: &str| secret(&value(name), "v", &env).unwrap_err().to_string();
-        assert_eq!(
-            message("OPENAI_API_KEY"),
-            "v.env: OPENAI_API_KEY is not set"
-        );
-        assert_eq!(
-            message("sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
-            "v.env: the variable is not set"
-        );
+        assert_eq!(message("OPENAI_API_KEY"), "v.env: OPENAI_API_KEY is not set");
+        assert_eq!(message("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "v.env: the variable is not set");
         assert!(!message("sk-proj-abc123").contains("sk-proj"));
         assert!(message("9LIVES").contains("not a value"));
     }
@@ -1034,9 +807,6 @@ mod doc_tests {
         let policy = Policy::from_json(example.as_bytes(), &env).unwrap();
         assert_eq!((policy.summary().clients, policy.summary().routes), (3, 4));
         let file = include_str!("../../docs/examples/gateway.json");
-        assert_eq!(
-            file, example,
-            "docs/examples/gateway.json must be the documented example"
-        );
+        assert_eq!(file, example, "docs/examples/gateway.json must be the documented example");
     }
 }

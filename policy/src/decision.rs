@@ -34,10 +34,7 @@ const NO_STORE: (&str, &str) = ("cache-control", "no-store");
 const ALLOW: (&str, &str) = ("allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS");
 const RETRY_AFTER: (&str, &str) = ("retry-after", "1");
 const CHALLENGE: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap\"");
-const INVALID_TOKEN: (&str, &str) = (
-    "www-authenticate",
-    "Bearer realm=\"keyswap\", error=\"invalid_token\"",
-);
+const INVALID_TOKEN: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap\", error=\"invalid_token\"");
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
@@ -92,9 +89,7 @@ impl DenialReason {
             Self::CredentialUnavailable => {
                 "The upstream credential for this route is not available yet; retry shortly."
             }
-            Self::MethodNotAllowed => {
-                "This method is not allowed on a route with upstream credentials."
-            }
+            Self::MethodNotAllowed => "This method is not allowed on a route with upstream credentials.",
             Self::InvalidAuthority => "The request's authority (Host) is malformed.",
         }
     }
@@ -103,9 +98,7 @@ impl DenialReason {
     pub fn headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Self::MissingKey => &[JSON, NO_STORE, CHALLENGE],
-            Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => {
-                &[JSON, NO_STORE, INVALID_TOKEN]
-            }
+            Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => &[JSON, NO_STORE, INVALID_TOKEN],
             Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority => &[JSON, NO_STORE],
             Self::MethodNotAllowed => &[JSON, NO_STORE, ALLOW],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
@@ -115,11 +108,7 @@ impl DenialReason {
     /// The JSON body: `{"error":"<code>","message":"<sentence>"}`.
     pub fn body(self) -> String {
         // Codes and messages are fixed ASCII with nothing to escape.
-        format!(
-            r#"{{"error":"{}","message":"{}"}}"#,
-            self.code(),
-            self.message()
-        )
+        format!(r#"{{"error":"{}","message":"{}"}}"#, self.code(), self.message())
     }
 }
 
@@ -174,13 +163,8 @@ impl Forward<'_> {
     }
 
     fn removes(&self, name: &str) -> bool {
-        self.remove_headers
-            .iter()
-            .any(|r| name.eq_ignore_ascii_case(r))
-            || self
-                .remove_look_alikes
-                .iter()
-                .any(|r| name.eq_ignore_ascii_case(r))
+        self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r))
+            || self.remove_look_alikes.iter().any(|r| name.eq_ignore_ascii_case(r))
     }
 
     /// Applies the edits to a request's header list (pseudo-headers
@@ -193,11 +177,7 @@ impl Forward<'_> {
                 None => headers.push((":path".to_string(), path.clone())),
             }
         }
-        headers.extend(
-            self.add_headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
+        headers.extend(self.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
     }
 }
 
@@ -209,8 +189,7 @@ impl<'p> Forward<'p> {
     where
         'p: 'a,
     {
-        let mut out: Vec<(&str, &[u8])> =
-            Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
+        let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
         let mut path_set = self.path.is_none();
         for (name, value) in headers {
             if self.removes(name) {
@@ -267,10 +246,7 @@ mod tests {
     #[test]
     fn every_401_carries_a_bearer_challenge() {
         for reason in DenialReason::ALL {
-            let challenge = reason
-                .headers()
-                .iter()
-                .any(|(n, _)| *n == "www-authenticate");
+            let challenge = reason.headers().iter().any(|(n, _)| *n == "www-authenticate");
             assert_eq!(challenge, reason.status() == 401, "{reason:?}");
         }
     }
@@ -292,11 +268,8 @@ mod tests {
             add_headers: vec![("authorization", "Bearer up"), ("x-client", "c")],
             path: Some(b"/a".to_vec()),
         };
-        let edited: Vec<(String, Vec<u8>)> = forward
-            .edited(&headers)
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v.to_vec()))
-            .collect();
+        let edited: Vec<(String, Vec<u8>)> =
+            forward.edited(&headers).into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();
         forward.apply(&mut headers);
         assert_eq!(edited, headers, "edited() and apply() agree");
         assert_eq!(

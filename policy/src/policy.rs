@@ -122,22 +122,14 @@ pub struct Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} clients, {} routes, version {}",
-            self.clients, self.routes, self.version
-        )
+        write!(f, "{} clients, {} routes, version {}", self.clients, self.routes, self.version)
     }
 }
 
 impl Policy {
     /// Counts and version, never a key or credential.
     pub fn summary(&self) -> Summary {
-        Summary {
-            clients: self.clients.len(),
-            routes: self.routes.len(),
-            version: self.version.clone(),
-        }
+        Summary { clients: self.clients.len(), routes: self.routes.len(), version: self.version.clone() }
     }
 
     /// The route names, in configuration order.
@@ -148,10 +140,7 @@ impl Policy {
     /// Clients whose key would be accepted at `now` (not disabled, not
     /// expired).
     pub fn active_clients(&self, now: i64) -> usize {
-        self.clients
-            .iter()
-            .filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at))
-            .count()
+        self.clients.iter().filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at)).count()
     }
 
     /// True when requests that match no route are forwarded
@@ -196,17 +185,8 @@ impl Policy {
     /// dropped from the path. Nothing is added: credentials are set only
     /// by [`Self::decide_with`] on the final route.
     pub fn admit<'p>(&'p self, req: &RequestView<'_>) -> Forward<'p> {
-        let present = |name: &str| {
-            req.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
-        let remove_headers = self
-            .request_removals
-            .iter()
-            .map(String::as_str)
-            .filter(|n| present(n))
-            .collect();
+        let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let remove_headers = self.request_removals.iter().map(String::as_str).filter(|n| present(n)).collect();
         Forward {
             route: None,
             client: None,
@@ -220,19 +200,8 @@ impl Policy {
     /// Decides one request on its final route (`route_name`, `cluster`)
     /// with the key the first stage read. `now` gives Unix seconds and is
     /// called only when the client has an `expires` time.
-    pub fn decide_with<'p>(
-        &'p self,
-        req: &RequestView<'_>,
-        key: &KeyCheck,
-        now: &dyn Fn() -> i64,
-    ) -> Decision<'p> {
-        let deny_unrouted = |reason| {
-            Decision::Deny(Denial {
-                reason,
-                route: None,
-                client: None,
-            })
-        };
+    pub fn decide_with<'p>(&'p self, req: &RequestView<'_>, key: &KeyCheck, now: &dyn Fn() -> i64) -> Decision<'p> {
+        let deny_unrouted = |reason| Decision::Deny(Denial { reason, route: None, client: None });
         if self.matches_host && authority_host(req.authority).is_none() {
             return deny_unrouted(DenialReason::InvalidAuthority);
         }
@@ -240,19 +209,12 @@ impl Policy {
         // can be checked and no credential swapped inside it, so it matches
         // no route.
         let tunnel = req.method.eq_ignore_ascii_case(b"CONNECT");
-        let route = if tunnel {
-            None
-        } else {
-            self.routes.iter().position(|r| r.matcher.matches(req))
-        };
+        let route = if tunnel { None } else { self.routes.iter().position(|r| r.matcher.matches(req)) };
         let Some(r) = route else {
             // A request to a cluster some route is bound to is that route's
             // business: never passed unchecked.
-            let bound = req.cluster.is_some_and(|c| {
-                self.bound_clusters
-                    .binary_search_by(|b| b.as_str().cmp(c))
-                    .is_ok()
-            });
+            let bound =
+                req.cluster.is_some_and(|c| self.bound_clusters.binary_search_by(|b| b.as_str().cmp(c)).is_ok());
             return match self.unmatched {
                 UnmatchedRoute::Pass if !bound => Decision::Forward(self.forward(req, None, None)),
                 _ => deny_unrouted(DenialReason::NoRoute),
@@ -260,11 +222,7 @@ impl Policy {
         };
         let route = &self.routes[r];
         let deny = |reason, client: Option<&'p Client>| {
-            Decision::Deny(Denial {
-                reason,
-                route: Some(route.name.as_str()),
-                client: client.map(|c| c.id.as_str()),
-            })
+            Decision::Deny(Denial { reason, route: Some(route.name.as_str()), client: client.map(|c| c.id.as_str()) })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
         // credential included, back to the client.
@@ -277,11 +235,7 @@ impl Policy {
             KeyCheck::TooLong => return deny(DenialReason::InvalidKey, None),
             KeyCheck::Digest(digest) => digest,
         };
-        let Some(client) = self
-            .index
-            .find(&self.clients, digest)
-            .map(|c| &self.clients[c])
-        else {
+        let Some(client) = self.index.find(&self.clients, digest).map(|c| &self.clients[c]) else {
             return deny(DenialReason::InvalidKey, None);
         };
         if client.disabled {
@@ -306,12 +260,7 @@ impl Policy {
         let mut out = Vec::new();
         for (name, _) in req.headers.iter().filter(|(n, _)| n.contains('_')) {
             let normal = name.replace('_', "-");
-            if self
-                .protected
-                .iter()
-                .any(|p| p.eq_ignore_ascii_case(&normal))
-                && !out.contains(name)
-            {
+            if self.protected.iter().any(|p| p.eq_ignore_ascii_case(&normal)) && !out.contains(name) {
                 out.push(name.clone());
             }
         }
@@ -326,12 +275,7 @@ impl Policy {
         let mut out: Vec<String> = Vec::new();
         for (name, _) in trailers {
             let normal = name.replace('_', "-");
-            if self
-                .protected
-                .iter()
-                .any(|p| p.eq_ignore_ascii_case(&normal))
-                && !out.contains(name)
-            {
+            if self.protected.iter().any(|p| p.eq_ignore_ascii_case(&normal)) && !out.contains(name) {
                 out.push(name.clone());
             }
         }
@@ -367,19 +311,14 @@ impl Policy {
             encoded.push(crate::query::encode_component(d));
         }
         secrets.extend(encoded.iter().map(String::as_bytes));
-        let query_names = route
-            .queries
-            .iter()
-            .map(|q| q.name.as_slice())
-            .collect::<Vec<_>>();
+        let query_names = route.queries.iter().map(|q| q.name.as_slice()).collect::<Vec<_>>();
         let holds = |value: &[u8]| secrets.iter().any(|s| contains_secret(value, s));
         let mut out = Vec::new();
         for (name, value) in headers {
             if !holds(value) {
                 continue;
             }
-            let uri = name.eq_ignore_ascii_case("location")
-                || name.eq_ignore_ascii_case("content-location");
+            let uri = name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location");
             let cleaned = uri.then(|| self.without_params(value, &query_names, &route.dynamic));
             match cleaned {
                 Some(v) if !holds(&v) => out.push((name.clone(), Some(v))),
@@ -390,12 +329,7 @@ impl Policy {
     }
 
     /// A URI without the route's injected query parameters.
-    fn without_params(
-        &self,
-        uri: &[u8],
-        names: &[&[u8]],
-        dynamic: &[crate::credential::DynamicInject],
-    ) -> Vec<u8> {
+    fn without_params(&self, uri: &[u8], names: &[&[u8]], dynamic: &[crate::credential::DynamicInject]) -> Vec<u8> {
         let injected = |n: &[u8]| {
             names.contains(&n)
                 || dynamic.iter().any(|d| matches!(&d.target, crate::credential::Target::Query(q) if q.as_slice() == n))
@@ -437,10 +371,7 @@ impl Policy {
                     // the same thing in HTTP (RFC 9110, 5.3), and Envoy joins
                     // some repeated headers (`authorization`) that way, so
                     // each comma-separated element is one presentation.
-                    let values = req
-                        .headers
-                        .iter()
-                        .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+                    let values = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
                     for element in values.flat_map(|(_, v)| v.split(|&b| b == b',')) {
                         if let Some(key) = header_key(element, prefix.as_deref()) {
                             found.add(std::borrow::Cow::Borrowed(key));
@@ -472,33 +403,17 @@ impl Policy {
         route: Option<&'p Route>,
         client: Option<&'p Client>,
     ) -> Forward<'p> {
-        let present = |name: &str| {
-            req.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
+        let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut remove_headers: Vec<&str> = Vec::new();
-        let inject_names = route
-            .into_iter()
-            .flat_map(|r| r.headers.iter().map(|h| h.name.as_str()));
-        for name in self
-            .request_removals
-            .iter()
-            .map(String::as_str)
-            .chain(inject_names)
-        {
+        let inject_names = route.into_iter().flat_map(|r| r.headers.iter().map(|h| h.name.as_str()));
+        for name in self.request_removals.iter().map(String::as_str).chain(inject_names) {
             if present(name) && !remove_headers.contains(&name) {
                 remove_headers.push(name);
             }
         }
         let mut add_headers: Vec<(&str, &str)> = Vec::new();
         if let Some(route) = route {
-            add_headers.extend(
-                route
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.as_str(), h.value.as_str())),
-            );
+            add_headers.extend(route.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
         }
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
             add_headers.push((name.as_str(), client.id.as_str()));
@@ -523,9 +438,7 @@ impl Policy {
     pub(crate) fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
         let removed = |p: &Param<'_>| {
             let name = p.name();
-            self.key_sources
-                .iter()
-                .any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
+            self.key_sources.iter().any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
                 || injected.iter().any(|q| q.name == *name)
         };
         let (base, query, fragment) = query::split_path(path);
@@ -669,9 +582,7 @@ impl RouteMatch {
             }
         }
         if let Some(host) = &self.host {
-            if !authority_host(req.authority)
-                .is_some_and(|h| h.eq_ignore_ascii_case(host.as_bytes()))
-            {
+            if !authority_host(req.authority).is_some_and(|h| h.eq_ignore_ascii_case(host.as_bytes())) {
                 return false;
             }
         }
@@ -687,11 +598,7 @@ pub(crate) fn authority_host(authority: &[u8]) -> Option<&[u8]> {
     let (host, port) = if authority.first() == Some(&b'[') {
         let end = authority.iter().position(|&b| b == b']')?;
         let literal = &authority[1..end];
-        if literal.is_empty()
-            || !literal
-                .iter()
-                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
+        if literal.is_empty() || !literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
             return None;
         }
         (&authority[..=end], &authority[end + 1..])
@@ -707,11 +614,7 @@ pub(crate) fn authority_host(authority: &[u8]) -> Option<&[u8]> {
     }
     match port {
         [] => Some(host),
-        [b':', digits @ ..]
-            if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
-        {
-            Some(host)
-        }
+        [b':', digits @ ..] if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) => Some(host),
         _ => None,
     }
 }
@@ -728,10 +631,7 @@ pub(crate) struct ClientIndex {
 
 impl ClientIndex {
     pub fn with_capacity(n: usize) -> Self {
-        Self {
-            first: HashMap::with_capacity_and_hasher(n, Default::default()),
-            colliding: Vec::new(),
-        }
+        Self { first: HashMap::with_capacity_and_hasher(n, Default::default()), colliding: Vec::new() }
     }
 
     /// Adds client `index`; on a duplicate digest returns the earlier client.
@@ -749,11 +649,7 @@ impl ClientIndex {
     }
 
     pub fn find(&self, clients: &[Client], digest: &[u8; 32]) -> Option<usize> {
-        let same = |c: &usize| {
-            clients
-                .get(*c)
-                .is_some_and(|c| bool::from(c.digest.ct_eq(digest)))
-        };
+        let same = |c: &usize| clients.get(*c).is_some_and(|c| bool::from(c.digest.ct_eq(digest)));
         match self.first.get(&prefix(digest)) {
             Some(c) if same(c) => Some(*c),
             _ => self.colliding.iter().copied().find(same),
@@ -821,11 +717,7 @@ mod tests {
             (":path".to_string(), path.as_bytes().to_vec()),
             (":authority".to_string(), b"api.test:443".to_vec()),
         ];
-        list.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
+        list.extend(headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
         list
     }
 
@@ -843,10 +735,7 @@ mod tests {
         assert_eq!(reason(&p, &joined("Bearer k1,Bearer k1")), None);
         assert_eq!(reason(&p, &joined("Bearer k1, Bearer k1")), None);
         assert_eq!(reason(&p, &joined("Bearer k1,Basic eA==")), None);
-        assert_eq!(
-            reason(&p, &joined("Bearer k1,Bearer k2")),
-            Some(DenialReason::AmbiguousKey)
-        );
+        assert_eq!(reason(&p, &joined("Bearer k1,Bearer k2")), Some(DenialReason::AmbiguousKey));
         assert_eq!(reason(&p, &joined("Bearer k1,")), None);
         assert_eq!(reason(&p, &joined(",")), Some(DenialReason::MissingKey));
     }
@@ -882,10 +771,7 @@ mod tests {
     #[test]
     fn connect_matches_no_route() {
         let bearer = [("authorization", "Bearer k1")];
-        assert_eq!(
-            reason(&policy("deny"), &request("CONNECT", "", &bearer)),
-            Some(DenialReason::NoRoute)
-        );
+        assert_eq!(reason(&policy("deny"), &request("CONNECT", "", &bearer)), Some(DenialReason::NoRoute));
         let p = policy("pass");
         let headers = request("CONNECT", "", &bearer);
         match p.decide(&RequestView::from_headers(None, &headers), &|| 0) {
@@ -927,12 +813,7 @@ mod tests {
 
     #[test]
     fn key_check_records_round_trip() {
-        for check in [
-            KeyCheck::Missing,
-            KeyCheck::Ambiguous,
-            KeyCheck::TooLong,
-            KeyCheck::Digest([7; 32]),
-        ] {
+        for check in [KeyCheck::Missing, KeyCheck::Ambiguous, KeyCheck::TooLong, KeyCheck::Digest([7; 32])] {
             assert_eq!(KeyCheck::decode(&check.encode()), Some(check));
         }
         for bad in [&b""[..], b"x", b"d", b"dshort", &[b'd'; 34]] {

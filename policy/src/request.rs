@@ -21,24 +21,12 @@ impl<'a> RequestView<'a> {
     /// A view over a host's full header list, taking `:method`, `:path` and
     /// `:authority` (or `host`) from it.
     pub fn from_headers(route_name: Option<&'a str>, headers: &'a [(String, Vec<u8>)]) -> Self {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(&[][..], |(_, v)| v.as_slice())
-        };
+        let get = |name: &str| headers.iter().find(|(n, _)| n == name).map_or(&[][..], |(_, v)| v.as_slice());
         let mut authority = get(":authority");
         if authority.is_empty() {
             authority = get("host");
         }
-        Self {
-            route_name,
-            cluster: None,
-            method: get(":method"),
-            path: get(":path"),
-            authority,
-            headers,
-        }
+        Self { route_name, cluster: None, method: get(":method"), path: get(":path"), authority, headers }
     }
 
     /// The query string, without `?` (empty when there is none).

@@ -49,9 +49,7 @@ pub const ROUTE_HEADER: &str = "x-test-route";
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+    manifest.parent().map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// The Envoy binary: `KEYSWAP_ENVOY`, else `.venv/bin/envoy` at the root.
@@ -59,15 +57,11 @@ pub fn repo_root() -> PathBuf {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn envoy_binary() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_ENVOY")
-        .map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
+    let path = std::env::var_os("KEYSWAP_ENVOY").map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!(
-            "no Envoy at {}: run scripts/setup (or set KEYSWAP_ENVOY)",
-            path.display()
-        ))
+        Err(format!("no Envoy at {}: run scripts/setup (or set KEYSWAP_ENVOY)", path.display()))
     }
 }
 
@@ -76,17 +70,12 @@ pub fn envoy_binary() -> Result<PathBuf, String> {
 /// # Errors
 /// It does not exist; the message says to run `scripts/setup`.
 pub fn filter_wasm() -> Result<PathBuf, String> {
-    let path = std::env::var_os("KEYSWAP_FILTER").map_or_else(
-        || repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"),
-        PathBuf::from,
-    );
+    let path = std::env::var_os("KEYSWAP_FILTER")
+        .map_or_else(|| repo_root().join("target/wasm32-wasip1/release/keyswap_filter.wasm"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!(
-            "no filter at {}: run scripts/setup (or set KEYSWAP_FILTER)",
-            path.display()
-        ))
+        Err(format!("no filter at {}: run scripts/setup (or set KEYSWAP_FILTER)", path.display()))
     }
 }
 
@@ -147,10 +136,7 @@ pub fn without_shared_clusters(listeners: &[Listener]) -> Vec<Vec<Listener>> {
     let mut groups: Vec<(Vec<Listener>, std::collections::BTreeSet<String>)> = Vec::new();
     for l in listeners {
         let names = l.clusters();
-        match groups
-            .iter_mut()
-            .find(|(_, taken)| names.iter().all(|n| !taken.contains(n)))
-        {
+        match groups.iter_mut().find(|(_, taken)| names.iter().all(|n| !taken.contains(n))) {
             Some((group, taken)) => {
                 taken.extend(names);
                 group.push(l.clone());
@@ -173,10 +159,7 @@ pub fn gateway(listeners: &[Listener], upstream: SocketAddr, wasm: &Path) -> ser
     for l in listeners {
         let filter = keyswap_filter(l, wasm);
         for name in l.clusters() {
-            assert!(
-                names.insert(name.clone()),
-                "two listeners of one bootstrap have a cluster `{name}`"
-            );
+            assert!(names.insert(name.clone()), "two listeners of one bootstrap have a cluster `{name}`");
             clusters.push(cluster(&name, upstream, &filter));
         }
     }
@@ -335,14 +318,8 @@ pub struct Refusal {
 /// A fresh directory for one run.
 fn run_dir() -> Result<PathBuf, String> {
     static RUNS: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let name = format!(
-        "keyswap-envoy-{}-{}-{nanos}",
-        std::process::id(),
-        RUNS.fetch_add(1, Ordering::SeqCst)
-    );
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let name = format!("keyswap-envoy-{}-{}-{nanos}", std::process::id(), RUNS.fetch_add(1, Ordering::SeqCst));
     let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(dir)
@@ -352,8 +329,7 @@ fn spawn(launch: &Launch, dir: &Path, extra: &[&str]) -> Result<Child, String> {
     let envoy = envoy_binary()?;
     let config = dir.join(&launch.file_name);
     std::fs::write(&config, &launch.text).map_err(|e| format!("{}: {e}", config.display()))?;
-    let log =
-        std::fs::File::create(dir.join("envoy.log")).map_err(|e| format!("envoy.log: {e}"))?;
+    let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| format!("envoy.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("envoy.log: {e}"))?;
     Command::new(&envoy)
         .arg("-c")
@@ -381,10 +357,7 @@ pub struct LogLevels {
 impl LogLevels {
     /// What a serving test Envoy logs by default: everything at `debug`.
     pub fn serving() -> Self {
-        Self {
-            level: "debug".into(),
-            components: None,
-        }
+        Self { level: "debug".into(), components: None }
     }
 }
 
@@ -393,11 +366,7 @@ impl LogLevels {
 /// workers nor debug lines matter and each costs time.
 fn run_args(dir: &Path, serving: bool, log: &LogLevels) -> Vec<String> {
     let admin = dir.join("admin-address");
-    let (concurrency, level) = if serving {
-        ("2", log.level.as_str())
-    } else {
-        ("1", "info")
-    };
+    let (concurrency, level) = if serving { ("2", log.level.as_str()) } else { ("1", "info") };
     let mut args: Vec<String> = vec![
         "--concurrency".into(),
         concurrency.into(),
@@ -415,24 +384,15 @@ fn run_args(dir: &Path, serving: bool, log: &LogLevels) -> Vec<String> {
 
 /// The admin's address once Envoy has written it.
 fn admin_address(dir: &Path) -> Option<SocketAddr> {
-    std::fs::read_to_string(dir.join("admin-address"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    std::fs::read_to_string(dir.join("admin-address")).ok()?.trim().parse().ok()
 }
 
 fn is_ready(admin: SocketAddr) -> bool {
-    Request::get("/ready")
-        .header("host", "admin")
-        .send(admin)
-        .is_ok_and(|r| r.status == 200)
+    Request::get("/ready").header("host", "admin").send(admin).is_ok_and(|r| r.status == 200)
 }
 
 fn read_log(dir: &Path) -> String {
-    std::fs::read(dir.join("envoy.log"))
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
+    std::fs::read(dir.join("envoy.log")).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
 }
 
 /// The last `lines` lines of `log`, with a header saying how many there were.
@@ -491,24 +451,11 @@ impl Envoy {
         let dir = run_dir()?;
         let mut args = run_args(&dir, true, log);
         args[1] = workers.to_string();
-        let child = spawn(
-            launch,
-            &dir,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
+        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         // From here on, dropping `envoy` kills the child.
-        let mut envoy = Self {
-            child,
-            dir,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            listeners: BTreeMap::new(),
-        };
+        let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let fail = |envoy: &Envoy, why: &str| {
-            format!(
-                "{why}\n---- Envoy log {}\n{}",
-                envoy.log_path().display(),
-                tail(&envoy.log(), 150)
-            )
+            format!("{why}\n---- Envoy log {}\n{}", envoy.log_path().display(), tail(&envoy.log(), 150))
         };
         let ready = poll(READY_TIMEOUT, || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -520,37 +467,21 @@ impl Envoy {
         envoy.admin = match ready {
             Some(Ok(admin)) => admin,
             Some(Err(why)) => return Err(fail(&envoy, &why)),
-            None => {
-                return Err(fail(
-                    &envoy,
-                    &format!("Envoy was not ready within {READY_TIMEOUT:?}"),
-                ))
-            }
+            None => return Err(fail(&envoy, &format!("Envoy was not ready within {READY_TIMEOUT:?}"))),
         };
         envoy.listeners = envoy.fetch_listeners().map_err(|e| fail(&envoy, &e))?;
         // The first check: the filter runs with exactly these configurations.
-        let versions: Vec<String> = launch
-            .expect_configs
-            .iter()
-            .map(|c| keyswap_policy::content_version(c.as_bytes()))
-            .collect();
+        let versions: Vec<String> =
+            launch.expect_configs.iter().map(|c| keyswap_policy::content_version(c.as_bytes())).collect();
         let loaded = poll(Duration::from_secs(10), || {
             let log = envoy.log();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("keyswap: configuration loaded:"))
-                .collect();
-            let missing: Vec<&String> = versions
-                .iter()
-                .filter(|v| !lines.iter().any(|l| l.ends_with(&format!("version {v}"))))
-                .collect();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("keyswap: configuration loaded:")).collect();
+            let missing: Vec<&String> =
+                versions.iter().filter(|v| !lines.iter().any(|l| l.ends_with(&format!("version {v}")))).collect();
             missing.is_empty().then_some(())
         });
         if loaded.is_none() {
-            return Err(fail(
-                &envoy,
-                &format!("keyswap did not log `configuration loaded` for versions {versions:?}"),
-            ));
+            return Err(fail(&envoy, &format!("keyswap did not log `configuration loaded` for versions {versions:?}")));
         }
         Ok(envoy)
     }
@@ -565,38 +496,21 @@ impl Envoy {
     pub fn refuse(launch: &Launch) -> Result<Refusal, String> {
         let dir = run_dir()?;
         let args = run_args(&dir, false, &LogLevels::serving());
-        let child = spawn(
-            launch,
-            &dir,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
-        let mut envoy = Self {
-            child,
-            dir,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            listeners: BTreeMap::new(),
-        };
+        let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let outcome = poll(READY_TIMEOUT, || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
                 return Some(Ok(status));
             }
             let admin = admin_address(&envoy.dir)?;
-            is_ready(admin).then_some(Err(
-                "Envoy started and became ready; it should have refused".to_string(),
-            ))
+            is_ready(admin).then_some(Err("Envoy started and became ready; it should have refused".to_string()))
         });
         let log = envoy.log();
         match outcome {
             Some(Ok(status)) if !status.success() => Ok(Refusal { status, log }),
-            Some(Ok(status)) => Err(format!(
-                "Envoy exited with {status}; it should have failed\n{}",
-                tail(&log, 100)
-            )),
+            Some(Ok(status)) => Err(format!("Envoy exited with {status}; it should have failed\n{}", tail(&log, 100))),
             Some(Err(why)) => Err(format!("{why}\n{}", tail(&log, 100))),
-            None => Err(format!(
-                "Envoy neither exited nor became ready within {READY_TIMEOUT:?}\n{}",
-                tail(&log, 100)
-            )),
+            None => Err(format!("Envoy neither exited nor became ready within {READY_TIMEOUT:?}\n{}", tail(&log, 100))),
         }
     }
 
@@ -605,22 +519,16 @@ impl Envoy {
             .header("host", "admin")
             .send(self.admin)
             .map_err(|e| format!("admin /listeners: {e}"))?;
-        let json = response
-            .json()
-            .map_err(|e| format!("admin /listeners: {e}"))?;
+        let json = response.json().map_err(|e| format!("admin /listeners: {e}"))?;
         let mut out = BTreeMap::new();
         for status in json["listener_statuses"].as_array().into_iter().flatten() {
             let address = &status["local_address"]["socket_address"];
-            let (Some(name), Some(ip), Some(port)) = (
-                status["name"].as_str(),
-                address["address"].as_str(),
-                address["port_value"].as_u64(),
-            ) else {
+            let (Some(name), Some(ip), Some(port)) =
+                (status["name"].as_str(), address["address"].as_str(), address["port_value"].as_u64())
+            else {
                 return Err(format!("admin /listeners: unexpected entry {status}"));
             };
-            let addr = format!("{ip}:{port}")
-                .parse()
-                .map_err(|e| format!("admin /listeners: {e}"))?;
+            let addr = format!("{ip}:{port}").parse().map_err(|e| format!("admin /listeners: {e}"))?;
             out.insert(name.to_string(), addr);
         }
         Ok(out)
@@ -636,10 +544,7 @@ impl Envoy {
     /// # Errors
     /// Envoy has no such listener.
     pub fn listener(&self, name: &str) -> Result<SocketAddr, String> {
-        self.listeners
-            .get(name)
-            .copied()
-            .ok_or_else(|| format!("Envoy has no listener {name}: {:?}", self.listeners))
+        self.listeners.get(name).copied().ok_or_else(|| format!("Envoy has no listener {name}: {:?}", self.listeners))
     }
 
     /// Every listener by name.
@@ -672,11 +577,7 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "---- Envoy log, kept at {} {}",
-                self.log_path().display(),
-                tail(&self.log(), 300)
-            );
+            eprintln!("---- Envoy log, kept at {} {}", self.log_path().display(), tail(&self.log(), 300));
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -701,19 +602,10 @@ pub fn validate(config: &Path, env: &[(String, String)], cwd: &Path) -> Result<S
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{}: {e}", envoy.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     if output.status.success() {
         Ok(text)
     } else {
-        Err(format!(
-            "envoy --mode validate -c {} failed ({}):\n{}",
-            config.display(),
-            output.status,
-            tail(&text, 60)
-        ))
+        Err(format!("envoy --mode validate -c {} failed ({}):\n{}", config.display(), output.status, tail(&text, 60)))
     }
 }

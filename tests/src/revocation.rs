@@ -46,15 +46,10 @@ pub struct EcdsGateway {
 /// A bootstrap like [`gateway`]'s with one listener, whose keyswap filter
 /// is discovered from `ecds` (watched directory: its parent) with the
 /// listener's own configuration as `default_config`.
-pub fn ecds_bootstrap(
-    listener: &Listener,
-    upstream: SocketAddr,
-    wasm: &Path,
-    ecds: &Path,
-) -> Value {
+pub fn ecds_bootstrap(listener: &Listener, upstream: SocketAddr, wasm: &Path, ecds: &Path) -> Value {
     let mut bootstrap = gateway(std::slice::from_ref(listener), upstream, wasm);
-    let filters = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
-        [0]["typed_config"]["http_filters"];
+    let filters = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"];
     let inline = filters[0]["typed_config"].take();
     let dir = ecds.parent().map(Path::to_path_buf).unwrap_or_default();
     // One resource, discovered by the listener's filter and by every
@@ -74,9 +69,8 @@ pub fn ecds_bootstrap(
     filters[0] = discovered.clone();
     if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
         for cluster in clusters {
-            cluster["typed_extension_protocol_options"]
-                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0] =
-                discovered.clone();
+            cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                ["http_filters"][0] = discovered.clone();
         }
     }
     bootstrap
@@ -93,10 +87,7 @@ impl EcdsGateway {
         let listener = Listener {
             name: LISTENER.into(),
             config: config.into(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
             ..Listener::default()
         };
         Self::start_with(listener, &[], &LogLevels::serving())
@@ -108,39 +99,26 @@ impl EcdsGateway {
     ///
     /// # Errors
     /// As [`EcdsGateway::start`].
-    pub fn start_with(
-        listener: Listener,
-        envoy_env: &[(&str, &str)],
-        log: &LogLevels,
-    ) -> Result<Self, String> {
+    pub fn start_with(listener: Listener, envoy_env: &[(&str, &str)], log: &LogLevels) -> Result<Self, String> {
         let wasm = filter_wasm()?;
         let echo = Echo::start("127.0.0.1:0").map_err(|e| format!("echo upstream: {e}"))?;
-        let listener = Listener {
-            name: LISTENER.into(),
-            ..listener
-        };
+        let listener = Listener { name: LISTENER.into(), ..listener };
         let config = listener.config.clone();
         let dir = std::env::temp_dir().join(format!(
             "keyswap-ecds-{}-{}",
             std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ecds_path = dir.join("keyswap.json");
         let bootstrap = ecds_bootstrap(&listener, echo.addr(), &wasm, &ecds_path);
-        let filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
-            [0]["typed_config"]["http_filters"][0];
+        let filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"][0];
         let vm_config = filter["config_discovery"]["default_config"]["config"]["vm_config"].clone();
         ecds::write_atomically(&ecds_path, &ecds::resource_bytes(&config, &vm_config))
             .map_err(|e| format!("{}: {e}", ecds_path.display()))?;
         let mut env = vec![("TZ".to_string(), "UTC".to_string())];
-        env.extend(
-            envoy_env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
+        env.extend(envoy_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let launch = Launch {
             file_name: "envoy.json".into(),
             text: bootstrap.to_string(),
@@ -150,13 +128,7 @@ impl EcdsGateway {
         };
         let envoy = Envoy::start_logging(&launch, log)?;
         let addr = envoy.listener(LISTENER)?;
-        Ok(Self {
-            envoy,
-            echo,
-            ecds: ecds_path,
-            vm_config,
-            addr,
-        })
+        Ok(Self { envoy, echo, ecds: ecds_path, vm_config, addr })
     }
 
     /// Runs `keyswap push CONFIG_FILE` against this Envoy (its ECDS file,
@@ -196,18 +168,12 @@ impl EcdsGateway {
     /// # Errors
     /// The admin did not answer 200.
     pub fn admin(&self, path: &str) -> Result<String, String> {
-        let response = Request::get(path)
-            .header("host", "admin")
-            .send(self.envoy.admin())
-            .map_err(|e| e.to_string())?;
+        let response =
+            Request::get(path).header("host", "admin").send(self.envoy.admin()).map_err(|e| e.to_string())?;
         if response.status == 200 {
             Ok(response.text())
         } else {
-            Err(format!(
-                "admin {path}: {} {}",
-                response.status,
-                response.text()
-            ))
+            Err(format!("admin {path}: {} {}", response.status, response.text()))
         }
     }
 
@@ -217,10 +183,7 @@ impl EcdsGateway {
     /// The admin did not answer.
     pub fn view(&self) -> Result<ecds::EnvoyView, String> {
         let mut view = ecds::EnvoyView::default();
-        ecds::parse_stats(
-            &self.admin("/stats?filter=^extension_config_discovery")?,
-            &mut view,
-        );
+        ecds::parse_stats(&self.admin("/stats?filter=^extension_config_discovery")?, &mut view);
         let dump: Value = serde_json::from_str(&self.admin("/config_dump?resource=ecds_filters")?)
             .map_err(|e| format!("config_dump: {e}"))?;
         ecds::parse_config_dump(&dump, &mut view);
@@ -230,9 +193,7 @@ impl EcdsGateway {
 
 /// `GET /v1/things` with `authorization: Bearer <key>` on a new connection.
 pub fn keyed(key: &str) -> Request {
-    Request::get("/v1/things")
-        .header("host", "gateway.test")
-        .header("authorization", format!("Bearer {key}"))
+    Request::get("/v1/things").header("host", "gateway.test").header("authorization", format!("Bearer {key}"))
 }
 
 /// [`keyed`] with `connection: close`, for one request on a new
@@ -272,14 +233,8 @@ fn parse_line(line: &str) -> Option<LogLine> {
     let (h, m, s) = (t.next()??, t.next()??, t.next()??);
     let seconds = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s;
     let millis: u64 = millis.parse().ok()?;
-    let time = UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(seconds).ok()?)
-        + Duration::from_millis(millis);
-    Some(LogLine {
-        time,
-        thread: thread.parse().ok()?,
-        text: line.to_string(),
-    })
+    let time = UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).ok()?) + Duration::from_millis(millis);
+    Some(LogLine { time, thread: thread.parse().ok()?, text: line.to_string() })
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -299,21 +254,11 @@ pub fn main_thread(lines: &[LogLine]) -> Option<u64> {
 
 /// The worker threads that logged loading `version` at or after `since`
 /// (all but `main`, which loads every configuration too).
-pub fn workers(
-    lines: &[LogLine],
-    main: Option<u64>,
-    version: &str,
-    since: SystemTime,
-) -> BTreeMap<u64, SystemTime> {
+pub fn workers(lines: &[LogLine], main: Option<u64>, version: &str, since: SystemTime) -> BTreeMap<u64, SystemTime> {
     let since = since.checked_sub(Duration::from_millis(1)).unwrap_or(since);
     let mut out = BTreeMap::new();
-    for line in lines
-        .iter()
-        .filter(|l| l.time >= since && Some(l.thread) != main)
-    {
-        if line.text.contains("keyswap: configuration loaded: ")
-            && line.text.ends_with(&format!("version {version}"))
-        {
+    for line in lines.iter().filter(|l| l.time >= since && Some(l.thread) != main) {
+        if line.text.contains("keyswap: configuration loaded: ") && line.text.ends_with(&format!("version {version}")) {
             out.entry(line.thread).or_insert(line.time);
         }
     }
@@ -331,12 +276,7 @@ pub struct LogTail {
 
 impl LogTail {
     pub fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            offset: 0,
-            partial: String::new(),
-            lines: Vec::new(),
-        }
+        Self { path: path.to_path_buf(), offset: 0, partial: String::new(), lines: Vec::new() }
     }
 
     /// Reads what was appended since the last call.
@@ -369,18 +309,11 @@ impl LogTail {
 }
 
 /// Per worker thread, the first line at or after `since` that contains `needle`.
-pub fn first_per_thread<'a>(
-    lines: &'a [LogLine],
-    since: SystemTime,
-    needle: &str,
-) -> BTreeMap<u64, &'a LogLine> {
+pub fn first_per_thread<'a>(lines: &'a [LogLine], since: SystemTime, needle: &str) -> BTreeMap<u64, &'a LogLine> {
     let mut out = BTreeMap::new();
     // Log times are truncated to the millisecond.
     let since = since.checked_sub(Duration::from_millis(1)).unwrap_or(since);
-    for line in lines
-        .iter()
-        .filter(|l| l.time >= since && l.text.contains(needle))
-    {
+    for line in lines.iter().filter(|l| l.time >= since && l.text.contains(needle)) {
         out.entry(line.thread).or_insert(line);
     }
     out
@@ -405,10 +338,7 @@ pub fn keyswap_cli() -> Result<PathBuf, String> {
         Some(path) => PathBuf::from(path),
         None => {
             let exe = std::env::current_exe().map_err(|e| format!("the test's path: {e}"))?;
-            exe.parent()
-                .and_then(Path::parent)
-                .map(|debug| debug.join("keyswap"))
-                .ok_or("no target/debug")?
+            exe.parent().and_then(Path::parent).map(|debug| debug.join("keyswap")).ok_or("no target/debug")?
         }
     };
     if path.is_file() {
@@ -431,18 +361,13 @@ mod tests {
         let parsed = parse_line(line).unwrap();
         assert_eq!(parsed.thread, 27757);
         // date -u -d '2026-11-23 10:59:25' +%s
-        assert_eq!(
-            parsed.time,
-            UNIX_EPOCH + Duration::from_millis(1_795_431_565_556)
-        );
+        assert_eq!(parsed.time, UNIX_EPOCH + Duration::from_millis(1_795_431_565_556));
         assert_eq!(parse_line("not a log line"), None);
         let first = "[2026-11-23 10:59:25.000][1][info][main] starting";
         let lines = parse_log(&format!("{first}\n{line}\n{}", line.replace("27757", "9")));
         let main = main_thread(&lines);
         assert_eq!(main, Some(1));
-        let all: Vec<u64> = workers(&lines, main, "abc", UNIX_EPOCH)
-            .into_keys()
-            .collect();
+        let all: Vec<u64> = workers(&lines, main, "abc", UNIX_EPOCH).into_keys().collect();
         assert_eq!(all, [9, 27757]);
         assert!(workers(&lines, main, "abd", UNIX_EPOCH).is_empty());
         assert!(workers(&lines, main, "abc", parsed.time + Duration::from_millis(2)).is_empty());

@@ -40,11 +40,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
         "proxy_get_property",
-        |mut caller: Caller<'_, HostState>,
-         path: u32,
-         path_len: u32,
-         data_out: u32,
-         size_out: u32| {
+        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, data_out: u32, size_out: u32| {
             caller.data_mut().record("proxy_get_property");
             status(get(&mut caller, path, path_len, data_out, size_out))
         },
@@ -52,11 +48,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
         "proxy_set_property",
-        |mut caller: Caller<'_, HostState>,
-         path: u32,
-         path_len: u32,
-         value: u32,
-         value_len: u32| {
+        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, value: u32, value_len: u32| {
             caller.data_mut().record("proxy_set_property");
             status(set(&mut caller, path, path_len, value, value_len))
         },
@@ -71,13 +63,7 @@ pub fn filter_state_name(path: &[u8]) -> String {
 
 const FILTER_STATE_PREFIX: &str = "wasm.";
 
-fn set(
-    caller: &mut Caller<'_, HostState>,
-    path: u32,
-    path_len: u32,
-    value: u32,
-    value_len: u32,
-) -> HostResult {
+fn set(caller: &mut Caller<'_, HostState>, path: u32, path_len: u32, value: u32, value_len: u32) -> HostResult {
     let name = filter_state_name(&memory::read(caller, path, path_len)?);
     let value = memory::read(caller, value, value_len)?;
     let stream = caller.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
@@ -85,22 +71,12 @@ fn set(
     Ok(())
 }
 
-fn get(
-    caller: &mut Caller<'_, HostState>,
-    path: u32,
-    path_len: u32,
-    data_out: u32,
-    size_out: u32,
-) -> HostResult {
+fn get(caller: &mut Caller<'_, HostState>, path: u32, path_len: u32, data_out: u32, size_out: u32) -> HostResult {
     let path = decode_property_path(&memory::read(caller, path, path_len)?).join(".");
     match lookup(caller.data(), &path) {
         Some(value) => memory::give(caller, &value, data_out, size_out),
         None => {
-            *caller
-                .data_mut()
-                .missing_properties
-                .entry(path)
-                .or_insert(0) += 1;
+            *caller.data_mut().missing_properties.entry(path).or_insert(0) += 1;
             Err(Status::NotFound.into())
         }
     }
@@ -119,10 +95,7 @@ pub(crate) fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
     match path {
         "xds.route_name" => stream.route_name.as_ref().map(|r| r.as_bytes().to_vec()),
         "xds.cluster_name" => stream.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
-        "upstream.address" => stream
-            .upstream_address
-            .as_ref()
-            .map(|a| a.as_bytes().to_vec()),
+        "upstream.address" => stream.upstream_address.as_ref().map(|a| a.as_bytes().to_vec()),
         "request.path" => header(":path"),
         "request.url_path" => Some(split.map_or(target.clone(), |q| target[..q].to_vec())),
         "request.query" => Some(split.map_or(Vec::new(), |q| target[q + 1..].to_vec())),
@@ -130,10 +103,7 @@ pub(crate) fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
         "request.method" => header(":method"),
         "request.scheme" => header(":scheme"),
         // Envoy looks an unknown first segment up in the filter state.
-        single if !single.contains('.') => stream
-            .filter_state
-            .get(&filter_state_name(single.as_bytes()))
-            .cloned(),
+        single if !single.contains('.') => stream.filter_state.get(&filter_state_name(single.as_bytes())).cloned(),
         _ => None,
     }
 }

@@ -13,9 +13,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use keyswap_harness::conformance::{default_dir, Request, Suite};
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
-use keyswap_harness::{
-    default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome,
-};
+use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
 use sha2::{Digest as _, Sha256};
 
 #[derive(Parser)]
@@ -140,22 +138,14 @@ fn main() -> ExitCode {
             // --help and --version print to stdout and succeed; usage
             // errors exit 1 like every other failure.
             let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if err.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
         }
     };
     let result = match cli.command {
         Command::Check { config, vm } => check(&config, &vm),
         Command::HashKey => hash_key(),
         Command::NewKey { id, routes } => new_key(&id, routes),
-        Command::Run {
-            config,
-            request,
-            vm,
-        } => run(&config, &request, &vm),
+        Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
         Command::Push(args) => keyswap_harness::push::main(&args),
         Command::Bench(args) => bench(&args),
@@ -179,17 +169,10 @@ fn load_filter(arg: &FilterArg) -> Result<FilterModule, String> {
 
 fn bench(args: &BenchArgs) -> Result<(), String> {
     use keyswap_harness::bench;
-    let path = args
-        .filter
-        .filter
-        .clone()
-        .unwrap_or_else(default_filter_path);
+    let path = args.filter.filter.clone().unwrap_or_else(default_filter_path);
     let wasm_bytes = read(&path)?.len();
     let module = FilterModule::load(&path).map_err(|e| e.to_string())?;
-    let noop_path = args
-        .noop
-        .clone()
-        .unwrap_or_else(|| path.with_file_name("keyswap_bench_noop.wasm"));
+    let noop_path = args.noop.clone().unwrap_or_else(|| path.with_file_name("keyswap_bench_noop.wasm"));
     let noop = match FilterModule::load(&noop_path) {
         Ok(noop) => Some(noop),
         Err(HarnessError::WasmMissing { .. }) if args.noop.is_none() => {
@@ -199,27 +182,15 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let progress = |line: &str| eprintln!("bench: {line}");
-    let report = bench::run(
-        &module,
-        wasm_bytes,
-        noop.as_ref(),
-        &args.sizes,
-        args.iterations,
-        &progress,
-    )
-    .map_err(|e| e.to_string())?;
+    let report = bench::run(&module, wasm_bytes, noop.as_ref(), &args.sizes, args.iterations, &progress)
+        .map_err(|e| e.to_string())?;
     let machine = machine_line();
     let table = bench::markdown(&report, &machine);
     println!("{table}");
     if let Some(doc) = &args.update_docs {
-        let text = std::fs::read_to_string(doc)
-            .map_err(|e| format!("cannot read {}: {e}", doc.display()))?;
-        let updated = bench::replace_block(&text, &table).ok_or_else(|| {
-            format!(
-                "{} has no <!-- bench:harness:start/end --> block",
-                doc.display()
-            )
-        })?;
+        let text = std::fs::read_to_string(doc).map_err(|e| format!("cannot read {}: {e}", doc.display()))?;
+        let updated = bench::replace_block(&text, &table)
+            .ok_or_else(|| format!("{} has no <!-- bench:harness:start/end --> block", doc.display()))?;
         std::fs::write(doc, updated).map_err(|e| format!("cannot write {}: {e}", doc.display()))?;
         eprintln!("bench: {} updated", doc.display());
     }
@@ -260,10 +231,7 @@ fn configured(config: &Path, vm: &VmArgs) -> Result<FilterInstance, String> {
         Ok(instance) => Ok(instance),
         Err(HarnessError::Refused { log }) => {
             let mut printed = false;
-            for line in log
-                .lines()
-                .filter(|l| l.contains("refused") || l.contains("panic"))
-            {
+            for line in log.lines().filter(|l| l.contains("refused") || l.contains("panic")) {
                 println!("error: {}", bare(line));
                 printed = true;
             }
@@ -290,9 +258,7 @@ fn check(config: &Path, vm: &VmArgs) -> Result<(), String> {
 
 fn hash_key() -> Result<(), String> {
     let mut input = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut input)
-        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    std::io::stdin().read_to_end(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
     let key = trim_one_newline(&input);
     if key.is_empty() {
         return Err("no key on stdin (pipe it in: `printf %s KEY | keyswap hash-key`)".into());
@@ -302,10 +268,7 @@ fn hash_key() -> Result<(), String> {
 }
 
 fn trim_one_newline(bytes: &[u8]) -> &[u8] {
-    bytes
-        .strip_suffix(b"\r\n")
-        .or_else(|| bytes.strip_suffix(b"\n"))
-        .unwrap_or(bytes)
+    bytes.strip_suffix(b"\r\n").or_else(|| bytes.strip_suffix(b"\n")).unwrap_or(bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -316,23 +279,14 @@ fn new_key(id: &str, routes: Vec<String>) -> Result<(), String> {
     if id.trim().is_empty() {
         return Err("--id must not be empty".into());
     }
-    let mut routes: Vec<String> = routes
-        .into_iter()
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty())
-        .collect();
+    let mut routes: Vec<String> = routes.into_iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
     if routes.is_empty() {
-        eprintln!(
-            "note: no --routes given: the entry allows every route (\"*\"); narrow it if you can"
-        );
+        eprintln!("note: no --routes given: the entry allows every route (\"*\"); narrow it if you can");
         routes.push("*".into());
     }
     let mut random = [0u8; 32];
     getrandom::fill(&mut random).map_err(|e| format!("no randomness from the OS: {e}"))?;
-    let key = format!(
-        "ks_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
-    );
+    let key = format!("ks_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random));
     let entry = serde_json::json!({ "id": id, "key_sha256": hex(&Sha256::digest(key.as_bytes())), "routes": routes });
     println!("key (shown once; give it to the client and keep no copy):");
     println!("{key}");
@@ -348,11 +302,7 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
     let mut instance = configured(config, vm)?;
     let before = instance.metrics();
     let outcome = instance
-        .request_to(
-            request.route_name.as_deref(),
-            request.cluster(),
-            &request.header_list(),
-        )
+        .request_to(request.route_name.as_deref(), request.cluster(), &request.header_list())
         .map_err(|e| e.to_string())?;
     instance.finish().map_err(|e| e.to_string())?;
     for entry in instance.log() {
@@ -362,17 +312,8 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
         Outcome::Forwarded { headers } => {
             println!("decision: forward");
             println!("upstream request:");
-            let get = |name: &str| {
-                headers
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| String::from_utf8_lossy(v))
-            };
-            println!(
-                "  {} {}",
-                get(":method").unwrap_or_default(),
-                get(":path").unwrap_or_default()
-            );
+            let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v));
+            println!("  {} {}", get(":method").unwrap_or_default(), get(":path").unwrap_or_default());
             for (name, value) in text_pairs(&headers) {
                 println!("  {name}: {value}");
             }
@@ -386,9 +327,7 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
             }
             println!("  body: {}", String::from_utf8_lossy(&local.body));
         }
-        Outcome::Paused { .. } => {
-            return Err("the filter paused the request without answering it".into())
-        }
+        Outcome::Paused { .. } => return Err("the filter paused the request without answering it".into()),
     }
     print_observability(&instance, &before);
     if let Some(calls) = instance.last_request_host_calls() {
@@ -406,10 +345,7 @@ fn print_observability(instance: &FilterInstance, before: &BTreeMap<String, (Met
         println!("access log: (no filter state set)");
     }
     for (name, value) in &state {
-        println!(
-            "access log: %FILTER_STATE({name}:PLAIN)% = {}",
-            String::from_utf8_lossy(value)
-        );
+        println!("access log: %FILTER_STATE({name}:PLAIN)% = {}", String::from_utf8_lossy(value));
     }
     let moved: Vec<String> = instance
         .metrics()
@@ -417,11 +353,7 @@ fn print_observability(instance: &FilterInstance, before: &BTreeMap<String, (Met
         .filter_map(|(name, (kind, now))| {
             let was = before.get(&name).map_or(0, |(_, v)| *v);
             (now != was).then(|| {
-                let change = if now >= was {
-                    format!("+{}", now - was)
-                } else {
-                    format!("-{}", was - now)
-                };
+                let change = if now >= was { format!("+{}", now - was) } else { format!("-{}", was - now) };
                 format!("  {name} {change} ({kind}, now {now})")
             })
         })

@@ -23,8 +23,7 @@ impl Engine<'_> {
         let sources = self.policy.credential_sources();
         let take = |pending: &mut Vec<usize>, cluster: &str| {
             let at = pending.iter().position(|&s| sources[s].cluster == cluster);
-            at.map(|at| pending.remove(at))
-                .ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
+            at.map(|at| pending.remove(at)).ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
         };
         match step {
             Step::TickAt(ms) => {
@@ -40,11 +39,8 @@ impl Engine<'_> {
                 let s = take(&mut self.pending, &answer.cluster)?;
                 let source = &sources[s];
                 if let Some(want) = &answer.call {
-                    let headers: Vec<(String, Vec<u8>)> = source
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
-                        .collect();
+                    let headers: Vec<(String, Vec<u8>)> =
+                        source.headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
                     want.check(&headers, source.body.as_deref().unwrap_or_default())?;
                 }
                 self.records[s] = match source.parse(answer.status, &answer.body_bytes(), *now) {
@@ -66,27 +62,15 @@ impl Engine<'_> {
 }
 
 fn denied(reason: DenialReason) -> Observed {
-    let headers = reason
-        .headers()
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .collect();
-    Observed::Denied {
-        status: reason.status(),
-        headers,
-        body: reason.body().into_bytes(),
-    }
+    let headers = reason.headers().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    Observed::Denied { status: reason.status(), headers, body: reason.body().into_bytes() }
 }
 
 fn observe(case: &Case) -> Result<Observed, String> {
     let env = |name: &str| case.env.get(name).cloned();
     let policy = match Policy::from_json(case.config.as_bytes(), &env) {
         Ok(policy) => policy,
-        Err(err) => {
-            return Ok(Observed::ConfigRefused {
-                log: err.to_string(),
-            })
-        }
+        Err(err) => return Ok(Observed::ConfigRefused { log: err.to_string() }),
     };
     let mut engine = Engine {
         policy: &policy,
@@ -95,9 +79,7 @@ fn observe(case: &Case) -> Result<Observed, String> {
     };
     let mut now_ms = STEPS_START.as_millis() as i64;
     for (i, step) in case.steps.iter().enumerate() {
-        engine
-            .step(step, &mut now_ms)
-            .map_err(|e| format!("step {i} ({step:?}): {e}"))?;
+        engine.step(step, &mut now_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))?;
     }
     if let Some(at) = case.request_at_ms {
         now_ms = STEPS_START.as_millis() as i64 + at as i64;
@@ -106,9 +88,7 @@ fn observe(case: &Case) -> Result<Observed, String> {
     // the request, as edited, is decided on its route and cluster.
     let mut headers = case.request.header_list();
     let key = policy.key_check(&RequestView::from_headers(None, &headers));
-    policy
-        .admit(&RequestView::from_headers(None, &headers))
-        .apply(&mut headers);
+    policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
     let admitted = headers.clone();
     let mut view = RequestView::from_headers(case.request.route_name.as_deref(), &admitted);
     view.cluster = case.request.cluster();
@@ -120,8 +100,7 @@ fn observe(case: &Case) -> Result<Observed, String> {
         Decision::Deny(denial) => Ok(denied(denial.reason)),
         Decision::Forward(forward) => {
             let route = forward.route.unwrap_or_default();
-            let values: Vec<Option<&[String]>> =
-                engine.records.iter().map(|r| r.usable(now_ms)).collect();
+            let values: Vec<Option<&[String]>> = engine.records.iter().map(|r| r.usable(now_ms)).collect();
             let dynamic = if policy.route_sources(route).is_empty() {
                 None
             } else {
@@ -135,51 +114,26 @@ fn observe(case: &Case) -> Result<Observed, String> {
                 edits.apply(&mut headers);
             }
             let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-            let path = headers
-                .iter()
-                .find(|(n, _)| n == ":path")
-                .map(|(_, v)| text(v))
-                .unwrap_or_default();
-            let upstream = headers
-                .iter()
-                .filter(|(n, _)| !n.starts_with(':'))
-                .map(|(n, v)| (n.clone(), text(v)));
+            let path = headers.iter().find(|(n, _)| n == ":path").map(|(_, v)| text(v)).unwrap_or_default();
+            let upstream = headers.iter().filter(|(n, _)| !n.starts_with(':')).map(|(n, v)| (n.clone(), text(v)));
             let client_response = case.response.as_ref().map(|response| {
-                let list: Vec<(String, Vec<u8>)> = response
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-                    .collect();
+                let list: Vec<(String, Vec<u8>)> =
+                    response.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec())).collect();
                 // The final stage removes echoed credentials, then the first
                 // stage strip_response_headers.
-                let secrets: Vec<&str> = dynamic
-                    .iter()
-                    .flat_map(|d| d.secrets.iter().map(String::as_str))
-                    .collect();
-                let reflected = forward
-                    .route
-                    .map(|r| policy.reflections(r, &secrets, &list))
-                    .unwrap_or_default();
+                let secrets: Vec<&str> = dynamic.iter().flat_map(|d| d.secrets.iter().map(String::as_str)).collect();
+                let reflected = forward.route.map(|r| policy.reflections(r, &secrets, &list)).unwrap_or_default();
                 let list: Vec<(String, Vec<u8>)> = list
                     .into_iter()
-                    .filter_map(
-                        |(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
-                            None => Some((n, v)),
-                            Some((_, replaced)) => replaced.clone().map(|r| (n, r)),
-                        },
-                    )
+                    .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
+                        None => Some((n, v)),
+                        Some((_, replaced)) => replaced.clone().map(|r| (n, r)),
+                    })
                     .collect();
                 let removed = policy.response_removals(&list);
-                list.iter()
-                    .filter(|(n, _)| !removed.contains(&n.as_str()))
-                    .map(|(n, v)| (n.clone(), text(v)))
-                    .collect()
+                list.iter().filter(|(n, _)| !removed.contains(&n.as_str())).map(|(n, v)| (n.clone(), text(v))).collect()
             });
-            Ok(Observed::Forwarded {
-                path,
-                headers: upstream.collect(),
-                client_response,
-            })
+            Ok(Observed::Forwarded { path, headers: upstream.collect(), client_response })
         }
     }
 }

@@ -45,26 +45,16 @@ fn request_for(case: &Case) -> Request {
     let r = &case.request;
     // CONNECT carries its authority as the target (authority-form); an
     // absolute-form path is sent as the target it is.
-    let target = if r.method.eq_ignore_ascii_case("CONNECT") && r.path.is_empty() {
-        &r.authority
-    } else {
-        &r.path
-    };
+    let target = if r.method.eq_ignore_ascii_case("CONNECT") && r.path.is_empty() { &r.authority } else { &r.path };
     let mut request = Request::new(&r.method, target).header("host", &r.authority);
     for (name, value) in &r.headers {
         request = request.header(name, value);
     }
     if let Some(route) = &r.route_name {
-        request = request.header(
-            ROUTE_HEADER,
-            &route_selector(route, r.cluster().unwrap_or(route)),
-        );
+        request = request.header(ROUTE_HEADER, &route_selector(route, r.cluster().unwrap_or(route)));
     }
     if let Some(response) = &case.response {
-        request = request.header(
-            RESPOND_HEADER,
-            serde_json::json!(response.headers).to_string(),
-        );
+        request = request.header(RESPOND_HEADER, serde_json::json!(response.headers).to_string());
     }
     request
 }
@@ -73,16 +63,10 @@ fn request_for(case: &Case) -> Request {
 /// echo's JSON body means the request was forwarded, anything else that it
 /// was answered by the gateway.
 fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, String> {
-    let response = request_for(case)
-        .send(listener)
-        .map_err(|e| format!("request through Envoy: {e}"))?;
+    let response = request_for(case).send(listener).map_err(|e| format!("request through Envoy: {e}"))?;
     match Echoed::parse(&response.body) {
         Some(echoed) if response.status == 200 => {
-            let client_framed = case
-                .request
-                .headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+            let client_framed = case.request.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
             let headers = echoed
                 .headers
                 .into_iter()
@@ -92,17 +76,9 @@ fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, Stri
                 .filter(|(n, v)| client_framed || !(n == "content-length" && v == "0"))
                 .collect();
             let client_response = case.response.as_ref().map(|_| response.headers.clone());
-            Ok(Observed::Forwarded {
-                path: echoed.path,
-                headers,
-                client_response,
-            })
+            Ok(Observed::Forwarded { path: echoed.path, headers, client_response })
         }
-        _ => Ok(Observed::Denied {
-            status: response.status,
-            headers: response.headers,
-            body: response.body,
-        }),
+        _ => Ok(Observed::Denied { status: response.status, headers: response.headers, body: response.body }),
     }
 }
 
@@ -111,17 +87,9 @@ fn group_of(case: &Case) -> Group {
 }
 
 /// Starts one Envoy that must refuse `case`'s configuration.
-fn refused(
-    case: &Case,
-    upstream: std::net::SocketAddr,
-    wasm: &std::path::Path,
-) -> Result<Observed, String> {
-    let listener = Listener {
-        name: "refused".into(),
-        config: case.config.clone(),
-        env: case.env.clone(),
-        ..Listener::default()
-    };
+fn refused(case: &Case, upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Result<Observed, String> {
+    let listener =
+        Listener { name: "refused".into(), config: case.config.clone(), env: case.env.clone(), ..Listener::default() };
     let refusal = Envoy::refuse(&Launch::gateway(&[listener], upstream, wasm))?;
     Ok(Observed::ConfigRefused { log: refusal.log })
 }
@@ -138,20 +106,16 @@ fn start_gateways(
     // carries its listener's configuration).
     without_shared_clusters(listeners)
         .iter()
-        .flat_map(
-            |group| match Envoy::start(&Launch::gateway(group, upstream, wasm)) {
-                Ok(envoy) => vec![Ok(envoy)],
-                Err(_) => group
-                    .iter()
-                    .map(|l| {
-                        Envoy::start(&Launch::gateway(std::slice::from_ref(l), upstream, wasm))
-                            .map_err(|e| {
-                                format!("Envoy with listener {} alone did not start: {e}", l.name)
-                            })
-                    })
-                    .collect(),
-            },
-        )
+        .flat_map(|group| match Envoy::start(&Launch::gateway(group, upstream, wasm)) {
+            Ok(envoy) => vec![Ok(envoy)],
+            Err(_) => group
+                .iter()
+                .map(|l| {
+                    Envoy::start(&Launch::gateway(std::slice::from_ref(l), upstream, wasm))
+                        .map_err(|e| format!("Envoy with listener {} alone did not start: {e}", l.name))
+                })
+                .collect(),
+        })
         .collect()
 }
 
@@ -163,28 +127,17 @@ fn conformance_suite_passes_in_envoy() {
     let echo = Echo::start("127.0.0.1:0").expect("the echo upstream starts");
 
     // config_error cases: one Envoy each, that must exit by itself.
-    let refusing: Vec<&Case> = plan
-        .run
-        .iter()
-        .copied()
-        .filter(|c| matches!(c.expect, Expect::ConfigError(_)))
-        .collect();
+    let refusing: Vec<&Case> =
+        plan.run.iter().copied().filter(|c| matches!(c.expect, Expect::ConfigError(_))).collect();
     let mut refusals: BTreeMap<String, Result<Observed, String>> = BTreeMap::new();
     for batch in refusing.chunks(REFUSALS_AT_ONCE) {
         std::thread::scope(|scope| {
             let handles: Vec<_> = batch
                 .iter()
-                .map(|case| {
-                    (
-                        case.name.clone(),
-                        scope.spawn(|| refused(case, echo.addr(), &wasm)),
-                    )
-                })
+                .map(|case| (case.name.clone(), scope.spawn(|| refused(case, echo.addr(), &wasm))))
                 .collect();
             for (name, handle) in handles {
-                let outcome = handle
-                    .join()
-                    .unwrap_or_else(|_| Err("the runner thread panicked".into()));
+                let outcome = handle.join().unwrap_or_else(|_| Err("the runner thread panicked".into()));
                 refusals.insert(name, outcome);
             }
         });
@@ -192,12 +145,7 @@ fn conformance_suite_passes_in_envoy() {
 
     // Every other case: a listener per (config, env), all in one Envoy.
     let mut groups: BTreeMap<Group, Vec<&Case>> = BTreeMap::new();
-    for case in plan
-        .run
-        .iter()
-        .copied()
-        .filter(|c| !matches!(c.expect, Expect::ConfigError(_)))
-    {
+    for case in plan.run.iter().copied().filter(|c| !matches!(c.expect, Expect::ConfigError(_))) {
         groups.entry(group_of(case)).or_default().push(case);
     }
     let listeners: Vec<Listener> = groups
@@ -205,17 +153,10 @@ fn conformance_suite_passes_in_envoy() {
         .enumerate()
         .map(|(i, ((config, env), cases))| {
             fn named<'c>(c: &&'c Case) -> Option<(&'c str, &'c str)> {
-                c.request
-                    .route_name
-                    .as_deref()
-                    .map(|r| (r, c.request.cluster().unwrap_or(r)))
+                c.request.route_name.as_deref().map(|r| (r, c.request.cluster().unwrap_or(r)))
             }
-            let mut route_names: Vec<String> = cases
-                .iter()
-                .filter_map(named)
-                .filter(|(r, c)| r == c)
-                .map(|(r, _)| r.to_string())
-                .collect();
+            let mut route_names: Vec<String> =
+                cases.iter().filter_map(named).filter(|(r, c)| r == c).map(|(r, _)| r.to_string()).collect();
             route_names.sort();
             route_names.dedup();
             let mut routes_to: Vec<(String, String)> = cases
@@ -236,24 +177,15 @@ fn conformance_suite_passes_in_envoy() {
             }
         })
         .collect();
-    let listener_of: BTreeMap<&Group, &str> = groups
-        .keys()
-        .zip(listeners.iter().map(|l| l.name.as_str()))
-        .collect();
+    let listener_of: BTreeMap<&Group, &str> = groups.keys().zip(listeners.iter().map(|l| l.name.as_str())).collect();
     let gateways = start_gateways(&listeners, echo.addr(), &wasm);
 
     let report = Report::run(&plan, |case| {
         if let Some(outcome) = refusals.remove(&case.name) {
             return outcome;
         }
-        let listener = listener_of
-            .get(&group_of(case))
-            .ok_or("no listener for this case")?;
-        let envoy = gateways.iter().find_map(|g| {
-            g.as_ref()
-                .ok()
-                .filter(|e| e.listeners().contains_key(*listener))
-        });
+        let listener = listener_of.get(&group_of(case)).ok_or("no listener for this case")?;
+        let envoy = gateways.iter().find_map(|g| g.as_ref().ok().filter(|e| e.listeners().contains_key(*listener)));
         match envoy {
             Some(envoy) => observe(case, envoy.listener(listener)?),
             None => {
@@ -268,10 +200,6 @@ fn conformance_suite_passes_in_envoy() {
         }
     });
     println!("{}", report.render());
-    assert!(
-        report.failed.is_empty(),
-        "the conformance suite in Envoy:\n{}",
-        report.render()
-    );
+    assert!(report.failed.is_empty(), "the conformance suite in Envoy:\n{}", report.render());
     assert!(report.passed >= 1, "no case ran");
 }
