@@ -88,7 +88,13 @@ def load_headers() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- configs
 
 
-def keyswap_config() -> str:
+def keyswap_cluster(listener: str) -> str:
+    """The cluster a keyswap listener sends to: its own, carrying keyswap's
+    final (upstream) stage, so the other listeners' requests never meet it."""
+    return f"responder-{listener}"
+
+
+def keyswap_config(listener: str) -> str:
     config = {
         "clients": [
             {"id": client_id(i), "key_sha256": hashlib.sha256(key(i).encode()).hexdigest(), "routes": ["bench"]}
@@ -98,7 +104,8 @@ def keyswap_config() -> str:
         "routes": [
             {
                 "name": "bench",
-                "match": {"path_prefix": "/"},
+                # Envoy's route `bench`, sent to the listener's own cluster (envoy_config).
+                "match": {"route_name": "bench", "clusters": [keyswap_cluster(listener)]},
                 "inject": [
                     {"header": "authorization", "prefix": "Bearer ", "value": {"env": "BENCH_UPSTREAM_CREDENTIAL"}}
                 ],
@@ -162,14 +169,25 @@ def wasm_filter(name: str, wasm: Path, configuration: str, env: dict[str, str]) 
     }
 
 
+def keyswap_filter(listener: str, wasm: Path) -> dict:
+    """keyswap's filter for `listener`: the same object in the listener's
+    chain (first stage) and in its cluster's (final stage)."""
+    env = {"BENCH_UPSTREAM_CREDENTIAL": UPSTREAM_CREDENTIAL}
+    return wasm_filter(listener, wasm, keyswap_config(listener), env)
+
+
+def is_keyswap(listener: str) -> bool:
+    return listener == "keyswap" or listener in VARIANTS
+
+
 def filters_for(listener: str, noop_wasm: Path, keyswap_wasm: Path) -> list[dict]:
     if listener == "plain":
         return []
     if listener == "noop_wasm":
         return [wasm_filter("noop", noop_wasm, "", {})]
-    if listener == "keyswap" or listener in VARIANTS:
+    if is_keyswap(listener):
         wasm = VARIANTS.get(listener, keyswap_wasm)
-        return [wasm_filter(listener, wasm, keyswap_config(), {"BENCH_UPSTREAM_CREDENTIAL": UPSTREAM_CREDENTIAL})]
+        return [keyswap_filter(listener, wasm)]
     if listener == "lua":
         return [
             {
@@ -218,6 +236,43 @@ def filters_for(listener: str, noop_wasm: Path, keyswap_wasm: Path) -> list[dict
     raise ValueError(listener)
 
 
+def cluster_of(listener: str) -> str:
+    return keyswap_cluster(listener) if is_keyswap(listener) else "responder"
+
+
+def responder_cluster(name: str, upstream_filter: dict | None) -> dict:
+    """A cluster to the local responder; with `upstream_filter` (keyswap's
+    final stage) as an upstream HTTP filter."""
+    cluster: dict = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": RESPONDER_PORT}}}}
+                    ]
+                }
+            ],
+        },
+    }
+    if upstream_filter is not None:
+        codec = {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        }
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [upstream_filter, codec],
+            }
+        }
+    return cluster
+
+
 def envoy_config(noop_wasm: Path, keyswap_wasm: Path) -> dict:
     listeners = []
     for name, port in LISTENERS:
@@ -234,7 +289,7 @@ def envoy_config(noop_wasm: Path, keyswap_wasm: Path) -> dict:
                     {
                         "name": name,
                         "domains": ["*"],
-                        "routes": [{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": "responder"}}],
+                        "routes": [{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": cluster_of(name)}}],
                     }
                 ],
             },
@@ -253,28 +308,11 @@ def envoy_config(noop_wasm: Path, keyswap_wasm: Path) -> dict:
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
         "static_resources": {
             "listeners": listeners,
-            "clusters": [
-                {
-                    "name": "responder",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "responder",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": RESPONDER_PORT}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
+            "clusters": [responder_cluster("responder", None)]
+            + [
+                responder_cluster(keyswap_cluster(name), keyswap_filter(name, VARIANTS.get(name, keyswap_wasm)))
+                for name, _ in LISTENERS
+                if is_keyswap(name)
             ],
             "secrets": [
                 {

@@ -189,22 +189,20 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     let (clients, index) = compile_clients(&raw.clients, &route_index)?;
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
 
-    // Every header the policy may ever remove from a request, for one pass
-    // over the request's headers.
-    let mut request_removals: Vec<String> = Vec::new();
+    // Every header name keyswap reads, removes or sets, removed from every
+    // request in one pass over its headers; a client-sent name that differs
+    // only by `_` for `-` is removed too (many upstreams read `x_api_key`
+    // and `x-api-key` as one variable).
+    let mut protected: Vec<String> = Vec::new();
     let key_headers = key_sources.iter().filter_map(|s| match s {
         KeySource::Header { name, .. } => Some(name),
         KeySource::Query { .. } => None,
     });
     for name in key_headers.chain(&strip_request).chain(&client_id_header) {
-        if !request_removals.contains(name) {
-            request_removals.push(name.clone());
+        if !protected.contains(name) {
+            protected.push(name.clone());
         }
     }
-    // Every header name keyswap reads, removes or sets: a client-sent name
-    // that differs only by `_` for `-` is removed too (many upstreams read
-    // `x_api_key` and `x-api-key` as one variable).
-    let mut protected: Vec<String> = request_removals.clone();
     let injected = routes.iter().flat_map(|r| {
         r.headers.iter().map(|h| h.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
             Target::Header(name) => Some(name.clone()),
@@ -214,6 +212,18 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     for name in injected {
         if !protected.contains(&name) {
             protected.push(name);
+        }
+    }
+    let mut reserved_params: Vec<Vec<u8>> = Vec::new();
+    let injected_params = routes.iter().flat_map(|r| {
+        r.queries.iter().map(|q| q.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
+            Target::Query(name) => Some(name.clone()),
+            Target::Header(_) => None,
+        }))
+    });
+    for name in injected_params {
+        if !reserved_params.contains(&name) {
+            reserved_params.push(name);
         }
     }
     let mut bound_clusters: Vec<String> =
@@ -227,8 +237,8 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         index,
         key_sources,
         routes,
-        request_removals,
         protected,
+        reserved_params,
         bound_clusters,
         matches_host,
         strip_response,

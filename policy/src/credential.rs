@@ -145,10 +145,7 @@ impl Source {
             return fail(format!("the {} answered status {status}", self.endpoint()));
         }
         let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return fail(format!(
-                "the {} answered a body that is not JSON",
-                self.endpoint()
-            ));
+            return fail(format!("the {} answered a body that is not JSON", self.endpoint()));
         };
         match self.kind {
             Kind::Fetch => {
@@ -156,19 +153,13 @@ impl Source {
                 for pointer in &self.pointers {
                     let value = match json.pointer(pointer) {
                         Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(_) => {
-                            return fail(format!("`{pointer}` in the answer is not a string"))
-                        }
+                        Some(_) => return fail(format!("`{pointer}` in the answer is not a string")),
                         None => return fail(format!("the answer has no `{pointer}`")),
                     };
                     check_value(&value, pointer)?;
                     values.push(value);
                 }
-                Ok(Fetched {
-                    values,
-                    expires_at: None,
-                    refresh_at: now.saturating_add(self.refresh_ms),
-                })
+                Ok(Fetched { values, expires_at: None, refresh_at: now.saturating_add(self.refresh_ms) })
             }
             Kind::Oauth2 | Kind::TokenExchange => {
                 let token = match json.get("access_token") {
@@ -203,11 +194,7 @@ impl Source {
                         (Some(now.saturating_add(life)), now.saturating_add(lead))
                     }
                 };
-                Ok(Fetched {
-                    values: vec![token],
-                    expires_at,
-                    refresh_at,
-                })
+                Ok(Fetched { values: vec![token], expires_at, refresh_at })
             }
         }
     }
@@ -225,14 +212,10 @@ fn check_value(value: &str, what: &str) -> Result<(), FetchError> {
         return fail(format!("`{what}` in the answer is empty"));
     }
     if value.len() > MAX_VALUE_BYTES {
-        return fail(format!(
-            "`{what}` in the answer is longer than {MAX_VALUE_BYTES} bytes"
-        ));
+        return fail(format!("`{what}` in the answer is longer than {MAX_VALUE_BYTES} bytes"));
     }
     if !value.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-        return fail(format!(
-            "`{what}` in the answer holds a character not allowed in a credential"
-        ));
+        return fail(format!("`{what}` in the answer holds a character not allowed in a credential"));
     }
     Ok(())
 }
@@ -283,13 +266,8 @@ impl Record {
 
     /// This record with a lease taken at `now` for a call of `source`.
     pub fn leased(&self, source: &Source, now: i64) -> Record {
-        let lease = i64::try_from(source.timeout_ms)
-            .unwrap_or(i64::MAX)
-            .saturating_add(1000);
-        Record {
-            lease_until: now.saturating_add(lease),
-            ..self.clone()
-        }
+        let lease = i64::try_from(source.timeout_ms).unwrap_or(i64::MAX).saturating_add(1000);
+        Record { lease_until: now.saturating_add(lease), ..self.clone() }
     }
 
     /// This record after a successful call. Unchanged values keep their
@@ -297,24 +275,14 @@ impl Record {
     pub fn succeeded(&self, fetched: Fetched) -> (Record, Success) {
         let changed = fetched.values != self.values;
         let record = Record {
-            generation: if changed {
-                self.generation.saturating_add(1)
-            } else {
-                self.generation
-            },
+            generation: if changed { self.generation.saturating_add(1) } else { self.generation },
             values: fetched.values,
             expires_at: fetched.expires_at,
             refresh_at: fetched.refresh_at,
             failures: 0,
             lease_until: 0,
         };
-        (
-            record,
-            Success {
-                changed,
-                recovered_after: self.failures,
-            },
-        )
+        (record, Success { changed, recovered_after: self.failures })
     }
 
     /// This record after a failed call at `now`: the last good values are
@@ -322,12 +290,7 @@ impl Record {
     /// up to [`MAX_BACKOFF_MS`].
     pub fn failed(&self, now: i64) -> Record {
         let failures = self.failures.saturating_add(1);
-        Record {
-            failures,
-            refresh_at: now.saturating_add(backoff_ms(failures)),
-            lease_until: 0,
-            ..self.clone()
-        }
+        Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() }
     }
 
     /// The shared-data encoding.
@@ -357,28 +320,22 @@ pub struct DynamicEdits<'p> {
     /// The new `:path` (static and dynamic query credentials), when the
     /// route injects a dynamic query credential.
     pub path: Option<Vec<u8>>,
+    /// The values injected, without prefixes: what a response must never
+    /// carry back (see [`Policy::reflections`]).
+    pub secrets: Vec<String>,
 }
 
 impl DynamicEdits<'_> {
     /// Applies the edits to a header list already edited by the forward.
     pub fn apply(&self, headers: &mut Vec<(String, Vec<u8>)>) {
-        headers.retain(|(name, _)| {
-            !self
-                .remove_headers
-                .iter()
-                .any(|r| name.eq_ignore_ascii_case(r))
-        });
+        headers.retain(|(name, _)| !self.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)));
         if let Some(path) = &self.path {
             match headers.iter_mut().find(|(name, _)| name == ":path") {
                 Some(entry) => entry.1.clone_from(path),
                 None => headers.push((":path".to_string(), path.clone())),
             }
         }
-        headers.extend(
-            self.add_headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
+        headers.extend(self.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
     }
 }
 
@@ -391,10 +348,7 @@ impl Policy {
 
     /// The sources a route's requests need (empty for a static route).
     pub fn route_sources(&self, route: &str) -> &[usize] {
-        self.routes
-            .iter()
-            .find(|r| r.name == route)
-            .map_or(&[], |r| r.sources.as_slice())
+        self.routes.iter().find(|r| r.name == route).map_or(&[], |r| r.sources.as_slice())
     }
 
     /// The edits for a forwarded request on `route` whose route has dynamic
@@ -417,11 +371,13 @@ impl Policy {
                 remove_headers: Vec::new(),
                 add_headers: Vec::new(),
                 path: None,
+                secrets: Vec::new(),
             });
         };
         let mut add_headers = Vec::new();
         let mut remove_headers = Vec::new();
         let mut queries: Vec<QueryInject> = Vec::new();
+        let mut secrets = Vec::with_capacity(route.dynamic.len());
         for inject in &route.dynamic {
             let value = values
                 .get(inject.source)
@@ -430,25 +386,18 @@ impl Policy {
                 .and_then(|v| v.get(inject.value))
                 .ok_or(DenialReason::CredentialUnavailable)?;
             let full = format!("{}{value}", inject.prefix);
+            secrets.push(value.clone());
             match &inject.target {
                 Target::Header(name) => {
-                    if req
-                        .headers
-                        .iter()
-                        .any(|(n, _)| n.eq_ignore_ascii_case(name))
-                    {
+                    if req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
                         remove_headers.push(name.as_str());
                     }
                     add_headers.push((name.as_str(), full));
                 }
                 Target::Query(name) => {
                     let shown = String::from_utf8_lossy(name);
-                    let encoded =
-                        format!("{}={}", encode_component(&shown), encode_component(&full));
-                    queries.push(QueryInject {
-                        name: name.clone(),
-                        encoded,
-                    });
+                    let encoded = format!("{}={}", encode_component(&shown), encode_component(&full));
+                    queries.push(QueryInject { name: name.clone(), encoded, value: full });
                 }
             }
         }
@@ -458,19 +407,12 @@ impl Policy {
             let mut all: Vec<QueryInject> = route
                 .queries
                 .iter()
-                .map(|q| QueryInject {
-                    name: q.name.clone(),
-                    encoded: q.encoded.clone(),
-                })
+                .map(|q| QueryInject { name: q.name.clone(), encoded: q.encoded.clone(), value: q.value.clone() })
                 .collect();
             all.extend(queries);
             self.rewrite_query(req.path, &all)
         };
-        Ok(DynamicEdits {
-            remove_headers,
-            add_headers,
-            path,
-        })
+        Ok(DynamicEdits { remove_headers, add_headers, path, secrets })
     }
 }
 
@@ -500,10 +442,7 @@ impl SourceBuilder {
     ) -> Result<(usize, usize), ConfigError> {
         let (mut source, pointer) = match raw {
             RawDynamic::Oauth2(o) => (oauth2(o, &format!("{path}.oauth2"), env)?, None),
-            RawDynamic::TokenExchange(t) => (
-                token_exchange(t, route, &format!("{path}.token_exchange"), env)?,
-                None,
-            ),
+            RawDynamic::TokenExchange(t) => (token_exchange(t, route, &format!("{path}.token_exchange"), env)?, None),
             RawDynamic::Fetch(f) => {
                 let path = format!("{path}.fetch");
                 let pointer = &f.json_pointer;
@@ -567,11 +506,7 @@ fn call_digest(source: &Source, route: &str) -> String {
     part(source.kind.name().as_bytes());
     // A token exchange is cached per (route, audience): the route is part
     // of its identity.
-    part(if source.kind == Kind::TokenExchange {
-        route.as_bytes()
-    } else {
-        b""
-    });
+    part(if source.kind == Kind::TokenExchange { route.as_bytes() } else { b"" });
     part(source.cluster.as_bytes());
     for (n, v) in &source.headers {
         part(n.as_bytes());
@@ -596,10 +531,7 @@ fn cluster_name(cluster: &str, path: &str) -> Result<String, ConfigError> {
 
 fn request_path(p: &str, field: &str) -> Result<String, ConfigError> {
     if !p.starts_with('/') || !p.bytes().all(|b| b.is_ascii_graphic()) || p.contains('#') {
-        return Err(ConfigError::new(
-            field,
-            "must be a request path starting with `/` (visible ASCII, no fragment)",
-        ));
+        return Err(ConfigError::new(field, "must be a request path starting with `/` (visible ASCII, no fragment)"));
     }
     Ok(p.to_string())
 }
@@ -607,44 +539,26 @@ fn request_path(p: &str, field: &str) -> Result<String, ConfigError> {
 fn authority(raw: Option<&str>, cluster: &str, path: &str) -> Result<String, ConfigError> {
     match raw {
         None => Ok(cluster.to_string()),
-        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_graphic() && b != b'/') => {
-            Ok(a.to_string())
-        }
-        Some(_) => Err(ConfigError::new(
-            format!("{path}.authority"),
-            "must be a host name, with an optional port",
-        )),
+        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_graphic() && b != b'/') => Ok(a.to_string()),
+        Some(_) => Err(ConfigError::new(format!("{path}.authority"), "must be a host name, with an optional port")),
     }
 }
 
-fn timing(
-    margin: Option<u64>,
-    timeout: Option<u64>,
-    path: &str,
-) -> Result<(i64, u64), ConfigError> {
+fn timing(margin: Option<u64>, timeout: Option<u64>, path: &str) -> Result<(i64, u64), ConfigError> {
     let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !(1..=60_000).contains(&timeout) {
-        return Err(ConfigError::new(
-            format!("{path}.timeout_ms"),
-            "must be between 1 and 60000",
-        ));
+        return Err(ConfigError::new(format!("{path}.timeout_ms"), "must be between 1 and 60000"));
     }
     let margin = margin.unwrap_or(DEFAULT_MARGIN_SECONDS);
     if margin > 86_400 {
-        return Err(ConfigError::new(
-            format!("{path}.refresh_margin_seconds"),
-            "must be at most 86400 (one day)",
-        ));
+        return Err(ConfigError::new(format!("{path}.refresh_margin_seconds"), "must be at most 86400 (one day)"));
     }
     Ok((margin as i64 * 1000, timeout))
 }
 
 fn form_text(value: &str, field: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.bytes().any(|b| b.is_ascii_control()) {
-        return Err(ConfigError::new(
-            field,
-            "must be non-empty text without control characters",
-        ));
+        return Err(ConfigError::new(field, "must be non-empty text without control characters"));
     }
     Ok(())
 }
@@ -653,9 +567,7 @@ fn scopes(raw: &[String], path: &str) -> Result<Option<String>, ConfigError> {
     for (i, scope) in raw.iter().enumerate() {
         // RFC 6749 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
         if scope.is_empty()
-            || !scope
-                .bytes()
-                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+            || !scope.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
         {
             return Err(ConfigError::new(
                 format!("{path}.scopes[{i}]"),
@@ -679,11 +591,7 @@ impl Form {
     }
 }
 
-fn static_secret(
-    raw: &RawSecret,
-    path: &str,
-    env: &dyn Environment,
-) -> Result<String, ConfigError> {
+fn static_secret(raw: &RawSecret, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
     let value = secret(raw, path, env)?;
     if value.bytes().any(|b| b.is_ascii_control()) {
         return Err(ConfigError::new(path, "holds a control character"));
@@ -709,11 +617,7 @@ fn client_auth(
     match how {
         ClientAuth::Basic => {
             // RFC 6749 2.3.1: both form-encoded, then Basic.
-            let pair = format!(
-                "{}:{}",
-                encode_component(&id),
-                encode_component(&secret_value)
-            );
+            let pair = format!("{}:{}", encode_component(&id), encode_component(&secret_value));
             let basic = base64::engine::general_purpose::STANDARD.encode(pair);
             headers.push(("authorization".into(), format!("Basic {basic}")));
         }
@@ -743,10 +647,7 @@ fn token_source(
         (":method".to_string(), "POST".to_string()),
         (":path".to_string(), target),
         (":authority".to_string(), authority),
-        (
-            "content-type".to_string(),
-            "application/x-www-form-urlencoded".to_string(),
-        ),
+        ("content-type".to_string(), "application/x-www-form-urlencoded".to_string()),
         ("accept".to_string(), "application/json".to_string()),
     ];
     all.append(&mut headers);
@@ -776,14 +677,7 @@ fn oauth2(raw: &RawOauth2, path: &str, env: &dyn Environment) -> Result<Source, 
         form.push("audience", audience);
     }
     let mut headers = Vec::new();
-    client_auth(
-        Some((&raw.client_id, &raw.client_secret)),
-        raw.client_auth,
-        path,
-        env,
-        &mut headers,
-        &mut form,
-    )?;
+    client_auth(Some((&raw.client_id, &raw.client_secret)), raw.client_auth, path, env, &mut headers, &mut form)?;
     token_source(
         Kind::Oauth2,
         (&raw.cluster, &raw.token_path, raw.authority.as_deref()),
@@ -807,10 +701,7 @@ fn token_exchange(
     form.push("audience", &raw.audience);
     let subject = static_secret(&raw.subject_token, &format!("{path}.subject_token"), env)?;
     form.push("subject_token", &subject);
-    let subject_type = raw
-        .subject_token_type
-        .as_deref()
-        .unwrap_or(ACCESS_TOKEN_TYPE);
+    let subject_type = raw.subject_token_type.as_deref().unwrap_or(ACCESS_TOKEN_TYPE);
     form_text(subject_type, &format!("{path}.subject_token_type"))?;
     form.push("subject_token_type", subject_type);
     if let Some(resource) = &raw.resource {
@@ -827,18 +718,8 @@ fn token_exchange(
     let client = match (&raw.client_id, &raw.client_secret) {
         (Some(id), Some(secret_raw)) => Some((id, secret_raw)),
         (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::new(
-                format!("{path}.client_secret"),
-                "is needed with `client_id`",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::new(
-                format!("{path}.client_id"),
-                "is needed with `client_secret`",
-            ))
-        }
+        (Some(_), None) => return Err(ConfigError::new(format!("{path}.client_secret"), "is needed with `client_id`")),
+        (None, Some(_)) => return Err(ConfigError::new(format!("{path}.client_id"), "is needed with `client_secret`")),
     };
     let mut headers = Vec::new();
     client_auth(client, raw.client_auth, path, env, &mut headers, &mut form)?;
@@ -856,10 +737,7 @@ fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Source, Co
     let (_, timeout_ms) = timing(None, raw.timeout_ms, path)?;
     let refresh = raw.refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
     if !(1..=86_400).contains(&refresh) {
-        return Err(ConfigError::new(
-            format!("{path}.refresh_seconds"),
-            "must be between 1 and 86400",
-        ));
+        return Err(ConfigError::new(format!("{path}.refresh_seconds"), "must be between 1 and 86400"));
     }
     let cluster = cluster_name(&raw.cluster, path)?;
     let target = request_path(&raw.path, &format!("{path}.path"))?;
@@ -942,7 +820,7 @@ mod tests {
         }
     }
 
-    const OAUTH: &str = r#"[{"name": "r", "match": {"path_prefix": "/"}, "inject": [
+    const OAUTH: &str = r#"[{"name": "r", "match": {"clusters": ["r"]}, "inject": [
         {"header": "authorization", "prefix": "Bearer ", "value": {"oauth2": {
           "cluster": "idp", "token_path": "/oauth/token", "authority": "idp.example.com",
           "client_id": {"inline": "my client"}, "client_secret": {"env": "IDP_SECRET"},
@@ -958,25 +836,14 @@ mod tests {
         let s = source(&p);
         assert_eq!(s.cluster, "idp");
         assert_eq!(s.path, "routes[0].inject[0].value.oauth2");
-        let header = |n: &str| {
-            s.headers
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v.as_str())
-        };
+        let header = |n: &str| s.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(header(":method"), Some("POST"));
         assert_eq!(header(":path"), Some("/oauth/token"));
         assert_eq!(header(":authority"), Some("idp.example.com"));
         let basic = base64::engine::general_purpose::STANDARD.encode("my%20client:env-IDP_SECRET");
-        assert_eq!(
-            header("authorization"),
-            Some(format!("Basic {basic}").as_str())
-        );
+        assert_eq!(header("authorization"), Some(format!("Basic {basic}").as_str()));
         let body = String::from_utf8(s.body.clone().unwrap()).unwrap();
-        assert_eq!(
-            body,
-            "grant_type=client_credentials&scope=read%20write&audience=https%3A%2F%2Fapi.example.com"
-        );
+        assert_eq!(body, "grant_type=client_credentials&scope=read%20write&audience=https%3A%2F%2Fapi.example.com");
         // The secret never shows in Debug.
         assert!(!format!("{s:?} {p:?}").contains("env-IDP_SECRET"));
     }
@@ -985,20 +852,12 @@ mod tests {
     fn token_answers_set_expiry_and_refresh_with_a_margin() {
         let p = policy(OAUTH);
         let s = source(&p);
-        let f = s
-            .parse(
-                200,
-                br#"{"access_token":"t1","token_type":"Bearer","expires_in":3600}"#,
-                1000,
-            )
-            .unwrap();
+        let f = s.parse(200, br#"{"access_token":"t1","token_type":"Bearer","expires_in":3600}"#, 1000).unwrap();
         assert_eq!(f.values, ["t1"]);
         assert_eq!(f.expires_at, Some(3_601_000));
         assert_eq!(f.refresh_at, 1000 + 3_540_000);
         // A short life refreshes half-way.
-        let f = s
-            .parse(200, br#"{"access_token":"t1","expires_in":"10"}"#, 0)
-            .unwrap();
+        let f = s.parse(200, br#"{"access_token":"t1","expires_in":"10"}"#, 0).unwrap();
         assert_eq!((f.expires_at, f.refresh_at), (Some(10_000), 5_000));
         // No expires_in: valid until replaced, refreshed on the default period.
         let f = s.parse(200, br#"{"access_token":"t1"}"#, 0).unwrap();
@@ -1010,31 +869,11 @@ mod tests {
         let p = policy(OAUTH);
         let s = source(&p);
         let cases: [(u16, &[u8], &str); 8] = [
-            (
-                500,
-                br#"{"access_token":"secret-t"}"#,
-                "the token endpoint answered status 500",
-            ),
-            (
-                200,
-                b"secret-t",
-                "the token endpoint answered a body that is not JSON",
-            ),
-            (
-                200,
-                br#"{"token":"secret-t"}"#,
-                "the answer has no `access_token`",
-            ),
-            (
-                200,
-                br#"{"access_token":7}"#,
-                "`access_token` in the answer is not a string",
-            ),
-            (
-                200,
-                br#"{"access_token":""}"#,
-                "`access_token` in the answer is empty",
-            ),
+            (500, br#"{"access_token":"secret-t"}"#, "the token endpoint answered status 500"),
+            (200, b"secret-t", "the token endpoint answered a body that is not JSON"),
+            (200, br#"{"token":"secret-t"}"#, "the answer has no `access_token`"),
+            (200, br#"{"access_token":7}"#, "`access_token` in the answer is not a string"),
+            (200, br#"{"access_token":""}"#, "`access_token` in the answer is empty"),
             (
                 200,
                 br#"{"access_token":"secret t"}"#,
@@ -1061,22 +900,17 @@ mod tests {
     #[test]
     fn fetch_entries_of_one_call_share_a_source_and_one_answer() {
         let p = policy(
-            r#"[{"name": "r", "match": {}, "inject": [
+            r#"[{"name": "r", "match": {"clusters": ["r"]}, "inject": [
                 {"header": "x-key-id", "value": {"fetch": {"cluster": "vault", "path": "/v1/cred", "json_pointer": "/data/id"}}},
                 {"query": "sig", "value": {"fetch": {"cluster": "vault", "path": "/v1/cred", "json_pointer": "/data/secret"}}}]}]"#,
         );
         assert_eq!(p.credential_sources().len(), 1);
         let s = source(&p);
         assert_eq!(s.pointers, ["/data/id", "/data/secret"]);
-        let f = s
-            .parse(200, br#"{"data":{"id":"k7","secret":"s/7"}}"#, 0)
-            .unwrap();
+        let f = s.parse(200, br#"{"data":{"id":"k7","secret":"s/7"}}"#, 0).unwrap();
         assert_eq!(f.values, ["k7", "s/7"]);
         assert_eq!(f.refresh_at, 300_000);
-        assert_eq!(
-            s.parse(200, br#"{"data":{"id":"k7"}}"#, 0).unwrap_err().0,
-            "the answer has no `/data/secret`"
-        );
+        assert_eq!(s.parse(200, br#"{"data":{"id":"k7"}}"#, 0).unwrap_err().0, "the answer has no `/data/secret`");
 
         let headers = vec![
             (":method".to_string(), b"GET".to_vec()),
@@ -1084,10 +918,9 @@ mod tests {
             ("x-key-id".to_string(), b"client-sent".to_vec()),
             ("x-api-key".to_string(), b"k1".to_vec()),
         ];
-        let view = RequestView::from_headers(None, &headers);
-        let Decision::Forward(forward) = p.decide(&view, &|| 0) else {
-            panic!()
-        };
+        let mut view = RequestView::from_headers(None, &headers);
+        view.cluster = Some("r");
+        let Decision::Forward(forward) = p.decide(&view, &|| 0) else { panic!() };
         assert_eq!(p.route_sources("r"), [0]);
         let values = [Some(&f.values[..])];
         let edits = p.dynamic_edits("r", &view, &values).unwrap();
@@ -1102,10 +935,7 @@ mod tests {
                 ("x-key-id".to_string(), b"k7".to_vec()),
             ]
         );
-        assert_eq!(
-            p.dynamic_edits("r", &view, &[None]),
-            Err(DenialReason::CredentialUnavailable)
-        );
+        assert_eq!(p.dynamic_edits("r", &view, &[None]), Err(DenialReason::CredentialUnavailable));
     }
 
     #[test]
@@ -1118,9 +948,9 @@ mod tests {
             )
         };
         let p = policy(&format!(
-            r#"[{{"name": "a", "match": {{"path_prefix": "/a"}}, "inject": [{}]}},
-                {{"name": "b", "match": {{"path_prefix": "/b"}}, "inject": [{}]}},
-                {{"name": "c", "match": {{"path_prefix": "/c"}}, "inject": [{}]}}]"#,
+            r#"[{{"name": "a", "match": {{"clusters": ["a"]}}, "inject": [{}]}},
+                {{"name": "b", "match": {{"clusters": ["b"]}}, "inject": [{}]}},
+                {{"name": "c", "match": {{"clusters": ["c"]}}, "inject": [{}]}}]"#,
             te("api-1"),
             te("api-1"),
             te("api-2")
@@ -1146,30 +976,16 @@ mod tests {
         assert!(empty.due(0) && empty.usable(0).is_none());
         let leased = empty.leased(s, 0);
         assert!(!leased.due(1000) && leased.due(6000));
-        let f = s
-            .parse(200, br#"{"access_token":"t1","expires_in":100}"#, 0)
-            .unwrap();
+        let f = s.parse(200, br#"{"access_token":"t1","expires_in":100}"#, 0).unwrap();
         let (ok, success) = leased.succeeded(f.clone());
-        assert_eq!(
-            success,
-            Success {
-                changed: true,
-                recovered_after: 0
-            }
-        );
+        assert_eq!(success, Success { changed: true, recovered_after: 0 });
         assert_eq!(ok.usable(99_999), Some(&["t1".to_string()][..]));
         assert_eq!(ok.usable(100_000), None);
         let failed = ok.failed(50_000).failed(51_000).failed(53_000);
         assert_eq!((failed.failures, failed.refresh_at), (3, 57_000));
         assert_eq!(failed.usable(60_000), Some(&["t1".to_string()][..]));
         let (back, success) = failed.succeeded(f);
-        assert_eq!(
-            success,
-            Success {
-                changed: false,
-                recovered_after: 3
-            }
-        );
+        assert_eq!(success, Success { changed: false, recovered_after: 3 });
         assert_eq!(back.generation, ok.generation);
         assert_eq!(Record::decode(&back.encode()), back);
         assert_eq!(Record::decode(b"garbage"), Record::default());
@@ -1196,11 +1012,9 @@ mod tests {
     fn config_errors_name_the_field() {
         let bad = |value: &str| {
             let json = format!(
-                r#"{{"routes": [{{"name": "r", "match": {{}}, "inject": [{{"header": "x", "value": {value}}}]}}]}}"#
+                r#"{{"routes": [{{"name": "r", "match": {{"clusters": ["r"]}}, "inject": [{{"header": "x", "value": {value}}}]}}]}}"#
             );
-            Policy::from_json(json.as_bytes(), &|_: &str| None)
-                .unwrap_err()
-                .to_string()
+            Policy::from_json(json.as_bytes(), &|_: &str| None).unwrap_err().to_string()
         };
         assert_eq!(
             bad(r#"{"fetch": {"cluster": "", "path": "/c", "json_pointer": "/t"}}"#),
@@ -1232,11 +1046,18 @@ mod tests {
     fn debug_output_never_shows_a_value() {
         let record = Record { values: vec!["tok-secret-1".into()], generation: 3, ..Record::default() };
         let fetched = Fetched { values: vec!["tok-secret-2".into()], expires_at: None, refresh_at: 1 };
-        let edits =
-            DynamicEdits { remove_headers: vec!["authorization"], add_headers: vec![("authorization", "tok-secret-3".into())], path: Some(b"/?k=tok-secret-4".to_vec()) };
+        let edits = DynamicEdits {
+            remove_headers: vec!["authorization"],
+            add_headers: vec![("authorization", "tok-secret-3".into())],
+            path: Some(b"/?k=tok-secret-4".to_vec()),
+            secrets: vec!["tok-secret-6".into()],
+        };
         let raw: crate::raw::RawValue = serde_json::from_str(r#"{"inline": "tok-secret-5"}"#).unwrap();
         let text = format!("{record:?} {fetched:?} {edits:?} {raw:?}");
         assert!(!text.contains("tok-secret"), "{text}");
-        assert!(text.contains("generation: 3") && text.contains("[1 redacted]") && text.contains("Inline(..)"), "{text}");
+        assert!(
+            text.contains("generation: 3") && text.contains("[1 redacted]") && text.contains("Inline(..)"),
+            "{text}"
+        );
     }
 }

@@ -20,12 +20,15 @@ pub struct Policy {
     pub(crate) index: ClientIndex,
     pub(crate) key_sources: Vec<KeySource>,
     pub(crate) routes: Vec<Route>,
-    /// Key-source headers, stripped headers and the client-id header: what
-    /// every forwarded request loses.
-    pub(crate) request_removals: Vec<String>,
-    /// `request_removals` and every injected header name: a client-sent
-    /// header whose name is one of these with `_` for `-` is removed.
+    /// Key-source headers, stripped headers, the client-id header and every
+    /// header name any route injects: removed
+    /// from every request (a client-sent copy of a credential header is
+    /// never forwarded, whatever the route), and so is a client-sent header
+    /// whose name is one of these with `_` for `-`.
     pub(crate) protected: Vec<String>,
+    /// Every query parameter name any route injects: removed from every
+    /// request before a route's own are appended.
+    pub(crate) reserved_params: Vec<Vec<u8>>,
     /// Every cluster some route is bound to, sorted: a request to one of
     /// them is never passed unchecked.
     pub(crate) bound_clusters: Vec<String>,
@@ -186,7 +189,7 @@ impl Policy {
     /// by [`Self::decide_with`] on the final route.
     pub fn admit<'p>(&'p self, req: &RequestView<'_>) -> Forward<'p> {
         let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-        let remove_headers = self.request_removals.iter().map(String::as_str).filter(|n| present(n)).collect();
+        let remove_headers = self.protected.iter().map(String::as_str).filter(|n| present(n)).collect();
         Forward {
             route: None,
             client: None,
@@ -405,9 +408,8 @@ impl Policy {
     ) -> Forward<'p> {
         let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut remove_headers: Vec<&str> = Vec::new();
-        let inject_names = route.into_iter().flat_map(|r| r.headers.iter().map(|h| h.name.as_str()));
-        for name in self.request_removals.iter().map(String::as_str).chain(inject_names) {
-            if present(name) && !remove_headers.contains(&name) {
+        for name in self.protected.iter().map(String::as_str) {
+            if present(name) {
                 remove_headers.push(name);
             }
         }
@@ -430,8 +432,8 @@ impl Policy {
         }
     }
 
-    /// The new path without key parameters and client-sent copies of
-    /// injected ones, with the injected ones appended, and without a
+    /// The new path without key parameters and client-sent copies of any
+    /// route's injected ones, with `injected` appended, and without a
     /// fragment (never part of a request target, and a place to hide a key
     /// or a second credential from the query rewrite); `None` when nothing
     /// changes.
@@ -439,6 +441,7 @@ impl Policy {
         let removed = |p: &Param<'_>| {
             let name = p.name();
             self.key_sources.iter().any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
+                || self.reserved_params.iter().any(|r| *r == *name)
                 || injected.iter().any(|q| q.name == *name)
         };
         let (base, query, fragment) = query::split_path(path);
