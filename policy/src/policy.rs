@@ -823,4 +823,144 @@ mod tests {
             assert_eq!(KeyCheck::decode(bad), None);
         }
     }
+
+    /// An Envoy configuration: `a` bound to cluster `ca`, `q` to `cq` with a
+    /// query credential.
+    fn bound(unmatched: &str) -> Policy {
+        let json = format!(
+            r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["a"]}}],
+                "key_sources": [{{"header": "authorization", "prefix": "Bearer "}}, {{"query": "api_key"}}],
+                "routes": [{{"name": "a", "match": {{"route_name": "ra", "clusters": ["ca"]}},
+                             "inject": [{{"header": "x-upstream-key", "value": {{"inline": "secret-for-a-123"}}}}]}},
+                           {{"name": "q", "match": {{"clusters": ["cq"]}},
+                             "inject": [{{"query": "key", "value": {{"inline": "query secret/456"}}}}]}}],
+                "client_id_header": "x-keyswap-client",
+                "unmatched_route": "{unmatched}"}}"#
+        );
+        match Policy::from_json(json.as_bytes(), &|_: &str| None) {
+            Ok(policy) => policy,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    fn decide_on<'p>(
+        p: &'p Policy,
+        headers: &[(String, Vec<u8>)],
+        route: Option<&str>,
+        cluster: Option<&str>,
+    ) -> Decision<'p> {
+        let view = RequestView::from_headers(None, headers);
+        let key = p.key_check(&view);
+        let mut view = RequestView::from_headers(route, headers);
+        view.cluster = cluster;
+        p.decide_with(&view, &key, &|| 0)
+    }
+
+    #[test]
+    fn a_route_matches_only_on_a_cluster_it_is_bound_to() {
+        let p = bound("deny");
+        let keyed = request("GET", "/", &[("authorization", "Bearer k1")]);
+        assert!(matches!(decide_on(&p, &keyed, Some("ra"), Some("ca")), Decision::Forward(f) if f.route == Some("a")));
+        for (route, cluster) in [(Some("ra"), Some("other")), (Some("ra"), None), (Some("other"), Some("ca"))] {
+            match decide_on(&p, &keyed, route, cluster) {
+                Decision::Deny(d) => assert_eq!(d.reason, DenialReason::NoRoute, "{route:?} {cluster:?}"),
+                Decision::Forward(f) => panic!("{route:?} {cluster:?}: forwarded on {:?}", f.route),
+            }
+        }
+    }
+
+    #[test]
+    fn pass_never_passes_a_bound_cluster() {
+        let p = bound("pass");
+        let keyed = request("GET", "/", &[("authorization", "Bearer k1")]);
+        // Another Envoy route to a bound cluster: refused, not passed.
+        assert!(
+            matches!(decide_on(&p, &keyed, Some("other"), Some("ca")), Decision::Deny(d) if d.reason == DenialReason::NoRoute)
+        );
+        // An unbound cluster: passed, with no credential.
+        match decide_on(&p, &keyed, Some("other"), Some("elsewhere")) {
+            Decision::Forward(f) => assert!(f.route.is_none() && f.add_headers.is_empty() && f.path.is_none()),
+            Decision::Deny(d) => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn trace_is_refused_on_a_route_before_the_key() {
+        let p = bound("deny");
+        for method in ["TRACE", "TRACK", "trace"] {
+            let unkeyed = request(method, "/", &[]);
+            assert!(
+                matches!(decide_on(&p, &unkeyed, Some("ra"), Some("ca")),
+                Decision::Deny(d) if d.reason == DenialReason::MethodNotAllowed),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_stage_removes_every_reserved_name_and_adds_nothing() {
+        let p = bound("deny");
+        let headers = request(
+            "GET",
+            "/x?api_key=k1&key=mine&api%5Fkey=k1&keep=1#frag",
+            &[
+                ("authorization", "Bearer k1"),
+                ("x-upstream-key", "forged"),
+                ("x_upstream_key", "forged"),
+                ("X_Keyswap_Client", "admin"),
+                ("x_other", "kept"),
+            ],
+        );
+        let admit = p.admit(&RequestView::from_headers(None, &headers));
+        assert!(admit.add_headers.is_empty());
+        let mut edited = headers.clone();
+        admit.apply(&mut edited);
+        let names: Vec<&str> = edited.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, [":method", ":path", ":authority", "x_other"]);
+        assert_eq!(edited[1].1, b"/x?keep=1");
+    }
+
+    #[test]
+    fn trailers_lose_every_protected_name_and_look_alike() {
+        let p = bound("deny");
+        let trailers: Vec<(String, Vec<u8>)> =
+            ["authorization", "x-keyswap-client", "x_upstream_key", "x-upstream-key", "grpc-status"]
+                .iter()
+                .map(|n| (n.to_string(), b"v".to_vec()))
+                .collect();
+        assert_eq!(
+            p.trailer_removals(&trailers),
+            ["authorization", "x-keyswap-client", "x_upstream_key", "x-upstream-key"]
+        );
+    }
+
+    #[test]
+    fn responses_never_carry_an_injected_secret_back() {
+        let p = bound("deny");
+        let response = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+        };
+        // Header credentials: any header holding the secret goes.
+        let headers = response(&[("x-echo", "got secret-for-a-123 ok"), ("x-other", "fine"), ("location", "/next")]);
+        assert_eq!(p.reflections("a", &[], &headers), [("x-echo".to_string(), None)]);
+        // Query credentials: location keeps its other parameters.
+        let headers = response(&[
+            ("location", "https://up.test/v1?alt=json&key=query%20secret%2F456&page=2"),
+            ("content-location", "/v1?key=query%20secret%2F456"),
+            ("x-raw", "query secret/456"),
+        ]);
+        let edits = p.reflections("q", &[], &headers);
+        assert_eq!(
+            edits,
+            [
+                ("location".to_string(), Some(b"https://up.test/v1?alt=json&page=2".to_vec())),
+                ("content-location".to_string(), Some(b"/v1".to_vec())),
+                ("x-raw".to_string(), None),
+            ]
+        );
+        // Dynamic values the host injected count too; short ones only whole.
+        let headers = response(&[("x-token", "Bearer dyn-token-789"), ("x-short", "ab"), ("x-has-ab", "cabd")]);
+        let edits = p.reflections("a", &["dyn-token-789", "ab"], &headers);
+        assert_eq!(edits, [("x-token".to_string(), None), ("x-short".to_string(), None)]);
+    }
 }
