@@ -470,6 +470,7 @@ fn compile_inject(
 ) -> Result<(), ConfigError> {
     let prefix = inject.prefix.as_deref().unwrap_or("");
     let secret_at = if inject.basic.is_some() { "Basic ".len() } else { prefix.len() };
+    let mut password = None;
     let value = match (&inject.value, &inject.basic) {
         (Some(value), None) => {
             let value = match value {
@@ -487,7 +488,9 @@ fn compile_inject(
                     "cannot be combined with `basic` (it brings its own `Basic ` prefix)",
                 ));
             }
-            basic_value(basic, &format!("{path}.basic"), env)?
+            let (value, plain) = basic_value(basic, &format!("{path}.basic"), env)?;
+            password = Some(plain);
+            value
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`")),
     };
@@ -503,7 +506,7 @@ fn compile_inject(
                     "is already injected by an earlier entry of this route",
                 ));
             }
-            headers.push(HeaderInject { name, value, secret_at });
+            headers.push(HeaderInject { name, value, secret_at, password });
         }
         (None, Some(query)) => {
             if inject.basic.is_some() {
@@ -526,13 +529,15 @@ fn compile_inject(
     Ok(())
 }
 
-fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+/// The `Basic …` header value, and the password alone (a response must not
+/// carry it back either, encoded or not).
+fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<(String, String), ConfigError> {
     if basic.username.contains(':') {
         return Err(ConfigError::new(format!("{path}.username"), "must not contain `:`"));
     }
     let password = secret(&basic.password, &format!("{path}.password"), env)?;
     let pair = format!("{}:{password}", basic.username);
-    Ok(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+    Ok((format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)), password))
 }
 
 /// Resolves a secret value. `env` is read here, once, never per request.

@@ -103,6 +103,8 @@ pub(crate) struct HeaderInject {
     pub value: String,
     /// Where the secret starts in `value` (after the prefix or `Basic `).
     pub secret_at: usize,
+    /// A Basic credential's password, decoded.
+    pub password: Option<String>,
 }
 
 #[derive(Debug)]
@@ -304,6 +306,7 @@ impl Policy {
         let mut encoded: Vec<String> = Vec::new();
         for h in &route.headers {
             secrets.push(&h.value.as_bytes()[h.secret_at..]);
+            secrets.extend(h.password.as_deref().map(str::as_bytes));
         }
         for q in &route.queries {
             secrets.push(q.value.as_bytes());
@@ -412,6 +415,12 @@ impl Policy {
             if present(name) {
                 remove_headers.push(name);
             }
+        }
+        // An upstream's `100 Continue` would reach the client unfiltered
+        // (Envoy with `proxy_100_continue`): a credentialed request asks for
+        // none.
+        if route.is_some() && present("expect") {
+            remove_headers.push("expect");
         }
         let mut add_headers: Vec<(&str, &str)> = Vec::new();
         if let Some(route) = route {

@@ -21,6 +21,10 @@
 //! - [`load`]: bounded background load over keep-alive connections.
 //! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
 //!   did what when (from Envoy's log).
+//! - [`routing`]: recording upstreams (a cluster each, trailers included),
+//!   gateways of several virtual hosts with keyswap in both stages, an
+//!   HTTP/2 relay, and raw HTTP/1.1 and curl HTTP/2 clients: what reached
+//!   which upstream.
 //! - [`token`]: a token endpoint / credential service for dynamic
 //!   credentials: answers what the test sets, counts calls, can go down.
 //!
@@ -33,4 +37,5 @@ pub mod envoy;
 pub mod http;
 pub mod load;
 pub mod revocation;
+pub mod routing;
 pub mod token;

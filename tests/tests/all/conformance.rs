@@ -51,7 +51,7 @@ fn request_for(case: &Case) -> Request {
         request = request.header(name, value);
     }
     if let Some(route) = &r.route_name {
-        request = request.header(ROUTE_HEADER, &route_selector(route, r.cluster().unwrap_or(route)));
+        request = request.header(ROUTE_HEADER, route_selector(route, r.cluster().unwrap_or(route)));
     }
     if let Some(response) = &case.response {
         request = request.header(RESPOND_HEADER, serde_json::json!(response.headers).to_string());

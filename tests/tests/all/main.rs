@@ -10,6 +10,9 @@
 //! - [`revocation`]: configuration pushed through ECDS while Envoy serves:
 //!   a revoked key stops on every worker under load, a bad resource changes
 //!   nothing, `keyswap push` confirms with Envoy.
+//! - [`routing`]: issue 13's six classes and the routing agreement: a
+//!   credential reaches only a cluster its route is bound to, as Envoy
+//!   finally routes; thousands of generated requests judged by one oracle.
 //! - [`leaks`]: Envoy at `trace`; no key, environment credential, client
 //!   secret or issued token in its log, local responses, `/config_dump`,
 //!   `/stats` or what `keyswap push` prints.
@@ -26,6 +29,7 @@ mod gateway;
 mod leaks;
 mod operations;
 mod revocation;
+mod routing;
 
 /// The conformance suite's format and its one checker, `Case::check`,
 /// compiled from the harness's own source file so that every runner is
