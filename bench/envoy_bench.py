@@ -64,6 +64,11 @@ JOB_LISTENERS = {"native", "lua", "keyswap"}
 # Extra keyswap listeners (`--variant NAME=WASM`): another build of the
 # filter doing the same job in the same run, for before/after figures.
 VARIANTS: dict[str, Path] = {}
+# Variants placed on the listener only, with the route matched by
+# `path_prefix` (`--variant-listener-only NAME=WASM`): how keyswap was
+# deployed before its two stages, for before/after figures against a build
+# that predates them.
+LISTENER_ONLY: set[str] = set()
 
 
 def key(i: int) -> str:
@@ -95,6 +100,11 @@ def keyswap_cluster(listener: str) -> str:
 
 
 def keyswap_config(listener: str) -> str:
+    if listener in LISTENER_ONLY:
+        match = {"path_prefix": "/"}
+    else:
+        # Envoy's route `bench`, sent to the listener's own cluster (envoy_config).
+        match = {"route_name": "bench", "clusters": [keyswap_cluster(listener)]}
     config = {
         "clients": [
             {"id": client_id(i), "key_sha256": hashlib.sha256(key(i).encode()).hexdigest(), "routes": ["bench"]}
@@ -104,8 +114,7 @@ def keyswap_config(listener: str) -> str:
         "routes": [
             {
                 "name": "bench",
-                # Envoy's route `bench`, sent to the listener's own cluster (envoy_config).
-                "match": {"route_name": "bench", "clusters": [keyswap_cluster(listener)]},
+                "match": match,
                 "inject": [
                     {"header": "authorization", "prefix": "Bearer ", "value": {"env": "BENCH_UPSTREAM_CREDENTIAL"}}
                 ],
@@ -237,7 +246,7 @@ def filters_for(listener: str, noop_wasm: Path, keyswap_wasm: Path) -> list[dict
 
 
 def cluster_of(listener: str) -> str:
-    return keyswap_cluster(listener) if is_keyswap(listener) else "responder"
+    return keyswap_cluster(listener) if is_keyswap(listener) and listener not in LISTENER_ONLY else "responder"
 
 
 def responder_cluster(name: str, upstream_filter: dict | None) -> dict:
@@ -312,7 +321,7 @@ def envoy_config(noop_wasm: Path, keyswap_wasm: Path) -> dict:
             + [
                 responder_cluster(keyswap_cluster(name), keyswap_filter(name, VARIANTS.get(name, keyswap_wasm)))
                 for name, _ in LISTENERS
-                if is_keyswap(name)
+                if is_keyswap(name) and name not in LISTENER_ONLY
             ],
             "secrets": [
                 {
@@ -676,6 +685,8 @@ def main() -> None:
     p.add_argument("--update-docs", action="store_true", help="write the tables and chart into docs/")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WASM",
                    help="also measure another build of the keyswap filter doing the same job")
+    p.add_argument("--variant-listener-only", action="append", default=[], metavar="NAME=WASM",
+                   help="also measure a build from before the two stages, on the listener only")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                    help="only write the tables and chart again from an earlier run's results.json")
     args = p.parse_args()
@@ -684,13 +695,15 @@ def main() -> None:
         return
     if not (args.noop_wasm and args.keyswap_wasm and args.responder):
         p.error("--noop-wasm, --keyswap-wasm and --responder are required to run")
-    for v in args.variant:
+    for v in args.variant + args.variant_listener_only:
         name, _, wasm = v.partition("=")
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not wasm or name in dict(LISTENERS):
             raise SystemExit(f"bench: --variant {v}: expected NAME=WASM with a new lower-case NAME")
         VARIANTS[name] = Path(wasm).resolve()
         LISTENERS.append((name, LISTENERS[-1][1] + 1))
         JOB_LISTENERS.add(name)
+        if v in args.variant_listener_only:
+            LISTENER_ONLY.add(name)
 
     RUN.mkdir(parents=True, exist_ok=True)
     config = RUN / "envoy.json"

@@ -10,8 +10,10 @@
 //! ```
 //!
 //! `keyswap` is the document of `docs/config.md`, compiled by
-//! [`Policy::from_json`] from its exact text (so its version is the one
-//! `keyswap check` prints for the same text). `upstreams` maps route names,
+//! [`Policy::from_json_for`] with [`Routing::Own`] from its exact text (so
+//! its version is the one `keyswap check` prints for the same text): the
+//! gateway is the router, so `host` and `path_prefix` route, and `clusters`
+//! match nothing (there is no proxy cluster). `upstreams` maps route names,
 //! and `*` for every other route and for requests passed by
 //! `"unmatched_route": "pass"`, to `http://host[:port]` or
 //! `https://host[:port]`. Every route needs an upstream. Errors carry field
@@ -21,7 +23,7 @@
 use std::collections::BTreeMap;
 
 use keyswap_policy::raw::{RawConfig, UnmatchedRoute};
-use keyswap_policy::{ConfigError, Environment, Policy};
+use keyswap_policy::{ConfigError, Environment, Policy, Routing};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -66,7 +68,10 @@ impl GatewayConfig {
     pub fn from_json(text: &str, env: &dyn Environment) -> Result<Self, ConfigError> {
         let raw: RawGateway<'_> = serde_json::from_str(text).map_err(document_error)?;
         let policy_text = raw.keyswap.get();
-        let policy = Policy::from_json(policy_text.as_bytes(), env).map_err(|e| {
+        // The gateway sends each request to its route's upstream: keyswap is
+        // the router, so its own rules (`host`, `path_prefix`) are the
+        // routing and cannot disagree with another.
+        let policy = Policy::from_json_for(policy_text.as_bytes(), env, Routing::Own).map_err(|e| {
             let path = match e.path.as_str() {
                 "$" => "keyswap".to_string(),
                 p if p.starts_with('[') => format!("keyswap{p}"),
@@ -142,11 +147,12 @@ fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
 /// never quote the text) and messages about field names are passed on.
 fn document_error(e: serde_json::Error) -> ConfigError {
     let text = e.to_string();
-    let message = if e.is_syntax() || e.is_eof() || text.starts_with("unknown field") || text.starts_with("missing field") {
-        text
-    } else {
-        r#"must be {"keyswap": {...}, "upstreams": {"<route>": "http://host:port"}}"#.to_string()
-    };
+    let message =
+        if e.is_syntax() || e.is_eof() || text.starts_with("unknown field") || text.starts_with("missing field") {
+            text
+        } else {
+            r#"must be {"keyswap": {...}, "upstreams": {"<route>": "http://host:port"}}"#.to_string()
+        };
     error("$", message)
 }
 

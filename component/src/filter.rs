@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use keyswap_policy::{Decision, Policy, RequestView};
+use keyswap_policy::{Decision, Policy, RequestView, Routing};
 
 use crate::bindings::policy as wit;
 
@@ -18,7 +18,9 @@ impl wit::Guest for crate::Component {
     fn configure(config: String, env: Vec<(String, String)>) -> Result<wit::Summary, wit::ConfigError> {
         crate::install_panic_hook();
         let lookup = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-        let policy = Policy::from_json(config.as_bytes(), &lookup)
+        // The host routes by the decision's route, so keyswap's own rules
+        // (`host`, `path_prefix`) are the routing here.
+        let policy = Policy::from_json_for(config.as_bytes(), &lookup, Routing::Own)
             .map_err(|e| wit::ConfigError { path: e.path, message: e.message })?;
         let summary = summary(&policy);
         POLICY.with(|p| *p.borrow_mut() = Some(Rc::new(policy)));
@@ -32,6 +34,7 @@ impl wit::Guest for crate::Component {
         };
         let view = RequestView {
             route_name: request.route_name.as_deref(),
+            cluster: request.cluster.as_deref(),
             method: request.method.as_bytes(),
             path: request.path.as_bytes(),
             authority: request.authority.as_bytes(),
@@ -41,7 +44,12 @@ impl wit::Guest for crate::Component {
             Decision::Forward(f) => wit::Decision::Forward(wit::Forward {
                 route: f.route.map(str::to_string),
                 client: f.client.map(str::to_string),
-                remove_headers: f.remove_headers.iter().map(|n| n.to_string()).collect(),
+                remove_headers: f
+                    .remove_headers
+                    .iter()
+                    .map(|n| n.to_string())
+                    .chain(f.remove_look_alikes.iter().cloned())
+                    .collect(),
                 add_headers: f.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect(),
                 // The policy only rewrites around ASCII separators of the
                 // (UTF-8) path it was given, so this is never lossy.

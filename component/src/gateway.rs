@@ -2,7 +2,8 @@
 //! `gateway-config`. Per request: read the headers once, ask the policy,
 //! then answer the denial locally, or send the edited request to the
 //! route's upstream and stream both bodies through (see [`crate::wasi_http`]
-//! for the plumbing).
+//! for the plumbing); a response header that echoes the route's credential
+//! is cleaned or removed ([`keyswap_policy::Policy::reflections`]).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -78,6 +79,7 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
                 return respond(out, reason.status(), reason.headers(), &reason.body());
             }
         };
+        let route = forward.route.map(str::to_string);
         let Some(upstream) = config.upstream(forward.route) else {
             // Configuration gives every route and passed request an
             // upstream, so this is unreachable; fail closed all the same.
@@ -116,6 +118,16 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         let received: Vec<(String, Vec<u8>)> =
             fields.entries().into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
         drop(fields);
+        // A response header echoing the route's credential (a `location`
+        // keeping its query parameter, say) is cleaned or dropped first.
+        let reflected = route.map(|r| config.policy.reflections(&r, &[], &received)).unwrap_or_default();
+        let received: Vec<(String, Vec<u8>)> = received
+            .into_iter()
+            .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
+                None => Some((n, v)),
+                Some((_, cleaned)) => cleaned.clone().map(|c| (n, c)),
+            })
+            .collect();
         let removed = config.policy.response_removals(&received);
         let kept: Vec<(String, Vec<u8>)> =
             received.into_iter().filter(|(n, _)| !removed.contains(&n.as_str())).collect();

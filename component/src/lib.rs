@@ -2,7 +2,7 @@
 //! `keyswap-policy`, behind the WIT in `wit/` (the single source of truth).
 //!
 //! ```text
-//!  host ──policy.configure──▶ filter ── Policy::from_json ──▶ instance state
+//!  host ──policy.configure──▶ filter ── Policy::from_json_for(Own) ──▶ instance state
 //!  host ──policy.decide────▶ filter ── Policy::decide ──▶ decision (WIT value)
 //!  wasi:http ──incoming-handler.handle──▶ gateway ── Policy::decide ──▶ deny locally
 //!                                                         └─▶ outgoing-handler: edited request,

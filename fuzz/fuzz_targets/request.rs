@@ -1,14 +1,16 @@
 //! One request through the policy. The input is a request head as text:
 //!
 //! ```text
-//! ROUTE_NAME METHOD TARGET AUTHORITY
+//! ROUTE_NAME[@CLUSTER] METHOD TARGET AUTHORITY
 //! name: value
 //! ...
 //! ```
 //!
-//! Checked for every input: no panic; a forwarded request carries no key
-//! source (header or query parameter) and no client-sent client id; every
-//! injected credential is present exactly once.
+//! The cluster is the route name's unless given (Envoy's route N sends to
+//! cluster N in the tests' bootstrap). Checked for every input: no panic; a
+//! forwarded request carries no key source (header or query parameter), no
+//! client-sent client id and no `_` look-alike of either; every injected
+//! credential is present exactly once.
 #![no_main]
 
 use keyswap_policy::query::{params, split_path};
@@ -38,11 +40,8 @@ fuzz_target!(|data: &[u8]| {
     let method = parts.next().unwrap_or_default().to_vec();
     let target = parts.next().unwrap_or_default().to_vec();
     let authority = parts.next().unwrap_or_default().to_vec();
-    let mut headers = vec![
-        (":method".to_string(), method),
-        (":path".to_string(), target),
-        (":authority".to_string(), authority),
-    ];
+    let mut headers =
+        vec![(":method".to_string(), method), (":path".to_string(), target), (":authority".to_string(), authority)];
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
         let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
@@ -51,8 +50,14 @@ fuzz_target!(|data: &[u8]| {
         }
         headers.push((name, line[colon + 1..].to_vec()));
     }
+    let (route, cluster) = match route.as_deref().and_then(|r| r.split_once('@')) {
+        Some((route, cluster)) => (Some(route.to_string()), Some(cluster.to_string())),
+        None => (route.clone(), route),
+    };
     let route = route.filter(|r| !r.is_empty() && r != "-");
-    let view = RequestView::from_headers(route.as_deref(), &headers);
+    let cluster = cluster.filter(|c| !c.is_empty() && c != "-");
+    let mut view = RequestView::from_headers(route.as_deref(), &headers);
+    view.cluster = cluster.as_deref();
     let decision = policy().decide(&view, &|| 1_800_000_000);
     let Decision::Forward(forward) = decision else { return };
     let client = forward.client.map(str::to_string);
@@ -61,7 +66,10 @@ fuzz_target!(|data: &[u8]| {
     forward.apply(&mut headers);
 
     for (name, value) in &headers {
-        if KEY_HEADERS.contains(&name.as_str()) || name == "x-keyswap-client" || name == "cookie" {
+        let normal = name.replace('_', "-");
+        let protected = |n: &str| KEY_HEADERS.contains(&n) || n == "x-keyswap-client" || n == "cookie";
+        assert!(!name.contains('_') || !protected(&normal), "the look-alike `{name}` survived");
+        if protected(name) {
             let ours = injected.iter().any(|(n, v)| n == name && v.as_bytes() == value.as_slice());
             assert!(ours, "client-sent `{name}` survived");
         }

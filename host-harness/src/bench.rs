@@ -48,7 +48,8 @@ fn load_client(clients: usize) -> usize {
 /// Envoy benchmark's job (key from `authorization: Bearer`, client id
 /// forwarded, a Bearer credential injected, four headers stripped), with
 /// client 0 expired and client 1 allowed only route `other`, so that every
-/// denial can be provoked.
+/// denial can be provoked. Each route is bound to Envoy's route and cluster
+/// of its name ([`Case::route`]).
 pub fn config(clients: usize) -> Vec<u8> {
     let mut json = String::with_capacity(clients * 140 + 1024);
     json.push_str(r#"{"clients":["#);
@@ -69,8 +70,8 @@ pub fn config(clients: usize) -> Vec<u8> {
         json,
         r#"],"key_sources":[{{"header":"authorization","prefix":"Bearer "}}],
 "routes":[
- {{"name":"bench","match":{{"path_prefix":"/bench"}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}},
- {{"name":"other","match":{{"path_prefix":"/other"}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}}],
+ {{"name":"bench","match":{{"route_name":"bench","clusters":["bench"]}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}},
+ {{"name":"other","match":{{"route_name":"other","clusters":["other"]}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}}],
 "strip_request_headers":[{}],"client_id_header":"x-keyswap-client","unmatched_route":"deny"}}"#,
         strip.join(",")
     );
@@ -86,6 +87,9 @@ pub fn env() -> BTreeMap<String, String> {
 #[derive(Debug, Clone)]
 pub struct Case {
     pub name: &'static str,
+    /// Envoy's route name, and the cluster of the same name the request
+    /// goes to; `None`: the catch-all route, whose cluster no route binds.
+    pub route: Option<&'static str>,
     pub headers: HeaderList,
     /// `None`: forwarded; `Some(status)`: answered locally.
     pub status: Option<u32>,
@@ -95,12 +99,8 @@ pub struct Case {
 /// pseudo-headers, the four headers to strip, Envoy's own two, and
 /// `authorization` when given.
 fn request(path: &str, authorization: Option<&str>) -> HeaderList {
-    let mut headers: Vec<(&str, &str)> = vec![
-        (":authority", "127.0.0.1:19104"),
-        (":path", path),
-        (":method", "GET"),
-        (":scheme", "http"),
-    ];
+    let mut headers: Vec<(&str, &str)> =
+        vec![(":authority", "127.0.0.1:19104"), (":path", path), (":method", "GET"), (":scheme", "http")];
     if let Some(value) = authorization {
         headers.push(("authorization", value));
     }
@@ -119,18 +119,35 @@ fn request(path: &str, authorization: Option<&str>) -> HeaderList {
 pub fn cases(clients: usize) -> Vec<Case> {
     let bearer = |i: usize| format!("Bearer {}", key(i));
     let mid = load_client(clients);
+    let bench = Some("bench");
     vec![
-        Case { name: "allowed", headers: request("/bench/load", Some(&bearer(mid))), status: None },
-        Case { name: "missing_key", headers: request("/bench/load", None), status: Some(401) },
-        Case { name: "invalid_key", headers: request("/bench/load", Some("Bearer not-a-key")), status: Some(401) },
-        Case { name: "expired_key", headers: request("/bench/load", Some(&bearer(0))), status: Some(401) },
+        Case { name: "allowed", route: bench, headers: request("/bench/load", Some(&bearer(mid))), status: None },
+        Case { name: "missing_key", route: bench, headers: request("/bench/load", None), status: Some(401) },
+        Case {
+            name: "invalid_key",
+            route: bench,
+            headers: request("/bench/load", Some("Bearer not-a-key")),
+            status: Some(401),
+        },
+        Case {
+            name: "expired_key",
+            route: bench,
+            headers: request("/bench/load", Some(&bearer(0))),
+            status: Some(401),
+        },
         Case {
             name: "ambiguous_key",
+            route: bench,
             headers: request("/bench/load", Some(&format!("{}, {}", bearer(mid), bearer(2)))),
             status: Some(401),
         },
-        Case { name: "route_forbidden", headers: request("/bench/load", Some(&bearer(1))), status: Some(403) },
-        Case { name: "no_route", headers: request("/nothing", Some(&bearer(mid))), status: Some(404) },
+        Case {
+            name: "route_forbidden",
+            route: bench,
+            headers: request("/bench/load", Some(&bearer(1))),
+            status: Some(403),
+        },
+        Case { name: "no_route", route: None, headers: request("/nothing", Some(&bearer(mid))), status: Some(404) },
     ]
 }
 
@@ -232,18 +249,18 @@ fn time_case(
     iterations: usize,
     filter: bool,
 ) -> Result<CaseResult, HarnessError> {
-    let outcome = instance.request(None, &case.headers)?;
+    let outcome = instance.request(case.route, &case.headers)?;
     check(case, &outcome, filter)?;
     instance.finish()?;
     let calls = instance.last_request_host_calls().cloned().unwrap_or_default();
     for _ in 0..iterations / 10 {
-        instance.request(None, &case.headers)?;
+        instance.request(case.route, &case.headers)?;
     }
     let mut batches = Vec::new();
     for _ in 0..5 {
         let started = Stopwatch::start();
         for _ in 0..iterations {
-            instance.request(None, &case.headers)?;
+            instance.request(case.route, &case.headers)?;
         }
         instance.finish()?;
         batches.push(started.elapsed() / u32::try_from(iterations.max(1)).unwrap_or(u32::MAX));
@@ -358,7 +375,8 @@ pub fn markdown(report: &Report, machine: &str) -> String {
     }
     let _ = writeln!(out, "{head}\n{rule}");
     let floor = report.floor.as_ref().map(|f| f.per_request);
-    let names: Vec<&'static str> = report.requests.first().map(|(_, r)| r.iter().map(|c| c.name).collect()).unwrap_or_default();
+    let names: Vec<&'static str> =
+        report.requests.first().map(|(_, r)| r.iter().map(|c| c.name).collect()).unwrap_or_default();
     for (i, name) in names.iter().enumerate() {
         let calls = report.requests.first().and_then(|(_, r)| r.get(i)).map_or(0, |c| c.host_calls);
         let _ = write!(out, "| {name} | {calls} |");
@@ -382,7 +400,8 @@ pub fn markdown(report: &Report, machine: &str) -> String {
     }
     if let Some(allowed) = report.requests.first().and_then(|(_, r)| r.first()) {
         let calls: Vec<String> = allowed.calls_by_name.iter().map(|(n, c)| format!("`{n}` ×{c}")).collect();
-        let _ = writeln!(out, "\nHost calls of an allowed request: {} ({} in all).", calls.join(", "), allowed.host_calls);
+        let _ =
+            writeln!(out, "\nHost calls of an allowed request: {} ({} in all).", calls.join(", "), allowed.host_calls);
     }
     let _ = writeln!(
         out,
@@ -440,7 +459,9 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&config(10)).unwrap();
         assert_eq!(json["clients"].as_array().unwrap().len(), 10);
         assert_eq!(thousands(100_000), "100,000");
-        assert_eq!(replace_block("a<!-- bench:harness:start -->old<!-- bench:harness:end -->b", "new\n").unwrap(),
-            "a<!-- bench:harness:start -->\nnew\n<!-- bench:harness:end -->b");
+        assert_eq!(
+            replace_block("a<!-- bench:harness:start -->old<!-- bench:harness:end -->b", "new\n").unwrap(),
+            "a<!-- bench:harness:start -->\nnew\n<!-- bench:harness:end -->b"
+        );
     }
 }

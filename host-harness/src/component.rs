@@ -44,9 +44,7 @@ pub(crate) mod bindings {
             },
         });
     }
-    pub use filter::exports::keyswap::gateway::policy::{
-        ConfigError, Decision, Denial, Forward, RequestView, Summary,
-    };
+    pub use filter::exports::keyswap::gateway::policy::{ConfigError, Decision, Denial, Forward, RequestView, Summary};
 }
 
 pub use bindings::{ConfigError, Decision, Denial, Forward, RequestView, Summary};
@@ -217,7 +215,8 @@ impl PolicyComponent {
     /// A trap while instantiating.
     pub fn instance(&self) -> Result<PolicyInstance, ComponentError> {
         let wasi = WasiCtx::builder().inherit_stderr().build();
-        let mut store = Store::new(&self.engine, FilterState { wasi, http: WasiHttpCtx::new(), table: ResourceTable::new() });
+        let mut store =
+            Store::new(&self.engine, FilterState { wasi, http: WasiHttpCtx::new(), table: ResourceTable::new() });
         let filter = self.pre.instantiate(&mut store).map_err(|e| trap("instantiate", &e))?;
         Ok(PolicyInstance { store, filter })
     }
@@ -300,6 +299,7 @@ pub fn observe(component: &PolicyComponent, case: &Case) -> Result<Observed, Str
     let mut headers = case.request.header_list();
     let request = RequestView {
         route_name: case.request.route_name.clone(),
+        cluster: case.request.cluster().map(str::to_string),
         method: case.request.method.clone(),
         path: case.request.path.clone(),
         authority: case.request.authority.clone(),
@@ -308,9 +308,11 @@ pub fn observe(component: &PolicyComponent, case: &Case) -> Result<Observed, Str
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
     let pairs = |list: &[(String, Vec<u8>)]| list.iter().map(|(n, v)| (n.clone(), text(v))).collect();
     match instance.decide(&request).map_err(|e| e.to_string())? {
-        Decision::Deny(denial) => {
-            Ok(Observed::Denied { status: denial.status, headers: pairs(&denial.headers), body: denial.body.into_bytes() })
-        }
+        Decision::Deny(denial) => Ok(Observed::Denied {
+            status: denial.status,
+            headers: pairs(&denial.headers),
+            body: denial.body.into_bytes(),
+        }),
         Decision::Forward(forward) => {
             apply(&forward, &mut headers);
             let path = headers.iter().find(|(n, _)| n == ":path").map(|(_, v)| text(v)).unwrap_or_default();
@@ -318,11 +320,8 @@ pub fn observe(component: &PolicyComponent, case: &Case) -> Result<Observed, Str
             let client_response = match &case.response {
                 None => None,
                 Some(response) => {
-                    let sent: Vec<(String, Vec<u8>)> = response
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-                        .collect();
+                    let sent: Vec<(String, Vec<u8>)> =
+                        response.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec())).collect();
                     let removed = instance.strip_response(&sent).map_err(|e| e.to_string())?;
                     let kept: Vec<(String, Vec<u8>)> =
                         sent.into_iter().filter(|(n, _)| !removed.iter().any(|r| r.eq_ignore_ascii_case(n))).collect();

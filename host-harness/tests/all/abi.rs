@@ -17,7 +17,7 @@ const CONFIG: &str = r#"{
     {"id": "until-2030", "key": "until-2030-key", "routes": ["*"], "expires": "2030-01-01T00:00:00Z"}
   ],
   "routes": [
-    {"name": "openai", "match": {"route_name": "openai"},
+    {"name": "openai", "match": {"route_name": "openai", "clusters": ["openai"]},
      "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"env": "OPENAI_API_KEY"}}]}
   ],
   "strip_response_headers": ["set-cookie"],
@@ -102,7 +102,8 @@ fn environment_is_the_vm_environment_only() {
     // Two VMs of the one module, each with its own environment.
     for credential in ["sk-first", "sk-second"] {
         let mut instance = configured(credential);
-        let Outcome::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap() else {
+        let Outcome::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap()
+        else {
             panic!("want forwarded");
         };
         assert_eq!(header(&headers, "authorization"), Some(format!("Bearer {credential}").as_str()));
@@ -154,23 +155,31 @@ fn response_headers_are_stripped() {
 fn host_calls_are_counted_per_request() {
     let mut instance = configured("sk-up");
     let cases: &[(&str, Option<&str>, &[(&str, u64)])] = &[
-        ("forwarded", Some("dev-key"), &[
-            ("proxy_get_header_map_pairs", 1),
-            ("proxy_get_property", 1),
-            ("proxy_increment_metric", 1),
-            ("proxy_set_property", 1),
-            ("proxy_set_header_map_pairs", 1),
-        ]),
-        ("denied", None, &[
-            ("proxy_get_header_map_pairs", 1),
-            ("proxy_get_property", 1),
-            ("proxy_increment_metric", 1),
-            ("proxy_set_property", 1),
-            // the audit line: the clock for its rate limit, then the line
-            ("proxy_get_current_time_nanoseconds", 1),
-            ("proxy_log", 1),
-            ("proxy_send_local_response", 1),
-        ]),
+        (
+            "forwarded",
+            Some("dev-key"),
+            &[
+                ("proxy_get_header_map_pairs", 1),
+                ("proxy_get_property", 1),
+                ("proxy_increment_metric", 1),
+                ("proxy_set_property", 1),
+                ("proxy_set_header_map_pairs", 1),
+            ],
+        ),
+        (
+            "denied",
+            None,
+            &[
+                ("proxy_get_header_map_pairs", 1),
+                ("proxy_get_property", 1),
+                ("proxy_increment_metric", 1),
+                ("proxy_set_property", 1),
+                // the audit line: the clock for its rate limit, then the line
+                ("proxy_get_current_time_nanoseconds", 1),
+                ("proxy_log", 1),
+                ("proxy_send_local_response", 1),
+            ],
+        ),
     ];
     for (name, key, want) in cases {
         instance.request(Some("openai"), &request(*key)).unwrap();
@@ -483,7 +492,8 @@ fn set_property_fills_the_streams_filter_state() {
     assert!(instance.filter_state().is_none(), "no request yet");
     let outcome = instance.request(None, &headers(&[(":path", "/")])).unwrap();
     assert!(matches!(outcome, Outcome::Forwarded { .. }));
-    let want = BTreeMap::from([("wasm.a\0b".to_string(), b"first".to_vec()), ("wasm.k".to_string(), b"second".to_vec())]);
+    let want =
+        BTreeMap::from([("wasm.a\0b".to_string(), b"first".to_vec()), ("wasm.k".to_string(), b"second".to_vec())]);
     assert_eq!(instance.filter_state(), Some(&want), "the open stream's");
     instance.finish().unwrap();
     assert_eq!(instance.filter_state(), Some(&want), "the finished stream's");

@@ -65,7 +65,10 @@ fn check_prints_the_summary_or_the_field_path() {
         .expect("keyswap runs");
     assert_eq!(refused.status.code(), Some(1));
     let out = text(&refused.stdout);
-    assert!(out.contains("error: configuration refused: routes[0].inject[0].value.env: OPENAI_API_KEY is not set"), "{out}");
+    assert!(
+        out.contains("error: configuration refused: routes[0].inject[0].value.env: OPENAI_API_KEY is not set"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -147,7 +150,7 @@ fn new_key_works_with_the_filter() {
     let key = stdout.lines().find(|l| l.starts_with("ks_")).expect("a key").to_string();
     let entry = stdout.lines().find(|l| l.starts_with('{')).expect("an entry").to_string();
     let config = format!(
-        r#"{{"clients": [{entry}], "routes": [{{"name": "openai", "match": {{"route_name": "openai"}},
+        r#"{{"clients": [{entry}], "routes": [{{"name": "openai", "match": {{"route_name": "openai", "clusters": ["openai"]}},
             "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"inline": "sk-up"}}}}]}}]}}"#
     );
     let config = temp_file("new-key", "config.json", &config);
@@ -242,12 +245,14 @@ fn check_accepts_every_example_in_docs() {
 }
 
 /// Every configuration the suite expects refused makes `keyswap check` exit 1
-/// with the same `field.path: message` line.
+/// with the same `field.path: message` line (but those the filter module's
+/// runner skips: `keyswap check` runs that module).
 #[test]
 fn check_refuses_every_broken_config_in_the_suite_with_its_path() {
     let suite = keyswap_harness::conformance::Suite::load(&default_dir()).expect("the suite loads");
-    let broken: Vec<_> = suite
-        .cases
+    let plan = suite.plan(keyswap_harness::runner::RUNNER).expect("the skip list is sound");
+    let broken: Vec<_> = plan
+        .run
         .iter()
         .filter_map(|case| match &case.expect {
             keyswap_harness::conformance::Expect::ConfigError(want) => Some((case, want)),
@@ -271,8 +276,14 @@ fn check_refuses_every_broken_config_in_the_suite_with_its_path() {
                         let args: Vec<&str> = args.iter().map(String::as_str).collect();
                         let out = keyswap(&args, None);
                         let stdout = text(&out.stdout);
-                        if out.status.code() != Some(1) || !stdout.contains(&format!("error: configuration refused: {want}")) {
-                            failures.push(format!("{}: exit {:?}, want {want:?}, got {stdout}", case.name, out.status.code()));
+                        if out.status.code() != Some(1)
+                            || !stdout.contains(&format!("error: configuration refused: {want}"))
+                        {
+                            failures.push(format!(
+                                "{}: exit {:?}, want {want:?}, got {stdout}",
+                                case.name,
+                                out.status.code()
+                            ));
                         }
                     }
                     failures
@@ -310,7 +321,7 @@ fn env_names(json: &str) -> std::collections::BTreeSet<String> {
 #[test]
 fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     let config = r#"{"clients": [{"id": "c", "key": "push-cli-secret-key", "routes": ["*"]}],
- "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-api-key", "value": {"env": "SOME_CREDENTIAL"}}]}]}"#;
+ "routes": [{"name": "r", "match": {"route_name": "r", "clusters": ["r"]}, "inject": [{"header": "x-api-key", "value": {"env": "SOME_CREDENTIAL"}}]}]}"#;
     let path = temp_file("push", "config.json", config);
     let ecds = path.with_file_name("keyswap.json");
     let (config_arg, ecds_arg) = (path.display().to_string(), ecds.display().to_string());
@@ -329,14 +340,19 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert_eq!(resource["typed_config"]["config"]["vm_config"], keyswap_harness::ecds::default_vm_config());
     let dir_entries = || std::fs::read_dir(ecds.parent().unwrap()).unwrap().count();
     assert_eq!(dir_entries(), 2, "the config and the ECDS file, no temporary file left");
-    let mode = |p: &std::path::Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
     assert_eq!(mode(&ecds), 0o600, "a new ECDS file is its owner's only");
 
     // The same content again: a no-op, said so.
     let before = std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap();
     let again = keyswap(&["push", &config_arg, "--ecds", &ecds_arg], None);
     assert!(again.status.success());
-    assert_eq!(text(&again.stdout), format!("unchanged: {ecds_arg} already holds version {version}; nothing written\n"));
+    assert_eq!(
+        text(&again.stdout),
+        format!("unchanged: {ecds_arg} already holds version {version}; nothing written\n")
+    );
     assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before);
 
     // Refused by the filter: nothing written, the field named, no secret printed.
@@ -345,7 +361,8 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert_eq!(refused.status.code(), Some(1));
     let err = text(&refused.stderr);
     assert!(
-        err.contains("error: configuration refused: clients[0].routes[0]: names no route") && err.contains("nothing written"),
+        err.contains("error: configuration refused: clients[0].routes[0]: names no route")
+            && err.contains("nothing written"),
         "{err}"
     );
     assert!(!err.contains("push-cli-secret-key") && !text(&refused.stdout).contains("push-cli-secret-key"));
@@ -353,8 +370,10 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
 
     // An admin that is not there: an error before anything is written.
     let other = temp_file("push", "other.json", &config.replace("\"c\"", "\"d\""));
-    let unreachable =
-        keyswap(&["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"], None);
+    let unreachable = keyswap(
+        &["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"],
+        None,
+    );
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(text(&unreachable.stderr).contains("Envoy's admin at http://127.0.0.1:1"), "{}", text(&unreachable.stderr));
     assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before, "nothing written");

@@ -88,6 +88,7 @@ fn before_configure_every_request_is_refused() {
     let mut instance = policy_component().instance().unwrap();
     let request = component::RequestView {
         route_name: None,
+        cluster: None,
         method: "GET".into(),
         path: "/".into(),
         authority: "gateway.local".into(),
@@ -113,6 +114,7 @@ fn a_refused_configuration_keeps_the_previous_one() {
     assert_eq!(refused.path, "$");
     let request = component::RequestView {
         route_name: None,
+        cluster: None,
         method: "GET".into(),
         path: "/a".into(),
         authority: "h".into(),
@@ -151,14 +153,25 @@ fn the_component_and_the_proxy_wasm_module_agree_on_every_case() {
     let component = policy_component();
     let mut compared = 0;
     let mut disagreements = Vec::new();
-    // Cases with steps (dynamic credentials) need a timer and HTTP calls,
-    // which the component does not have: it refuses their configurations.
-    for case in suite.cases.iter().filter(|c| c.steps.is_empty()) {
+    // Only cases both runners run: a case one of them skips is one where
+    // the hosts differ on purpose, with the reason in skip.json (keyswap's
+    // own routing by `host` and `path_prefix`, which the component has and
+    // Envoy's filter refuses; dynamic credentials, which the component
+    // refuses).
+    let skipped = |runner: &str| -> BTreeSet<String> {
+        let plan = suite.plan(runner).expect("the skip list is sound");
+        plan.skipped.iter().map(|(case, _)| case.name.clone()).collect()
+    };
+    let (component_skips, module_skips) = (skipped(component::RUNNER), skipped(runner::RUNNER));
+    let both = |name: &str| !component_skips.contains(name) && !module_skips.contains(name);
+    for case in suite.cases.iter().filter(|c| c.steps.is_empty() && both(&c.name)) {
         let by_component = component::observe(component, case);
         let by_module = runner::run_case(module, case).observed;
         match (&by_component, &by_module) {
             (Ok(c), Ok(m)) if agree(c, m) => compared += 1,
-            _ => disagreements.push(format!("{}:\n  component: {by_component:?}\n  module:    {by_module:?}", case.name)),
+            _ => {
+                disagreements.push(format!("{}:\n  component: {by_component:?}\n  module:    {by_module:?}", case.name))
+            }
         }
     }
     assert!(disagreements.is_empty(), "{} disagreements:\n{}", disagreements.len(), disagreements.join("\n"));

@@ -12,8 +12,8 @@ const CONFIG: &str = r#"{
   "clients": [{"id": "app", "key": "app-key", "routes": ["*"]}],
   "key_sources": [{"header": "x-api-key"}],
   "routes": [
-    {"name": "static", "match": {"path_prefix": "/static/"}, "inject": [{"header": "x-up", "value": {"inline": "s"}}]},
-    {"name": "orders", "match": {"path_prefix": "/"},
+    {"name": "static", "match": {"route_name": "static", "clusters": ["static"]}, "inject": [{"header": "x-up", "value": {"inline": "s"}}]},
+    {"name": "orders", "match": {"route_name": "orders", "clusters": ["orders"]},
      "inject": [{"header": "authorization", "prefix": "Bearer ",
                  "value": {"oauth2": {"cluster": "idp", "token_path": "/token", "client_id": {"inline": "gw"},
                                       "client_secret": {"env": "IDP_SECRET"}}}}]}]}"#;
@@ -35,12 +35,14 @@ fn answer(w: &mut FilterInstance, status: u16, body: &str) {
     w.answer_call(token, Some((headers, body.as_bytes().to_vec()))).unwrap();
 }
 
-fn request(w: &mut FilterInstance, path: &str) -> Outcome {
-    let headers: Vec<(String, Vec<u8>)> = [(":method", "GET"), (":path", path), (":authority", "a"), ("x-api-key", "app-key")]
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-        .collect();
-    w.request(None, &headers).unwrap()
+/// A request on Envoy route `route` (sent to the cluster of that name).
+fn request(w: &mut FilterInstance, route: &str, path: &str) -> Outcome {
+    let headers: Vec<(String, Vec<u8>)> =
+        [(":method", "GET"), (":path", path), (":authority", "a"), ("x-api-key", "app-key")]
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+    w.request(Some(route), &headers).unwrap()
 }
 
 #[test]
@@ -72,12 +74,8 @@ fn a_failure_streak_logs_once_and_never_a_secret() {
     at(&clock, t);
     w.tick().unwrap();
     answer(&mut w, 200, r#"{"access_token":"tok-secret-5","expires_in":120}"#);
-    let lines: Vec<(LogLevel, String)> = w
-        .log()
-        .iter()
-        .filter(|e| e.message.contains("credential"))
-        .map(|e| (e.level, e.message.clone()))
-        .collect();
+    let lines: Vec<(LogLevel, String)> =
+        w.log().iter().filter(|e| e.message.contains("credential")).map(|e| (e.level, e.message.clone())).collect();
     let path = "keyswap: credential routes[1].inject[0].value.oauth2 (oauth2)";
     assert_eq!(
         lines,
@@ -91,7 +89,7 @@ fn a_failure_streak_logs_once_and_never_a_secret() {
     for secret in [SECRET, "tok-secret", "Z3c6"] {
         assert!(!everything.contains(secret), "{secret} leaked:\n{everything}");
     }
-    match request(&mut w, "/v1") {
+    match request(&mut w, "orders", "/v1") {
         Outcome::Forwarded { headers } => {
             assert!(headers.contains(&("authorization".to_string(), b"Bearer tok-secret-5".to_vec())));
         }
@@ -104,12 +102,12 @@ fn static_routes_make_no_credential_host_calls_and_denials_are_counted() {
     let (shared, clock) = (SharedData::default(), Clock::real());
     at(&clock, 0);
     let mut w = worker(&shared, &clock);
-    assert!(matches!(request(&mut w, "/static/x"), Outcome::Forwarded { .. }));
+    assert!(matches!(request(&mut w, "static", "/static/x"), Outcome::Forwarded { .. }));
     w.finish().unwrap();
     let calls = w.last_request_host_calls().unwrap();
     assert_eq!((calls.get("proxy_get_shared_data"), calls.get("proxy_get_current_time_nanoseconds")), (0, 0));
     // Before the first token: 503, counted under its reason.
-    let Outcome::Local(local) = request(&mut w, "/v1") else { panic!("not refused") };
+    let Outcome::Local(local) = request(&mut w, "orders", "/v1") else { panic!("not refused") };
     assert_eq!(local.status, 503);
     let calls = w.last_request_host_calls().unwrap();
     assert_eq!(calls.get("proxy_get_shared_data"), 1, "one read per credential source");

@@ -21,9 +21,9 @@ const CONFIG: &str = r#"{
     {"id": "expired-bot", "key": "expired-bot-key", "routes": ["*"], "expires": "2026-01-01T00:00:00Z"}
   ],
   "routes": [
-    {"name": "openai", "match": {"route_name": "openai"},
+    {"name": "openai", "match": {"route_name": "openai", "clusters": ["openai"]},
      "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"inline": "sk-up-openai"}}]},
-    {"name": "anthropic", "match": {"path_prefix": "/anthropic/"},
+    {"name": "anthropic", "match": {"route_name": "anthropic", "clusters": ["anthropic"]},
      "inject": [{"header": "x-api-key", "value": {"inline": "sk-up-anthropic"}}]}
   ],
   "metrics": {"per_client": true}
@@ -42,11 +42,12 @@ fn client(client: &str, route: &str) -> String {
 
 /// A request on Envoy route `route_name` to `path` with `headers`.
 fn send(instance: &mut FilterInstance, route_name: Option<&str>, path: &str, headers: &[(&str, &str)]) -> Outcome {
-    let mut list: Vec<(String, Vec<u8>)> = [(":authority", "gw"), (":method", "GET"), (":scheme", "http"), (":path", path)]
-        .iter()
-        .chain(headers)
-        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-        .collect();
+    let mut list: Vec<(String, Vec<u8>)> =
+        [(":authority", "gw"), (":method", "GET"), (":scheme", "http"), (":path", path)]
+            .iter()
+            .chain(headers)
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
     list.retain(|(n, _)| !n.is_empty());
     let outcome = instance.request(route_name, &list).unwrap();
     instance.finish().unwrap();
@@ -75,18 +76,90 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
     // (request, access-log field, the one requests_total series it counts)
     let bearer = |key: &'static str| ("authorization", Box::leak(format!("Bearer {key}").into_boxed_str()) as &str);
     let mix: Vec<(Option<&str>, &str, Vec<(&str, &str)>, &str, String)> = vec![
-        (Some("openai"), "/v1/models", vec![bearer("team-a-key")], "outcome=allowed reason=- route=openai client=team-a", requests("openai", "allowed", "")),
-        (Some("openai"), "/v1/chat", vec![bearer("team-a-key")], "outcome=allowed reason=- route=openai client=team-a", requests("openai", "allowed", "")),
-        (Some("openai"), "/v1/chat", vec![("x-api-key", "team-b-key")], "outcome=allowed reason=- route=openai client=team-b", requests("openai", "allowed", "")),
-        (Some("openai"), "/v1/models", vec![], "outcome=denied reason=missing_key route=openai client=-", requests("openai", "denied", "missing_key")),
-        (Some("openai"), "/v1/models", vec![], "outcome=denied reason=missing_key route=openai client=-", requests("openai", "denied", "missing_key")),
-        (Some("openai"), "/v1/models", vec![bearer("not-a-key")], "outcome=denied reason=invalid_key route=openai client=-", requests("openai", "denied", "invalid_key")),
-        (Some("openai"), "/v1/models", vec![bearer("old-bot-key")], "outcome=denied reason=invalid_key route=openai client=old-bot", requests("openai", "denied", "invalid_key")),
-        (Some("openai"), "/v1/models", vec![bearer("expired-bot-key")], "outcome=denied reason=expired_key route=openai client=expired-bot", requests("openai", "denied", "expired_key")),
-        (Some("openai"), "/v1/models", vec![bearer("team-a-key"), ("x-api-key", "team-b-key")], "outcome=denied reason=ambiguous_key route=openai client=-", requests("openai", "denied", "ambiguous_key")),
-        (None, "/anthropic/v1/messages", vec![bearer("team-a-key")], "outcome=denied reason=route_forbidden route=anthropic client=team-a", requests("anthropic", "denied", "route_forbidden")),
-        (None, "/anthropic/v1/messages", vec![("x-api-key", "team-b-key")], "outcome=allowed reason=- route=anthropic client=team-b", requests("anthropic", "allowed", "")),
-        (None, "/elsewhere", vec![bearer("team-b-key")], "outcome=denied reason=no_route route=- client=-", requests("", "denied", "no_route")),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![bearer("team-a-key")],
+            "outcome=allowed reason=- route=openai client=team-a",
+            requests("openai", "allowed", ""),
+        ),
+        (
+            Some("openai"),
+            "/v1/chat",
+            vec![bearer("team-a-key")],
+            "outcome=allowed reason=- route=openai client=team-a",
+            requests("openai", "allowed", ""),
+        ),
+        (
+            Some("openai"),
+            "/v1/chat",
+            vec![("x-api-key", "team-b-key")],
+            "outcome=allowed reason=- route=openai client=team-b",
+            requests("openai", "allowed", ""),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![],
+            "outcome=denied reason=missing_key route=openai client=-",
+            requests("openai", "denied", "missing_key"),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![],
+            "outcome=denied reason=missing_key route=openai client=-",
+            requests("openai", "denied", "missing_key"),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![bearer("not-a-key")],
+            "outcome=denied reason=invalid_key route=openai client=-",
+            requests("openai", "denied", "invalid_key"),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![bearer("old-bot-key")],
+            "outcome=denied reason=invalid_key route=openai client=old-bot",
+            requests("openai", "denied", "invalid_key"),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![bearer("expired-bot-key")],
+            "outcome=denied reason=expired_key route=openai client=expired-bot",
+            requests("openai", "denied", "expired_key"),
+        ),
+        (
+            Some("openai"),
+            "/v1/models",
+            vec![bearer("team-a-key"), ("x-api-key", "team-b-key")],
+            "outcome=denied reason=ambiguous_key route=openai client=-",
+            requests("openai", "denied", "ambiguous_key"),
+        ),
+        (
+            Some("anthropic"),
+            "/anthropic/v1/messages",
+            vec![bearer("team-a-key")],
+            "outcome=denied reason=route_forbidden route=anthropic client=team-a",
+            requests("anthropic", "denied", "route_forbidden"),
+        ),
+        (
+            Some("anthropic"),
+            "/anthropic/v1/messages",
+            vec![("x-api-key", "team-b-key")],
+            "outcome=allowed reason=- route=anthropic client=team-b",
+            requests("anthropic", "allowed", ""),
+        ),
+        (
+            None,
+            "/elsewhere",
+            vec![bearer("team-b-key")],
+            "outcome=denied reason=no_route route=- client=-",
+            requests("", "denied", "no_route"),
+        ),
     ];
     for (i, (route_name, path, headers, field, series)) in mix.iter().enumerate() {
         let before = instance.metrics();
@@ -169,7 +242,8 @@ fn a_new_configuration_keeps_the_counts_and_sets_the_gauges_again() {
     // defined again (new ids), and counting goes on.
     let mut instance = configured();
     send(&mut instance, Some("openai"), "/", &[("x-api-key", "team-b-key")]);
-    let revoked = CONFIG.replace(r#""team-b-key", "routes": ["*"]"#, r#""team-b-key", "routes": ["*"], "disabled": true"#);
+    let revoked =
+        CONFIG.replace(r#""team-b-key", "routes": ["*"]"#, r#""team-b-key", "routes": ["*"], "disabled": true"#);
     assert_ne!(revoked, CONFIG);
     instance.configure(revoked.as_bytes()).unwrap();
     send(&mut instance, Some("openai"), "/", &[("x-api-key", "team-b-key")]);

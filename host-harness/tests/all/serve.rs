@@ -206,7 +206,13 @@ struct Reply {
 
 /// One request on a fresh connection; `body_bytes` of the pattern are sent
 /// with a Content-Length.
-fn send(addr: SocketAddr, method: &str, target: &str, headers: &[(String, String)], body_bytes: u64) -> (Reply, String) {
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body_bytes: u64,
+) -> (Reply, String) {
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(TIMEOUT)).unwrap();
@@ -304,8 +310,10 @@ fn a_broken_gateway_configuration_is_refused_with_its_path() {
     let table = [
         (r#"{"keyswap": {}, "upstreams": {"nope": "http://127.0.0.1:1"}}"#, "upstreams.nope: names no route"),
         (r#"{"keyswap": {"clientz": []}}"#, "keyswap.clientz: unknown field `clientz`"),
-        (r#"{"keyswap": {"routes": [{"name": "r", "match": {}, "inject": [{"header": "x", "value": {"env": "UNSET_VAR"}}]}]}, "upstreams": {"*": "http://127.0.0.1:1"}}"#,
-         "keyswap.routes[0].inject[0].value.env: UNSET_VAR is not set"),
+        (
+            r#"{"keyswap": {"routes": [{"name": "r", "match": {}, "inject": [{"header": "x", "value": {"env": "UNSET_VAR"}}]}]}, "upstreams": {"*": "http://127.0.0.1:1"}}"#,
+            "keyswap.routes[0].inject[0].value.env: UNSET_VAR is not set",
+        ),
     ];
     for (config, want) in table {
         let gateway = Gateway::new(engine, component, config, &[]).unwrap();
@@ -327,12 +335,49 @@ fn an_unreachable_upstream_is_a_502() {
             "routes": [{{"name": "r", "match": {{"path_prefix": "/"}}, "inject": [{{"header": "x-up", "value": {{"inline": "up"}}}}]}}]}},
             "upstreams": {{"r": "http://{closed}"}}}}"#
     );
-    let running = RunningGateway::start(Gateway::new(engine, component, &config, &[]).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let running =
+        RunningGateway::start(Gateway::new(engine, component, &config, &[]).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
     let headers = [("host".to_string(), "gw".to_string()), ("authorization".to_string(), "Bearer k".to_string())];
     let (reply, _) = send(running.addr, "GET", "/", &headers, 0);
     assert_eq!(reply.status, 502);
     let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(body["error"], "bad_gateway");
+}
+
+/// The gateway is the router, so it knows the route a response answers:
+/// a `location` that kept the route's query credential loses it, and any
+/// other header echoing the credential is dropped, before the client sees
+/// them.
+#[test]
+fn a_response_never_hands_the_route_credential_back() {
+    let (engine, component) = compiled();
+    let echo = Echo::start();
+    let config = format!(
+        r#"{{"keyswap": {{"clients": [{{"id": "c", "key": "gw-key", "routes": ["*"]}}],
+            "routes": [{{"name": "maps", "match": {{"path_prefix": "/"}},
+                         "inject": [{{"query": "key", "value": {{"inline": "q-secret-value"}}}}]}}]}},
+            "upstreams": {{"maps": "http://{}"}}}}"#,
+        echo.addr
+    );
+    let running =
+        RunningGateway::start(Gateway::new(engine, component, &config, &[]).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let pairs = |list: &[(&str, &str)]| list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect::<Vec<_>>();
+    echo.respond_with(&pairs(&[
+        ("location", "http://up.example/maps?alt=json&key=q-secret-value"),
+        ("x-echo", "received q-secret-value"),
+        ("x-kept", "yes"),
+    ]));
+    let headers = pairs(&[("host", "gw"), ("authorization", "Bearer gw-key")]);
+    let (reply, _) = send(running.addr, "GET", "/maps", &headers, 0);
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let seen: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(seen["path"], "/maps?key=q-secret-value", "the upstream got the credential");
+    let get = |name: &str| header(&reply.headers, name).map(|v| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(get("location").as_deref(), Some("http://up.example/maps?alt=json"));
+    assert_eq!(get("x-echo"), None);
+    assert_eq!(get("x-kept").as_deref(), Some("yes"));
 }
 
 // ----------------------------------------------------------- streaming --

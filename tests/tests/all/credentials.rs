@@ -10,18 +10,28 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keyswap_tests::echo::{Echo, Echoed};
-use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener};
+use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::token::TokenServer;
 
 const KEY: &str = "dyn-client-key";
 const CLIENT_SECRET: &str = "idp-client-secret-value";
 
+/// The listener's Envoy routes (each sent to the cluster of its name) that
+/// the configurations here bind: `/billing/…` and `/signed/…` go to routes
+/// `billing` and `signed`, anything else to `orders` ([`route_of`]).
+const ROUTES: [&str; 3] = ["orders", "billing", "signed"];
+
+/// The Envoy route a request to `path` takes here.
+fn route_of(path: &str) -> &'static str {
+    ROUTES.into_iter().find(|r| path.starts_with(&format!("/{r}/"))).unwrap_or("orders")
+}
+
 fn config() -> String {
     serde_json::json!({
         "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
         "key_sources": [{"header": "x-api-key"}],
-        "routes": [{"name": "orders", "match": {"path_prefix": "/"},
+        "routes": [{"name": "orders", "match": {"route_name": "orders", "clusters": ["orders"]},
                     "inject": [{"header": "authorization", "prefix": "Bearer ",
                                 "value": {"oauth2": {"cluster": "idp", "token_path": "/oauth/token",
                                                      "authority": "idp.test", "client_id": {"inline": "gw"},
@@ -52,7 +62,8 @@ pub fn start_with(
 ) -> (Echo, Envoy) {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
-    let listener = Listener { name: "dyn".into(), config, env, host_env_keys: Vec::new(), route_names: Vec::new() };
+    let route_names = ROUTES.iter().map(|r| r.to_string()).collect();
+    let listener = Listener { name: "dyn".into(), config, env, route_names, ..Listener::default() };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
     for (name, server) in clusters {
         bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
@@ -85,7 +96,8 @@ pub fn send(envoy: &Envoy) -> Result<String, Response> {
 /// One request to `path`; the upstream's view when forwarded.
 pub fn send_to(envoy: &Envoy, path: &str) -> Result<Echoed, Response> {
     let addr = envoy.listener("dyn").expect("listener");
-    let response = Request::get(path).header("host", "api.test").header("x-api-key", KEY).send(addr).expect("request");
+    let request = Request::get(path).header("host", "api.test").header(ROUTE_HEADER, route_of(path));
+    let response = request.header("x-api-key", KEY).send(addr).expect("request");
     if response.status != 200 {
         return Err(response);
     }
@@ -142,7 +154,10 @@ fn the_first_request_waits_no_longer_than_the_first_refresh() {
     let after_call = seen.saturating_duration_since(call.at);
     assert!(after_call < Duration::from_millis(1500), "token in use {after_call:?} after its call");
     let log = envoy.log();
-    assert!(log.contains("keyswap: credential routes[0].inject[0].value.oauth2 (oauth2): first value fetched"), "{log}");
+    assert!(
+        log.contains("keyswap: credential routes[0].inject[0].value.oauth2 (oauth2): first value fetched"),
+        "{log}"
+    );
     let ours = keyswap_lines(&log);
     assert!(!ours.contains("tok-1") && !ours.contains(CLIENT_SECRET) && !ours.contains("Z3c6"), "{ours}");
 }
@@ -161,7 +176,10 @@ fn a_rotated_token_is_used_after_the_next_refresh_and_expires_in_is_honoured() {
     // 500 ms tick: nominally 2.0-2.5 s; never early, and well before the
     // token's 4 s life runs out.
     let gap = calls[1].at.saturating_duration_since(calls[0].at);
-    assert!(gap >= Duration::from_millis(1500) && gap <= Duration::from_millis(3500), "refresh after {gap:?}, want ~2 s");
+    assert!(
+        gap >= Duration::from_millis(1500) && gap <= Duration::from_millis(3500),
+        "refresh after {gap:?}, want ~2 s"
+    );
     // The rotated token is in use right after its call, not a refresh later.
     let after_call = rotated.saturating_duration_since(calls[1].at);
     assert!(after_call < Duration::from_millis(1500), "tok-2 in use {after_call:?} after its call");
@@ -240,12 +258,12 @@ fn token_exchange_and_a_credential_service_work_end_to_end() {
         "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
         "key_sources": [{"header": "x-api-key"}],
         "routes": [
-            {"name": "billing", "match": {"path_prefix": "/billing/"},
+            {"name": "billing", "match": {"route_name": "billing", "clusters": ["billing"]},
              "inject": [{"header": "authorization", "prefix": "Bearer ",
                          "value": {"token_exchange": {"cluster": "sts", "token_path": "/token",
                                                       "subject_token": {"env": "SUBJECT"},
                                                       "audience": "https://billing.internal"}}}]},
-            {"name": "signed", "match": {"path_prefix": "/signed/"},
+            {"name": "signed", "match": {"route_name": "signed", "clusters": ["signed"]},
              "inject": [{"header": "x-key-id", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
                                                                    "json_pointer": "/data/key_id", "refresh_seconds": 2}}},
                         {"header": "x-key-secret", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds",
@@ -280,7 +298,9 @@ fn token_exchange_and_a_credential_service_work_end_to_end() {
                 assert_eq!(secret, "sec-2");
                 break;
             }
-            Ok((Some(id), Some(secret))) => assert_eq!((id.as_str(), secret.as_str()), ("kid-1", "sec-1"), "a mixed set"),
+            Ok((Some(id), Some(secret))) => {
+                assert_eq!((id.as_str(), secret.as_str()), ("kid-1", "sec-1"), "a mixed set")
+            }
             other => panic!("{other:?}"),
         }
         assert!(Instant::now() < deadline, "rotation not picked up");

@@ -235,14 +235,23 @@ fn envoy_refuses_to_start_on_a_bad_configuration() {
 
 // ---- where credentials come from, and when ---------------------------------
 
-/// A keyswap configuration with one route, `up`, that injects env `TOKEN`.
-const TOKEN_CONFIG: &str = r#"{"clients": [{"id": "c", "key": "k", "routes": ["*"]}],
- "routes": [{"name": "up", "match": {"path_prefix": "/"},
-  "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"env": "TOKEN"}}]}]}"#;
+/// A keyswap configuration with one route, `up`, that injects env `TOKEN`,
+/// bound to Envoy's route `route` and its cluster (each listener has its
+/// own: a cluster carries one listener's configuration).
+fn token_config(route: &str) -> String {
+    format!(
+        r#"{{"clients": [{{"id": "c", "key": "k", "routes": ["*"]}}],
+ "routes": [{{"name": "up", "match": {{"route_name": "{route}", "clusters": ["{route}"]}},
+  "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "TOKEN"}}}}]}}]}}"#
+    )
+}
 
-fn token_seen(listener: std::net::SocketAddr) -> Result<String, String> {
+/// What the upstream received as `authorization` through `listener`, whose
+/// route `route` is bound by [`token_config`].
+fn token_seen(listener: std::net::SocketAddr, route: &str) -> Result<String, String> {
     let response =
-        Request::get("/x").header("host", "gw").header("x-api-key", "k").send(listener).map_err(|e| e.to_string())?;
+        Request::get("/x").header("host", "gw").header(ROUTE_HEADER, route).header("x-api-key", "k").send(listener);
+    let response = response.map_err(|e| e.to_string())?;
     let seen = Echoed::parse(&response.body).ok_or_else(|| format!("{} {}", response.status, response.text()))?;
     Ok(seen.header("authorization").unwrap_or_default().to_string())
 }
@@ -258,31 +267,44 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
 
     // Listener `host` inherits TOKEN from Envoy's own environment
     // (host_env_keys); listener `pushed` is given it in its configuration
-    // (key_values), and is served by LDS from a file so it can be replaced.
+    // (key_values), and is served by LDS from a file so it can be replaced,
+    // its clusters (which carry keyswap's final stage, the one that injects)
+    // by CDS from another, written first.
     let host = Listener {
         name: "host".into(),
-        config: TOKEN_CONFIG.into(),
+        config: token_config("host"),
         host_env_keys: vec!["TOKEN".into()],
+        route_names: vec!["host".into()],
         ..Listener::default()
     };
     let pushed = |token: &str| Listener {
         name: "pushed".into(),
-        config: TOKEN_CONFIG.into(),
+        config: token_config("pushed"),
         env: BTreeMap::from([("TOKEN".to_string(), token.to_string())]),
+        route_names: vec!["pushed".into()],
         ..Listener::default()
     };
+    let cds = dir.join("cds.json");
     let write_lds = |token: &str| {
-        let listener = gateway(&[pushed(token)], echo.addr(), &wasm)["static_resources"]["listeners"][0].clone();
-        let mut listener = listener;
-        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
-        let tmp = dir.join("lds.json.tmp");
-        std::fs::write(&tmp, serde_json::json!({"resources": [listener]}).to_string()).expect("write lds");
+        let pushed = gateway(&[pushed(token)], echo.addr(), &wasm);
+        let resources = |kind: &str, type_url: &str| {
+            let mut list = pushed["static_resources"][kind].as_array().cloned().unwrap_or_default();
+            list.iter_mut().for_each(|r| r["@type"] = type_url.into());
+            serde_json::json!({ "resources": list }).to_string()
+        };
         // Envoy watches for a file moved into place.
-        std::fs::rename(&tmp, &lds).expect("move lds into place");
+        let place = |path: &std::path::Path, text: String| {
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, text).expect("write a dynamic resource file");
+            std::fs::rename(&tmp, path).expect("move it into place");
+        };
+        place(&cds, resources("clusters", "type.googleapis.com/envoy.config.cluster.v3.Cluster"));
+        place(&lds, resources("listeners", "type.googleapis.com/envoy.config.listener.v3.Listener"));
     };
     write_lds("pushed-one");
     let mut bootstrap = gateway(&[host], echo.addr(), &wasm);
     bootstrap["dynamic_resources"] = serde_json::json!({
+        "cds_config": {"path_config_source": {"path": cds.display().to_string()}, "resource_api_version": "V3"},
         "lds_config": {"path_config_source": {"path": lds.display().to_string()}, "resource_api_version": "V3"}
     });
     let envoy = Envoy::start(&Launch {
@@ -290,11 +312,14 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
         text: bootstrap.to_string(),
         env: env(&[("TOKEN", "from-envoy-environment")]),
         cwd: None,
-        expect_configs: vec![TOKEN_CONFIG.into()],
+        expect_configs: vec![token_config("host")],
     })
     .unwrap_or_else(|e| panic!("Envoy starts: {e}"));
 
-    assert_eq!(token_seen(envoy.listener("host").expect("host")).as_deref(), Ok("Bearer from-envoy-environment"));
+    assert_eq!(
+        token_seen(envoy.listener("host").expect("host"), "host").as_deref(),
+        Ok("Bearer from-envoy-environment")
+    );
     let pushed_addr = || {
         let admin = envoy.admin();
         let listeners = Request::get("/listeners?format=json").header("host", "admin").send(admin).ok()?.json().ok()?;
@@ -305,7 +330,7 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
     let until = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let seen = pushed_addr().map(token_seen);
+            let seen = pushed_addr().map(|addr| token_seen(addr, "pushed"));
             if let Some(Ok(seen)) = &seen {
                 if seen == want {
                     return;
@@ -319,12 +344,15 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
     // The value in effect is the one the VM was configured with: it stays
     // until a new configuration replaces it...
     for _ in 0..20 {
-        assert_eq!(pushed_addr().map(token_seen), Some(Ok("Bearer pushed-one".into())));
+        assert_eq!(pushed_addr().map(|addr| token_seen(addr, "pushed")), Some(Ok("Bearer pushed-one".into())));
     }
     // ...and a new configuration brings the new value.
     write_lds("pushed-two");
     until("Bearer pushed-two");
-    assert_eq!(token_seen(envoy.listener("host").expect("host")).as_deref(), Ok("Bearer from-envoy-environment"));
+    assert_eq!(
+        token_seen(envoy.listener("host").expect("host"), "host").as_deref(),
+        Ok("Bearer from-envoy-environment")
+    );
     drop(envoy);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -335,9 +363,13 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
 /// request lines and bytes. Envoy itself refuses some; whatever reaches
 /// keyswap must be answered without a panic.
 fn hostile_requests() -> Vec<Vec<u8>> {
-    let bearer =
-        |key: &str| Request::get("/v1/x").header("host", "gw").header("authorization", format!("Bearer {key}"));
-    let mut many_keys = Request::get("/v1/x").header("host", "gw");
+    let bearer = |key: &str| {
+        Request::get("/v1/x")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("authorization", format!("Bearer {key}"))
+    };
+    let mut many_keys = Request::get("/v1/x").header("host", "gw").header(ROUTE_HEADER, "up");
     for i in 0..200 {
         many_keys = many_keys.header("authorization", format!("Bearer key-{i}"));
     }
@@ -345,7 +377,7 @@ fn hostile_requests() -> Vec<Vec<u8>> {
     for i in 0..1000 {
         many_params.push_str(&format!("api_key=k{i}&"));
     }
-    let mut cookies = Request::get("/v1/x").header("host", "gw").header("x-api-key", "k");
+    let mut cookies = Request::get("/v1/x").header("host", "gw").header(ROUTE_HEADER, "up").header("x-api-key", "k");
     for i in 0..100 {
         cookies = cookies.header("cookie", format!("c{i}=v"));
     }
@@ -353,29 +385,55 @@ fn hostile_requests() -> Vec<Vec<u8>> {
         bearer(&"k".repeat(5000)).to_bytes(),
         bearer(&"x".repeat(50_000)).to_bytes(),
         bearer("").to_bytes(),
-        Request::get("/v1/x").header("host", "gw").header("authorization", b"Bearer \xff\xfe\x80").to_bytes(),
-        Request::get("/v1/x").header("host", "gw").header("x-api-key", b"\xc3\x28").to_bytes(),
+        Request::get("/v1/x")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("authorization", b"Bearer \xff\xfe\x80")
+            .to_bytes(),
+        Request::get("/v1/x")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("x-api-key", b"\xc3\x28")
+            .to_bytes(),
         many_keys.to_bytes(),
-        Request::get(&many_params).header("host", "gw").to_bytes(),
-        Request::get("/v1/x?api_key=%ZZ%&api_key=%&=&&==").header("host", "gw").to_bytes(),
+        Request::get(&many_params).header("host", "gw").header(ROUTE_HEADER, "up").to_bytes(),
+        Request::get("/v1/x?api_key=%ZZ%&api_key=%&=&&==").header("host", "gw").header(ROUTE_HEADER, "up").to_bytes(),
         Request::get(&format!("/{}", "a".repeat(8000))).header("host", "gw").header("x-api-key", "k").to_bytes(),
-        Request::raw("GET http://evil.example/v1/x?api_key=k HTTP/1.1").header("host", "gw").to_bytes(),
+        Request::raw("GET http://evil.example/v1/x?api_key=k HTTP/1.1")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .to_bytes(),
         Request::raw("CONNECT evil.example:443 HTTP/1.1")
             .header("host", "evil.example:443")
             .header("x-api-key", "k")
             .to_bytes(),
         Request::raw("OPTIONS * HTTP/1.1").header("host", "gw").header("x-api-key", "k").to_bytes(),
-        Request::raw("get /v1/x HTTP/1.1").header("host", "gw").header("x-api-key", "k").to_bytes(),
-        Request::raw("GET /v1/x HTTP/1.0").header("x-api-key", "k").to_bytes(),
+        Request::raw("get /v1/x HTTP/1.1")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("x-api-key", "k")
+            .to_bytes(),
+        Request::raw("GET /v1/x HTTP/1.0").header(ROUTE_HEADER, "up").header("x-api-key", "k").to_bytes(),
         Request::new("POST", "/v1/x")
             .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
             .header("x-api-key", "k")
             .header("transfer-encoding", "chunked")
             .body_raw("5\r\nhello\r\n0\r\n\r\n")
             .to_bytes(),
-        Request::new("POST", "/v1/x").header("host", "gw").header("x-api-key", "k").body(vec![0u8; 100_000]).to_bytes(),
-        Request::get("/v1/x").header("host", "").header("x-api-key", "k").to_bytes(),
-        Request::get("/v1/x").header("host", "gw").header("x-api-key", "k").header("x-api-key", "other").to_bytes(),
+        Request::new("POST", "/v1/x")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("x-api-key", "k")
+            .body(vec![0u8; 100_000])
+            .to_bytes(),
+        Request::get("/v1/x").header("host", "").header(ROUTE_HEADER, "up").header("x-api-key", "k").to_bytes(),
+        Request::get("/v1/x")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("x-api-key", "k")
+            .header("x-api-key", "other")
+            .to_bytes(),
         Request::get("/v1/x")
             .header("host", "gw")
             .header(ROUTE_HEADER, "up")
@@ -383,7 +441,7 @@ fn hostile_requests() -> Vec<Vec<u8>> {
             .to_bytes(),
         cookies.to_bytes(),
         b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage-tls-hello\r\n\r\n".to_vec(),
-        b"GET /v1/x HTTP/1.1\r\nhost: gw\r\nx-api-key: k\r\n folded: continuation\r\n\r\n".to_vec(),
+        b"GET /v1/x HTTP/1.1\r\nhost: gw\r\nx-test-route: up\r\nx-api-key: k\r\n folded: continuation\r\n\r\n".to_vec(),
     ]
 }
 
@@ -393,7 +451,7 @@ fn filter_survives_a_burst_of_hostile_requests() {
     let echo = Echo::start("127.0.0.1:0").expect("echo");
     let config = r#"{"clients": [{"id": "c", "key": "k", "routes": ["*"]}],
  "key_sources": [{"header": "authorization", "prefix": "Bearer "}, {"header": "x-api-key"}, {"query": "api_key"}],
- "routes": [{"name": "up", "match": {"path_prefix": "/v1/"},
+ "routes": [{"name": "up", "match": {"route_name": "up", "clusters": ["up"]},
   "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"inline": "sk-upstream"}},
              {"query": "key", "value": {"inline": "q-upstream"}}]}],
  "strip_request_headers": ["cookie"], "strip_response_headers": ["set-cookie"],
@@ -456,6 +514,7 @@ fn filter_survives_a_burst_of_hostile_requests() {
     for _ in 0..20 {
         let ok = Request::get("/v1/models?a=1")
             .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
             .header("authorization", "Bearer k")
             .send(addr)
             .expect("a valid request");
@@ -464,6 +523,7 @@ fn filter_survives_a_burst_of_hostile_requests() {
         assert_eq!(seen.header_all("authorization"), ["Bearer sk-upstream"]);
         let bad = Request::get("/v1/models")
             .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
             .header("authorization", "Bearer nope")
             .send(addr)
             .expect("a bad key");

@@ -146,7 +146,9 @@ fn secrets() -> Vec<(&'static str, &'static str)> {
         ("key dynamic", KEY_DYNAMIC),
     ];
     all.extend(CREDENTIALS.iter().map(|(name, value)| (*name, *value)));
-    all.extend(DYNAMIC_ENV.iter().filter(|(name, _)| *name != "VAULT_AUTHORIZATION").map(|(name, value)| (*name, *value)));
+    all.extend(
+        DYNAMIC_ENV.iter().filter(|(name, _)| *name != "VAULT_AUTHORIZATION").map(|(name, value)| (*name, *value)),
+    );
     all.push(("VAULT_AUTHORIZATION's token", VAULT_TOKEN));
     all.extend(ISSUED);
     all
@@ -182,15 +184,15 @@ fn main_config() -> String {
   ],
   "key_sources": [{{"header": "authorization", "prefix": "Bearer "}}, {{"header": "x-api-key"}}, {{"query": "api_key"}}],
   "routes": [
-    {{"name": "chat", "match": {{"route_name": "chat"}},
+    {{"name": "chat", "match": {{"route_name": "chat", "clusters": ["chat"]}},
      "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "CHAT_CREDENTIAL"}}}}]}},
-    {{"name": "files", "match": {{"route_name": "files"}},
+    {{"name": "files", "match": {{"route_name": "files", "clusters": ["files"]}},
      "inject": [{{"header": "x-upstream-key", "value": {{"env": "FILES_CREDENTIAL"}}}}]}},
-    {{"name": "registry", "match": {{"route_name": "registry"}},
+    {{"name": "registry", "match": {{"route_name": "registry", "clusters": ["registry"]}},
      "inject": [{{"header": "authorization", "basic": {{"username": "ci", "password": {{"env": "REGISTRY_PASSWORD"}}}}}}]}},
-    {{"name": "maps", "match": {{"route_name": "maps"}},
+    {{"name": "maps", "match": {{"route_name": "maps", "clusters": ["maps"]}},
      "inject": [{{"query": "key", "value": {{"env": "MAPS_CREDENTIAL"}}}}]}},
-    {{"name": "demo", "match": {{"route_name": "demo"}},
+    {{"name": "demo", "match": {{"route_name": "demo", "clusters": ["demo"]}},
      "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"inline": "{INLINE_CREDENTIAL}"}}}}]}}
   ],
   "strip_request_headers": ["cookie"],
@@ -204,12 +206,13 @@ fn main_config() -> String {
     )
 }
 
-/// The reloaded listener's configuration, before (1) and after (2).
+/// The reloaded listener's configuration, before (1) and after (2): one
+/// route on Envoy's route (and cluster) `all`.
 fn rotated_config(n: u8) -> String {
     let key = if n == 1 { KEY_ROTATED_1 } else { KEY_ROTATED_2 };
     format!(
         r#"{{"clients": [{{"id": "rotated", "key_sha256": "{}", "routes": ["*"]}}],
- "routes": [{{"name": "all", "match": {{"path_prefix": "/"}},
+ "routes": [{{"name": "all", "match": {{"route_name": "all", "clusters": ["all"]}},
   "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "ROTATED_CREDENTIAL_{n}"}}}}]}}]}}"#,
         sha256_hex(key)
     )
@@ -350,7 +353,7 @@ fn until_served(admin: SocketAddr, key: &str, want: &str, seen: &mut Seen) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let response = lds_listener(admin)
-            .and_then(|addr| request(None, Some(key), Place::Bearer).send(addr).ok())
+            .and_then(|addr| request(Some("all"), Some(key), Place::Bearer).send(addr).ok())
             .filter(|r| r.status == 200);
         if let Some(response) = response {
             let echoed = seen.forward(&response, "the reloaded listener");
@@ -370,16 +373,29 @@ fn admin_text(envoy: &Envoy, path: &str) -> String {
     response.text()
 }
 
-/// Writes the LDS file: `listener`, with the shipped access log.
+/// The CDS file beside the LDS file `lds`.
+fn cds_path(lds: &Path) -> std::path::PathBuf {
+    lds.with_file_name("cds.json")
+}
+
+/// Writes the LDS file: `listener`, with the shipped access log; first its
+/// clusters (they carry keyswap's final stage, the one that injects) to
+/// the CDS file beside it ([`cds_path`]).
 fn write_lds(path: &Path, listener: &Listener, upstream: SocketAddr, wasm: &Path) {
     let bootstrap = gateway(std::slice::from_ref(listener), upstream, wasm);
+    let mut clusters = bootstrap["static_resources"]["clusters"].as_array().cloned().unwrap_or_default();
+    clusters.iter_mut().for_each(|c| c["@type"] = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into());
     let mut resource = bootstrap["static_resources"]["listeners"][0].clone();
     resource["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
     resource["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = shipped_access_log();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::json!({"resources": [resource]}).to_string()).expect("write lds");
     // Envoy watches for a file moved into place.
-    std::fs::rename(&tmp, path).expect("move lds into place");
+    let place = |path: &Path, resources: Vec<serde_json::Value>| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::json!({ "resources": resources }).to_string()).expect("write");
+        std::fs::rename(&tmp, path).expect("move into place");
+    };
+    place(&cds_path(path), clusters);
+    place(path, vec![resource]);
 }
 
 /// The shipped `envoy.yaml`'s access log, so what users log is searched too.
@@ -409,11 +425,13 @@ fn no_key_or_environment_credential_leaks_at_trace() {
         name: "rotating".into(),
         config: rotated_config(n),
         host_env_keys: vec![format!("ROTATED_CREDENTIAL_{n}")],
+        route_names: vec!["all".into()],
         ..Listener::default()
     };
     write_lds(&lds, &rotating(1), echo.addr(), &wasm);
     let mut bootstrap = gateway(std::slice::from_ref(&main), echo.addr(), &wasm);
     bootstrap["dynamic_resources"] = serde_json::json!({
+        "cds_config": {"path_config_source": {"path": cds_path(&lds).display().to_string()}, "resource_api_version": "V3"},
         "lds_config": {"path_config_source": {"path": lds.display().to_string()}, "resource_api_version": "V3"}
     });
     bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] =
@@ -438,7 +456,7 @@ fn no_key_or_environment_credential_leaks_at_trace() {
     until_served(envoy.admin(), KEY_ROTATED_1, &bearer("ROTATED_CREDENTIAL_1"), &mut seen);
     write_lds(&lds, &rotating(2), echo.addr(), &wasm);
     until_served(envoy.admin(), KEY_ROTATED_2, &bearer("ROTATED_CREDENTIAL_2"), &mut seen);
-    let old = lds_listener(envoy.admin()).map(|a| request(None, Some(KEY_ROTATED_1), Place::Bearer).send(a));
+    let old = lds_listener(envoy.admin()).map(|a| request(Some("all"), Some(KEY_ROTATED_1), Place::Bearer).send(a));
     let old = old.expect("the LDS listener").expect("the old key");
     seen.deny(&old, 401, "invalid_key", "the old key after the reload");
 
@@ -476,12 +494,12 @@ fn no_key_or_environment_credential_leaks_at_trace() {
 }
 
 /// The ECDS gateway's configuration: key `n` forwarded with credential `n`,
-/// read from the variable `env`.
+/// read from the variable `env`, on Envoy's route (and cluster) `all`.
 fn pushed_config(n: u8, env: &str) -> String {
     let key = if n == 1 { KEY_PUSHED_1 } else { KEY_PUSHED_2 };
     format!(
         r#"{{"clients": [{{"id": "pushed-{n}", "key_sha256": "{}", "routes": ["*"]}}],
- "routes": [{{"name": "all", "match": {{}},
+ "routes": [{{"name": "all", "match": {{"route_name": "all", "clusters": ["all"]}},
    "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "{env}"}}}}]}}]}}"#,
         sha256_hex(key)
     )
@@ -495,6 +513,7 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
     let listener = Listener {
         config: pushed_config(1, "PUSHED_CREDENTIAL_1"),
         host_env_keys: vec!["PUSHED_CREDENTIAL_1".into(), "PUSHED_CREDENTIAL_2".into()],
+        route_names: vec!["all".into()],
         ..Listener::default()
     };
     let log_levels = LogLevels { level: "trace".into(), components: Some(QUIET_COMPONENTS.into()) };
@@ -503,7 +522,8 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
     let mut seen = Seen::default();
     let bearer = |n: &str| format!("Bearer {}", credential(n));
 
-    let echoed = seen.forward(&request(None, Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1"), "key 1");
+    let echoed =
+        seen.forward(&request(Some("all"), Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1"), "key 1");
     assert_eq!(echoed.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_1").as_str()));
 
     // A push that revokes key 1 and brings key 2 with a new credential.
@@ -514,9 +534,10 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
     printed.push_str(&String::from_utf8_lossy(&out.stdout));
     printed.push_str(&String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && printed.contains("active: Envoy runs version"), "push: {printed}");
-    let old = request(None, Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1 again");
+    let old = request(Some("all"), Some(KEY_PUSHED_1), Place::Bearer).send(gw.addr).expect("key 1 again");
     seen.deny(&old, 401, "invalid_key", "key 1 after the push");
-    let echoed = seen.forward(&request(None, Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
+    let echoed =
+        seen.forward(&request(Some("all"), Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
     assert_eq!(echoed.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_2").as_str()));
 
     // A push Envoy rejects (a variable its VM does not have): push prints
@@ -527,7 +548,8 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
     let rejected = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success() && rejected.contains("NOT_IN_ENVOYS_ENVIRONMENT"), "push: {rejected}");
     printed.push_str(&rejected);
-    let still = seen.forward(&request(None, Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
+    let still =
+        seen.forward(&request(Some("all"), Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
     assert_eq!(still.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_2").as_str()));
 
     let config_dump = gw.admin("/config_dump").expect("config dump");
@@ -562,19 +584,18 @@ fn dynamic_config() -> String {
         serde_json::json!({"fetch": {"cluster": "vault", "path": "/v1/creds", "authorization": {"env": "VAULT_AUTHORIZATION"},
                                      "json_pointer": pointer, "refresh_seconds": 1, "timeout_ms": 2000}})
     };
-    let bearer =
-        |value: serde_json::Value| serde_json::json!([{"header": "authorization", "prefix": "Bearer ", "value": value}]);
+    let bearer = |value: serde_json::Value| serde_json::json!([{"header": "authorization", "prefix": "Bearer ", "value": value}]);
     serde_json::json!({
         "clients": [{"id": "dynamic", "key_sha256": sha256_hex(KEY_DYNAMIC), "routes": ["*"]}],
         "routes": [
-            {"name": "basic", "match": {"path_prefix": "/basic/"},
+            {"name": "basic", "match": {"route_name": "basic", "clusters": ["basic"]},
              "inject": bearer(oauth2("idp_basic", CLIENT_ID_BASIC, "IDP_CLIENT_SECRET", "basic"))},
-            {"name": "body", "match": {"path_prefix": "/body/"},
+            {"name": "body", "match": {"route_name": "body", "clusters": ["body"]},
              "inject": bearer(oauth2("idp_body", CLIENT_ID_BODY, "IDP_BODY_CLIENT_SECRET", "body"))},
-            {"name": "exchange", "match": {"path_prefix": "/exchange/"},
+            {"name": "exchange", "match": {"route_name": "exchange", "clusters": ["exchange"]},
              "inject": bearer(serde_json::json!({"token_exchange": {"cluster": "sts", "token_path": "/token",
                  "subject_token": {"env": "SUBJECT_TOKEN"}, "audience": "https://billing.internal", "timeout_ms": 2000}}))},
-            {"name": "fetch", "match": {"path_prefix": "/fetch/"},
+            {"name": "fetch", "match": {"route_name": "fetch", "clusters": ["fetch"]},
              "inject": [{"header": "x-key-id", "value": fetch("/data/key_id")},
                         {"query": "sig", "value": fetch("/data/secret")}]}
         ]
@@ -591,6 +612,12 @@ fn vault_answer(n: u8) -> String {
     format!(r#"{{"data": {{"key_id": "{id}", "secret": "{secret}"}}}}"#)
 }
 
+/// The dynamic listener's Envoy route for `path`: its first segment
+/// (`/basic/v1` is on route `basic`).
+fn dynamic_route(path: &str) -> &str {
+    path.trim_start_matches('/').split('/').next().unwrap_or_default()
+}
+
 /// Sends requests to `path` (every 50 ms) until one is forwarded and the
 /// upstream's view passes `arrived`; every other answer must be a 503
 /// `credential_unavailable`, or a forward `allowed` passes.
@@ -604,7 +631,10 @@ fn until_injected(
     let deadline = Instant::now() + Duration::from_secs(30);
     let what = format!("dynamic credential on {path}");
     loop {
-        let request = Request::get(path).header("host", "gateway.test").header("x-api-key", KEY_DYNAMIC);
+        let request = Request::get(path)
+            .header("host", "gateway.test")
+            .header(ROUTE_HEADER, dynamic_route(path))
+            .header("x-api-key", KEY_DYNAMIC);
         let response = request.send(addr).unwrap_or_else(|e| panic!("{what}: {e}"));
         if response.status == 200 {
             let echoed = seen.forward(&response, &what);
@@ -654,6 +684,7 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
         name: "dynamic".into(),
         config: dynamic_config(),
         host_env_keys: DYNAMIC_ENV.iter().map(|(name, _)| name.to_string()).collect(),
+        route_names: ["basic", "body", "exchange", "fetch"].iter().map(|r| r.to_string()).collect(),
         ..Listener::default()
     };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
@@ -677,7 +708,10 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
 
     // The refused answer: the route has no token yet, and says so.
     until_logged(&envoy, "routes[0].inject[0].value.oauth2 (oauth2): refresh failed");
-    let request = Request::get("/basic/v1").header("host", "gateway.test").header("x-api-key", KEY_DYNAMIC);
+    let request = Request::get("/basic/v1")
+        .header("host", "gateway.test")
+        .header(ROUTE_HEADER, "basic")
+        .header("x-api-key", KEY_DYNAMIC);
     let refused = request.send(addr).expect("the Basic route before its token");
     seen.deny(&refused, 503, "credential_unavailable", "the Basic route before its token");
     idp_basic.set_answer(&token_answer(issued("token basic"), "3600"));
@@ -705,7 +739,8 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     let header = |call: &TokenCall, name: &str| {
         call.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
     };
-    let basic = format!("Basic {}", base64(format!("{CLIENT_ID_BASIC}:{}", dynamic_env("IDP_CLIENT_SECRET")).as_bytes()));
+    let basic =
+        format!("Basic {}", base64(format!("{CLIENT_ID_BASIC}:{}", dynamic_env("IDP_CLIENT_SECRET")).as_bytes()));
     let calls = idp_basic.calls();
     assert!(calls.len() >= 2, "a refused answer, then a token: {calls:?}");
     assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(basic.as_str())), "{calls:?}");
@@ -736,7 +771,9 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
         assert!(log.contains(&format!("keyswap: credential {line}")), "not logged: {line}");
     }
     assert!(seen.reasons.contains_key("credential_unavailable"), "{:?}", seen.reasons);
-    for name in ["IDP_CLIENT_SECRET", "IDP_BODY_CLIENT_SECRET", "SUBJECT_TOKEN", "VAULT_AUTHORIZATION", "idp_basic", "vault"] {
+    for name in
+        ["IDP_CLIENT_SECRET", "IDP_BODY_CLIENT_SECRET", "SUBJECT_TOKEN", "VAULT_AUTHORIZATION", "idp_basic", "vault"]
+    {
         assert!(config_dump.contains(name), "/config_dump holds the configuration naming {name}");
     }
     assert!(stats.contains("credential_unavailable"), "keyswap's metrics are in /stats");

@@ -20,9 +20,9 @@ const CONFIG: &str = r#"{
     {"id": "off", "key": "off-key-4", "routes": ["*"], "disabled": true}
   ],
   "routes": [
-    {"name": "chat", "match": {"route_name": "chat"},
+    {"name": "chat", "match": {"route_name": "chat", "clusters": ["chat"]},
      "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"env": "CHAT_CREDENTIAL"}}]},
-    {"name": "files", "match": {"route_name": "files"},
+    {"name": "files", "match": {"route_name": "files", "clusters": ["files"]},
      "inject": [{"header": "x-api-key", "value": {"env": "FILES_CREDENTIAL"}}]}
   ],
   "client_id_header": "x-keyswap-client",
@@ -86,7 +86,9 @@ fn prometheus(envoy: &Envoy) -> BTreeMap<String, u64> {
     let response = Request::get("/stats/prometheus").header("host", "admin").send(envoy.admin()).expect("stats");
     let mut out = BTreeMap::new();
     for line in response.text().lines().filter(|l| l.starts_with("keyswap_")) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (name, labels) = match series.split_once('{') {
             Some((name, labels)) => (name, labels.trim_end_matches('}')),
             None => (series, ""),
@@ -217,7 +219,8 @@ fn denials_are_audited_once_each_up_to_the_rate_limit() {
     assert_eq!(send(&envoy, Some("chat"), None).status, 401);
     eventually("four audit lines", || {
         let lines = audit(&envoy);
-        let forbidden = lines.iter().filter(|l| l.contains("reason=route_forbidden status=403 route=files client=alpha")).count();
+        let forbidden =
+            lines.iter().filter(|l| l.contains("reason=route_forbidden status=403 route=files client=alpha")).count();
         let missing = lines.iter().filter(|l| l.contains("reason=missing_key status=401 route=chat client=-")).count();
         if (forbidden, missing, lines.len()) == (3, 1, 4) {
             Ok(())
@@ -350,7 +353,8 @@ fn grafana_dashboard_queries_only_keyswap_metrics() {
         .filter_map(|t| t["expr"].as_str())
         .collect();
     assert!(exprs.len() >= 5, "{exprs:?}");
-    let known = ["keyswap_requests_total", "keyswap_client_requests_total", "keyswap_active_clients", "keyswap_config_info"];
+    let known =
+        ["keyswap_requests_total", "keyswap_client_requests_total", "keyswap_active_clients", "keyswap_config_info"];
     for expr in exprs {
         assert!(known.iter().any(|m| expr.contains(m)), "{expr}");
     }

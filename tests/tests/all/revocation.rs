@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use keyswap_tests::echo::Echoed;
 use keyswap_tests::ecds;
-use keyswap_tests::envoy::repo_root;
-use keyswap_tests::http::Response;
+use keyswap_tests::echo::Echoed;
+use keyswap_tests::envoy::{repo_root, Listener, LogLevels, ROUTE_HEADER};
+use keyswap_tests::http::{Request, Response};
 use keyswap_tests::load::{percentile, Bounds, Load};
 use keyswap_tests::revocation::{
-    first_per_thread, is_invalid_key, keyed, keyed_once, main_thread, parse_log, since, workers, EcdsGateway, INVALID_KEY_LINE,
+    first_per_thread, is_invalid_key, main_thread, parse_log, since, workers, EcdsGateway, INVALID_KEY_LINE,
 };
 
 const K1: &str = "k1-key-to-be-revoked";
@@ -31,20 +31,47 @@ const K2: &str = "k2-key-that-stays";
 const CREDENTIAL: &str = "the-upstream-credential";
 const K3_KEY: &str = "k3-new-key";
 
-/// Two clients on one route injecting `CREDENTIAL`; K1 `disabled` or not.
+/// The Envoy route (and cluster) the gateway's requests take.
+const ROUTE: &str = "all";
+
+/// Two clients on one route, bound to Envoy's route and cluster [`ROUTE`],
+/// injecting `CREDENTIAL`; K1 `disabled` or not.
 fn config(k1_disabled: bool) -> String {
     format!(
         r#"{{"clients": [
   {{"id": "k1-client", "key": "{K1}", "routes": ["*"], "disabled": {k1_disabled}}},
   {{"id": "k2-client", "key": "{K2}", "routes": ["*"]}}],
- "routes": [{{"name": "all", "match": {{}},
+ "routes": [{{"name": "all", "match": {{"route_name": "{ROUTE}", "clusters": ["{ROUTE}"]}},
    "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "UPSTREAM_CREDENTIAL"}}}}]}}],
  "client_id_header": "x-keyswap-client"}}"#
     )
 }
 
+/// The gateway with `config(false)`, its listener routing [`ROUTE`] and
+/// `more_routes` (each selected by [`ROUTE_HEADER`], to the cluster of its
+/// name), the VM given `env`.
+fn start_with_routes(env: &[(&str, &str)], more_routes: &[&str]) -> EcdsGateway {
+    let listener = Listener {
+        config: config(false),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        route_names: std::iter::once(ROUTE).chain(more_routes.iter().copied()).map(String::from).collect(),
+        ..Listener::default()
+    };
+    EcdsGateway::start_with(listener, &[], &LogLevels::serving()).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn start() -> EcdsGateway {
-    EcdsGateway::start(&config(false), &[("UPSTREAM_CREDENTIAL", CREDENTIAL)]).unwrap_or_else(|e| panic!("{e}"))
+    start_with_routes(&[("UPSTREAM_CREDENTIAL", CREDENTIAL)], &[])
+}
+
+/// A request with `key` as a Bearer token on Envoy's route [`ROUTE`].
+fn keyed(key: &str) -> Request {
+    keyswap_tests::revocation::keyed(key).header(ROUTE_HEADER, ROUTE)
+}
+
+/// [`keyed`] on a new connection that Envoy closes.
+fn keyed_once(key: &str) -> Request {
+    keyswap_tests::revocation::keyed_once(key).header(ROUTE_HEADER, ROUTE)
 }
 
 fn version(config: &str) -> String {
@@ -57,7 +84,11 @@ type Upstream = (String, Option<String>, Option<String>);
 /// Status, and what the upstream saw (`None` for a local answer).
 fn outcome(response: &Response) -> (u16, Option<Upstream>) {
     let seen = Echoed::parse(&response.body).map(|e| {
-        (e.path.clone(), e.header("authorization").map(str::to_string), e.header("x-keyswap-client").map(str::to_string))
+        (
+            e.path.clone(),
+            e.header("authorization").map(str::to_string),
+            e.header("x-keyswap-client").map(str::to_string),
+        )
     });
     (response.status, seen)
 }
@@ -112,7 +143,8 @@ fn a_revoked_key_stops_on_every_worker_under_load_and_nothing_else_breaks() {
             let started = Instant::now();
             while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20) {
                 let sent = SystemTime::now();
-                let status = keyed_once(K1).send(addr).map(|r| (r.status, is_invalid_key(&r))).map_err(|e| e.to_string());
+                let status =
+                    keyed_once(K1).send(addr).map(|r| (r.status, is_invalid_key(&r))).map_err(|e| e.to_string());
                 probes.lock().unwrap().push(Probe { sent, status });
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -323,9 +355,9 @@ fn push_reports_the_version_once_envoy_has_it_and_a_rejection_with_envoys_reason
         rejected.stdout
     );
     assert!(
-        rejected.stdout.contains(
-            "Envoy: keyswap: configuration refused: routes[0].inject[0].value.env: NOT_IN_ENVOY is not set"
-        ),
+        rejected
+            .stdout
+            .contains("Envoy: keyswap: configuration refused: routes[0].inject[0].value.env: NOT_IN_ENVOY is not set"),
         "Envoy's reason: {}",
         rejected.stdout
     );
@@ -340,7 +372,7 @@ fn push_reports_the_version_once_envoy_has_it_and_a_rejection_with_envoys_reason
     //    field, and neither the key nor the credential in it is printed.
     let rejected_before = gw.view().expect("admin").rejected;
     let refused = r#"{"clients": [{"id": "c", "key": "secret-in-config-key", "routes": ["nowhere"]}],
- "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-api-key", "value": {"inline": "secret-in-config-credential"}}]}]}"#;
+ "routes": [{"name": "r", "match": {"route_name": "r", "clusters": ["r"]}, "inject": [{"header": "x-api-key", "value": {"inline": "secret-in-config-credential"}}]}]}"#;
     let refused = push(&gw, refused, "refused.json");
     assert!(!refused.ok);
     assert!(
@@ -379,20 +411,19 @@ fn shipped_envoy_yaml_takes_keyswap_from_an_ecds_file_in_the_ignored_run_dir() {
 
 #[test]
 fn a_push_adds_removes_and_changes_clients_routes_and_credentials() {
-    let gw = EcdsGateway::start(&config(false), &[("UPSTREAM_CREDENTIAL", CREDENTIAL), ("OTHER_CREDENTIAL", "other-cred")])
-        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = start_with_routes(&[("UPSTREAM_CREDENTIAL", CREDENTIAL), ("OTHER_CREDENTIAL", "other-cred")], &["a", "b"]);
     // K1 removed; K2 narrowed to route `a`, which now injects another
     // credential in another header; K3 added; K4 added, already expired.
-    // Route `a` matches /a/, `b` everything else.
+    // Routes `a` and `b` are Envoy's routes (and clusters) `a` and `b`.
     let changed = format!(
         r#"{{"clients": [
   {{"id": "k2-client", "key": "{K2}", "routes": ["a"]}},
   {{"id": "k3-client", "key": "{K3_KEY}", "routes": ["a", "b"]}},
   {{"id": "k4-client", "key": "k4-expired-key", "routes": ["*"], "expires": "2020-01-01T00:00:00Z"}}],
  "routes": [
-  {{"name": "a", "match": {{"path_prefix": "/a/"}},
+  {{"name": "a", "match": {{"route_name": "a", "clusters": ["a"]}},
     "inject": [{{"header": "x-api-key", "value": {{"env": "OTHER_CREDENTIAL"}}}}]}},
-  {{"name": "b", "match": {{}},
+  {{"name": "b", "match": {{"route_name": "b", "clusters": ["b"]}},
     "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "UPSTREAM_CREDENTIAL"}}}}]}}],
  "client_id_header": "x-keyswap-client"}}"#
     );
@@ -404,15 +435,19 @@ fn a_push_adds_removes_and_changes_clients_routes_and_credentials() {
     });
     assert!(loaded.is_some(), "both workers load {v}; log:\n{}", gw.envoy.log());
 
+    // `/a/…` on Envoy's route `a`, anything else on `b`.
     let get = |path: &str, key: &str| {
-        keyswap_tests::http::Request::get(path)
+        let route = if path.starts_with("/a/") { "a" } else { "b" };
+        Request::get(path)
             .header("host", "gateway.test")
+            .header(ROUTE_HEADER, route)
             .header("authorization", format!("Bearer {key}"))
             .header("connection", "close")
             .send(gw.addr)
             .expect("a request")
     };
-    let error = |r: &Response| r.json().map(|b| b["error"].as_str().unwrap_or_default().to_string()).unwrap_or_default();
+    let error =
+        |r: &Response| r.json().map(|b| b["error"].as_str().unwrap_or_default().to_string()).unwrap_or_default();
     for _ in 0..10 {
         // Removed client: unknown key.
         assert!(is_invalid_key(&get("/a/x", K1)), "K1 removed");
