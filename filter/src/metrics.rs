@@ -74,8 +74,10 @@ impl Metrics {
             // `credential_unavailable` is counted only where it can happen:
             // on routes with dynamic credentials.
             let dynamic = !policy.route_sources(route).is_empty();
+            // `invalid_authority` only where keyswap routes by host, never
+            // in Envoy.
             let possible = |r: &DenialReason| match r {
-                DenialReason::NoRoute => false,
+                DenialReason::NoRoute | DenialReason::InvalidAuthority => false,
                 DenialReason::CredentialUnavailable => dynamic,
                 _ => true,
             };
@@ -85,11 +87,16 @@ impl Metrics {
             ids
         };
         let routes = policy.route_names().map(|r| (r.to_string(), route_outcomes(r))).collect();
-        // Unmatched requests are either all passed or all denied `no_route`.
+        // Unmatched requests are denied `no_route`, or passed with
+        // `unmatched_route: pass` (except on a cluster a route is bound to).
         let mut unmatched = [None; SLOTS];
-        let unmatched_outcome =
-            if policy.passes_unmatched() { Outcome::Passed } else { Outcome::Denied(DenialReason::NoRoute) };
-        unmatched[unmatched_outcome.slot()] = counter(&requests_name("", unmatched_outcome));
+        let mut outcomes = vec![Outcome::Denied(DenialReason::NoRoute)];
+        if policy.passes_unmatched() {
+            outcomes.push(Outcome::Passed);
+        }
+        for outcome in outcomes {
+            unmatched[outcome.slot()] = counter(&requests_name("", outcome));
+        }
 
         let summary = policy.summary();
         let gauge = |name: &str, value: u64| {

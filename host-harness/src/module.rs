@@ -401,6 +401,36 @@ impl FilterInstance {
         Ok(last)
     }
 
+    /// Runs a headers-only request through one stream of the listener's
+    /// filter chain only: a filter placed once, as the ABI tests' modules
+    /// are (keyswap itself runs in two places: [`Self::request_to`]).
+    ///
+    /// # Errors
+    /// A trap.
+    pub fn request_stream(
+        &mut self,
+        route_name: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<Outcome, HarnessError> {
+        self.finish()?;
+        let id = self.new_context_id();
+        let outcome = self.request_headers(StreamState {
+            context_id: id,
+            route_name: route_name.map(str::to_string),
+            cluster: route_name.map(str::to_string),
+            upstream_address: None,
+            request_headers: headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
+            response_headers: None,
+            local_response: None,
+            calls: CallCounts::default(),
+            filter_state: BTreeMap::new(),
+        })?;
+        if !matches!(outcome, Outcome::Forwarded { .. }) {
+            self.finish()?;
+        }
+        Ok(outcome)
+    }
+
     /// Runs only the final stage, as on a cluster whose listener lacks the
     /// filter (a misdeployment the filter must refuse).
     ///

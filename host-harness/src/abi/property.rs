@@ -75,6 +75,9 @@ fn get(caller: &mut Caller<'_, HostState>, path: u32, path_len: u32, data_out: u
     let path = decode_property_path(&memory::read(caller, path, path_len)?).join(".");
     match lookup(caller.data(), &path) {
         Some(value) => memory::give(caller, &value, data_out, size_out),
+        // A known path or a filter-state name without a value is NOT_FOUND
+        // in Envoy too; only a path the harness cannot answer is missing.
+        None if KNOWN.contains(&path.as_str()) || !path.contains('.') => Err(Status::NotFound.into()),
         None => {
             *caller.data_mut().missing_properties.entry(path).or_insert(0) += 1;
             Err(Status::NotFound.into())

@@ -82,6 +82,21 @@ fn local_responses_carry_status_headers_and_body() {
     }
 }
 
+/// keyswap on a cluster whose listener does not run it: the final stage
+/// finds no key record and Envoy has picked an upstream host, so it
+/// refuses (500) instead of reading the key itself, which would let a
+/// deployment without the first stage forward keys.
+#[test]
+fn a_final_stage_without_a_first_stage_refuses() {
+    let mut instance = configured("sk-up");
+    let outcome = instance.request_upstream_only(Some("openai"), Some("openai"), &request(Some("dev-key"))).unwrap();
+    let Outcome::Local(local) = outcome else { panic!("want a local response, got {outcome:?}") };
+    assert_eq!(local.status, 500);
+    let body: serde_json::Value = serde_json::from_slice(&local.body).unwrap();
+    assert_eq!(body["error"], "not_configured");
+    assert!(instance.log_text().contains("listener does not run keyswap"), "{}", instance.log_text());
+}
+
 #[test]
 fn route_name_property_selects_the_route() {
     let mut instance = configured("sk-up");
@@ -159,21 +174,25 @@ fn host_calls_are_counted_per_request() {
             "forwarded",
             Some("dev-key"),
             &[
-                ("proxy_get_header_map_pairs", 1),
-                ("proxy_get_property", 1),
+                // Both stages read the headers and write them back.
+                ("proxy_get_header_map_pairs", 2),
+                // First: the key record (absent), upstream.address (absent);
+                // final: the key record, the cluster, the route name.
+                ("proxy_get_property", 5),
                 ("proxy_increment_metric", 1),
-                ("proxy_set_property", 1),
-                ("proxy_set_header_map_pairs", 1),
+                // The key record, the access-log field.
+                ("proxy_set_property", 2),
+                ("proxy_set_header_map_pairs", 2),
             ],
         ),
         (
             "denied",
             None,
             &[
-                ("proxy_get_header_map_pairs", 1),
-                ("proxy_get_property", 1),
+                ("proxy_get_header_map_pairs", 2),
+                ("proxy_get_property", 5),
                 ("proxy_increment_metric", 1),
-                ("proxy_set_property", 1),
+                ("proxy_set_property", 2),
                 // the audit line: the clock for its rate limit, then the line
                 ("proxy_get_current_time_nanoseconds", 1),
                 ("proxy_log", 1),
@@ -261,7 +280,9 @@ fn header_map_edits_reach_the_upstream() {
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.configure(b"").unwrap();
     let sent = headers(&[(":path", "/"), ("x-a", "old"), ("x-b", "1"), ("x-d", "value-of-d"), ("x-b", "2")]);
-    let Outcome::Forwarded { headers: upstream } = instance.request(None, &sent).unwrap() else { panic!("forwarded") };
+    let Outcome::Forwarded { headers: upstream } = instance.request_stream(None, &sent).unwrap() else {
+        panic!("forwarded")
+    };
     assert_eq!(upstream, headers(&[(":path", "/"), ("x-a", "new"), ("x-d", "value-of-d"), ("x-c", "3")]));
     assert_eq!(instance.log_text(), "value-of-d");
     assert!(instance.last_request_host_calls().is_none(), "the forwarded stream is still open");
@@ -309,7 +330,7 @@ fn unimplemented_imports_answer_12_and_are_counted() {
     let stubbed: Vec<&str> = module.stubbed_imports().iter().map(|(_, name)| name.as_str()).collect();
     assert_eq!(stubbed, ["proxy_enqueue_shared_queue", "proxy_register_shared_queue"]);
     let mut instance = module.start(&BTreeMap::new()).unwrap();
-    instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
     instance.finish().unwrap();
     assert_eq!(instance.log_text(), "got UNIMPLEMENTED");
     let want = BTreeMap::from([("proxy_enqueue_shared_queue".to_string(), 1)]);
@@ -329,7 +350,7 @@ fn a_call_to_an_unimplemented_import_fails_the_runner() {
     (drop (call $continue (i32.const 0))) (i32.const 0))"#,
     );
     let mut instance = module.start(&BTreeMap::new()).unwrap();
-    instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
     if let Err(message) = check_unimplemented(instance.unimplemented_calls()) {
         panic!("{message}");
     }
@@ -490,7 +511,7 @@ fn set_property_fills_the_streams_filter_state() {
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.configure(b"").unwrap();
     assert!(instance.filter_state().is_none(), "no request yet");
-    let outcome = instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    let outcome = instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
     assert!(matches!(outcome, Outcome::Forwarded { .. }));
     let want =
         BTreeMap::from([("wasm.a\0b".to_string(), b"first".to_vec()), ("wasm.k".to_string(), b"second".to_vec())]);
@@ -500,6 +521,6 @@ fn set_property_fills_the_streams_filter_state() {
     assert_eq!(instance.log_text(), "b\naaaa\nsecond");
     assert!(instance.missing_properties().is_empty());
 
-    instance.request(None, &headers(&[(":path", "/")])).unwrap();
+    instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
     assert_eq!(instance.filter_state().map(BTreeMap::len), Some(2), "a new stream starts empty and is filled again");
 }

@@ -30,7 +30,8 @@ const CONFIG: &str = r#"{
 }"#;
 
 const REQUESTS: &str = "keyswap_requests_total";
-const REASONS: [&str; 5] = ["missing_key", "invalid_key", "expired_key", "ambiguous_key", "route_forbidden"];
+const REASONS: [&str; 6] =
+    ["missing_key", "invalid_key", "expired_key", "ambiguous_key", "route_forbidden", "method_not_allowed"];
 
 fn requests(route: &str, outcome: &str, reason: &str) -> String {
     format!("{REQUESTS};route={route};outcome={outcome};reason={reason}")
@@ -167,10 +168,15 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
         let allowed = matches!(outcome, Outcome::Forwarded { .. });
         assert_eq!(allowed, field.starts_with("outcome=allowed"), "request {i}: {outcome:?}");
 
+        // The access-log field, and the first stage's record for the final
+        // one: the presented key's SHA-256, or why there is none; never the
+        // key.
         let state = instance.filter_state().expect("a finished stream");
-        let fields: Vec<(&str, String)> =
-            state.iter().map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v).into_owned())).collect();
-        assert_eq!(fields, [("wasm.keyswap", field.to_string())], "request {i}: the access-log field");
+        let names: Vec<&str> = state.keys().map(String::as_str).collect();
+        assert_eq!(names, ["wasm.keyswap", "wasm.keyswap_key"], "request {i}");
+        assert_eq!(String::from_utf8_lossy(&state["wasm.keyswap"]), *field, "request {i}: the access-log field");
+        let record = keyswap_policy::KeyCheck::decode(&state["wasm.keyswap_key"]);
+        assert!(record.is_some(), "request {i}: the key record");
 
         // Exactly one requests_total series moved, by one (plus the client's
         // series for an allowed request).
@@ -192,7 +198,7 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
         assert_eq!(moved, want, "request {i}: the series it counted");
         let calls = instance.last_request_host_calls().expect("a finished stream");
         assert_eq!(calls.get("proxy_increment_metric"), want.len() as u64, "request {i}");
-        assert_eq!(calls.get("proxy_set_property"), 1, "request {i}");
+        assert_eq!(calls.get("proxy_set_property"), 2, "request {i}: the key record and the access-log field");
     }
 
     // Every series the filter defined, with its exact value.
