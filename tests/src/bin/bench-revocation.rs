@@ -29,7 +29,8 @@ const K1: &str = "bench-k1-key";
 const K2: &str = "bench-k2-key";
 const WAIT: Duration = Duration::from_secs(5);
 
-/// Two clients; K1 `disabled` or not. `round` names a third, unused client
+/// Two clients; K1 `disabled` or not; one route bound to the gateway's
+/// catch-all cluster (`LISTENER`'s `<name>-default`). `round` names a third, unused client
 /// so that every push is new content (a new version), as a real one is.
 fn config(k1_disabled: bool, round: usize) -> String {
     format!(
@@ -37,7 +38,7 @@ fn config(k1_disabled: bool, round: usize) -> String {
   {{"id": "k1", "key": "{K1}", "routes": ["*"], "disabled": {k1_disabled}}},
   {{"id": "k2", "key": "{K2}", "routes": ["*"]}},
   {{"id": "round-{round}", "key_sha256": "{:064x}", "routes": ["*"], "disabled": true}}],
- "routes": [{{"name": "all", "match": {{}}, "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "CREDENTIAL"}}}}]}}]}}"#,
+ "routes": [{{"name": "all", "match": {{"clusters": ["gateway-default"]}}, "inject": [{{"header": "authorization", "prefix": "Bearer ", "value": {{"env": "CREDENTIAL"}}}}]}}]}}"#,
         round * 2 + usize::from(k1_disabled)
     )
 }
