@@ -90,6 +90,9 @@ impl RootContext for KeyswapRoot {
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
+                if policy.refuses_all() {
+                    log(LogLevel::Error, audit::REFUSING_ALL);
+                }
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
                 let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();

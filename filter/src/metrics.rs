@@ -75,7 +75,7 @@ impl Metrics {
             // on routes with dynamic credentials.
             let dynamic = !policy.route_sources(route).is_empty();
             let possible = |r: &DenialReason| match r {
-                DenialReason::NoRoute => false,
+                DenialReason::NoRoute | DenialReason::ConfigurationUnavailable => false,
                 DenialReason::CredentialUnavailable => dynamic,
                 _ => true,
             };
@@ -85,10 +85,16 @@ impl Metrics {
             ids
         };
         let routes = policy.route_names().map(|r| (r.to_string(), route_outcomes(r))).collect();
-        // Unmatched requests are either all passed or all denied `no_route`.
+        // Unmatched requests are either all passed or all denied `no_route`;
+        // under `refuse_all` every request is, denied `configuration_unavailable`.
         let mut unmatched = [None; SLOTS];
-        let unmatched_outcome =
-            if policy.passes_unmatched() { Outcome::Passed } else { Outcome::Denied(DenialReason::NoRoute) };
+        let unmatched_outcome = if policy.refuses_all() {
+            Outcome::Denied(DenialReason::ConfigurationUnavailable)
+        } else if policy.passes_unmatched() {
+            Outcome::Passed
+        } else {
+            Outcome::Denied(DenialReason::NoRoute)
+        };
         unmatched[unmatched_outcome.slot()] = counter(&requests_name("", unmatched_outcome));
 
         let summary = policy.summary();
@@ -99,6 +105,7 @@ impl Metrics {
         };
         gauge("keyswap_active_clients", policy.active_clients(now) as u64);
         gauge("keyswap_routes", summary.routes as u64);
+        gauge("keyswap_refusing_all", u64::from(policy.refuses_all()));
         gauge(&format!("keyswap_config_info;version={}", summary.version), 1);
         Metrics { routes, unmatched, per_client: policy.per_client_metrics(), clients: RefCell::default() }
     }

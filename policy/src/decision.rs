@@ -20,6 +20,9 @@ pub enum DenialReason {
     /// The route's dynamic credentials are not (or no longer) available:
     /// none fetched yet, or the last one expired.
     CredentialUnavailable,
+    /// The configuration is the fail-closed one (`"refuse_all": true`):
+    /// Envoy had no usable configuration to serve, so nothing is let through.
+    ConfigurationUnavailable,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -31,7 +34,7 @@ const INVALID_TOKEN: (&str, &str) =
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 7] = [
+    pub const ALL: [DenialReason; 8] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -39,6 +42,7 @@ impl DenialReason {
         DenialReason::RouteForbidden,
         DenialReason::NoRoute,
         DenialReason::CredentialUnavailable,
+        DenialReason::ConfigurationUnavailable,
     ];
 
     /// The HTTP status the client receives.
@@ -47,7 +51,7 @@ impl DenialReason {
             Self::MissingKey | Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => 401,
             Self::RouteForbidden => 403,
             Self::NoRoute => 404,
-            Self::CredentialUnavailable => 503,
+            Self::CredentialUnavailable | Self::ConfigurationUnavailable => 503,
         }
     }
 
@@ -61,6 +65,7 @@ impl DenialReason {
             Self::RouteForbidden => "route_forbidden",
             Self::NoRoute => "no_route",
             Self::CredentialUnavailable => "credential_unavailable",
+            Self::ConfigurationUnavailable => "configuration_unavailable",
         }
     }
 
@@ -76,6 +81,7 @@ impl DenialReason {
             Self::CredentialUnavailable => {
                 "The upstream credential for this route is not available yet; retry shortly."
             }
+            Self::ConfigurationUnavailable => "The gateway has no usable configuration; every request is refused.",
         }
     }
 
@@ -86,7 +92,7 @@ impl DenialReason {
             Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => {
                 &[JSON, NO_STORE, INVALID_TOKEN]
             }
-            Self::RouteForbidden | Self::NoRoute => &[JSON, NO_STORE],
+            Self::RouteForbidden | Self::NoRoute | Self::ConfigurationUnavailable => &[JSON, NO_STORE],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
     }
@@ -200,6 +206,7 @@ mod tests {
             (DenialReason::RouteForbidden, 403),
             (DenialReason::NoRoute, 404),
             (DenialReason::CredentialUnavailable, 503),
+            (DenialReason::ConfigurationUnavailable, 503),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

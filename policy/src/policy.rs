@@ -31,6 +31,8 @@ pub struct Policy {
     pub(crate) version: String,
     /// Dynamic credential sources (see [`crate::credential`]).
     pub(crate) sources: Vec<crate::credential::Source>,
+    /// `"refuse_all": true`: every request is denied `configuration_unavailable`.
+    pub(crate) refuse_all: bool,
 }
 
 #[derive(Debug)]
@@ -129,6 +131,11 @@ impl Policy {
         self.unmatched == UnmatchedRoute::Pass
     }
 
+    /// True for the fail-closed configuration (`"refuse_all": true`).
+    pub fn refuses_all(&self) -> bool {
+        self.refuse_all
+    }
+
     /// True when `metrics.per_client` is on.
     pub fn per_client_metrics(&self) -> bool {
         self.per_client_metrics
@@ -146,6 +153,10 @@ impl Policy {
         // A CONNECT opens a tunnel whose bytes keyswap never sees: no key
         // can be checked and no credential swapped inside it, so it matches
         // no route.
+        if self.refuse_all {
+            let reason = DenialReason::ConfigurationUnavailable;
+            return Decision::Deny(Denial { reason, route: None, client: None });
+        }
         let tunnel = req.method.eq_ignore_ascii_case(b"CONNECT");
         let route = if tunnel { None } else { self.routes.iter().position(|r| r.matcher.matches(req)) };
         let Some(r) = route else {

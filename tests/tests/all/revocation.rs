@@ -433,3 +433,389 @@ fn a_push_adds_removes_and_changes_clients_routes_and_credentials() {
         assert_eq!((k4.status, error(&k4)), (401, "expired_key".to_string()));
     }
 }
+
+// ---- what can undo a revocation (issue 22) ------------------------------------------
+
+/// The `keyswap: refusing every request` line the fail-closed configuration logs.
+const REFUSING_ALL_LINE: &str = "keyswap: refusing every request (503 configuration_unavailable)";
+
+/// The keyswap configuration of the shipped envoy.yaml's ECDS `default_config`.
+fn shipped_default() -> String {
+    let text = std::fs::read_to_string(repo_root().join("envoy.yaml")).expect("envoy.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    let filter =
+        &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+    let value = &filter["config_discovery"]["default_config"]["config"]["configuration"]["value"];
+    value.as_str().expect("a default configuration").to_string()
+}
+
+/// docs/examples/demo.json (what scripts/setup puts in the ECDS file), its
+/// demo key `disabled` or not.
+fn demo(disabled: bool) -> String {
+    let text = std::fs::read_to_string(repo_root().join("docs/examples/demo.json")).expect("demo.json");
+    let from = r#""routes": ["demo"]}"#;
+    assert_eq!(text.matches(from).count(), 1, "demo.json's client");
+    if disabled {
+        text.replace(from, r#""routes": ["demo"], "disabled": true}"#)
+    } else {
+        text
+    }
+}
+
+const DEMO_KEY: &str = "keyswap-demo-key";
+
+/// The demo request on Envoy's route `demo` with the demo key.
+fn demo_request(gw: &EcdsGateway) -> Response {
+    keyed_once(DEMO_KEY).header(keyswap_tests::envoy::ROUTE_HEADER, "demo").send(gw.addr).expect("the demo request")
+}
+
+fn error_of(response: &Response) -> String {
+    response.json().map(|b| b["error"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+}
+
+/// Waits until Envoy runs `version` (its ECDS stats), or panics with its log.
+fn await_version(gw: &EcdsGateway, version: &str) {
+    let ran = wait_for(Duration::from_secs(15), || gw.view().ok().filter(|v| v.accepted.as_deref() == Some(version)));
+    assert!(ran.is_some(), "Envoy does not run {version}: {:?}; log:\n{}", gw.view(), gw.envoy.log());
+}
+
+/// A restart with an ECDS file Envoy cannot use serves envoy.yaml's
+/// default_config. Before: the demo configuration, so the demo key, revoked
+/// by a push, answered 200 again. Now: `{"refuse_all": true}`, every
+/// request 503 `configuration_unavailable`, an error line and a gauge.
+#[test]
+fn a_restart_with_an_unusable_ecds_file_never_accepts_a_revoked_key() {
+    let listener = keyswap_tests::envoy::Listener {
+        config: demo(false),
+        env: [("KEYSWAP_DEMO_CREDENTIAL".to_string(), "demo-upstream-credential".to_string())].into(),
+        route_names: vec!["demo".into()],
+        ..Default::default()
+    };
+    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: false };
+    let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
+    let mut gw = EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(demo_request(&gw).status, 200, "the demo key works before the revocation");
+    let revoked = demo(true);
+    gw.push(&revoked).expect("push the revocation");
+    await_version(&gw, &version(&revoked));
+    assert!(is_invalid_key(&demo_request(&gw)), "the demo key is revoked");
+    let good = std::fs::read(&gw.ecds).expect("the ECDS file");
+
+    let resource = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut value: serde_json::Value = serde_json::from_slice(&good).expect("JSON");
+        f(&mut value);
+        serde_json::to_vec_pretty(&value).expect("JSON")
+    };
+    let refused_by_filter =
+        demo(true).replace(r#""routes": ["demo"], "disabled""#, r#""routes": ["nowhere"], "disabled""#);
+    let missing_env = demo(true).replace("KEYSWAP_DEMO_CREDENTIAL", "NOT_IN_ENVOY");
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        (
+            "wrong type",
+            resource(&|v| {
+                v["resources"][0]["typed_config"] = serde_json::json!({
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"});
+            }),
+        ),
+        ("wrong name", resource(&|v| v["resources"][0]["name"] = "other".into())),
+        ("refused by the filter", ecds::resource_bytes(&refused_by_filter, &gw.vm_config)),
+        ("missing env", ecds::resource_bytes(&missing_env, &gw.vm_config)),
+    ];
+    for (kind, bytes) in &bad {
+        ecds::write_atomically(&gw.ecds, bytes).expect("write the bad file");
+        gw.restart(&[shipped_default()]).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        // Ready (restart waits for /ready), but nothing gets through.
+        for _ in 0..10 {
+            let response = demo_request(&gw);
+            assert_eq!((response.status, error_of(&response)), (503, "configuration_unavailable".into()), "{kind}");
+        }
+        let view = gw.view().expect("admin");
+        assert_eq!(view.accepted, None, "{kind}: no ECDS version runs");
+        let stats = gw.admin("/stats?filter=keyswap_refusing_all").expect("stats");
+        assert!(stats.contains("keyswap_refusing_all: 1"), "{kind}: the gauge says so: {stats}");
+        let log = gw.envoy.log();
+        assert!(log.lines().any(|l| l.contains("[error][wasm]") && l.contains(REFUSING_ALL_LINE)), "{kind}: {log}");
+    }
+    // A restart with the good file serves the revocation again.
+    ecds::write_atomically(&gw.ecds, &good).expect("write the good file");
+    gw.restart(&[revoked.clone()]).unwrap_or_else(|e| panic!("{e}"));
+    await_version(&gw, &version(&revoked));
+    assert!(is_invalid_key(&demo_request(&gw)), "the demo key stays revoked");
+}
+
+/// Starts `keyswap push` of `config` (written to `name` in Envoy's
+/// directory) with `extra` arguments, without waiting for it.
+fn spawn_push(gw: &EcdsGateway, name: &str, config: &str, extra: &[&str]) -> std::process::Child {
+    let file = gw.envoy.dir().join(name);
+    std::fs::write(&file, config).expect("write the config");
+    let mut command = gw.push_command(&file, extra).unwrap_or_else(|e| panic!("{e}"));
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    command.spawn().expect("keyswap push starts")
+}
+
+/// Waits for a [`spawn_push`]; what it printed (which holds no secret).
+fn finish(child: std::process::Child) -> Pushed {
+    let output = child.wait_with_output().expect("keyswap push ends");
+    let pushed = Pushed {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    for secret in [K1, K2, CREDENTIAL] {
+        assert!(!pushed.stdout.contains(secret) && !pushed.stderr.contains(secret), "{secret} printed by push");
+    }
+    pushed
+}
+
+/// Runs `keyswap push` for each of `configs` at once (each from its own
+/// file); their outputs, in order.
+fn push_at_once(gw: &EcdsGateway, configs: &[(&str, &str)]) -> Vec<Pushed> {
+    let children: Vec<_> = configs.iter().map(|(name, config)| spawn_push(gw, name, config, &[])).collect();
+    children.into_iter().map(finish).collect()
+}
+
+/// Puts `config` back in the ECDS file (by hand) and waits until Envoy runs it.
+fn reset(gw: &EcdsGateway, config: &str) {
+    gw.push(config).expect("write");
+    await_version(gw, &version(config));
+}
+
+/// Two operators pushing at once: the pushes take turns (the lock), each
+/// reports what it replaced and that Envoy ran it, and the file and Envoy
+/// end with the later one, never the configuration both replaced. Before:
+/// no turns, and nothing said which push replaced which.
+#[test]
+fn two_concurrent_pushes_take_turns_and_report_truthfully() {
+    let gw = start();
+    let initial = version(&config(false));
+    let a = config(true);
+    let b = config(false).replace(
+        r#""id": "k2-client", "key": "k2-key-that-stays", "routes": ["*"]}"#,
+        r#""id": "k2-client", "key": "k2-key-that-stays", "routes": ["*"], "disabled": true}"#,
+    );
+    assert_ne!(b, config(false));
+    let (va, vb) = (version(&a), version(&b));
+    for round in 0..3 {
+        reset(&gw, &config(false));
+        let out = push_at_once(&gw, &[("a.json", &a), ("b.json", &b)]);
+        let all =
+            format!("round {round}:\nA: {}{}\nB: {}{}", out[0].stdout, out[0].stderr, out[1].stdout, out[1].stderr);
+        assert!(out[0].ok && out[1].ok, "{all}");
+        assert!(out[0].stdout.contains(&format!("active: Envoy runs version {va}")), "{all}");
+        assert!(out[1].stdout.contains(&format!("active: Envoy runs version {vb}")), "{all}");
+        // Exactly one went second, and says whose version it replaced.
+        let a_second = out[0].stdout.contains(&format!("replacing version {vb}"));
+        let b_second = out[1].stdout.contains(&format!("replacing version {va}"));
+        assert!(a_second != b_second, "exactly one push replaced the other's version: {all}");
+        let (first, later, later_version) = if b_second { (&out[0], &out[1], &vb) } else { (&out[1], &out[0], &va) };
+        assert!(first.stdout.contains(&format!("replacing version {initial}")), "{all}");
+        let on_disk = std::fs::read(&gw.ecds).expect("file");
+        assert_eq!(ecds::version_of(&on_disk).as_deref(), Some(later_version.as_str()), "{all}");
+        assert_eq!(gw.view().expect("admin").accepted.as_deref(), Some(later_version.as_str()), "{all}");
+        // "active" was true when said: both versions were loaded by the workers.
+        let lines = parse_log(&gw.envoy.log());
+        for v in [&va, &vb] {
+            assert_eq!(workers(&lines, main_thread(&lines), v, SystemTime::UNIX_EPOCH).len(), 2, "{v} loaded: {all}");
+        }
+        let _ = later;
+    }
+}
+
+/// A push Envoy refuses, racing a push Envoy accepts (a revocation): the
+/// refused one restores only what it replaced, and only while the file
+/// still holds its own bytes, so the revocation is never undone. Before:
+/// it restored the file as it was before its own write, over the
+/// revocation, in about a third of the runs.
+#[test]
+fn a_refused_push_racing_an_accepted_one_never_undoes_it() {
+    let gw = start();
+    let revoke = config(true);
+    let refused = config(false).replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY");
+    let (v_revoke, v_refused) = (version(&revoke), version(&refused));
+    let revoke_bytes = ecds::resource_bytes(&revoke, &gw.vm_config);
+    for round in 0..8 {
+        reset(&gw, &config(false));
+        let pairs = [("revoke.json", revoke.as_str()), ("refused.json", refused.as_str())];
+        let order: Vec<(&str, &str)> =
+            if round % 2 == 0 { pairs.to_vec() } else { pairs.iter().rev().copied().collect() };
+        let out = push_at_once(&gw, &order);
+        let (good, bad) = if round % 2 == 0 { (&out[0], &out[1]) } else { (&out[1], &out[0]) };
+        let all =
+            format!("round {round}:\nrevoke: {}{}\nrefused: {}{}", good.stdout, good.stderr, bad.stdout, bad.stderr);
+        assert!(good.ok && good.stdout.contains(&format!("active: Envoy runs version {v_revoke}")), "{all}");
+        assert!(!bad.ok && bad.stdout.contains(&format!("rejected: Envoy refused version {v_refused}")), "{all}");
+        assert_eq!(std::fs::read(&gw.ecds).expect("file"), revoke_bytes, "the file holds the revocation: {all}");
+        await_version(&gw, &v_revoke);
+        for _ in 0..5 {
+            assert!(is_invalid_key(&keyed_once(K1).send(gw.addr).expect("K1")), "K1 stays revoked: {all}");
+        }
+    }
+}
+
+/// Envoy killed and started again in the middle of a push of a
+/// configuration the new Envoy refuses: push waits for the new Envoy, sees
+/// the refusal, restores the revocation it replaced and says so; the
+/// revoked key is never accepted. Then Envoy paused for 6 s during a push
+/// with `--timeout 30`: push waits it out and reports `active`. Before:
+/// push exited on the reset connection (nothing restored), and gave up on
+/// the paused Envoy after 5 s before writing.
+#[test]
+fn a_push_follows_an_envoy_that_restarts_or_pauses_in_the_middle() {
+    let listener = keyswap_tests::envoy::Listener {
+        config: config(true),
+        env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
+        ..Default::default()
+    };
+    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
+    let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
+    let mut gw = EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"));
+    let revoked_bytes = std::fs::read(&gw.ecds).expect("file");
+    let v_revoked = version(&config(true));
+
+    // 1. A restart in the middle of a push Envoy refuses (K1 would be back).
+    let refused = config(false).replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY");
+    let refused_bytes = ecds::resource_bytes(&refused, &gw.vm_config);
+    let child = spawn_push(&gw, "refused.json", &refused, &["--timeout", "60"]);
+    let written = wait_for(Duration::from_secs(30), || (std::fs::read(&gw.ecds).ok()? == refused_bytes).then_some(()));
+    assert!(written.is_some(), "push wrote the file");
+    gw.envoy.kill();
+    gw.start_again(&[]).unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..10 {
+        let status = keyed_once(K1).send(gw.addr).expect("K1").status;
+        assert!(status == 401 || status == 503, "K1 answered {status} after the restart");
+    }
+    let pushed = finish(child);
+    let (stdout, all) = (&pushed.stdout, format!("{}{}", pushed.stdout, pushed.stderr));
+    assert!(!pushed.ok, "{all}");
+    assert!(stdout.contains(&format!("rejected: Envoy refused version {}", version(&refused))), "{all}");
+    assert!(
+        stdout
+            .contains(&format!("restored {} to what it held before the push (version {v_revoked})", gw.ecds.display())),
+        "{all}"
+    );
+    assert_eq!(std::fs::read(&gw.ecds).expect("file"), revoked_bytes, "the revocation is back in the file");
+    await_version(&gw, &v_revoked);
+    assert!(is_invalid_key(&keyed_once(K1).send(gw.addr).expect("K1")), "K1 stays revoked");
+    assert_eq!(outcome(&keyed_once(K2).send(gw.addr).expect("K2")), forwarded_as("k2-client"));
+
+    // 2. Envoy paused for longer than a read timeout during a push.
+    let both = config(true).replace(r#""routes": ["*"]}],"#, r#""routes": ["*"], "disabled": true}],"#);
+    assert_ne!(both, config(true));
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill").arg(sig).arg(gw.envoy.pid().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {sig}");
+    };
+    signal("-STOP");
+    let child = spawn_push(&gw, "both.json", &both, &["--timeout", "30"]);
+    std::thread::sleep(Duration::from_secs(6));
+    signal("-CONT");
+    let pushed = finish(child);
+    let (stdout, all) = (&pushed.stdout, format!("{}{}", pushed.stdout, pushed.stderr));
+    assert!(pushed.ok, "{all}");
+    assert!(stdout.contains(&format!("active: Envoy runs version {}", version(&both))), "{all}");
+    assert!(is_invalid_key(&keyed_once(K2).send(gw.addr).expect("K2")), "K2 revoked too");
+}
+
+/// ECDS files are private and keep their owner; a symbolic link is refused,
+/// not replaced; `scripts/ecds-resource` (setup, demo) writes exactly what
+/// push writes, 0600. Before: a replaced file kept 0644 and became root's,
+/// and a link was silently replaced by a regular file.
+#[test]
+fn pushed_files_are_0600_keep_their_owner_and_links_are_refused() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let gw = start();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    std::fs::set_permissions(&gw.ecds, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let root = std::fs::metadata(&gw.ecds).expect("metadata").uid() == 0;
+    if root {
+        std::os::unix::fs::chown(&gw.ecds, Some(65534), Some(65534)).expect("chown to nobody");
+    }
+    let pushed = push(&gw, &config(true), "revoked.json");
+    assert!(pushed.ok, "{}{}", pushed.stdout, pushed.stderr);
+    assert_eq!(mode(&gw.ecds), 0o600, "the pushed file is its owner's only");
+    if root {
+        let meta = std::fs::metadata(&gw.ecds).expect("metadata");
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "the replaced file's owner is kept");
+    } else {
+        eprintln!("not root: the owner part is not exercised");
+    }
+    let dir = gw.ecds.parent().expect("dir");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".keyswap.json.lock", "keyswap.json"], "no temporary file left");
+    assert_eq!(mode(&dir.join(".keyswap.json.lock")), 0o600);
+
+    // A link where the file was: refused, link and target untouched.
+    let target = dir.join("real.json");
+    std::fs::copy(&gw.ecds, &target).expect("copy");
+    let link = dir.join(".link.tmp");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    std::fs::rename(&link, &gw.ecds).expect("rename the link into place");
+    let before = std::fs::read(&target).expect("target");
+    let refused = push(&gw, &config(false), "unrevoked.json");
+    assert!(!refused.ok);
+    assert!(
+        refused.stderr.contains("is a symbolic link") && refused.stderr.contains("nothing written"),
+        "{}",
+        refused.stderr
+    );
+    assert!(std::fs::symlink_metadata(&gw.ecds).expect("link").file_type().is_symlink(), "still a link");
+    assert_eq!(std::fs::read(&target).expect("target"), before);
+    assert!(is_invalid_key(&keyed_once(K1).send(gw.addr).expect("K1")), "K1 stays revoked");
+
+    // What scripts/setup and scripts/demo write: push's bytes, 0600.
+    let demo_config = std::fs::read_to_string(repo_root().join("docs/examples/demo.json")).expect("demo.json");
+    let seeded = gw.envoy.dir().join("seeded.json");
+    let status = std::process::Command::new(repo_root().join("scripts/ecds-resource"))
+        .arg(repo_root().join("docs/examples/demo.json"))
+        .arg(&seeded)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("scripts/ecds-resource runs");
+    assert!(status.success());
+    assert_eq!(mode(&seeded), 0o600);
+    assert_eq!(
+        String::from_utf8(std::fs::read(&seeded).expect("seeded")).expect("UTF-8"),
+        String::from_utf8(ecds::resource_bytes(&demo_config, &ecds::default_vm_config())).expect("UTF-8"),
+        "scripts/ecds-resource writes what keyswap push writes"
+    );
+}
+
+/// A file written in place (`cp`, `cat >`) is never seen by Envoy, which
+/// reacts to renames: push says so (not "refused"), and `push --force`
+/// renames the same bytes into place. Before: push blamed a refusal that
+/// never happened and could not redeliver.
+#[test]
+fn an_in_place_write_is_named_and_push_force_redelivers_it() {
+    use std::io::Write as _;
+    let gw = start();
+    let revoked = config(true);
+    let v = version(&revoked);
+    let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(&gw.ecds).expect("open in place");
+    file.write_all(&ecds::resource_bytes(&revoked, &gw.vm_config)).expect("write in place");
+    drop(file);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(outcome(&keyed_once(K1).send(gw.addr).expect("K1")), forwarded_as("k1-client"), "Envoy never saw it");
+
+    let unchanged = push(&gw, &revoked, "revoked.json");
+    assert!(!unchanged.ok, "{}", unchanged.stdout);
+    assert!(unchanged.stdout.contains("unchanged"), "{}", unchanged.stdout);
+    assert!(
+        unchanged.stderr.contains("Envoy never read it") && unchanged.stderr.contains("--force"),
+        "{}",
+        unchanged.stderr
+    );
+
+    let file = gw.envoy.dir().join("revoked.json");
+    let output = gw.push_command(&file, &["--force"]).unwrap_or_else(|e| panic!("{e}")).output().expect("push --force");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("--force: the same bytes again"), "{stdout}");
+    assert!(stdout.contains(&format!("active: Envoy runs version {v}")), "{stdout}");
+    assert!(is_invalid_key(&keyed_once(K1).send(gw.addr).expect("K1")), "K1 revoked");
+}
