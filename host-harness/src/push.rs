@@ -356,6 +356,8 @@ fn print_reasons(log: &Path, offset: u64, deadline: Instant) -> bool {
     let deadline = deadline.min(Instant::now() + Duration::from_secs(2)).max(Instant::now() + Duration::from_millis(200));
     let lines: Vec<String> = loop {
         let text = std::fs::read(log).ok().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        // A log that shrank was started again (a restarted Envoy): read it all.
+        let offset = if (text.len() as u64) < offset { 0 } else { offset };
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
         let new = text.get(start..).unwrap_or_default();
         let mut lines: Vec<String> = new.lines().filter(wanted).map(|l| without_prefix(l).to_string()).collect();
@@ -447,7 +449,10 @@ impl Admin {
         let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", self.authority);
         stream.write_all(request.as_bytes()).map_err(|e| fail(&e))?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(|e| fail(&e))?;
+        stream.read_to_end(&mut raw).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => fail(&"no answer within 3 s (paused?)"),
+            _ => fail(&e),
+        })?;
         let (head, body) = split_response(&raw).ok_or_else(|| fail(&"not an HTTP response"))?;
         let status = head.lines().next().unwrap_or_default();
         if status.split(' ').nth(1) != Some("200") {
