@@ -302,12 +302,12 @@ fn restore(admin: &Admin, pushed: &Pushed<'_>, deadline: Instant) {
         println!("  restored {} to what it held before the push (no keyswap configuration)", path.display());
         return;
     };
-    // Envoy reads the restored file too; say whether it runs it (briefly).
-    let until = deadline.max(Instant::now() + Duration::from_secs(2));
+    // Envoy reads the restored file too; say whether it runs it (asked at
+    // least once, then until --timeout runs out).
     let runs = loop {
         let view = admin.stats_view().ok();
         let runs = view.and_then(|v| v.accepted);
-        if runs.as_deref() == Some(previous.as_str()) || Instant::now() >= until {
+        if runs.as_deref() == Some(previous.as_str()) || Instant::now() >= deadline {
             break runs;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -353,7 +353,8 @@ fn print_reasons(log: &Path, offset: u64, deadline: Instant) -> bool {
     let wanted = |l: &&str| {
         l.contains("config update rejected") || l.contains("config update failure") || l.contains("configuration refused")
     };
-    let deadline = deadline.min(Instant::now() + Duration::from_secs(2)).max(Instant::now() + Duration::from_millis(200));
+    // Read at least once; wait at most 2 s, and never past --timeout.
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(2));
     let lines: Vec<String> = loop {
         let text = std::fs::read(log).ok().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         // A log that shrank was started again (a restarted Envoy): read it all.

@@ -657,6 +657,19 @@ fn a_refused_push_racing_an_accepted_one_never_undoes_it() {
     }
 }
 
+/// An [`EcdsGateway`] serving `config` (K1, K2), with the shipped
+/// fail-closed default, on ports a restart keeps, Envoy at `info`.
+fn restartable(config: &str) -> EcdsGateway {
+    let listener = keyswap_tests::envoy::Listener {
+        config: config.into(),
+        env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
+        ..Default::default()
+    };
+    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
+    let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
+    EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Sends `sig` (`-STOP`, `-CONT`) to process `pid`.
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status();
@@ -673,14 +686,7 @@ fn signal(pid: u32, sig: &str) {
 /// exited on a reset connection without restoring anything.
 #[test]
 fn a_push_follows_an_envoy_that_restarts_or_pauses_in_the_middle() {
-    let listener = keyswap_tests::envoy::Listener {
-        config: config(true),
-        env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
-        ..Default::default()
-    };
-    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
-    let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
-    let mut gw = EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"));
+    let mut gw = restartable(&config(true));
     let revoked_bytes = std::fs::read(&gw.ecds).expect("file");
     let v_revoked = version(&config(true));
 
@@ -851,14 +857,7 @@ fn an_in_place_write_is_named_and_push_force_redelivers_it() {
 fn soak_racing_pushes_and_restarts_never_undo_a_revocation() {
     let rounds: u64 = std::env::var("KEYSWAP_SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let until = Instant::now() + Duration::from_secs(30 * 60);
-    let listener = keyswap_tests::envoy::Listener {
-        config: config(false),
-        env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
-        ..Default::default()
-    };
-    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
-    let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
-    let mut gw = EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"));
+    let mut gw = restartable(&config(false));
     let addr = gw.addr;
 
     // The prober: K1 on a new connection, all along; (sent, status).
