@@ -40,7 +40,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView};
+use keyswap_policy::{Decision, Denial, DenialReason, KeyCheck, Policy, RequestView};
 use metrics::{Metrics, Outcome};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -114,6 +114,9 @@ impl RootContext for KeyswapRoot {
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
                 log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
+                if policy.refuses_all() {
+                    log(LogLevel::Error, audit::REFUSING_ALL);
+                }
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 self.refresher.start(&policy);
                 let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();
@@ -188,6 +191,18 @@ impl KeyswapHttp {
         Action::Pause
     }
 
+    /// Answers `denial` locally, counted and (rate-limited) logged.
+    fn deny(&self, shared: &Shared, denial: &Denial<'_>) -> Action {
+        let reason = denial.reason;
+        self.record(shared, denial.route, denial.client, Outcome::Denied(reason));
+        if let Some(suppressed) = shared.audit.borrow_mut().admit(unix_seconds(self.get_current_time())) {
+            log(LogLevel::Info, &audit::denial_line(denial, suppressed));
+        }
+        let body = reason.body();
+        self.send_http_response(u32::from(reason.status()), reason.headers().to_vec(), Some(body.as_bytes()));
+        Action::Pause
+    }
+
     /// The first stage: read the key, remove every place a key can be, and
     /// leave the key's digest for the final stage. Nothing is added.
     fn first_stage(&mut self, policy: &Policy) -> Action {
@@ -246,16 +261,7 @@ impl KeyswapHttp {
                 }
                 Action::Continue
             }
-            Err(denial) => {
-                let reason = denial.reason;
-                self.record(shared, denial.route, denial.client, Outcome::Denied(reason));
-                if let Some(suppressed) = shared.audit.borrow_mut().admit(now()) {
-                    log(LogLevel::Info, &audit::denial_line(&denial, suppressed));
-                }
-                let body = reason.body();
-                self.send_http_response(u32::from(reason.status()), reason.headers().to_vec(), Some(body.as_bytes()));
-                Action::Pause
-            }
+            Err(denial) => self.deny(shared, &denial),
         }
     }
 }
@@ -267,6 +273,12 @@ impl HttpContext for KeyswapHttp {
             // it ever did, fail closed.
             return self.refuse_unconfigured(NOT_CONFIGURED);
         };
+        if shared.policy.refuses_all() {
+            // The fail-closed configuration: nothing goes on, at the first
+            // stage already (a cluster without the final stage included).
+            let denial = Denial { reason: DenialReason::ConfigurationUnavailable, route: None, client: None };
+            return self.deny(&shared, &denial);
+        }
         match self.get_property(vec![KEY_RECORD_PROPERTY]) {
             // A record the first stage never wrote is nobody's key: the
             // request is decided as one without a key.

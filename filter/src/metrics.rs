@@ -77,7 +77,7 @@ impl Metrics {
             // `invalid_authority` only where keyswap routes by host, never
             // in Envoy.
             let possible = |r: &DenialReason| match r {
-                DenialReason::NoRoute | DenialReason::InvalidAuthority => false,
+                DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
                 DenialReason::CredentialUnavailable => dynamic,
                 _ => true,
             };
@@ -88,12 +88,16 @@ impl Metrics {
         };
         let routes = policy.route_names().map(|r| (r.to_string(), route_outcomes(r))).collect();
         // Unmatched requests are denied `no_route`, or passed with
-        // `unmatched_route: pass` (except on a cluster a route is bound to).
+        // `unmatched_route: pass` (except on a cluster a route is bound to);
+        // under `refuse_all` every request is denied `configuration_unavailable`.
         let mut unmatched = [None; SLOTS];
-        let mut outcomes = vec![Outcome::Denied(DenialReason::NoRoute)];
-        if policy.passes_unmatched() {
-            outcomes.push(Outcome::Passed);
-        }
+        let outcomes = if policy.refuses_all() {
+            vec![Outcome::Denied(DenialReason::ConfigurationUnavailable)]
+        } else if policy.passes_unmatched() {
+            vec![Outcome::Denied(DenialReason::NoRoute), Outcome::Passed]
+        } else {
+            vec![Outcome::Denied(DenialReason::NoRoute)]
+        };
         for outcome in outcomes {
             unmatched[outcome.slot()] = counter(&requests_name("", outcome));
         }
@@ -106,6 +110,7 @@ impl Metrics {
         };
         gauge("keyswap_active_clients", policy.active_clients(now) as u64);
         gauge("keyswap_routes", summary.routes as u64);
+        gauge("keyswap_refusing_all", u64::from(policy.refuses_all()));
         gauge(&format!("keyswap_config_info;version={}", summary.version), 1);
         Metrics { routes, unmatched, per_client: policy.per_client_metrics(), clients: RefCell::default() }
     }

@@ -1,8 +1,8 @@
 //! The keyswap filter's configuration as an Envoy ECDS resource, and what
-//! Envoy's admin says about it. Pure apart from [`write_atomically`]; no
-//! wasmtime here, so the end-to-end tests compile this very file too
-//! (`tests/src/lib.rs`), and `keyswap push` and the tests write the same
-//! bytes the same way.
+//! Envoy's admin says about it. Pure apart from [`write_atomically`] and
+//! [`lock`] (the file and its push lock); no wasmtime here, so the
+//! end-to-end tests compile this very file too (`tests/src/lib.rs`), and
+//! `keyswap push` and the tests write the same bytes the same way.
 //!
 //! The file Envoy watches (`config_discovery.config_source.path_config_source`
 //! in `envoy.yaml`) holds one `DiscoveryResponse`:
@@ -100,28 +100,54 @@ pub fn configuration_of(response: &Value) -> Option<&str> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`. Envoy watches the
-/// directory for files moved into it, so it sees one rename and never a
-/// half-written file. Returns the moment the rename was started: a clock
-/// read after it could come later than Envoy's reaction on a busy machine.
+/// directory, flushed to disk, renamed over `path`, and the directory
+/// flushed too (so a power loss keeps the rename: a revocation is not lost).
+/// Envoy watches the directory for files moved into it, so it sees one
+/// rename and never a half-written file. Returns the moment the rename was
+/// started: a clock read after it could come later than Envoy's reaction on
+/// a busy machine.
+///
+/// The file can hold keys and credentials: it is created 0600 (whatever the
+/// umask, whatever the mode of the file it replaces) under a fresh random
+/// name with `O_EXCL` (never through a planted link, never another push's
+/// temporary file), and keeps the owner and group of the file it replaces
+/// (a push as root leaves a file Envoy's user can still read). A symbolic
+/// link at `path` is refused: the rename would replace the link itself.
 ///
 /// # Errors
-/// The directory is missing or not writable; the temporary file is removed.
+/// `path` is a symbolic link; the replaced file's owner cannot be kept (not
+/// root); the directory is missing or not writable. The temporary file is
+/// removed.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<std::time::SystemTime> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
+    use std::os::unix::fs::MetadataExt as _;
+    let owner = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(symlink_error(path)),
+        Ok(meta) => Some((meta.uid(), meta.gid())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let dir = parent_dir(path);
+    let (temp, mut file) = create_temp(path)?;
     let written = (|| {
-        // The resource can hold secrets: the file keeps the mode of the one
-        // it replaces, or is readable by its owner only. `create_new` never
-        // follows a link planted at the temporary name.
-        let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
-        let _ = std::fs::remove_file(&temp);
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            let mine = file.metadata()?;
+            if (mine.uid(), mine.gid()) != (uid, gid) {
+                if let Err(err) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
+                    if mine.uid() != uid {
+                        return Err(std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "{} belongs to uid {uid}; this process (uid {}) cannot give the new file that owner \
+                                 ({err}), and Envoy may not read a 0600 file it does not own: push as uid {uid} or root",
+                                path.display(),
+                                mine.uid()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         file.write_all(bytes)?;
         file.sync_all()?;
         let renaming = std::time::SystemTime::now();
@@ -129,12 +155,129 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<std::time:
         Ok(renaming)
     })();
     match written {
-        Ok(renaming) => Ok(renaming),
+        Ok(renaming) => {
+            // The rename is in the directory: flush it too.
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(renaming)
+        }
         Err(err) => {
             let _ = std::fs::remove_file(&temp);
             Err(err)
         }
     }
+}
+
+/// The error for a symbolic link where the ECDS file belongs.
+pub fn symlink_error(path: &Path) -> std::io::Error {
+    let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+    std::io::Error::other(format!(
+        "{} is a symbolic link (to {target}): a push renames a new file into place, which would replace the \
+         link, and Envoy sees renames only in the directory it watches; give --ecds (and envoy.yaml's \
+         path_config_source) the file itself",
+        path.display()
+    ))
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `<dir>/.<name>.<suffix>`: a hidden sibling of `path`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_dir(path).join(format!(".{name}.{suffix}"))
+}
+
+/// A new, empty temporary file next to `path`, 0600, under a random name
+/// (`.<name>.<32 hex digits>.tmp`), created with `O_EXCL`: two pushes, even
+/// with the same PID in two containers sharing the volume, never share one.
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let temp = sibling(path, &format!("{}.tmp", random_hex()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
+}
+
+/// 128 random bits in hex: from the kernel (`/dev/urandom`), else from
+/// std's randomly keyed hasher, the clock and a counter.
+fn random_hex() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        for half in bytes.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(nanos);
+            hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            hasher.write_u32(std::process::id());
+            half.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An exclusive hold on one ECDS file for one push: an advisory `flock` on
+/// `<dir>/.<name>.lock` (created 0600, never removed), released when this
+/// is dropped or the process ends. Every `keyswap push` to the file takes
+/// it, so pushes to one file run one after the other: none can write
+/// while another waits for Envoy or restores what it replaced.
+#[derive(Debug)]
+pub struct Lock {
+    _file: std::fs::File,
+    /// The lock file.
+    pub path: PathBuf,
+}
+
+/// Takes the [`Lock`] of the ECDS file `path`, waiting until `deadline`;
+/// returns it and how long it waited.
+///
+/// # Errors
+/// The lock file cannot be created or locked, or another push still holds
+/// it at `deadline` (`ErrorKind::TimedOut`).
+pub fn lock(path: &Path, deadline: std::time::Instant) -> std::io::Result<(Lock, std::time::Duration)> {
+    let lock_path = sibling(path, "lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)?;
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok((Lock { _file: file, path: lock_path }, start.elapsed())),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("another push holds {} (waited {:?})", lock_path.display(), start.elapsed()),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The `version_info` of an ECDS file's bytes, if they are a
+/// `DiscoveryResponse` with a keyswap resource.
+pub fn version_of(bytes: &[u8]) -> Option<String> {
+    let response: Value = serde_json::from_slice(bytes).ok()?;
+    wasm_config(&response)?;
+    response.get("version_info")?.as_str().filter(|v| !v.is_empty()).map(str::to_string)
 }
 
 /// What Envoy's admin says about the keyswap ECDS resource.
@@ -149,6 +292,9 @@ pub struct EnvoyView {
     /// Updates that failed before that (`…keyswap.update_failure`): the
     /// file did not parse as a `DiscoveryResponse`.
     pub failed: u64,
+    /// Every read of the file (`…keyswap.update_attempt`): it only grows
+    /// while one Envoy runs, so a smaller count means Envoy restarted.
+    pub attempts: u64,
     /// The version of the resource in `/config_dump`'s `EcdsConfigDump`.
     /// Envoy 1.40 shows there the resource it last *read* from a file,
     /// refused or not, so this alone does not prove a version active.
@@ -171,6 +317,7 @@ pub fn parse_stats(text: &str, view: &mut EnvoyView) {
             }
             "update_rejected" => view.rejected = value.trim().parse().unwrap_or(0),
             "update_failure" => view.failed = value.trim().parse().unwrap_or(0),
+            "update_attempt" => view.attempts = value.trim().parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -246,6 +393,7 @@ mod tests {
         parse_stats(
             "extension_config_discovery.http_filter.keyswap.update_rejected: 2\n\
              extension_config_discovery.http_filter.keyswap.update_failure: 1\n\
+             extension_config_discovery.http_filter.keyswap.update_attempt: 4\n\
              extension_config_discovery.http_filter.other.update_rejected: 9\n\
              extension_config_discovery.http_filter.keyswap.version_text: \"abc\"\n",
             &mut view,
@@ -255,7 +403,14 @@ mod tests {
         parse_config_dump(&dump, &mut view);
         assert_eq!(
             view,
-            EnvoyView { accepted: Some("abc".into()), rejected: 2, failed: 1, dumped: Some("def".into()), dump_error: Some("bad".into()) }
+            EnvoyView {
+                accepted: Some("abc".into()),
+                rejected: 2,
+                failed: 1,
+                attempts: 4,
+                dumped: Some("def".into()),
+                dump_error: Some("bad".into())
+            }
         );
     }
 
@@ -275,6 +430,40 @@ mod tests {
         write_atomically(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_write_is_private_keeps_no_world_bits_and_refuses_a_link() {
+        let dir = std::env::temp_dir().join(format!("keyswap-ecds-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keyswap.json");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "0600, not the old 0644");
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = write_atomically(&link, b"via link").unwrap_err().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is kept");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new", "and its target untouched");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn temporary_names_are_random_and_the_lock_excludes() {
+        assert_ne!(random_hex(), random_hex());
+        assert_eq!(random_hex().len(), 32);
+        let dir = std::env::temp_dir().join(format!("keyswap-ecds-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keyswap.json");
+        let soon = || std::time::Instant::now() + std::time::Duration::from_millis(50);
+        let (held, _) = lock(&path, soon()).unwrap();
+        let err = lock(&path, soon()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        drop(held);
+        assert!(lock(&path, soon()).is_ok(), "free again once dropped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,18 +4,24 @@
 //! ```text
 //! CONFIG.json ─▶ the real filter module (refused? stop; nothing written)
 //!             ─▶ ecds::resource (version = content_version of CONFIG.json)
-//!             ─▶ same bytes as the file already holds? "unchanged", nothing written
-//!             ─▶ temp file + rename in the watched directory
-//!             ─▶ --envoy-admin: poll /stats and /config_dump until Envoy
-//!                accepted that version (exit 0) or rejected it (exit 1, with why)
+//!             ─▶ ecds::lock: one push at a time per file (waits, within --timeout)
+//!             ─▶ same bytes as the file already holds? "unchanged" (--force: write anyway)
+//!             ─▶ temp file (0600, random name, owner kept) + rename + fsync of the directory
+//!             ─▶ --envoy-admin: poll Envoy's admin until it runs that version
+//!                (exit 0), refused it (restore what this push replaced, if the
+//!                file still holds this push's bytes; exit 1), or --timeout
+//!                passes (exit 1); an admin that does not answer (Envoy
+//!                restarting, paused) is waited for, within --timeout
 //! ```
 //!
 //! Envoy 1.40 shows a refused file resource in `/config_dump` anyway (its
 //! `version_info` and content, no `error_state`), so "active" is read from
 //! the ECDS stats: `extension_config_discovery.http_filter.keyswap.version_text`
-//! (the accepted version) and `update_rejected`. Nothing printed holds a
-//! key or a credential: the configuration's values are never echoed, and
-//! the filter's own lines never contain them.
+//! (the accepted version), and "refused" from `update_rejected` having grown
+//! while the dump shows this version (an Envoy that restarted reads the file
+//! at start: its counters begin at 0). Nothing printed holds a key or a
+//! credential: the configuration's values are never echoed, and the
+//! filter's own lines never contain them.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -33,6 +39,9 @@ use crate::{default_filter_path, FilterModule, HarnessError, LogLevel};
 /// only Envoy can tell whether they are set (and `push` reports it if not).
 pub const PLACEHOLDER: &str = "keyswap-push-placeholder";
 
+/// What `push` says Envoy runs when its ECDS stats show no version.
+const DEFAULT_RUNS: &str = "its default_config (no pushed version; the shipped envoy.yaml's refuses every request)";
+
 #[derive(Debug, clap::Args)]
 pub struct PushArgs {
     /// The keyswap configuration (JSON), sent byte for byte.
@@ -48,9 +57,16 @@ pub struct PushArgs {
     /// (Envoy's admin does not keep the reason for a file source).
     #[arg(long, value_name = "PATH")]
     pub envoy_log: Option<PathBuf>,
-    /// How long to wait for Envoy, in seconds.
+    /// The longest push waits, in seconds, for anything: another push to
+    /// the same file, Envoy's admin (a restarting Envoy), Envoy taking the
+    /// version.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub timeout: f64,
+    /// Write (rename) the file even when it already holds these bytes, so
+    /// Envoy reads it again: after a file was written in place (`cp`,
+    /// `cat >`), which Envoy never sees.
+    #[arg(long)]
+    pub force: bool,
     /// The filter module (default: $KEYSWAP_FILTER, else the workspace's
     /// target/wasm32-wasip1/release/keyswap_filter.wasm).
     #[arg(long, value_name = "PATH")]
@@ -69,66 +85,161 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
     let version = keyswap_policy::content_version(text.as_bytes());
     let admin = args.envoy_admin.as_deref().map(Admin::parse).transpose()?;
     let timeout = Duration::try_from_secs_f64(args.timeout).map_err(|_| "--timeout: not a number of seconds".to_string())?;
+    let deadline = Instant::now() + timeout;
+    let path = &args.ecds;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(format!("{} (nothing written)", ecds::symlink_error(path)));
+    }
 
-    let existing = std::fs::read(&args.ecds).ok();
+    // One push at a time per file, until this one is confirmed or undone.
+    let (_lock, waited) = ecds::lock(path, deadline).map_err(|e| format!("cannot lock {}: {e}; nothing written", path.display()))?;
+    if waited >= Duration::from_millis(20) {
+        println!("waited {} ms for another push to {}", waited.as_millis(), path.display());
+    }
+    let existing = match std::fs::read(path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("cannot read {}: {e}; nothing written", path.display())),
+    };
     let vm_config = match existing.as_deref().map(serde_json::from_slice::<Value>) {
         None => ecds::default_vm_config(),
         Some(Ok(response)) => ecds::vm_config_of(&response).unwrap_or_else(ecds::default_vm_config),
         Some(Err(_)) => {
-            println!("note: {} is not a keyswap ECDS resource; replacing it (default vm_config)", args.ecds.display());
+            println!("note: {} is not a keyswap ECDS resource; replacing it (default vm_config)", path.display());
             ecds::default_vm_config()
         }
     };
     let bytes = ecds::resource_bytes(&text, &vm_config);
+    let same = existing.as_deref() == Some(bytes.as_slice());
 
-    if existing.as_deref() == Some(bytes.as_slice()) {
-        println!("unchanged: {} already holds version {version}; nothing written", args.ecds.display());
+    if same && !args.force {
+        println!("unchanged: {} already holds version {version}; nothing written", path.display());
         let Some(admin) = admin else { return Ok(()) };
-        let view = admin.view()?;
-        return if view.accepted.as_deref() == Some(version.as_str()) {
-            println!("active: Envoy runs version {version}");
-            Ok(())
-        } else {
-            Err(format!(
-                "Envoy does not run version {version} (it runs {}); the file held it already, so Envoy refused it \
-                 earlier: see Envoy's log for `keyswap: configuration refused`",
-                view.accepted.as_deref().unwrap_or("its default configuration")
-            ))
-        };
-    }
-
-    let before = admin.as_ref().map(Admin::view).transpose()?;
-    let log_offset = args.envoy_log.as_deref().map(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
-    ecds::write_atomically(&args.ecds, &bytes).map_err(|e| format!("cannot write {}: {e}", args.ecds.display()))?;
-    let renamed = Instant::now();
-    println!("wrote {}: version {version} ({summary})", args.ecds.display());
-    let (Some(admin), Some(before)) = (admin, before) else { return Ok(()) };
-
-    let deadline = renamed + timeout;
-    loop {
-        let view = admin.view()?;
+        let view = admin.wait_view(deadline)?;
         if view.accepted.as_deref() == Some(version.as_str()) {
-            println!("active: Envoy runs version {version} ({} ms after the rename)", renamed.elapsed().as_millis());
+            println!("active: Envoy runs version {version}");
             return Ok(());
         }
-        if view.rejected > before.rejected || view.failed > before.failed {
-            let runs = view.accepted.as_deref().unwrap_or("its default configuration").to_string();
-            println!("rejected: Envoy refused version {version} and keeps running {runs}");
-            if let Some(error) = &view.dump_error {
-                println!("  Envoy: {error}");
+        let runs = view.accepted.as_deref().unwrap_or(DEFAULT_RUNS);
+        let why = if view.dumped.as_deref() == Some(version.as_str()) {
+            "Envoy read it and refused it (see Envoy's log for `keyswap: configuration refused`)"
+        } else {
+            "Envoy never read it: the file was written in place (cp, cat >), and Envoy reacts only to a rename; \
+             `keyswap push --force` renames the same bytes into place"
+        };
+        return Err(format!("Envoy runs {runs}, not version {version}, although the file holds it: {why}"));
+    }
+
+    let before = admin.as_ref().map(Admin::view);
+    if let Some(Err(e)) = &before {
+        println!("note: {e}; writing anyway (Envoy reads the file when it starts), then waiting for Envoy");
+    }
+    let log_offset = args.envoy_log.as_deref().map(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
+    ecds::write_atomically(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let renamed = Instant::now();
+    let previous = existing.as_deref().and_then(ecds::version_of);
+    let replacing = match (&existing, &previous) {
+        _ if same => " (--force: the same bytes again, renamed so that Envoy reads them)".to_string(),
+        (None, _) => String::new(),
+        (Some(_), Some(previous)) => format!(", replacing version {previous}"),
+        (Some(_), None) => ", replacing a file with no keyswap configuration".to_string(),
+    };
+    println!("wrote {}: version {version} ({summary}){replacing}", path.display());
+    let Some(admin) = admin else { return Ok(()) };
+
+    let pushed = Pushed { path, bytes: &bytes, version: &version, existing: existing.as_deref(), env: &env_of(&text) };
+    let log = args.envoy_log.as_deref().zip(log_offset);
+    confirm(&admin, &pushed, before.and_then(Result::ok), renamed, deadline, timeout, log)
+}
+
+/// What one push wrote, and what it replaced.
+struct Pushed<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    version: &'a str,
+    existing: Option<&'a [u8]>,
+    /// The variables the configuration reads from Envoy's environment.
+    env: &'a [String],
+}
+
+/// Polls Envoy's admin until it runs `pushed.version` (Ok), refuses it
+/// (restores the file, Err), something else replaces the file, or
+/// `deadline` passes. A restarted Envoy is followed: its counters start
+/// at 0 and it reads the file at start.
+fn confirm(
+    admin: &Admin,
+    pushed: &Pushed<'_>,
+    mut baseline: Option<EnvoyView>,
+    renamed: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    log: Option<(&Path, u64)>,
+) -> Result<(), String> {
+    let version = pushed.version;
+    let mut last: Option<EnvoyView> = baseline.clone();
+    let mut unreachable: Option<String> = None;
+    let mut restarted = false;
+    loop {
+        match admin.stats_view() {
+            Err(e) => {
+                if unreachable.is_none() {
+                    println!("waiting: {e} (restarting?); waiting up to {timeout:?} in all");
+                }
+                unreachable = Some(e);
             }
-            match (&args.envoy_log, log_offset) {
-                (Some(log), Some(offset)) => print_reasons(log, offset),
-                _ => println!("  (give --envoy-log PATH to see Envoy's reason; it logs it, the admin does not keep it)"),
+            Ok(mut view) => {
+                // Fewer reads of the file than before: another Envoy process,
+                // whose counters started at 0 and which read the file at start.
+                let new_envoy = last.as_ref().is_some_and(|l| view.attempts < l.attempts);
+                if unreachable.take().is_some() {
+                    println!("Envoy's admin answers again{}", if new_envoy { " (a new Envoy process)" } else { "" });
+                    baseline = None;
+                }
+                if new_envoy {
+                    restarted = true;
+                    baseline = None;
+                }
+                last = Some(view.clone());
+                if view.accepted.as_deref() == Some(version) {
+                    let by = if restarted { " (an Envoy that restarted during the push)" } else { "" };
+                    println!("active: Envoy runs version {version}{by} ({} ms after the rename)", renamed.elapsed().as_millis());
+                    return Ok(());
+                }
+                if std::fs::read(pushed.path).ok().as_deref() != Some(pushed.bytes) {
+                    let holds = std::fs::read(pushed.path).ok().and_then(|b| ecds::version_of(&b));
+                    return Err(format!(
+                        "superseded: {} no longer holds version {version} (it holds {}): something other than \
+                         keyswap push (which waits for this one) replaced it; Envoy runs {}; version {version} is not in effect",
+                        pushed.path.display(),
+                        holds.as_deref().unwrap_or("no keyswap configuration"),
+                        view.accepted.as_deref().unwrap_or(DEFAULT_RUNS)
+                    ));
+                }
+                let refusals = view.rejected + view.failed;
+                let grew = baseline.as_ref().map_or(refusals > 0, |b| refusals > b.rejected + b.failed);
+                if grew {
+                    admin.add_dump(&mut view).ok();
+                    if view.dumped.as_deref() == Some(version) {
+                        return Err(rejected(admin, pushed, &view, log, deadline));
+                    }
+                }
             }
-            restore(&args.ecds, existing.as_deref());
-            return Err(String::new());
         }
         if Instant::now() >= deadline {
+            let Some(view) = last.filter(|_| unreachable.is_none()) else {
+                return Err(format!(
+                    "Envoy's admin did not answer within {timeout:?} ({}); {} holds version {version}, which \
+                     Envoy reads when it starts",
+                    unreachable.unwrap_or_default(),
+                    pushed.path.display()
+                ));
+            };
+            let mut view = view;
+            admin.add_dump(&mut view).ok();
             return Err(format!(
                 "Envoy did not take version {version} within {timeout:?} (it runs {}; config_dump shows {}); \
                  is --ecds the file this Envoy watches?",
-                view.accepted.as_deref().unwrap_or("its default configuration"),
+                view.accepted.as_deref().unwrap_or(DEFAULT_RUNS),
                 view.dumped.as_deref().unwrap_or("no keyswap resource"),
             ));
         }
@@ -136,25 +247,87 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
     }
 }
 
+/// Envoy refused the push: says so, with Envoy's reason, and puts back
+/// what this push replaced if the file still holds this push's bytes.
+/// Returns the (already printed) error.
+fn rejected(admin: &Admin, pushed: &Pushed<'_>, view: &EnvoyView, log: Option<(&Path, u64)>, deadline: Instant) -> String {
+    let version = pushed.version;
+    let runs = view.accepted.as_deref().unwrap_or(DEFAULT_RUNS);
+    println!("rejected: Envoy refused version {version} and keeps running {runs}");
+    if let Some(error) = &view.dump_error {
+        println!("  Envoy: {error}");
+    }
+    let reason_found = match log {
+        Some((log, offset)) => print_reasons(log, offset, deadline),
+        None => {
+            println!("  (give --envoy-log PATH to see Envoy's reason; it logs it, the admin does not keep it)");
+            true
+        }
+    };
+    if !reason_found && !pushed.env.is_empty() {
+        println!(
+            "  (Envoy logs the filter's reason only the first time it refuses a configuration, then caches the \
+             failure; this one reads {} from Envoy's environment: is each set in Envoy's process and listed in \
+             vm_config host_env_keys?)",
+            pushed.env.join(", ")
+        );
+    }
+    restore(admin, pushed, deadline);
+    String::new()
+}
+
 /// Puts back what the ECDS file held before a push Envoy rejected, so that
 /// the file says what Envoy runs and a restart does not start from the
-/// refused resource.
-fn restore(path: &Path, previous: Option<&[u8]>) {
-    let Some(previous) = previous else {
+/// refused resource; only if the file still holds this push's bytes (else
+/// someone else's write would be undone).
+fn restore(admin: &Admin, pushed: &Pushed<'_>, deadline: Instant) {
+    let path = pushed.path;
+    if std::fs::read(path).ok().as_deref() != Some(pushed.bytes) {
+        println!("  not restored: {} no longer holds version {} (something else replaced it)", path.display(), pushed.version);
+        return;
+    }
+    let Some(previous) = pushed.existing else {
         println!("  {} keeps the refused resource (it held nothing before); push a good configuration", path.display());
         return;
     };
-    match ecds::write_atomically(path, previous) {
-        Ok(_) => println!("  restored {} to what it held before the push", path.display()),
-        Err(e) => println!("  could not restore {}: {e}; push a good configuration", path.display()),
+    if previous == pushed.bytes {
+        println!("  nothing to restore: {} held version {} before this push", path.display(), pushed.version);
+        return;
     }
+    if let Err(e) = ecds::write_atomically(path, previous) {
+        println!("  could not restore {}: {e}; push a good configuration", path.display());
+        return;
+    }
+    let Some(previous) = ecds::version_of(previous) else {
+        println!("  restored {} to what it held before the push (no keyswap configuration)", path.display());
+        return;
+    };
+    // Envoy reads the restored file too; say whether it runs it (asked at
+    // least once, then until --timeout runs out).
+    let runs = loop {
+        let view = admin.stats_view().ok();
+        let runs = view.and_then(|v| v.accepted);
+        if runs.as_deref() == Some(previous.as_str()) || Instant::now() >= deadline {
+            break runs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "  restored {} to what it held before the push (version {previous}); Envoy runs {}",
+        path.display(),
+        runs.as_deref().unwrap_or(DEFAULT_RUNS)
+    );
+}
+
+/// The variables a configuration reads from the VM's environment.
+fn env_of(text: &str) -> Vec<String> {
+    serde_json::from_str::<Value>(text).map(|v| ecds::env_names(&v)).unwrap_or_default()
 }
 
 /// Loads `text` into a fresh VM of the filter, with a placeholder for every
 /// variable it names; returns the load line's summary.
 fn check(module: &FilterModule, text: &str) -> Result<String, String> {
-    let names = serde_json::from_str::<Value>(text).map(|v| ecds::env_names(&v)).unwrap_or_default();
-    let env: BTreeMap<String, String> = names.into_iter().map(|n| (n, PLACEHOLDER.to_string())).collect();
+    let env: BTreeMap<String, String> = env_of(text).into_iter().map(|n| (n, PLACEHOLDER.to_string())).collect();
     match module.configure(text.as_bytes(), &env) {
         Ok(instance) => Ok(instance
             .log()
@@ -174,14 +347,18 @@ fn check(module: &FilterModule, text: &str) -> Result<String, String> {
 }
 
 /// Prints the lines Envoy logged after `offset` that say why it refused an
-/// update (waiting briefly: the log may trail the stats).
-fn print_reasons(log: &Path, offset: u64) {
+/// update (waiting briefly: the log may trail the stats); true when the
+/// filter's own reason was among them.
+fn print_reasons(log: &Path, offset: u64, deadline: Instant) -> bool {
     let wanted = |l: &&str| {
         l.contains("config update rejected") || l.contains("config update failure") || l.contains("configuration refused")
     };
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // Read at least once; wait at most 2 s, and never past --timeout.
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(2));
     let lines: Vec<String> = loop {
         let text = std::fs::read(log).ok().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        // A log that shrank was started again (a restarted Envoy): read it all.
+        let offset = if (text.len() as u64) < offset { 0 } else { offset };
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
         let new = text.get(start..).unwrap_or_default();
         let mut lines: Vec<String> = new.lines().filter(wanted).map(|l| without_prefix(l).to_string()).collect();
@@ -196,9 +373,11 @@ fn print_reasons(log: &Path, offset: u64) {
     if lines.is_empty() {
         println!("  (no rejection found in {})", log.display());
     }
+    let reason = lines.iter().any(|l| l.contains("configuration refused"));
     for line in lines {
         println!("  Envoy: {line}");
     }
+    reason
 }
 
 /// An Envoy log line without its `[time][thread][level][logger] [source:line] ` prefix.
@@ -223,28 +402,58 @@ impl Admin {
         Ok(Self { authority: authority.to_string() })
     }
 
+    /// The ECDS stats and the config dump.
     fn view(&self) -> Result<EnvoyView, String> {
+        let mut view = self.stats_view()?;
+        self.add_dump(&mut view)?;
+        Ok(view)
+    }
+
+    /// [`Admin::view`], waiting for an admin that does not answer yet
+    /// (Envoy starting) until `deadline`.
+    fn wait_view(&self, deadline: Instant) -> Result<EnvoyView, String> {
+        loop {
+            match self.view() {
+                Ok(view) => return Ok(view),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The ECDS stats alone (cheap: polled while waiting).
+    fn stats_view(&self) -> Result<EnvoyView, String> {
         let mut view = EnvoyView::default();
         let filter = format!("^extension_config_discovery\\.http_filter\\.{}\\.", ecds::RESOURCE_NAME);
         ecds::parse_stats(&self.get(&format!("/stats?filter={filter}"))?, &mut view);
+        Ok(view)
+    }
+
+    /// Adds what `/config_dump` says of the resource to `view`.
+    fn add_dump(&self, view: &mut EnvoyView) -> Result<(), String> {
         let dump = self.get("/config_dump?resource=ecds_filters")?;
         // An Envoy without ECDS answers an empty object, or an error text.
         if let Ok(dump) = serde_json::from_str::<Value>(&dump) {
-            ecds::parse_config_dump(&dump, &mut view);
+            ecds::parse_config_dump(&dump, view);
         }
-        Ok(view)
+        Ok(())
     }
 
     /// GET `path`; the body of a 200 answer.
     fn get(&self, path: &str) -> Result<String, String> {
         let fail = |e: &dyn std::fmt::Display| format!("Envoy's admin at http://{}: {e}", self.authority);
         let addr = self.authority.to_socket_addrs().map_err(|e| fail(&e))?.next().ok_or_else(|| fail(&"no address"))?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| fail(&e))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| fail(&e))?;
+        // Short enough to notice a restarted Envoy, long enough for a big dump;
+        // a paused Envoy is waited for by asking again, within --timeout.
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| fail(&e))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| fail(&e))?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", self.authority);
         stream.write_all(request.as_bytes()).map_err(|e| fail(&e))?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(|e| fail(&e))?;
+        stream.read_to_end(&mut raw).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => fail(&"no answer within 3 s (paused?)"),
+            _ => fail(&e),
+        })?;
         let (head, body) = split_response(&raw).ok_or_else(|| fail(&"not an HTTP response"))?;
         let status = head.lines().next().unwrap_or_default();
         if status.split(' ').nth(1) != Some("200") {

@@ -160,6 +160,9 @@ fn redact_backquoted_value(text: &str) -> String {
 }
 
 fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<Policy, ConfigError> {
+    if raw.refuse_all && !(raw.clients.is_empty() && raw.routes.is_empty()) {
+        return Err(ConfigError::new("refuse_all", "refuses every request, so it takes no clients and no routes"));
+    }
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
     let mut builder = SourceBuilder { sources: Vec::new() };
     let routes = compile_routes(&raw.routes, env, &mut builder, routing)?;
@@ -248,6 +251,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         per_client_metrics: raw.metrics.per_client,
         version: String::new(),
         sources,
+        refuse_all: raw.refuse_all,
     })
 }
 

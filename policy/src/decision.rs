@@ -27,6 +27,9 @@ pub enum DenialReason {
     /// user information, a byte no host holds) where a route matches on
     /// `host`.
     InvalidAuthority,
+    /// The configuration is the fail-closed one (`"refuse_all": true`):
+    /// Envoy had no usable configuration to serve, so nothing is let through.
+    ConfigurationUnavailable,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -38,7 +41,7 @@ const INVALID_TOKEN: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 9] = [
+    pub const ALL: [DenialReason; 10] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -48,6 +51,7 @@ impl DenialReason {
         DenialReason::CredentialUnavailable,
         DenialReason::MethodNotAllowed,
         DenialReason::InvalidAuthority,
+        DenialReason::ConfigurationUnavailable,
     ];
 
     /// The HTTP status the client receives.
@@ -56,9 +60,9 @@ impl DenialReason {
             Self::MissingKey | Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => 401,
             Self::RouteForbidden => 403,
             Self::NoRoute => 404,
-            Self::CredentialUnavailable => 503,
             Self::MethodNotAllowed => 405,
             Self::InvalidAuthority => 400,
+            Self::CredentialUnavailable | Self::ConfigurationUnavailable => 503,
         }
     }
 
@@ -74,6 +78,7 @@ impl DenialReason {
             Self::CredentialUnavailable => "credential_unavailable",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::InvalidAuthority => "invalid_authority",
+            Self::ConfigurationUnavailable => "configuration_unavailable",
         }
     }
 
@@ -91,6 +96,7 @@ impl DenialReason {
             }
             Self::MethodNotAllowed => "This method is not allowed on a route with upstream credentials.",
             Self::InvalidAuthority => "The request's authority (Host) is malformed.",
+            Self::ConfigurationUnavailable => "The gateway has no usable configuration; every request is refused.",
         }
     }
 
@@ -99,7 +105,9 @@ impl DenialReason {
         match self {
             Self::MissingKey => &[JSON, NO_STORE, CHALLENGE],
             Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => &[JSON, NO_STORE, INVALID_TOKEN],
-            Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority => &[JSON, NO_STORE],
+            Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority | Self::ConfigurationUnavailable => {
+                &[JSON, NO_STORE]
+            }
             Self::MethodNotAllowed => &[JSON, NO_STORE, ALLOW],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
@@ -227,6 +235,7 @@ mod tests {
             (DenialReason::CredentialUnavailable, 503),
             (DenialReason::MethodNotAllowed, 405),
             (DenialReason::InvalidAuthority, 400),
+            (DenialReason::ConfigurationUnavailable, 503),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

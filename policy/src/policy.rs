@@ -43,6 +43,8 @@ pub struct Policy {
     pub(crate) version: String,
     /// Dynamic credential sources (see [`crate::credential`]).
     pub(crate) sources: Vec<crate::credential::Source>,
+    /// `"refuse_all": true`: every request is denied `configuration_unavailable`.
+    pub(crate) refuse_all: bool,
 }
 
 #[derive(Debug)]
@@ -154,6 +156,11 @@ impl Policy {
         self.unmatched == UnmatchedRoute::Pass
     }
 
+    /// True for the fail-closed configuration (`"refuse_all": true`).
+    pub fn refuses_all(&self) -> bool {
+        self.refuse_all
+    }
+
     /// True when `metrics.per_client` is on.
     pub fn per_client_metrics(&self) -> bool {
         self.per_client_metrics
@@ -207,6 +214,9 @@ impl Policy {
     /// called only when the client has an `expires` time.
     pub fn decide_with<'p>(&'p self, req: &RequestView<'_>, key: &KeyCheck, now: &dyn Fn() -> i64) -> Decision<'p> {
         let deny_unrouted = |reason| Decision::Deny(Denial { reason, route: None, client: None });
+        if self.refuse_all {
+            return deny_unrouted(DenialReason::ConfigurationUnavailable);
+        }
         if self.matches_host && authority_host(req.authority).is_none() {
             return deny_unrouted(DenialReason::InvalidAuthority);
         }

@@ -22,6 +22,10 @@ pub struct RawConfig {
     pub unmatched_route: UnmatchedRoute,
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// Refuse every request (503 `configuration_unavailable`): the
+    /// fail-closed configuration Envoy serves when it has no usable one.
+    #[serde(default)]
+    pub refuse_all: bool,
 }
 
 /// What the filter counts beyond the per-route totals.

@@ -566,6 +566,17 @@ impl Envoy {
         &self.dir
     }
 
+    /// Envoy's process id (to stop or continue it with a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills Envoy now (SIGKILL) and reaps it; its directory stays until drop.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

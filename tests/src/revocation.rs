@@ -41,6 +41,29 @@ pub struct EcdsGateway {
     /// The filter's `vm_config` (absolute wasm path, the VM's environment).
     pub vm_config: Value,
     pub addr: SocketAddr,
+    /// How Envoy was started, for [`EcdsGateway::restart`].
+    launch: Launch,
+    log: LogLevels,
+}
+
+/// How an [`EcdsGateway`] differs from the plain one.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The keyswap configuration of the ECDS `default_config` (what Envoy
+    /// serves without a usable ECDS file); the listener's own if `None`.
+    pub default_config: Option<String>,
+    /// Admin and listener on ports picked once, so that a restarted Envoy
+    /// answers where the first one did (a push in flight keeps its admin URL).
+    pub fixed_ports: bool,
+}
+
+/// A loopback port free right now (the kernel's pick; released at once).
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("a free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| format!("a free port: {e}"))
 }
 
 /// A bootstrap like [`gateway`]'s with one listener, whose keyswap filter
@@ -100,6 +123,19 @@ impl EcdsGateway {
     /// # Errors
     /// As [`EcdsGateway::start`].
     pub fn start_with(listener: Listener, envoy_env: &[(&str, &str)], log: &LogLevels) -> Result<Self, String> {
+        Self::start_options(listener, envoy_env, log, &Options::default())
+    }
+
+    /// [`EcdsGateway::start_with`] with [`Options`].
+    ///
+    /// # Errors
+    /// As [`EcdsGateway::start`].
+    pub fn start_options(
+        listener: Listener,
+        envoy_env: &[(&str, &str)],
+        log: &LogLevels,
+        options: &Options,
+    ) -> Result<Self, String> {
         let wasm = filter_wasm()?;
         let echo = Echo::start("127.0.0.1:0").map_err(|e| format!("echo upstream: {e}"))?;
         let listener = Listener { name: LISTENER.into(), ..listener };
@@ -111,7 +147,17 @@ impl EcdsGateway {
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ecds_path = dir.join("keyswap.json");
-        let bootstrap = ecds_bootstrap(&listener, echo.addr(), &wasm, &ecds_path);
+        let mut bootstrap = ecds_bootstrap(&listener, echo.addr(), &wasm, &ecds_path);
+        let discovery = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["http_filters"][0]["config_discovery"];
+        if let Some(default) = &options.default_config {
+            discovery["default_config"]["config"]["configuration"]["value"] = json!(default);
+        }
+        if options.fixed_ports {
+            bootstrap["admin"]["address"]["socket_address"]["port_value"] = json!(free_port()?);
+            bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
+                json!(free_port()?);
+        }
         let filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             ["http_filters"][0];
         let vm_config = filter["config_discovery"]["default_config"]["config"]["vm_config"].clone();
@@ -128,7 +174,31 @@ impl EcdsGateway {
         };
         let envoy = Envoy::start_logging(&launch, log)?;
         let addr = envoy.listener(LISTENER)?;
-        Ok(Self { envoy, echo, ecds: ecds_path, vm_config, addr })
+        Ok(Self { envoy, echo, ecds: ecds_path, vm_config, addr, launch, log: log.clone() })
+    }
+
+    /// Kills Envoy and starts it again with the same bootstrap, environment
+    /// and ECDS file (whatever that holds now); returns once the new Envoy
+    /// is ready and has logged loading each of `expect` (keyswap
+    /// configurations). With [`Options::fixed_ports`] it answers on the
+    /// same ports.
+    ///
+    /// # Errors
+    /// The new Envoy does not start.
+    pub fn restart(&mut self, expect: &[String]) -> Result<(), String> {
+        self.envoy.kill();
+        self.start_again(expect)
+    }
+
+    /// Starts Envoy after [`Envoy::kill`]: see [`EcdsGateway::restart`].
+    ///
+    /// # Errors
+    /// The new Envoy does not start.
+    pub fn start_again(&mut self, expect: &[String]) -> Result<(), String> {
+        let launch = Launch { expect_configs: expect.to_vec(), ..self.launch.clone() };
+        self.envoy = Envoy::start_logging(&launch, &self.log)?;
+        self.addr = self.envoy.listener(LISTENER)?;
+        Ok(())
     }
 
     /// Runs `keyswap push CONFIG_FILE` against this Envoy (its ECDS file,
@@ -137,7 +207,17 @@ impl EcdsGateway {
     /// # Errors
     /// The CLI or the filter is missing, or the CLI could not run.
     pub fn push_cli(&self, config_file: &Path) -> Result<std::process::Output, String> {
-        std::process::Command::new(keyswap_cli()?)
+        self.push_command(config_file, &[])?.output().map_err(|e| format!("keyswap push: {e}"))
+    }
+
+    /// The `keyswap push CONFIG_FILE` command of [`EcdsGateway::push_cli`]
+    /// with `extra` arguments (`--timeout`, `--force`), to run or spawn.
+    ///
+    /// # Errors
+    /// The CLI or the filter is missing.
+    pub fn push_command(&self, config_file: &Path, extra: &[&str]) -> Result<std::process::Command, String> {
+        let mut command = std::process::Command::new(keyswap_cli()?);
+        command
             .arg("push")
             .arg(config_file)
             .arg("--ecds")
@@ -148,9 +228,9 @@ impl EcdsGateway {
             .arg(self.envoy.log_path())
             .arg("--filter")
             .arg(filter_wasm()?)
-            .env_remove("KEYSWAP_FILTER")
-            .output()
-            .map_err(|e| format!("keyswap push: {e}"))
+            .args(extra)
+            .env_remove("KEYSWAP_FILTER");
+        Ok(command)
     }
 
     /// Writes `config` as the ECDS resource (temp file + rename); returns the

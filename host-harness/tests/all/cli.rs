@@ -338,12 +338,15 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert_eq!(resource["name"], "keyswap");
     assert_eq!(resource["typed_config"]["config"]["configuration"]["value"], config, "byte for byte");
     assert_eq!(resource["typed_config"]["config"]["vm_config"], keyswap_harness::ecds::default_vm_config());
-    let dir_entries = || std::fs::read_dir(ecds.parent().unwrap()).unwrap().count();
-    assert_eq!(dir_entries(), 2, "the config and the ECDS file, no temporary file left");
-    let mode = |p: &std::path::Path| {
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
-    };
+    let mut entries: Vec<String> = std::fs::read_dir(ecds.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, [".keyswap.json.lock", "config.json", "keyswap.json"], "no temporary file left");
+    let mode = |p: &std::path::Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
     assert_eq!(mode(&ecds), 0o600, "a new ECDS file is its owner's only");
+    assert_eq!(mode(&ecds.with_file_name(".keyswap.json.lock")), 0o600, "and so is its lock");
 
     // The same content again: a no-op, said so.
     let before = std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap();
@@ -368,14 +371,29 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert!(!err.contains("push-cli-secret-key") && !text(&refused.stdout).contains("push-cli-secret-key"));
     assert_eq!(std::fs::read(&ecds).unwrap(), original, "nothing written");
 
-    // An admin that is not there: an error before anything is written.
+    // The same bytes with --force: written again (a rename Envoy would see).
+    let forced = keyswap(&["push", &config_arg, "--ecds", &ecds_arg, "--force"], None);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert!(text(&forced.stdout).contains("(--force: the same bytes again"), "{}", text(&forced.stdout));
+    assert_eq!(std::fs::read(&ecds).unwrap(), original);
+
+    // An admin that is not there (an Envoy restarting, say): the file is
+    // written, Envoy reads it when it starts; push waits --timeout, then says so.
     let other = temp_file("push", "other.json", &config.replace("\"c\"", "\"d\""));
-    let unreachable = keyswap(
-        &["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"],
-        None,
-    );
+    let args = ["push", &other.display().to_string(), "--ecds", &ecds_arg, "--envoy-admin", "http://127.0.0.1:1"];
+    let unreachable = keyswap(&[&args[..], &["--timeout", "0.3"]].concat(), None);
     assert_eq!(unreachable.status.code(), Some(1));
-    assert!(text(&unreachable.stderr).contains("Envoy's admin at http://127.0.0.1:1"), "{}", text(&unreachable.stderr));
-    assert_eq!(std::fs::metadata(&ecds).and_then(|m| m.modified()).unwrap(), before, "nothing written");
+    let err = text(&unreachable.stderr);
+    assert!(err.contains("Envoy's admin did not answer within 300ms (Envoy's admin at http://127.0.0.1:1"), "{err}");
+    let other_version = keyswap_policy::content_version(config.replace("\"c\"", "\"d\"").as_bytes());
+    assert!(err.contains(&format!("holds version {other_version}, which Envoy reads when it starts")), "{err}");
+
+    // A symbolic link at --ecds: refused, nothing written through it.
+    let link = ecds.with_file_name("link.json");
+    std::os::unix::fs::symlink(&ecds, &link).unwrap();
+    let linked = keyswap(&["push", &config_arg, "--ecds", &link.display().to_string()], None);
+    assert_eq!(linked.status.code(), Some(1));
+    assert!(text(&linked.stderr).contains("is a symbolic link"), "{}", text(&linked.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     let _ = std::fs::remove_dir_all(ecds.parent().unwrap());
 }

@@ -228,6 +228,7 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
     let version = keyswap_policy::content_version(CONFIG.as_bytes());
     want.insert("keyswap_active_clients".into(), (MetricType::Gauge, 2));
     want.insert("keyswap_routes".into(), (MetricType::Gauge, 2));
+    want.insert("keyswap_refusing_all".into(), (MetricType::Gauge, 0));
     want.insert(format!("keyswap_config_info;version={version}"), (MetricType::Gauge, 1));
     assert_eq!(instance.metrics(), want);
 

@@ -20,8 +20,9 @@ fn shipped_yaml() -> String {
     std::fs::read_to_string(repo_root().join("envoy.yaml")).expect("envoy.yaml at the repository root")
 }
 
-/// The keyswap configuration in `envoy.yaml`: the `value: |` block scalar,
-/// as YAML hands it to Envoy (indentation removed, one final newline).
+/// The keyswap configuration in `envoy.yaml`: the `value: |` block scalar
+/// of its ECDS `default_config`, as YAML hands it to Envoy (indentation
+/// removed, one final newline): the fail-closed `{"refuse_all": true}`.
 fn plugin_config(yaml: &str) -> String {
     let lines: Vec<&str> = yaml.lines().collect();
     let start = lines.iter().position(|l| l.trim() == "value: |").expect("a `value: |` block") + 1;
@@ -35,10 +36,16 @@ fn plugin_config(yaml: &str) -> String {
     format!("{}\n", block.join("\n").trim_end())
 }
 
+/// The demo configuration `scripts/setup` writes into the ECDS file.
+fn demo_config() -> String {
+    std::fs::read_to_string(repo_root().join("docs/examples/demo.json")).expect("docs/examples/demo.json")
+}
+
 /// `envoy.yaml` with its commented real-world blocks turned on: the Envoy
-/// routes and clusters uncommented in place, the keyswap routes put first
-/// in the configuration's `"routes"`.
-fn with_real_world(yaml: &str) -> String {
+/// routes and clusters uncommented in place; and the demo configuration
+/// with the real-world keyswap routes (commented next to envoy.yaml's
+/// default_config) put first in its `"routes"`.
+fn with_real_world(yaml: &str) -> (String, String) {
     let mut out: Vec<String> = Vec::new();
     let mut snippet: Vec<String> = Vec::new();
     let mut block: Option<bool> = None; // Some(true): the JSON snippet
@@ -57,13 +64,14 @@ fn with_real_world(yaml: &str) -> String {
             out.push(line.to_string());
         }
     }
-    let at = out.iter().position(|l| l.trim() == r#""routes": ["#).expect("the configuration's routes") + 1;
-    let indent = " ".repeat(out[at].len() - out[at].trim_start().len());
-    for (i, line) in snippet.iter().enumerate() {
-        out.insert(at + i, format!("{indent}{line}"));
-    }
     assert!(snippet.len() >= 6, "the real-world keyswap routes were not found: {snippet:?}");
-    out.join("\n")
+    let mut config: Vec<String> = demo_config().lines().map(str::to_string).collect();
+    let at = config.iter().position(|l| l.trim() == r#""routes": ["#).expect("the configuration's routes") + 1;
+    let indent = " ".repeat(config[at].len() - config[at].trim_start().len());
+    for (i, line) in snippet.iter().enumerate() {
+        config.insert(at + i, format!("{indent}{line}"));
+    }
+    (out.join("\n"), format!("{}\n", config.join("\n")))
 }
 
 /// `envoy.yaml` with its fixed ports replaced: admin and listener on
@@ -78,19 +86,20 @@ fn on_local_ports(yaml: &str, echo: std::net::SocketAddr) -> String {
         assert_eq!(text.matches(from).count(), 1, "envoy.yaml should hold `{from}` once");
         text = text.replace(from, &to);
     }
-    with_own_ecds_file(&text)
+    with_own_ecds_file(&text, &demo_config())
 }
 
 /// `envoy.yaml` with keyswap's ECDS file (`.run/ecds/keyswap.json`) moved
-/// to a fresh directory of its own, holding no resource yet (as
-/// `scripts/setup` creates it), so tests never share or read the
-/// repository's.
-fn with_own_ecds_file(yaml: &str) -> String {
+/// to a fresh directory of its own, holding `config` (as `scripts/setup`
+/// creates it with the demo configuration), so tests never share or read
+/// the repository's.
+fn with_own_ecds_file(yaml: &str, config: &str) -> String {
     static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("keyswap-shipped-ecds-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
-    std::fs::write(dir.join("keyswap.json"), "{\"version_info\": \"\", \"resources\": []}\n").expect("seed");
+    let seed = keyswap_tests::ecds::resource_bytes(config, &keyswap_tests::ecds::default_vm_config());
+    keyswap_tests::ecds::write_atomically(&dir.join("keyswap.json"), &seed).expect("seed");
     let mut text = yaml.to_string();
     for (from, to) in [
         ("path: .run/ecds/keyswap.json", format!("path: {}", dir.join("keyswap.json").display())),
@@ -112,29 +121,38 @@ fn shipped_envoy_yaml_validates_with_and_without_the_real_world_routes() {
     let root = repo_root();
     let dir = std::env::temp_dir().join(format!("keyswap-validate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
+    let (real_yaml, real_config) = with_real_world(&shipped_yaml());
     let real = dir.join("envoy-real-world.yaml");
-    std::fs::write(&real, with_own_ecds_file(&with_real_world(&shipped_yaml()))).expect("write");
+    std::fs::write(&real, with_own_ecds_file(&real_yaml, &real_config)).expect("write");
     let shipped = dir.join("envoy.yaml");
-    std::fs::write(&shipped, with_own_ecds_file(&shipped_yaml())).expect("write");
-    let demo_env = env(&[("KEYSWAP_DEMO_CREDENTIAL", DEMO_CREDENTIAL)]);
-    let all_env = env(&[
+    std::fs::write(&shipped, with_own_ecds_file(&shipped_yaml(), &demo_config())).expect("write");
+    // `--mode validate` loads the ECDS default_config (the fail-closed
+    // one), not the file: the configurations in the file are compiled here.
+    let all_env: BTreeMap<&str, &str> = [
         ("KEYSWAP_DEMO_CREDENTIAL", DEMO_CREDENTIAL),
         ("OPENAI_API_KEY", "sk-test-openai"),
         ("ANTHROPIC_API_KEY", "sk-ant-test"),
         ("GITHUB_TOKEN", "ghp_test"),
-    ]);
+    ]
+    .into();
+    let lookup = |name: &str| all_env.get(name).map(|v| v.to_string());
+    for (config, routes) in [(demo_config(), 1), (real_config, 4)] {
+        let policy = keyswap_policy::Policy::from_json(config.as_bytes(), &lookup)
+            .unwrap_or_else(|e| panic!("the configuration loads: {e}\n{config}"));
+        assert_eq!((policy.summary().clients, policy.summary().routes), (1, routes), "{config}");
+    }
     // Both at once: each compiles the filter in V8.
     let (shipped, real_world) = std::thread::scope(|s| {
-        let a = s.spawn(|| validate(&shipped, &demo_env, &root));
-        let b = s.spawn(|| validate(&real, &all_env, &root));
+        let a = s.spawn(|| validate(&shipped, &[], &root));
+        let b = s.spawn(|| validate(&real, &[], &root));
         (a.join().expect("thread"), b.join().expect("thread"))
     });
     let _ = std::fs::remove_dir_all(&dir);
-    let shipped = shipped.unwrap_or_else(|e| panic!("envoy.yaml validates: {e}"));
-    assert!(shipped.contains("keyswap: configuration loaded: 1 clients, 1 routes"), "{shipped}");
-    let real_world =
-        real_world.unwrap_or_else(|e| panic!("envoy.yaml with the real-world blocks uncommented validates: {e}"));
-    assert!(real_world.contains("keyswap: configuration loaded: 1 clients, 4 routes"), "{real_world}");
+    for out in [shipped, real_world] {
+        let out = out.unwrap_or_else(|e| panic!("envoy.yaml validates: {e}"));
+        assert!(out.contains("keyswap: configuration loaded: 0 clients, 0 routes"), "{out}");
+        assert!(out.contains("keyswap: refusing every request (503 configuration_unavailable)"), "{out}");
+    }
 }
 
 /// The request `scripts/demo` shows: the demo key, a cookie, and a
@@ -158,7 +176,7 @@ fn start_shipped(echo: &Echo, credential: &str) -> Envoy {
         text: on_local_ports(&yaml, echo.addr()),
         env: env(&[("KEYSWAP_DEMO_CREDENTIAL", credential)]),
         cwd: Some(repo_root()),
-        expect_configs: vec![plugin_config(&yaml)],
+        expect_configs: vec![demo_config()],
     })
     .unwrap_or_else(|e| panic!("Envoy starts with the shipped envoy.yaml: {e}"))
 }
@@ -204,33 +222,49 @@ fn assert_denied(response: &Response, status: u16, error: &str) {
 fn envoy_refuses_to_start_on_a_bad_configuration() {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
-    // The shipped envoy.yaml without its credential in the environment.
-    let unset = Launch {
+    // A configuration that is not JSON, inline in a listener.
+    let broken = Listener { name: "broken".into(), config: "{\"clients\": [".into(), ..Listener::default() };
+    let refusal = Envoy::refuse(&Launch::gateway(&[broken], echo.addr(), &wasm))
+        .unwrap_or_else(|e| panic!("Envoy should refuse to start: {e}"));
+    let line = "keyswap: configuration refused: clients: EOF while parsing a list at line 1 column 13";
+    assert!(!refusal.status.success());
+    let logged = refusal.log.lines().find(|l| l.ends_with(line));
+    let logged = logged.unwrap_or_else(|| panic!("no line ending {line:?} in:\n{}", refusal.log));
+    assert!(logged.contains("[error][wasm]"), "the refusal is logged at error level: {logged}");
+    assert!(refusal.log.contains("Unable to create Wasm plugin keyswap"), "Envoy says why it stops");
+}
+
+/// The shipped envoy.yaml and the demo configuration, without the demo
+/// credential in Envoy's environment: the filter refuses the ECDS file's
+/// configuration, and Envoy serves its default_config, which refuses every
+/// request. (Before, the default was the demo configuration itself, and
+/// Envoy refused to start.)
+#[test]
+fn shipped_envoy_yaml_fails_closed_when_its_ecds_configuration_is_refused() {
+    filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let yaml = shipped_yaml();
+    let envoy = Envoy::start(&Launch {
         file_name: "envoy.yaml".into(),
-        text: on_local_ports(&shipped_yaml(), echo.addr()),
+        text: on_local_ports(&yaml, echo.addr()),
         env: Vec::new(),
         cwd: Some(repo_root()),
-        expect_configs: Vec::new(),
-    };
-    // A configuration that is not JSON.
-    let broken = Listener { name: "broken".into(), config: "{\"clients\": [".into(), ..Listener::default() };
-    let broken = Launch::gateway(&[broken], echo.addr(), &wasm);
-    let (unset, broken) = std::thread::scope(|s| {
-        let a = s.spawn(|| Envoy::refuse(&unset));
-        let b = s.spawn(|| Envoy::refuse(&broken));
-        (a.join().expect("thread"), b.join().expect("thread"))
-    });
-    for (refusal, line) in [
-        (unset, "keyswap: configuration refused: routes[0].inject[0].value.env: KEYSWAP_DEMO_CREDENTIAL is not set"),
-        (broken, "keyswap: configuration refused: clients: EOF while parsing a list at line 1 column 13"),
-    ] {
-        let refusal = refusal.unwrap_or_else(|e| panic!("Envoy should refuse to start: {e}"));
-        assert!(!refusal.status.success());
-        let logged = refusal.log.lines().find(|l| l.ends_with(line));
-        let logged = logged.unwrap_or_else(|| panic!("no line ending {line:?} in:\n{}", refusal.log));
-        assert!(logged.contains("[error][wasm]"), "the refusal is logged at error level: {logged}");
-        assert!(refusal.log.contains("Unable to create Wasm plugin keyswap"), "Envoy says why it stops");
+        expect_configs: vec![plugin_config(&yaml)],
+    })
+    .unwrap_or_else(|e| panic!("Envoy starts with the shipped envoy.yaml: {e}"));
+    let gateway = envoy.listener("gateway").expect("the gateway listener");
+    let refused = "keyswap: configuration refused: routes[0].inject[0].value.env: KEYSWAP_DEMO_CREDENTIAL is not set";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !envoy.log().lines().any(|l| l.contains("[error][wasm]") && l.ends_with(refused)) {
+        assert!(Instant::now() < deadline, "no line ending {refused:?} in:\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
     }
+    for _ in 0..5 {
+        let response = demo_request().send(gateway).expect("the demo request");
+        assert_denied(&response, 503, "configuration_unavailable");
+    }
+    let log = envoy.log();
+    assert!(log.contains("[error][wasm]") && log.contains("keyswap: refusing every request"), "{log}");
 }
 
 // ---- where credentials come from, and when ---------------------------------
