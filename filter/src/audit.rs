@@ -7,7 +7,8 @@ use keyswap_policy::Denial;
 /// Logged at error level when the fail-closed configuration
 /// (`"refuse_all": true`) loads: what Envoy serves when it has no usable
 /// configuration, so an operator sees it at once.
-pub const REFUSING_ALL: &str = "keyswap: refusing every request (503 configuration_unavailable): this is the fail-closed \
+pub const REFUSING_ALL: &str =
+    "keyswap: refusing every request (503 configuration_unavailable): this is the fail-closed \
                                 configuration (\"refuse_all\": true), served when no usable configuration was \
                                 delivered; push one";
 

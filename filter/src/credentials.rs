@@ -215,5 +215,8 @@ fn finish(
             return;
         }
     }
-    log(LogLevel::Warn, &format!("keyswap: credential {}: could not store a refresh (shared data kept changing)", source.path));
+    log(
+        LogLevel::Warn,
+        &format!("keyswap: credential {}: could not store a refresh (shared data kept changing)", source.path),
+    );
 }

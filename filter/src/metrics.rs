@@ -26,9 +26,7 @@ impl Outcome {
     fn slot(self) -> usize {
         match self {
             Outcome::Allowed | Outcome::Passed => 0,
-            Outcome::Denied(reason) => {
-                1 + DenialReason::ALL.iter().position(|r| *r == reason).unwrap_or(0)
-            }
+            Outcome::Denied(reason) => 1 + DenialReason::ALL.iter().position(|r| *r == reason).unwrap_or(0),
         }
     }
 
@@ -77,7 +75,9 @@ impl Metrics {
             // `invalid_authority` only where keyswap routes by host, never
             // in Envoy.
             let possible = |r: &DenialReason| match r {
-                DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
+                DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => {
+                    false
+                }
                 DenialReason::CredentialUnavailable => dynamic,
                 _ => true,
             };

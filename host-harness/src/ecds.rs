@@ -81,7 +81,9 @@ pub fn resource_bytes(config: &str, vm_config: &Value) -> Vec<u8> {
 /// `TypedExtensionConfig`): its Wasm `config` object.
 fn wasm_config(response: &Value) -> Option<&Value> {
     let extension = match response.get("resources") {
-        Some(resources) => resources.as_array()?.iter().find(|r| r.get("name").and_then(Value::as_str) == Some(RESOURCE_NAME))?,
+        Some(resources) => {
+            resources.as_array()?.iter().find(|r| r.get("name").and_then(Value::as_str) == Some(RESOURCE_NAME))?
+        }
         None => response,
     };
     extension.get("typed_config")?.get("config")
@@ -248,13 +250,8 @@ pub struct Lock {
 /// it at `deadline` (`ErrorKind::TimedOut`).
 pub fn lock(path: &Path, deadline: std::time::Instant) -> std::io::Result<(Lock, std::time::Duration)> {
     let lock_path = sibling(path, "lock");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)?;
+    let file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&lock_path)?;
     let start = std::time::Instant::now();
     loop {
         match file.try_lock() {
@@ -342,7 +339,10 @@ pub fn parse_config_dump(dump: &Value, view: &mut EnvoyView) {
             view.dump_error = entry.get("error_state").map(|e| {
                 // Only Envoy's message: the rest of an error state can hold
                 // the refused resource, secrets and all.
-                e.get("details").and_then(Value::as_str).unwrap_or("an error without details (see Envoy's log)").to_string()
+                e.get("details")
+                    .and_then(Value::as_str)
+                    .unwrap_or("an error without details (see Envoy's log)")
+                    .to_string()
             });
         }
     }

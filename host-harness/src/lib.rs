@@ -30,9 +30,9 @@ pub mod runner;
 pub mod serve;
 pub mod state;
 
+pub use abi::callout::SharedData;
 pub use abi::codec::HeaderList;
 pub use abi::metrics::MetricType;
 pub use error::{HarnessError, BUILD_HINT};
 pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Outcome};
-pub use abi::callout::SharedData;
 pub use state::{CallCounts, Clock, HttpCall, LocalResponse, LogEntry, LogLevel};

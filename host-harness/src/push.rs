@@ -80,11 +80,13 @@ pub struct PushArgs {
 pub fn main(args: &PushArgs) -> Result<(), String> {
     let text = std::fs::read(&args.config).map_err(|e| format!("cannot read {}: {e}", args.config.display()))?;
     let text = String::from_utf8(text).map_err(|_| format!("{}: not UTF-8 text", args.config.display()))?;
-    let module = FilterModule::load(&args.filter.clone().unwrap_or_else(default_filter_path)).map_err(|e| e.to_string())?;
+    let module =
+        FilterModule::load(&args.filter.clone().unwrap_or_else(default_filter_path)).map_err(|e| e.to_string())?;
     let summary = check(&module, &text)?;
     let version = keyswap_policy::content_version(text.as_bytes());
     let admin = args.envoy_admin.as_deref().map(Admin::parse).transpose()?;
-    let timeout = Duration::try_from_secs_f64(args.timeout).map_err(|_| "--timeout: not a number of seconds".to_string())?;
+    let timeout =
+        Duration::try_from_secs_f64(args.timeout).map_err(|_| "--timeout: not a number of seconds".to_string())?;
     let deadline = Instant::now() + timeout;
     let path = &args.ecds;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -92,7 +94,8 @@ pub fn main(args: &PushArgs) -> Result<(), String> {
     }
 
     // One push at a time per file, until this one is confirmed or undone.
-    let (_lock, waited) = ecds::lock(path, deadline).map_err(|e| format!("cannot lock {}: {e}; nothing written", path.display()))?;
+    let (_lock, waited) =
+        ecds::lock(path, deadline).map_err(|e| format!("cannot lock {}: {e}; nothing written", path.display()))?;
     if waited >= Duration::from_millis(20) {
         println!("waited {} ms for another push to {}", waited.as_millis(), path.display());
     }
@@ -202,7 +205,10 @@ fn confirm(
                 last = Some(view.clone());
                 if view.accepted.as_deref() == Some(version) {
                     let by = if restarted { " (an Envoy that restarted during the push)" } else { "" };
-                    println!("active: Envoy runs version {version}{by} ({} ms after the rename)", renamed.elapsed().as_millis());
+                    println!(
+                        "active: Envoy runs version {version}{by} ({} ms after the rename)",
+                        renamed.elapsed().as_millis()
+                    );
                     return Ok(());
                 }
                 if std::fs::read(pushed.path).ok().as_deref() != Some(pushed.bytes) {
@@ -250,7 +256,13 @@ fn confirm(
 /// Envoy refused the push: says so, with Envoy's reason, and puts back
 /// what this push replaced if the file still holds this push's bytes.
 /// Returns the (already printed) error.
-fn rejected(admin: &Admin, pushed: &Pushed<'_>, view: &EnvoyView, log: Option<(&Path, u64)>, deadline: Instant) -> String {
+fn rejected(
+    admin: &Admin,
+    pushed: &Pushed<'_>,
+    view: &EnvoyView,
+    log: Option<(&Path, u64)>,
+    deadline: Instant,
+) -> String {
     let version = pushed.version;
     let runs = view.accepted.as_deref().unwrap_or(DEFAULT_RUNS);
     println!("rejected: Envoy refused version {version} and keeps running {runs}");
@@ -283,7 +295,11 @@ fn rejected(admin: &Admin, pushed: &Pushed<'_>, view: &EnvoyView, log: Option<(&
 fn restore(admin: &Admin, pushed: &Pushed<'_>, deadline: Instant) {
     let path = pushed.path;
     if std::fs::read(path).ok().as_deref() != Some(pushed.bytes) {
-        println!("  not restored: {} no longer holds version {} (something else replaced it)", path.display(), pushed.version);
+        println!(
+            "  not restored: {} no longer holds version {} (something else replaced it)",
+            path.display(),
+            pushed.version
+        );
         return;
     }
     let Some(previous) = pushed.existing else {
@@ -351,7 +367,9 @@ fn check(module: &FilterModule, text: &str) -> Result<String, String> {
 /// filter's own reason was among them.
 fn print_reasons(log: &Path, offset: u64, deadline: Instant) -> bool {
     let wanted = |l: &&str| {
-        l.contains("config update rejected") || l.contains("config update failure") || l.contains("configuration refused")
+        l.contains("config update rejected")
+            || l.contains("config update failure")
+            || l.contains("configuration refused")
     };
     // Read at least once; wait at most 2 s, and never past --timeout.
     let deadline = deadline.min(Instant::now() + Duration::from_secs(2));

@@ -101,7 +101,12 @@ impl Gateway {
     ///
     /// # Errors
     /// [`ComponentError::Link`] when its exports are not world `gateway`'s.
-    pub fn new(engine: &Engine, component: &Component, config: &str, env: &[(String, String)]) -> Result<Self, ComponentError> {
+    pub fn new(
+        engine: &Engine,
+        component: &Component,
+        config: &str,
+        env: &[(String, String)],
+    ) -> Result<Self, ComponentError> {
         let link = |e: wasmtime::Error| ComponentError::Link(format!("{e:#}"));
         let mut linker = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link)?;

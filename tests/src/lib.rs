@@ -30,9 +30,9 @@
 //!
 //! The tests themselves are one binary, `tests/all/`, a module an area.
 
-pub mod echo;
 #[path = "../../host-harness/src/ecds.rs"]
 pub mod ecds;
+pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod load;

@@ -127,7 +127,8 @@ struct CallArgs {
 
 fn http_call(caller: &mut Caller<'_, HostState>, args: CallArgs) -> HostResult {
     let cluster = memory::read_str(caller, args.upstream, args.upstream_len)?;
-    let headers = decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
+    let headers =
+        decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
     let body = memory::read(caller, args.body, args.body_len)?;
     // Envoy refuses a call without :method, :path or :authority, or to a
     // cluster it does not know (BAD_ARGUMENT).
@@ -159,7 +160,14 @@ fn get_shared(
     memory::write_u32(caller, cas_out, cas)
 }
 
-fn set_shared(caller: &mut Caller<'_, HostState>, key: u32, key_len: u32, value: u32, value_len: u32, cas: u32) -> HostResult {
+fn set_shared(
+    caller: &mut Caller<'_, HostState>,
+    key: u32,
+    key_len: u32,
+    value: u32,
+    value_len: u32,
+    cas: u32,
+) -> HostResult {
     let key = memory::read_str(caller, key, key_len)?;
     let value = memory::read(caller, value, value_len)?;
     caller.data().shared.set(&key, &value, cas).map_err(Into::into)

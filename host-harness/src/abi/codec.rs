@@ -189,11 +189,8 @@ mod tests {
 
     #[test]
     fn property_paths() {
-        let cases: &[(&[&str], &[u8])] = &[
-            (&["xds", "route_name"], b"xds\0route_name"),
-            (&["plugin_name"], b"plugin_name"),
-            (&[], b""),
-        ];
+        let cases: &[(&[&str], &[u8])] =
+            &[(&["xds", "route_name"], b"xds\0route_name"), (&["plugin_name"], b"plugin_name"), (&[], b"")];
         for (segments, bytes) in cases {
             assert_eq!(encode_property_path(segments), *bytes);
             assert_eq!(decode_property_path(bytes), *segments);

@@ -64,21 +64,33 @@ mod tests {
         const START: &[(&str, &str)] = &[("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2")];
         type Case = (&'static str, Op, &'static [(&'static str, &'static str)]);
         let cases: &[Case] = &[
-            ("add appends, lower-cased", Op::Add("X-New", "v"), &[
-                ("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("x-new", "v"),
-            ]),
-            ("add keeps duplicates", Op::Add("accept", "text/html"), &[
-                ("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("accept", "text/html"),
-            ]),
-            ("replace keeps the first position and drops the rest", Op::Replace("Cookie", "c=3"), &[
-                ("accept", "*/*"), ("cookie", "c=3"), ("x-k", "1"),
-            ]),
-            ("replace of a missing header appends", Op::Replace("authorization", "Bearer u"), &[
-                ("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("authorization", "Bearer u"),
-            ]),
+            (
+                "add appends, lower-cased",
+                Op::Add("X-New", "v"),
+                &[("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("x-new", "v")],
+            ),
+            (
+                "add keeps duplicates",
+                Op::Add("accept", "text/html"),
+                &[("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("accept", "text/html")],
+            ),
+            (
+                "replace keeps the first position and drops the rest",
+                Op::Replace("Cookie", "c=3"),
+                &[("accept", "*/*"), ("cookie", "c=3"), ("x-k", "1")],
+            ),
+            (
+                "replace of a missing header appends",
+                Op::Replace("authorization", "Bearer u"),
+                &[("accept", "*/*"), ("cookie", "a=1"), ("x-k", "1"), ("cookie", "b=2"), ("authorization", "Bearer u")],
+            ),
             ("remove drops every entry", Op::Remove("COOKIE"), &[("accept", "*/*"), ("x-k", "1")]),
             ("remove of a missing header is a no-op", Op::Remove("x-none"), START),
-            ("set_all replaces everything", Op::SetAll(&[(":path", "/"), ("X-A", "1")]), &[(":path", "/"), ("x-a", "1")]),
+            (
+                "set_all replaces everything",
+                Op::SetAll(&[(":path", "/"), ("X-A", "1")]),
+                &[(":path", "/"), ("x-a", "1")],
+            ),
         ];
         for (name, op, want) in cases {
             let mut headers = list(START);

@@ -26,7 +26,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          headers_len: u32,
          grpc_status: i32| {
             caller.data_mut().record("proxy_send_local_response");
-            let args = LocalArgs { status_code, details, details_len, body, body_len, headers, headers_len, grpc_status };
+            let args =
+                LocalArgs { status_code, details, details_len, body, body_len, headers, headers_len, grpc_status };
             status(send(&mut caller, args))
         },
     )?;
@@ -47,14 +48,10 @@ struct LocalArgs {
 fn send(caller: &mut Caller<'_, HostState>, args: LocalArgs) -> HostResult {
     let details = String::from_utf8_lossy(&memory::read(caller, args.details, args.details_len)?).into_owned();
     let body = memory::read(caller, args.body, args.body_len)?;
-    let headers = decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
+    let headers =
+        decode_map(&memory::read(caller, args.headers, args.headers_len)?).map_err(|_| Status::BadArgument)?;
     let stream = caller.data_mut().stream.as_mut().ok_or(Status::BadArgument)?;
-    stream.local_response = Some(LocalResponse {
-        status: args.status_code,
-        details,
-        headers,
-        body,
-        grpc_status: args.grpc_status,
-    });
+    stream.local_response =
+        Some(LocalResponse { status: args.status_code, details, headers, body, grpc_status: args.grpc_status });
     Ok(())
 }

@@ -22,10 +22,14 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             status(get_pairs(&mut caller, map, data_out, size_out))
         },
     )?;
-    linker.func_wrap(ENV, "proxy_get_header_map_size", |mut caller: Caller<'_, HostState>, map: u32, size_out: u32| {
-        caller.data_mut().record("proxy_get_header_map_size");
-        status(get_size(&mut caller, map, size_out))
-    })?;
+    linker.func_wrap(
+        ENV,
+        "proxy_get_header_map_size",
+        |mut caller: Caller<'_, HostState>, map: u32, size_out: u32| {
+            caller.data_mut().record("proxy_get_header_map_size");
+            status(get_size(&mut caller, map, size_out))
+        },
+    )?;
     linker.func_wrap(
         ENV,
         "proxy_set_header_map_pairs",

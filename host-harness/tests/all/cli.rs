@@ -344,7 +344,9 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
         .collect();
     entries.sort();
     assert_eq!(entries, [".keyswap.json.lock", "config.json", "keyswap.json"], "no temporary file left");
-    let mode = |p: &std::path::Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
     assert_eq!(mode(&ecds), 0o600, "a new ECDS file is its owner's only");
     assert_eq!(mode(&ecds.with_file_name(".keyswap.json.lock")), 0o600, "and so is its lock");
 

@@ -63,7 +63,11 @@ fn run() -> Result<(), String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pushes" => {
-                pushes = args.next().and_then(|n| n.parse().ok()).filter(|n| (1..=200).contains(n)).ok_or("--pushes N (1-200)")?;
+                pushes = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| (1..=200).contains(n))
+                    .ok_or("--pushes N (1-200)")?;
             }
             _ => return Err(format!("unknown argument {arg}; usage: bench-revocation [--pushes N]")),
         }
@@ -119,7 +123,9 @@ fn run() -> Result<(), String> {
         renames.push(renamed);
         let version = keyswap_policy::content_version(back.as_bytes());
         wait_until(&mut tail, |lines| (workers(lines, main_thread(lines), &version, renamed).len() == 2).then_some(()))
-            .ok_or_else(|| format!("round {round}: the workers did not load {version} within {WAIT:?}{}", log_tail(&gw)))?;
+            .ok_or_else(|| {
+                format!("round {round}: the workers did not load {version} within {WAIT:?}{}", log_tail(&gw))
+            })?;
         std::thread::sleep(Duration::from_millis(200));
 
         // K1 revoked: each worker's first invalid_key since the rename.

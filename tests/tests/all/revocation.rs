@@ -926,8 +926,10 @@ fn soak_racing_pushes_and_restarts_never_undo_a_revocation() {
             )
         };
         let a = revoking("a");
-        let b = if round % 3 == 2 { revoking("b").replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY") } else { revoking("b") };
-        let children = [spawn_push(&gw, "a.json", &a, &["--timeout", "60"]), spawn_push(&gw, "b.json", &b, &["--timeout", "60"])];
+        let b =
+            if round % 3 == 2 { revoking("b").replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY") } else { revoking("b") };
+        let children =
+            [spawn_push(&gw, "a.json", &a, &["--timeout", "60"]), spawn_push(&gw, "b.json", &b, &["--timeout", "60"])];
         if round % 5 == 4 {
             std::thread::sleep(Duration::from_millis(2000 + 100 * (round % 7)));
             logs.push(gw.envoy.log());
@@ -961,8 +963,10 @@ fn soak_racing_pushes_and_restarts_never_undo_a_revocation() {
         assert!(loaded, "round {round}: {v} reported active, never loaded");
     }
     for (round, v) in &rejections {
-        assert!(!log.lines().any(|l| l.contains("configuration loaded") && l.ends_with(&format!("version {v}"))),
-            "round {round}: {v} reported rejected, but loaded");
+        assert!(
+            !log.lines().any(|l| l.contains("configuration loaded") && l.ends_with(&format!("version {v}"))),
+            "round {round}: {v} reported rejected, but loaded"
+        );
     }
     let answers = answers.lock().expect("answers");
     let first = first_active.expect("some push was active");
@@ -970,7 +974,10 @@ fn soak_racing_pushes_and_restarts_never_undo_a_revocation() {
     let accepted = after.iter().filter(|s| **s == 200).count();
     eprintln!(
         "soak: {done} rounds, {} active, {} rejected, {} K1 probes after the first active ({} answered 200)",
-        actives.len(), rejections.len(), after.len(), accepted
+        actives.len(),
+        rejections.len(),
+        after.len(),
+        accepted
     );
     assert_eq!(accepted, 0, "K1 was accepted after its revocation was reported active");
 }
