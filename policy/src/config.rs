@@ -217,16 +217,20 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
             protected.push(name);
         }
     }
-    let mut reserved_params: Vec<Vec<u8>> = Vec::new();
+    let mut reserved_query_names: Vec<Vec<u8>> = Vec::new();
+    let key_params = key_sources.iter().filter_map(|s| match s {
+        KeySource::Query { name } => Some(name.clone()),
+        KeySource::Header { .. } => None,
+    });
     let injected_params = routes.iter().flat_map(|r| {
         r.queries.iter().map(|q| q.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
             Target::Query(name) => Some(name.clone()),
             Target::Header(_) => None,
         }))
     });
-    for name in injected_params {
-        if !reserved_params.contains(&name) {
-            reserved_params.push(name);
+    for name in key_params.chain(injected_params).map(|n| crate::query::canonical_name(&n)) {
+        if !reserved_query_names.contains(&name) {
+            reserved_query_names.push(name);
         }
     }
     let mut bound_clusters: Vec<String> =
@@ -241,7 +245,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         key_sources,
         routes,
         protected,
-        reserved_params,
+        reserved_query_names,
         bound_clusters,
         matches_host,
         strip_response,

@@ -26,9 +26,11 @@ pub struct Policy {
     /// never forwarded, whatever the route), and so is a client-sent header
     /// whose name is one of these with `_` for `-`.
     pub(crate) protected: Vec<String>,
-    /// Every query parameter name any route injects: removed from every
-    /// request before a route's own are appended.
-    pub(crate) reserved_params: Vec<Vec<u8>>,
+    /// Every key parameter and every query parameter name any route
+    /// injects, as [`query::canonical_name`]s: a client-sent parameter that
+    /// reads as one of them upstream is removed from every request, before
+    /// a route's own are appended.
+    pub(crate) reserved_query_names: Vec<Vec<u8>>,
     /// Every cluster some route is bound to, sorted: a request to one of
     /// them is never passed unchecked.
     pub(crate) bound_clusters: Vec<String>,
@@ -240,8 +242,9 @@ impl Policy {
             Decision::Deny(Denial { reason, route: Some(route.name.as_str()), client: client.map(|c| c.id.as_str()) })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
-        // credential included, back to the client.
-        if req.method.eq_ignore_ascii_case(b"TRACE") || req.method.eq_ignore_ascii_case(b"TRACK") {
+        // credential included, back to the client; so does either one asked
+        // for through a method override many frameworks honour.
+        if echoing_method(req.method) || overridden_to_echo(req) {
             return deny(DenialReason::MethodNotAllowed, None);
         }
         let digest = match key {
@@ -457,11 +460,12 @@ impl Policy {
     /// or a second credential from the query rewrite); `None` when nothing
     /// changes.
     pub(crate) fn rewrite_query(&self, path: &[u8], injected: &[QueryInject]) -> Option<Vec<u8>> {
+        // By the name as upstream frameworks read it: `api.key`, `API_KEY`
+        // and `api_key[]` are `api_key` to PHP, ASP.NET or Rack.
+        // (`injected` are among them.)
         let removed = |p: &Param<'_>| {
-            let name = p.name();
-            self.key_sources.iter().any(|s| matches!(s, KeySource::Query { name: n } if *n == *name))
-                || self.reserved_params.iter().any(|r| *r == *name)
-                || injected.iter().any(|q| q.name == *name)
+            let name = p.canonical_name();
+            self.reserved_query_names.iter().any(|r| *r == name)
         };
         let (base, query, fragment) = query::split_path(path);
         let drops = query.is_some_and(|q| query::params(q).any(|p| removed(&p)));
@@ -530,6 +534,22 @@ impl KeyCheck {
             _ => None,
         }
     }
+}
+
+fn echoing_method(method: &[u8]) -> bool {
+    let method = trim_ows(method);
+    method.eq_ignore_ascii_case(b"TRACE") || method.eq_ignore_ascii_case(b"TRACK")
+}
+
+/// Method overrides (`X-HTTP-Method-Override` and its kin, `_method=` in
+/// the query) asking for an echoing method.
+fn overridden_to_echo(req: &RequestView<'_>) -> bool {
+    const HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+    let header = req.headers.iter().any(|(n, v)| {
+        let normal = n.replace('_', "-");
+        HEADERS.iter().any(|h| normal.eq_ignore_ascii_case(h)) && v.split(|&b| b == b',').any(echoing_method)
+    });
+    header || query::params(req.query()).any(|p| p.canonical_name() == b"_method" && echoing_method(&p.value()))
 }
 
 /// True when `value` holds `secret`: anywhere for a secret of 8 bytes or
@@ -847,7 +867,7 @@ mod tests {
     /// query credential.
     fn bound(unmatched: &str) -> Policy {
         let json = format!(
-            r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["a"]}}],
+            r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["a", "q"]}}],
                 "key_sources": [{{"header": "authorization", "prefix": "Bearer "}}, {{"query": "api_key"}}],
                 "routes": [{{"name": "a", "match": {{"route_name": "ra", "clusters": ["ca"]}},
                              "inject": [{{"header": "x-upstream-key", "value": {{"inline": "secret-for-a-123"}}}}]}},
@@ -913,6 +933,23 @@ mod tests {
                 Decision::Deny(d) if d.reason == DenialReason::MethodNotAllowed),
                 "{method}"
             );
+        }
+    }
+
+    #[test]
+    fn query_look_alikes_of_key_and_credential_parameters_are_removed() {
+        let p = bound("deny");
+        let target =
+            "/x?api.key=k1&API_KEY=k1&api_key[]=k1&+api_key=k1&api%00_key=k1&key[]=mine&KEY=mine&key.=x&keep=1";
+        let headers = request("GET", target, &[("authorization", "Bearer k1")]);
+        let admit = p.admit(&RequestView::from_headers(None, &headers));
+        assert_eq!(admit.path.as_deref(), Some(&b"/x?key.=x&keep=1"[..]), "`key.` is `key_` to PHP, not `key`");
+        match decide_on(&p, &headers, None, Some("cq")) {
+            Decision::Forward(f) => {
+                let path = String::from_utf8_lossy(f.path.as_deref().unwrap_or_default()).into_owned();
+                assert_eq!(path, "/x?key.=x&keep=1&key=query%20secret%2F456");
+            }
+            Decision::Deny(d) => panic!("{d:?}"),
         }
     }
 

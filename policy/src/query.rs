@@ -33,6 +33,11 @@ impl<'q> Param<'q> {
         decode(&self.raw[..end])
     }
 
+    /// The name as upstream frameworks read it ([`canonical_name`]).
+    pub fn canonical_name(&self) -> Vec<u8> {
+        canonical_name(&self.name())
+    }
+
     /// The decoded value (empty without `=`).
     pub fn value(&self) -> Cow<'q, [u8]> {
         match self.raw.iter().position(|&b| b == b'=') {
@@ -40,6 +45,30 @@ impl<'q> Param<'q> {
             None => Cow::Borrowed(&[]),
         }
     }
+}
+
+/// A decoded parameter name as the frameworks upstreams run read it, so
+/// that look-alikes of a key or credential parameter are removed with it:
+/// NUL bytes dropped, leading spaces dropped (PHP), ASCII lower case
+/// (ASP.NET), an array suffix `[…]` cut (`api_key[]`: PHP, Rack, Node's
+/// `qs`), and ` `, `.`, `[` and `-` read as `_` (PHP's `api.key`,
+/// `api key`, `api[key`).
+pub fn canonical_name(name: &[u8]) -> Vec<u8> {
+    let name: Vec<u8> = name.iter().copied().filter(|&b| b != 0).collect();
+    let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
+    let mut name = &name[start..];
+    // `a[b]...`: the first `[` with a `]` after it starts the array suffix.
+    if let Some(open) = name.iter().position(|&b| b == b'[') {
+        if open > 0 && name[open..].contains(&b']') {
+            name = &name[..open];
+        }
+    }
+    name.iter()
+        .map(|&b| match b.to_ascii_lowercase() {
+            b' ' | b'.' | b'[' | b'-' => b'_',
+            other => other,
+        })
+        .collect()
 }
 
 /// The parameters of a query, empty ones included.
@@ -109,6 +138,28 @@ mod tests {
 
     fn names(q: &str) -> Vec<String> {
         params(q.as_bytes()).map(|p| String::from_utf8_lossy(&p.name()).into_owned()).collect()
+    }
+
+    #[test]
+    fn look_alike_names_read_as_their_framework_reads_them() {
+        for name in [
+            "api_key",
+            "API_KEY",
+            "api.key",
+            "api key",
+            "api[key",
+            " api_key",
+            "api_key[]",
+            "api_key[x]",
+            "api-key",
+            "api\0_key",
+            "Api.Key[]",
+        ] {
+            assert_eq!(canonical_name(name.as_bytes()), b"api_key", "{name:?}");
+        }
+        for name in ["apikey", "api_keys", "xapi_key", "[api_key]", "api__key"] {
+            assert_ne!(canonical_name(name.as_bytes()), b"api_key", "{name:?}");
+        }
     }
 
     #[test]
