@@ -465,7 +465,7 @@ impl Policy {
         // (`injected` are among them.)
         let removed = |p: &Param<'_>| {
             let name = p.canonical_name();
-            self.reserved_query_names.iter().any(|r| *r == name)
+            self.reserved_query_names.contains(&name)
         };
         let (base, query, fragment) = query::split_path(path);
         let drops = query.is_some_and(|q| query::params(q).any(|p| removed(&p)));
