@@ -119,18 +119,9 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
             fields.entries().into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
         drop(fields);
         // A response header echoing the route's credential (a `location`
-        // keeping its query parameter, say) is cleaned or dropped first.
-        let reflected = route.map(|r| config.policy.reflections(&r, &[], &received)).unwrap_or_default();
-        let received: Vec<(String, Vec<u8>)> = received
-            .into_iter()
-            .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
-                None => Some((n, v)),
-                Some((_, cleaned)) => cleaned.clone().map(|c| (n, c)),
-            })
-            .collect();
-        let removed = config.policy.response_removals(&received);
-        let kept: Vec<(String, Vec<u8>)> =
-            received.into_iter().filter(|(n, _)| !removed.contains(&n.as_str())).collect();
+        // keeping its query parameter, say) is cleaned or dropped, and
+        // strip_response_headers removed.
+        let kept = config.policy.client_response(route.as_deref(), &[], received);
         let reply = OutgoingResponse::new(forwardable(&kept));
         if reply.set_status_code(response.status()).is_err() {
             return bad_gateway(out, "the upstream's status was refused by the host");

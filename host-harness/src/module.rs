@@ -373,19 +373,8 @@ impl FilterInstance {
     ) -> Result<Outcome, HarnessError> {
         self.finish()?;
         let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
-        let stream = |id, headers, upstream_address: Option<&str>, filter_state| StreamState {
-            context_id: id,
-            route_name: route_name.map(str::to_string),
-            cluster: cluster.map(str::to_string),
-            upstream_address: upstream_address.map(str::to_string),
-            request_headers: headers,
-            response_headers: None,
-            local_response: None,
-            calls: CallCounts::default(),
-            filter_state,
-        };
         let id = self.new_context_id();
-        let first = self.request_headers(stream(id, headers, None, BTreeMap::new()))?;
+        let first = self.request_headers(StreamState::new(id, route_name, cluster, None, headers, BTreeMap::new()))?;
         let Outcome::Forwarded { headers } = first else {
             self.finish()?;
             return Ok(first);
@@ -394,7 +383,14 @@ impl FilterInstance {
         let filter_state = parked.as_ref().map(|s| s.filter_state.clone()).unwrap_or_default();
         self.first_stage = parked;
         let id = self.new_context_id();
-        let last = self.request_headers(stream(id, headers, Some(UPSTREAM_ADDRESS), filter_state))?;
+        let last = self.request_headers(StreamState::new(
+            id,
+            route_name,
+            cluster,
+            Some(UPSTREAM_ADDRESS),
+            headers,
+            filter_state,
+        ))?;
         if !matches!(last, Outcome::Forwarded { .. }) {
             self.finish()?;
         }
@@ -412,23 +408,7 @@ impl FilterInstance {
         route_name: Option<&str>,
         headers: &[(String, Vec<u8>)],
     ) -> Result<Outcome, HarnessError> {
-        self.finish()?;
-        let id = self.new_context_id();
-        let outcome = self.request_headers(StreamState {
-            context_id: id,
-            route_name: route_name.map(str::to_string),
-            cluster: route_name.map(str::to_string),
-            upstream_address: None,
-            request_headers: headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
-            response_headers: None,
-            local_response: None,
-            calls: CallCounts::default(),
-            filter_state: BTreeMap::new(),
-        })?;
-        if !matches!(outcome, Outcome::Forwarded { .. }) {
-            self.finish()?;
-        }
-        Ok(outcome)
+        self.single_stream(route_name, route_name, None, headers)
     }
 
     /// Runs only the final stage, as on a cluster whose listener lacks the
@@ -442,19 +422,27 @@ impl FilterInstance {
         cluster: Option<&str>,
         headers: &[(String, Vec<u8>)],
     ) -> Result<Outcome, HarnessError> {
+        self.single_stream(route_name, cluster, Some(UPSTREAM_ADDRESS), headers)
+    }
+
+    fn single_stream(
+        &mut self,
+        route_name: Option<&str>,
+        cluster: Option<&str>,
+        upstream_address: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<Outcome, HarnessError> {
         self.finish()?;
         let id = self.new_context_id();
-        let outcome = self.request_headers(StreamState {
-            context_id: id,
-            route_name: route_name.map(str::to_string),
-            cluster: cluster.map(str::to_string),
-            upstream_address: Some(UPSTREAM_ADDRESS.to_string()),
-            request_headers: headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect(),
-            response_headers: None,
-            local_response: None,
-            calls: CallCounts::default(),
-            filter_state: BTreeMap::new(),
-        })?;
+        let headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+        let outcome = self.request_headers(StreamState::new(
+            id,
+            route_name,
+            cluster,
+            upstream_address,
+            headers,
+            BTreeMap::new(),
+        ))?;
         if !matches!(outcome, Outcome::Forwarded { .. }) {
             self.finish()?;
         }

@@ -227,6 +227,30 @@ pub(crate) struct StreamState {
     pub filter_state: BTreeMap<String, Vec<u8>>,
 }
 
+impl StreamState {
+    /// A new stream before its request headers are handed to the guest.
+    pub fn new(
+        context_id: u32,
+        route_name: Option<&str>,
+        cluster: Option<&str>,
+        upstream_address: Option<&str>,
+        request_headers: HeaderList,
+        filter_state: BTreeMap<String, Vec<u8>>,
+    ) -> Self {
+        Self {
+            context_id,
+            route_name: route_name.map(str::to_string),
+            cluster: cluster.map(str::to_string),
+            upstream_address: upstream_address.map(str::to_string),
+            request_headers,
+            response_headers: None,
+            local_response: None,
+            calls: CallCounts::default(),
+            filter_state,
+        }
+    }
+}
+
 /// The guest's memory and allocator, known once the instance exists.
 #[derive(Clone)]
 pub(crate) struct GuestExports {

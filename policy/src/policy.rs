@@ -347,6 +347,29 @@ impl Policy {
         out
     }
 
+    /// The response headers a client may see, for a host that handles a
+    /// response in one place (the component's gateway): [`Self::reflections`]
+    /// applied for `route`, then `strip_response_headers` removed. In Envoy
+    /// the final stage does the first and the first stage the second.
+    pub fn client_response(
+        &self,
+        route: Option<&str>,
+        dynamic: &[&str],
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let reflected = route.map(|r| self.reflections(r, dynamic, &headers)).unwrap_or_default();
+        let cleaned: Vec<(String, Vec<u8>)> = headers
+            .into_iter()
+            .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
+                None => Some((n, v)),
+                Some((_, cleaned)) => cleaned.clone().map(|c| (n, c)),
+            })
+            .collect();
+        let removed = self.response_removals(&cleaned);
+        let removed: Vec<String> = removed.into_iter().map(str::to_string).collect();
+        cleaned.into_iter().filter(|(n, _)| !removed.iter().any(|r| n.eq_ignore_ascii_case(r))).collect()
+    }
+
     /// A URI without the route's injected query parameters.
     fn without_params(&self, uri: &[u8], names: &[&[u8]], dynamic: &[crate::credential::DynamicInject]) -> Vec<u8> {
         let injected = |n: &[u8]| {

@@ -122,16 +122,8 @@ fn observe(case: &Case) -> Result<Observed, String> {
                 // The final stage removes echoed credentials, then the first
                 // stage strip_response_headers.
                 let secrets: Vec<&str> = dynamic.iter().flat_map(|d| d.secrets.iter().map(String::as_str)).collect();
-                let reflected = forward.route.map(|r| policy.reflections(r, &secrets, &list)).unwrap_or_default();
-                let list: Vec<(String, Vec<u8>)> = list
-                    .into_iter()
-                    .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
-                        None => Some((n, v)),
-                        Some((_, replaced)) => replaced.clone().map(|r| (n, r)),
-                    })
-                    .collect();
-                let removed = policy.response_removals(&list);
-                list.iter().filter(|(n, _)| !removed.contains(&n.as_str())).map(|(n, v)| (n.clone(), text(v))).collect()
+                let kept = policy.client_response(forward.route, &secrets, list);
+                kept.iter().map(|(n, v)| (n.clone(), text(v))).collect()
             });
             Ok(Observed::Forwarded { path, headers: upstream.collect(), client_response })
         }
