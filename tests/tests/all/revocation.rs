@@ -501,7 +501,8 @@ const DEMO_KEY: &str = "keyswap-demo-key";
 
 /// The demo request on Envoy's route `demo` with the demo key.
 fn demo_request(gw: &EcdsGateway) -> Response {
-    keyed_once(DEMO_KEY).header(keyswap_tests::envoy::ROUTE_HEADER, "demo").send(gw.addr).expect("the demo request")
+    let selector = keyswap_tests::envoy::route_selector("demo", "demo_echo");
+    keyed_once(DEMO_KEY).header(keyswap_tests::envoy::ROUTE_HEADER, selector).send(gw.addr).expect("the demo request")
 }
 
 fn error_of(response: &Response) -> String {
@@ -523,7 +524,8 @@ fn a_restart_with_an_unusable_ecds_file_never_accepts_a_revoked_key() {
     let listener = keyswap_tests::envoy::Listener {
         config: demo(false),
         env: [("KEYSWAP_DEMO_CREDENTIAL".to_string(), "demo-upstream-credential".to_string())].into(),
-        route_names: vec!["demo".into()],
+        // demo.json binds its route to envoy.yaml's cluster `demo_echo`.
+        routes_to: vec![("demo".into(), "demo_echo".into())],
         ..Default::default()
     };
     let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: false };
@@ -698,6 +700,7 @@ fn restartable(config: &str) -> EcdsGateway {
     let listener = keyswap_tests::envoy::Listener {
         config: config.into(),
         env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
+        route_names: vec![ROUTE.into()],
         ..Default::default()
     };
     let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
