@@ -275,8 +275,13 @@ impl Policy {
     /// Client-sent header names that are a protected name with `_` for
     /// `-` (`x_api_key`, `X_Keyswap_Client`), to remove.
     fn look_alikes(&self, req: &RequestView<'_>) -> Vec<String> {
-        let mut out = Vec::new();
-        for (name, _) in req.headers.iter().filter(|(n, _)| n.contains('_')) {
+        self.protected_names(req.headers.iter().filter(|(n, _)| n.contains('_')))
+    }
+
+    /// The names among `fields` that are protected, read with `_` for `-`.
+    fn protected_names<'f>(&self, fields: impl Iterator<Item = &'f (String, Vec<u8>)>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (name, _) in fields {
             let normal = name.replace('_', "-");
             if self.protected.iter().any(|p| p.eq_ignore_ascii_case(&normal)) && !out.contains(name) {
                 out.push(name.clone());
@@ -290,14 +295,7 @@ impl Policy {
     /// their look-alikes. Trailers reach an HTTP/2 upstream, or an
     /// HTTP/1.1 one with trailers enabled, after every header edit.
     pub fn trailer_removals(&self, trailers: &[(String, Vec<u8>)]) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for (name, _) in trailers {
-            let normal = name.replace('_', "-");
-            if self.protected.iter().any(|p| p.eq_ignore_ascii_case(&normal)) && !out.contains(name) {
-                out.push(name.clone());
-            }
-        }
-        out
+        self.protected_names(trailers.iter())
     }
 
     /// Response headers that would hand a credential the route injected
