@@ -10,7 +10,9 @@ use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::credential::{DynamicInject, RawDynamic, SourceBuilder, Target};
-use crate::policy::{Allowed, Client, ClientIndex, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch};
+use crate::policy::{
+    Allowed, Client, ClientIndex, Echoes, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch,
+};
 use crate::query::encode_component;
 use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue};
 use crate::time::parse_rfc3339;
@@ -379,13 +381,14 @@ fn compile_routes(
         }
         let mut headers: Vec<HeaderInject> = Vec::new();
         let mut queries: Vec<QueryInject> = Vec::new();
+        let mut echoes: Vec<Vec<u8>> = Vec::new();
         let mut dynamic: Vec<DynamicInject> = Vec::new();
         for (i, inject) in route.inject.iter().enumerate() {
             let ipath = format!("{path}.inject[{i}]");
             let entry = match inject.value.as_ref().and_then(dynamic_value) {
                 Some(raw) => Some(compile_dynamic_inject(inject, raw, &route.name, &ipath, env, builder)?),
                 None => {
-                    compile_inject(inject, &ipath, env, &mut headers, &mut queries)?;
+                    compile_inject(inject, &ipath, env, &mut headers, &mut queries, &mut echoes)?;
                     None
                 }
             };
@@ -418,7 +421,8 @@ fn compile_routes(
         let mut sources: Vec<usize> = dynamic.iter().map(|d| d.source).collect();
         sources.sort_unstable();
         sources.dedup();
-        routes.push(Route { name: route.name.clone(), matcher, headers, queries, dynamic, sources });
+        let echoes = Echoes(echoes);
+        routes.push(Route { name: route.name.clone(), matcher, headers, queries, echoes, dynamic, sources });
     }
     Ok(routes)
 }
@@ -475,10 +479,10 @@ fn compile_inject(
     env: &dyn Environment,
     headers: &mut Vec<HeaderInject>,
     queries: &mut Vec<QueryInject>,
+    echoes: &mut Vec<Vec<u8>>,
 ) -> Result<(), ConfigError> {
     let prefix = inject.prefix.as_deref().unwrap_or("");
     let secret_at = if inject.basic.is_some() { "Basic ".len() } else { prefix.len() };
-    let mut password = None;
     let value = match (&inject.value, &inject.basic) {
         (Some(value), None) => {
             let value = match value {
@@ -496,8 +500,8 @@ fn compile_inject(
                     "cannot be combined with `basic` (it brings its own `Basic ` prefix)",
                 ));
             }
-            let (value, plain) = basic_value(basic, &format!("{path}.basic"), env)?;
-            password = Some(plain);
+            let (value, password) = basic_value(basic, &format!("{path}.basic"), env)?;
+            echoes.push(password.into_bytes());
             value
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`")),
@@ -514,7 +518,8 @@ fn compile_inject(
                     "is already injected by an earlier entry of this route",
                 ));
             }
-            headers.push(HeaderInject { name, value, secret_at, password });
+            echoes.push(value.as_bytes()[secret_at..].to_vec());
+            headers.push(HeaderInject { name, value });
         }
         (None, Some(query)) => {
             if inject.basic.is_some() {
@@ -530,7 +535,9 @@ fn compile_inject(
                 ));
             }
             let encoded = format!("{}={}", encode_component(query), encode_component(&value));
-            queries.push(QueryInject { name: query.clone().into_bytes(), encoded, value });
+            echoes.push(encode_component(&value).into_bytes());
+            echoes.push(value.into_bytes());
+            queries.push(QueryInject { name: query.clone().into_bytes(), encoded });
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     }

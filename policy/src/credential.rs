@@ -397,7 +397,7 @@ impl Policy {
                 Target::Query(name) => {
                     let shown = String::from_utf8_lossy(name);
                     let encoded = format!("{}={}", encode_component(&shown), encode_component(&full));
-                    queries.push(QueryInject { name: name.clone(), encoded, value: full });
+                    queries.push(QueryInject { name: name.clone(), encoded });
                 }
             }
         }
@@ -407,7 +407,7 @@ impl Policy {
             let mut all: Vec<QueryInject> = route
                 .queries
                 .iter()
-                .map(|q| QueryInject { name: q.name.clone(), encoded: q.encoded.clone(), value: q.value.clone() })
+                .map(|q| QueryInject { name: q.name.clone(), encoded: q.encoded.clone() })
                 .collect();
             all.extend(queries);
             self.rewrite_query(req.path, &all)

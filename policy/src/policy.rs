@@ -84,10 +84,23 @@ pub(crate) struct Route {
     pub matcher: RouteMatch,
     pub headers: Vec<HeaderInject>,
     pub queries: Vec<QueryInject>,
+    /// The static credentials in every form a response could hand them
+    /// back in (the secret after its prefix, a Basic password decoded, a
+    /// query value raw and encoded), for [`Policy::reflections`].
+    pub echoes: Echoes,
     /// Dynamic credentials (see [`crate::credential`]).
     pub dynamic: Vec<crate::credential::DynamicInject>,
     /// The sources `dynamic` reads, sorted, once each.
     pub sources: Vec<usize>,
+}
+
+/// Secret values; `Debug` shows how many, never one.
+pub(crate) struct Echoes(pub Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Echoes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Echoes({} values)", self.0.len())
+    }
 }
 
 #[derive(Debug)]
@@ -105,10 +118,6 @@ pub(crate) struct HeaderInject {
     pub name: String,
     /// The full header value, prefix included.
     pub value: String,
-    /// Where the secret starts in `value` (after the prefix or `Basic `).
-    pub secret_at: usize,
-    /// A Basic credential's password, decoded.
-    pub password: Option<String>,
 }
 
 #[derive(Debug)]
@@ -116,8 +125,6 @@ pub(crate) struct QueryInject {
     pub name: Vec<u8>,
     /// `name=value`, percent-encoded.
     pub encoded: String,
-    /// The value as configured, before encoding.
-    pub value: String,
 }
 
 /// What a loaded configuration holds, for logs and `keyswap check`.
@@ -313,21 +320,17 @@ impl Policy {
         let Some(route) = self.routes.iter().find(|r| r.name == route) else {
             return Vec::new();
         };
-        let mut secrets: Vec<&[u8]> = Vec::new();
-        let mut encoded: Vec<String> = Vec::new();
-        for h in &route.headers {
-            secrets.push(&h.value.as_bytes()[h.secret_at..]);
-            secrets.extend(h.password.as_deref().map(str::as_bytes));
-        }
-        for q in &route.queries {
-            secrets.push(q.value.as_bytes());
-            encoded.push(crate::query::encode_component(&q.value));
-        }
-        for d in dynamic {
-            secrets.push(d.as_bytes());
-            encoded.push(crate::query::encode_component(d));
-        }
-        secrets.extend(encoded.iter().map(String::as_bytes));
+        // The route's static secrets in every form they travel in were
+        // prepared at configuration; dynamic ones change, so per response.
+        let encoded: Vec<String> = dynamic.iter().map(|d| crate::query::encode_component(d)).collect();
+        let secrets: Vec<&[u8]> = route
+            .echoes
+            .0
+            .iter()
+            .map(Vec::as_slice)
+            .chain(dynamic.iter().map(|d| d.as_bytes()))
+            .chain(encoded.iter().map(String::as_bytes))
+            .collect();
         let query_names = route.queries.iter().map(|q| q.name.as_slice()).collect::<Vec<_>>();
         let holds = |value: &[u8]| secrets.iter().any(|s| contains_secret(value, s));
         let mut out = Vec::new();
