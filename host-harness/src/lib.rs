@@ -10,6 +10,7 @@
 //!  abi ────────── host calls, one module a group; codec + headers are pure
 //!  runner ─────── a conformance case (or a CLI request) through an instance
 //!  ecds, push ─── the configuration as Envoy's ECDS resource; `keyswap push`
+//!  manifest ───── the configuration as Istio / Envoy Gateway manifests
 //!  error ──────── HarnessError
 //! ```
 //!
@@ -24,6 +25,7 @@ pub mod component;
 pub mod conformance;
 pub mod ecds;
 pub mod error;
+pub mod manifest;
 pub mod module;
 pub mod push;
 pub mod runner;

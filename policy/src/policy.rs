@@ -153,6 +153,12 @@ impl Policy {
         self.routes.iter().map(|r| r.name.as_str())
     }
 
+    /// Every Envoy cluster some route is bound to (`match.clusters`),
+    /// sorted, once each: where keyswap's final stage must run.
+    pub fn bound_clusters(&self) -> &[String] {
+        &self.bound_clusters
+    }
+
     /// Clients whose key would be accepted at `now` (not disabled, not
     /// expired).
     pub fn active_clients(&self, now: i64) -> usize {

@@ -36,6 +36,10 @@ pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod load;
+/// The manifests `keyswap manifest` makes, compiled from the harness's own
+/// `host-harness/src/manifest.rs` (pure; no wasmtime).
+#[path = "../../host-harness/src/manifest.rs"]
+pub mod manifest;
 pub mod revocation;
 pub mod routing;
 pub mod token;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use keyswap_harness::conformance::{default_dir, Request, Suite};
+use keyswap_harness::manifest;
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
 use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
 use sha2::{Digest as _, Sha256};
@@ -83,6 +84,70 @@ enum Command {
     /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
     /// until Ctrl-C; see docs/component.md.
     Serve(keyswap_harness::serve::ServeArgs),
+    /// Print the Kubernetes manifests that run a configuration on Istio or
+    /// Envoy Gateway, both stages with the same configuration, for
+    /// `kubectl apply -f -` (deploy/README.md). Warns on stderr when an
+    /// object is too large for client-side `kubectl apply`.
+    #[command(subcommand)]
+    Manifest(Platform),
+}
+
+#[derive(Subcommand)]
+enum Platform {
+    /// A WasmPlugin (the listener stage, by ECDS) and an EnvoyFilter (the
+    /// same ECDS resource on each bound cluster).
+    Istio {
+        /// The plugin configuration (JSON); its routes' `match.clusters`
+        /// are Istio cluster names (`outbound|443||api.openai.com`).
+        config: PathBuf,
+        /// The Istio release (1.19 to 1.31): how it names the plugin's
+        /// ECDS resource, which the cluster patch must reference.
+        #[arg(long, value_name = "1.MINOR", value_parser = manifest::parse_istio_version)]
+        istio_version: u32,
+        /// The gateway pods' label: keyswap's own gateway (the plugin
+        /// takes every request of the pods it selects).
+        #[arg(long, value_name = "KEY=VALUE", default_value = "istio=keyswap-gateway", value_parser = manifest::parse_label)]
+        selector: (String, String),
+        /// The namespace of the WasmPlugin and EnvoyFilter (the gateway's).
+        #[arg(long, default_value = "istio-system")]
+        namespace: String,
+        #[command(flatten)]
+        common: ManifestArgs,
+    },
+    /// An EnvoyExtensionPolicy (the listener stage, on the HTTPRoutes) and
+    /// an EnvoyPatchPolicy (the final stage on each bound cluster).
+    EnvoyGateway {
+        /// The plugin configuration (JSON); its routes' `match.clusters`
+        /// are Envoy Gateway cluster names
+        /// (`httproute/<namespace>/<name>/rule/<index>`).
+        config: PathBuf,
+        /// An HTTPRoute whose requests keyswap reads; repeatable.
+        #[arg(long = "route", value_name = "NAME", required = true)]
+        routes: Vec<String>,
+        /// The Gateway whose clusters are patched.
+        #[arg(long, default_value = "eg")]
+        gateway: String,
+        /// The namespace of the HTTPRoutes, the Gateway and both policies.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Where the Envoy pods find the filter module for the cluster
+        /// stage (deploy/envoy-gateway/envoyproxy.yaml mounts it).
+        #[arg(long, value_name = "PATH", default_value = "/etc/keyswap/plugin.wasm")]
+        module_path: String,
+        #[command(flatten)]
+        common: ManifestArgs,
+    },
+}
+
+#[derive(Args)]
+struct ManifestArgs {
+    /// The plugin image, as `scripts/image` built and pushed it (Istio:
+    /// `oci://registry/keyswap/filter:TAG`).
+    #[arg(long)]
+    image: String,
+    /// The listener resource's name; the cluster patch is `<name>-upstream`.
+    #[arg(long, default_value = "keyswap")]
+    name: String,
 }
 
 #[derive(Args)]
@@ -150,6 +215,7 @@ fn main() -> ExitCode {
         Command::Push(args) => keyswap_harness::push::main(&args),
         Command::Bench(args) => bench(&args),
         Command::Serve(args) => keyswap_harness::serve::main(&args),
+        Command::Manifest(platform) => print_manifest(platform),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -253,6 +319,38 @@ fn check(config: &Path, vm: &VmArgs) -> Result<(), String> {
         .find(|e| e.level >= LogLevel::Info)
         .map_or("configuration loaded", |e| bare(&e.message));
     println!("ok: {summary}");
+    let text = String::from_utf8_lossy(&read(config)?).into_owned();
+    for warning in manifest::delivery_warnings(&text) {
+        println!("warning: {warning}");
+    }
+    Ok(())
+}
+
+fn print_manifest(platform: Platform) -> Result<(), String> {
+    let (docs, config) = match platform {
+        Platform::Istio { config, istio_version, selector, namespace, common } => {
+            let common = manifest::Common { name: common.name, namespace, image: common.image };
+            let text = String::from_utf8_lossy(&read(&config)?).into_owned();
+            let opts = manifest::Istio { common, selector, minor: istio_version };
+            (manifest::istio(&text, &opts), config)
+        }
+        Platform::EnvoyGateway { config, routes, gateway, namespace, module_path, common } => {
+            let common = manifest::Common { name: common.name, namespace, image: common.image };
+            let text = String::from_utf8_lossy(&read(&config)?).into_owned();
+            let opts = manifest::EnvoyGateway { common, routes, gateway, module_path };
+            (manifest::envoy_gateway(&text, &opts), config)
+        }
+    };
+    let docs = docs.map_err(|e| format!("{}: {e}", config.display()))?;
+    for warning in manifest::size_warnings(&docs) {
+        eprintln!("warning: {warning}");
+    }
+    let header = format!(
+        "# Made by `keyswap manifest` from {}: edit that file and run the command again;\n\
+         # `kubectl apply -f` the output to add, change or revoke keys (deploy/README.md).\n",
+        config.display()
+    );
+    print!("{}", manifest::to_stream(&docs, &header));
     Ok(())
 }
 

@@ -13,6 +13,9 @@
 //! - [`routing`]: issue 13's six classes and the routing agreement: a
 //!   credential reaches only a cluster its route is bound to, as Envoy
 //!   finally routes; thousands of generated requests judged by one oracle.
+//! - [`platforms`]: the manifests `keyswap manifest` makes for Istio and
+//!   Envoy Gateway, run by Envoy in the shape each control plane gives
+//!   them: credentials, other routes, revocation, fail-closed faults.
 //! - [`leaks`]: Envoy at `trace`; no key, environment credential, client
 //!   secret or issued token in its log, local responses, `/config_dump`,
 //!   `/stats` or what `keyswap push` prints.
@@ -28,6 +31,7 @@ mod credentials;
 mod gateway;
 mod leaks;
 mod operations;
+mod platforms;
 mod revocation;
 mod routing;
 
