@@ -286,6 +286,8 @@ pub struct Launch {
     /// keyswap configurations that must be loaded before Envoy counts as
     /// started (probed by their version in the filter's log).
     pub expect_configs: Vec<String>,
+    /// More command-line arguments (`--config-yaml`, say).
+    pub args: Vec<String>,
 }
 
 impl Launch {
@@ -451,6 +453,7 @@ impl Envoy {
         let dir = run_dir()?;
         let mut args = run_args(&dir, true, log);
         args[1] = workers.to_string();
+        args.extend(launch.args.iter().cloned());
         let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         // From here on, dropping `envoy` kills the child.
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
@@ -495,7 +498,8 @@ impl Envoy {
     /// happened in time.
     pub fn refuse(launch: &Launch) -> Result<Refusal, String> {
         let dir = run_dir()?;
-        let args = run_args(&dir, false, &LogLevels::serving());
+        let mut args = run_args(&dir, false, &LogLevels::serving());
+        args.extend(launch.args.iter().cloned());
         let child = spawn(launch, &dir, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let mut envoy = Self { child, dir, admin: SocketAddr::from(([127, 0, 0, 1], 0)), listeners: BTreeMap::new() };
         let outcome = poll(READY_TIMEOUT, || {

@@ -177,6 +177,7 @@ fn start_shipped(echo: &Echo, credential: &str) -> Envoy {
         env: env(&[("KEYSWAP_DEMO_CREDENTIAL", credential)]),
         cwd: Some(repo_root()),
         expect_configs: vec![demo_config()],
+        args: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("Envoy starts with the shipped envoy.yaml: {e}"))
 }
@@ -250,6 +251,7 @@ fn shipped_envoy_yaml_fails_closed_when_its_ecds_configuration_is_refused() {
         env: Vec::new(),
         cwd: Some(repo_root()),
         expect_configs: vec![plugin_config(&yaml)],
+        args: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("Envoy starts with the shipped envoy.yaml: {e}"));
     let gateway = envoy.listener("gateway").expect("the gateway listener");
@@ -347,6 +349,7 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
         env: env(&[("TOKEN", "from-envoy-environment")]),
         cwd: None,
         expect_configs: vec![token_config("host")],
+        args: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("Envoy starts: {e}"));
 

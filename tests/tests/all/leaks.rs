@@ -442,6 +442,7 @@ fn no_key_or_environment_credential_leaks_at_trace() {
         env: CREDENTIALS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: None,
         expect_configs: vec![main.config.clone(), rotated_config(1)],
+        args: Vec::new(),
     };
     let log_levels = LogLevels { level: "trace".into(), components: Some(QUIET_COMPONENTS.into()) };
     let envoy = Envoy::start_logging(&launch, &log_levels).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
@@ -700,6 +701,7 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
         env: DYNAMIC_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: None,
         expect_configs: vec![listener.config.clone()],
+        args: Vec::new(),
     };
     let log_levels = LogLevels { level: "trace".into(), components: Some(QUIET_COMPONENTS.into()) };
     let envoy = Envoy::start_logging(&launch, &log_levels).unwrap_or_else(|e| panic!("Envoy starts: {e}"));

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use keyswap_tests::ecds::{self, WASM_TYPE};
 use keyswap_tests::echo::{Echo, Echoed};
-use keyswap_tests::envoy::{filter_wasm, Envoy, Launch};
+use keyswap_tests::envoy::{filter_wasm, repo_root, Envoy, Launch};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::load::KeepAlive;
 use keyswap_tests::manifest;
@@ -257,12 +257,44 @@ fn istio_gateway(docs: &[Value], listener_name: &str, ecds: &Path, upstream: std
     json!({
         "node": {"id": "istio-shaped", "cluster": "istio-shaped"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "stats_config": istio_stats_config(),
         "static_resources": {
             "listeners": [{"name": "gateway", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                            "filter_chains": [{"filters": [manager]}]}],
             "clusters": clusters,
         },
     })
+}
+
+/// The stats part of the bootstrap Istio's agent writes: no default tags,
+/// and only the stats its inclusion list names are kept (istio/istio
+/// `tools/packaging/common/envoy_bootstrap.json`; the required prefixes
+/// and suffixes of `pkg/bootstrap/config.go`). keyswap's metrics are kept
+/// because Envoy names them `wasmcustom.…`, under the `wasm` prefix.
+fn istio_stats_config() -> Value {
+    let prefixes = ["reporter=", "cluster_manager", "listener_manager", "server", "cluster.xds-grpc", "wasm"];
+    let suffixes = ["rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied", "downstream_cx_active"];
+    let patterns: Vec<Value> = prefixes
+        .iter()
+        .map(|p| json!({"prefix": p}))
+        .chain(suffixes.iter().map(|s| json!({"suffix": s})))
+        .chain(["component", "istio"].iter().map(|p| json!({"prefix": p})))
+        .collect();
+    json!({
+        "use_all_default_tags": false,
+        "stats_tags": [{"tag_name": "response_code", "regex": "_rq(_(\\d{3}))$"}],
+        "stats_matcher": {"inclusion_list": {"patterns": patterns}},
+    })
+}
+
+/// deploy/istio/stats-tags-configmap.yaml's bootstrap fragment, which the
+/// gateway patch hands Istio's agent (`ISTIO_BOOTSTRAP_OVERRIDE`), and the
+/// agent Envoy (`--config-yaml`).
+fn istio_bootstrap_override() -> String {
+    let path = repo_root().join("deploy/istio/stats-tags-configmap.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    map["data"]["custom_bootstrap.json"].as_str().unwrap_or_else(|| panic!("no custom_bootstrap.json")).to_string()
 }
 
 fn write_json(path: &Path, value: &Value) {
@@ -279,8 +311,9 @@ fn start_istio(made_for: u32, runs: u32, echo: &Echo) -> (Envoy, PathBuf, String
     let served = manifest::istio_ecds_name(runs, "istio-system", "keyswap").unwrap_or_else(|e| panic!("{e}"));
     write_json(&ecds_file, &istio_resource(&served, &docs[0], &wasm));
     let bootstrap = istio_gateway(&docs, &served, &ecds_file, echo.addr());
-    let expect = vec![docs[0]["spec"]["pluginConfig"].to_string()];
-    let envoy = Envoy::start(&launch(&bootstrap, expect)).unwrap_or_else(|e| panic!("{e}"));
+    let mut launch = launch(&bootstrap, vec![docs[0]["spec"]["pluginConfig"].to_string()]);
+    launch.args = vec!["--config-yaml".into(), istio_bootstrap_override()];
+    let envoy = Envoy::start(&launch).unwrap_or_else(|e| panic!("{e}"));
     (envoy, ecds_file, served)
 }
 
@@ -310,6 +343,16 @@ fn istio_manifests_run_as_istio_delivers_them() {
     );
     // The EnvoyFilter's HCM patch: `_` look-alikes are refused.
     assert_eq!(send(&envoy, ISTIO_A, Some(TEAM_KEY), &[("x_api_key", "x")]).status, 400);
+    // Istio keeps keyswap's metrics, and the override labels them.
+    let metrics = admin(&envoy, "/stats/prometheus");
+    let allowed = metrics.lines().find(|l| {
+        l.starts_with("keyswap_requests_total{") && l.contains(r#"route="a""#) && l.contains(r#"outcome="allowed""#)
+    });
+    assert!(
+        allowed.is_some_and(|l| l.ends_with(" 1")),
+        "{}",
+        metrics.lines().filter(|l| l.contains("keyswap")).collect::<Vec<_>>().join("\n")
+    );
 
     // A revocation applied to the WasmPlugin reaches both stages.
     let revoked = config(ISTIO_A, ISTIO_B, true);
@@ -418,13 +461,15 @@ fn eg_gateway(docs: &[Value], wasm: &Path, cds: &Path) -> Value {
     })
 }
 
+fn admin(envoy: &Envoy, path: &str) -> String {
+    Request::get(path).header("host", "admin").send(envoy.admin()).map(|r| r.text()).unwrap_or_default()
+}
+
 fn counter(envoy: &Envoy, name: &str) -> u64 {
-    let stats = Request::get(&format!("/stats?filter=^{name}$"))
-        .header("host", "admin")
-        .send(envoy.admin())
-        .map(|r| r.text())
-        .unwrap_or_default();
-    stats.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+    admin(envoy, &format!("/stats?filter=^{name}$"))
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
 }
 
 #[test]
