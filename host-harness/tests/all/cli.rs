@@ -399,3 +399,97 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     let _ = std::fs::remove_dir_all(ecds.parent().unwrap());
 }
+
+/// The deploy/ manifests `keyswap manifest` makes, each with the command
+/// that makes it (run from the repository root).
+const DEPLOYED: &[(&str, &[&str])] = &[
+    (
+        "deploy/istio/keyswap.yaml",
+        &[
+            "manifest",
+            "istio",
+            "deploy/istio/keyswap.json",
+            "--istio-version",
+            "1.29",
+            "--image",
+            "oci://registry.example.com/keyswap/filter:0.1.0",
+        ],
+    ),
+    (
+        "deploy/envoy-gateway/keyswap.yaml",
+        &[
+            "manifest",
+            "envoy-gateway",
+            "deploy/envoy-gateway/keyswap.json",
+            "--route",
+            "api-upstreams",
+            "--image",
+            "registry.example.com/keyswap/filter:0.1.0",
+        ],
+    ),
+];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The manifests in deploy/ are exactly what the documented command
+/// prints, so they cannot drift from the configuration they carry or from
+/// each other. `KEYSWAP_UPDATE_MANIFESTS=1` rewrites them.
+#[test]
+fn deploy_manifests_are_what_keyswap_manifest_makes() {
+    for (file, args) in DEPLOYED {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_keyswap")).args(*args).current_dir(repo_root()).output().expect("runs");
+        assert!(out.status.success(), "keyswap {}: {}", args.join(" "), text(&out.stderr));
+        let path = repo_root().join(file);
+        if std::env::var_os("KEYSWAP_UPDATE_MANIFESTS").is_some() {
+            std::fs::write(&path, &out.stdout).expect("write");
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == out.stdout,
+            "{file} is not what `keyswap {}` prints: run KEYSWAP_UPDATE_MANIFESTS=1 cargo test -p keyswap-harness --test all deploy_manifests",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn manifest_refuses_what_the_filter_refuses_and_unknown_releases() {
+    let refused = temp_file("manifest", "refused.json", r#"{"clients": [{"id": "a"}], "routes": []}"#);
+    let out =
+        keyswap(&["manifest", "istio", refused.to_str().unwrap(), "--istio-version", "1.29", "--image", "x"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("clients[0]"), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+    let config = repo_root().join("deploy/istio/keyswap.json");
+    for release in ["1.18", "1.32", "2.0"] {
+        let out =
+            keyswap(&["manifest", "istio", config.to_str().unwrap(), "--istio-version", release, "--image", "x"], None);
+        assert_eq!(out.status.code(), Some(1), "{release}");
+        assert!(out.stdout.is_empty(), "{release}");
+    }
+}
+
+/// `check` warns when a configuration's manifest would not fit
+/// client-side `kubectl apply` (or Kubernetes at all).
+#[test]
+fn check_warns_when_a_manifest_would_be_too_large() {
+    let clients: Vec<String> = (0..3000)
+        .map(|i| format!(r#"{{"id": "client-{i:05}", "key_sha256": "{:064x}", "routes": ["a"]}}"#, i + 1))
+        .collect();
+    let config = format!(
+        r#"{{"clients": [{}], "routes": [{{"name": "a", "match": {{"clusters": ["a"]}}, "inject": [{{"header": "x-k", "value": {{"inline": "v"}}}}]}}]}}"#,
+        clients.join(",")
+    );
+    let big = temp_file("check-size", "big.json", &config);
+    let out = keyswap(&["check", big.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("warning: WasmPlugin is"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("--server-side"), "{}", text(&out.stdout));
+    let small = temp_file("check-size", "small.json", &config.replace(&clients[1..].join(","), "").replace(",]", "]"));
+    let out = keyswap(&["check", small.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("warning"), "{}", text(&out.stdout));
+}
