@@ -19,6 +19,10 @@
 //! - [`leaks`]: Envoy at `trace`; no key, environment credential, client
 //!   secret or issued token in its log, local responses, `/config_dump`,
 //!   `/stats` or what `keyswap push` prints.
+//! - [`image`]: shipping the module: `scripts/image`'s plugin image pushed
+//!   to a real registry with skopeo and judged by Istio's and Envoy
+//!   Gateway's fetcher rules; Envoy loading keyswap from an http URL with
+//!   its sha256, and failing closed on a wrong one.
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
@@ -29,6 +33,7 @@
 mod conformance;
 mod credentials;
 mod gateway;
+mod image;
 mod leaks;
 mod operations;
 mod platforms;
