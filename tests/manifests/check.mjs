@@ -208,7 +208,10 @@ export async function checkDocument(file, { value: doc, comment, yamlError }, in
           ...r.errors.filter((e) => e.keyword !== "required").map((e) => [e.segments, e.message]),
           ...r.unknown.map((u) => [u, "unknown field"]),
         ];
+        // What the newest model refuses too is reported already.
+        const already = new Set([...schema.errors.map((e) => e.segments), ...schema.unknown].map(pathText));
         for (const [segments, message] of refused) {
+          if (already.has(pathText(segments))) continue;
           let value = doc;
           for (const s of segments) value = value?.[s];
           if (!explained(segments, value)) {
