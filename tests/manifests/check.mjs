@@ -29,10 +29,10 @@ const upstream = JSON.parse(readFileSync(join(here, "upstream.json"), "utf8"));
 // directives like $patch aside), with the right type; required fields are
 // not required.
 const PARTIAL = {
-  "deploy/istio/gateway-env-patch.yaml": {
+  "deploy/istio/gateway-patch.yaml": {
     apiVersion: "apps/v1",
     kind: "Deployment",
-    reason: "a strategic-merge patch for the ingress gateway's Deployment (kubectl patch --patch-file), not a whole object",
+    reason: "a strategic-merge patch for keyswap's gateway Deployment (kubectl patch --patch-file), not a whole object",
   },
 };
 

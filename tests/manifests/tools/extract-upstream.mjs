@@ -59,6 +59,9 @@ export const KINDS = {
   "networking.istio.io/v1alpha3/EnvoyFilter": "istio",
   "networking.istio.io/v1beta1/ServiceEntry": "istio",
   "networking.istio.io/v1/ServiceEntry": "istio",
+  "networking.istio.io/v1beta1/Gateway": "istio",
+  "networking.istio.io/v1beta1/VirtualService": "istio",
+  "networking.istio.io/v1beta1/DestinationRule": "istio",
   "gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy": "envoy-gateway",
   "gateway.envoyproxy.io/v1alpha1/EnvoyPatchPolicy": "envoy-gateway",
   "gateway.envoyproxy.io/v1alpha1/EnvoyProxy": "envoy-gateway",
@@ -67,6 +70,8 @@ export const KINDS = {
   "gateway.networking.k8s.io/v1/HTTPRoute": "envoy-gateway",
   "gateway.networking.k8s.io/v1/Gateway": "envoy-gateway",
   "gateway.networking.k8s.io/v1/GatewayClass": "envoy-gateway",
+  "gateway.networking.k8s.io/v1/BackendTLSPolicy": "envoy-gateway",
+  "gateway.networking.k8s.io/v1alpha3/BackendTLSPolicy": "envoy-gateway",
 };
 
 const git = (project, ...a) =>
