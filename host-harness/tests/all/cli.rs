@@ -477,7 +477,12 @@ fn manifest_refuses_what_the_filter_refuses_and_unknown_releases() {
 #[test]
 fn check_warns_when_a_manifest_would_be_too_large() {
     let clients: Vec<String> = (0..3000)
-        .map(|i| format!(r#"{{"id": "client-{i:05}", "key_sha256": "{:064x}", "routes": ["a"]}}"#, i + 1))
+        .map(|i| {
+            format!(
+                r#"{{"id": "client-{i:05}", "key_sha256": "{}", "routes": ["a"]}}"#,
+                sha256_hex(&format!("key-{i}"))
+            )
+        })
         .collect();
     let config = format!(
         r#"{{"clients": [{}], "routes": [{{"name": "a", "match": {{"clusters": ["a"]}}, "inject": [{{"header": "x-k", "value": {{"inline": "v"}}}}]}}]}}"#,
@@ -492,4 +497,9 @@ fn check_warns_when_a_manifest_would_be_too_large() {
     let out = keyswap(&["check", small.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stdout));
     assert!(!text(&out.stdout).contains("warning"), "{}", text(&out.stdout));
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
