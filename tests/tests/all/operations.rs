@@ -288,7 +288,7 @@ fn strings(value: &serde_yaml::Value) -> Vec<String> {
 
 #[test]
 fn istio_wasmplugin_carries_a_loadable_configuration() {
-    let docs = manifests("istio/wasmplugin.yaml");
+    let docs = manifests("istio/keyswap.yaml");
     let plugin = &docs[0];
     assert_eq!(plugin["apiVersion"].as_str(), Some("extensions.istio.io/v1alpha1"));
     assert_eq!(plugin["kind"].as_str(), Some("WasmPlugin"));
@@ -300,33 +300,56 @@ fn istio_wasmplugin_carries_a_loadable_configuration() {
         .inspect(|e| assert_eq!(e["valueFrom"].as_str(), Some("HOST"), "credentials come from the host: {e:?}"))
         .filter_map(|e| e["name"].as_str().map(str::to_string))
         .collect();
-    loads("istio/wasmplugin.yaml", &plugin["spec"]["pluginConfig"], &env);
+    assert!(!env.is_empty());
+    loads("istio/keyswap.yaml", &plugin["spec"]["pluginConfig"], &env);
     // The gateway's environment gets those variables from the Secret.
     let secret = &manifests("secret.yaml")[0];
     for name in &env {
         assert!(!secret["stringData"][name.as_str()].is_null(), "the Secret has no {name}");
     }
-    let patch = &manifests("istio/gateway-env-patch.yaml")[0];
-    let container = &patch["spec"]["template"]["spec"]["containers"][0];
+    let patch = &manifests("istio/gateway-patch.yaml")[0];
+    let pod = &patch["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["name"].as_str(), Some("istio-proxy"));
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], secret["metadata"]["name"]);
+    // The stats tags: the ConfigMap, mounted where the override points.
     let tags = &manifests("istio/stats-tags-configmap.yaml")[0];
     let bootstrap: Value =
         serde_json::from_str(tags["data"]["custom_bootstrap.json"].as_str().expect("bootstrap")).expect("JSON");
     assert_eq!(bootstrap["stats_config"], to_json(&shipped()["stats_config"]), "same stats tags as envoy.yaml");
+    let volume = &pod["volumes"][0];
+    assert_eq!(volume["configMap"]["name"], tags["metadata"]["name"]);
+    let mount = &container["volumeMounts"][0];
+    assert_eq!(mount["name"], volume["name"]);
+    let override_path = container["env"][0]["value"].as_str().expect("ISTIO_BOOTSTRAP_OVERRIDE");
+    assert_eq!(container["env"][0]["name"].as_str(), Some("ISTIO_BOOTSTRAP_OVERRIDE"));
+    assert_eq!(
+        override_path,
+        format!("{}/custom_bootstrap.json", mount["mountPath"].as_str().expect("mountPath")),
+        "the override names the mounted file"
+    );
+    // The WasmPlugin and EnvoyFilter select the gateway the routes use.
+    let routes = manifests("istio/routes.yaml");
+    let selector = &routes[0]["spec"]["selector"];
+    assert_eq!(&plugin["spec"]["selector"]["matchLabels"], selector);
+    assert_eq!(&docs[1]["spec"]["workloadSelector"]["labels"], selector);
 }
 
 #[test]
 fn envoy_gateway_policy_carries_a_loadable_configuration() {
-    let policy = &manifests("envoy-gateway/envoyextensionpolicy.yaml")[0];
+    let docs = manifests("envoy-gateway/keyswap.yaml");
+    let policy = &docs[0];
     assert_eq!(policy["apiVersion"].as_str(), Some("gateway.envoyproxy.io/v1alpha1"));
     assert_eq!(policy["kind"].as_str(), Some("EnvoyExtensionPolicy"));
     let wasm = &policy["spec"]["wasm"][0];
     assert_eq!(wasm["failOpen"].as_bool(), Some(false));
     let env = strings(&wasm["env"]["hostKeys"]);
-    loads("envoy-gateway/envoyextensionpolicy.yaml", &wasm["config"], &env);
+    assert!(!env.is_empty());
+    loads("envoy-gateway/keyswap.yaml", &wasm["config"], &env);
     let proxy = &manifests("envoy-gateway/envoyproxy.yaml")[0];
     assert_eq!(proxy["kind"].as_str(), Some("EnvoyProxy"));
-    let container_env = &proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"];
+    let deployment = &proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"];
+    let container_env = &deployment["container"]["env"];
     for name in &env {
         let entry = container_env
             .as_sequence()
@@ -339,6 +362,19 @@ fn envoy_gateway_policy_carries_a_loadable_configuration() {
     let bootstrap: serde_yaml::Value =
         serde_yaml::from_str(proxy["spec"]["bootstrap"]["value"].as_str().expect("bootstrap")).expect("YAML");
     assert_eq!(to_json(&bootstrap["stats_config"]), to_json(&shipped()["stats_config"]));
+    // The cluster stage loads the module from where the EnvoyProxy mounts it.
+    let mount = deployment["container"]["volumeMounts"][0]["mountPath"].as_str().expect("mountPath");
+    let patches = docs[1]["spec"]["jsonPatches"].as_sequence().expect("jsonPatches");
+    for patch in patches {
+        let filter = &patch["operation"]["value"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            ["http_filters"][0]["typed_config"]["config"];
+        let module = filter["vm_config"]["code"]["local"]["filename"].as_str().expect("filename");
+        assert_eq!(module, format!("{mount}/plugin.wasm"), "the ConfigMap's key is plugin.wasm");
+    }
+    // The EnvoyProxy is where the Gateway looks for it: its own namespace.
+    let gateway = &manifests("envoy-gateway/gateway.yaml")[0];
+    assert_eq!(gateway["spec"]["infrastructure"]["parametersRef"]["name"], proxy["metadata"]["name"]);
+    assert_eq!(gateway["metadata"]["namespace"], proxy["metadata"]["namespace"]);
 }
 
 #[test]
