@@ -360,10 +360,27 @@ fn istio_manifests_run_as_istio_delivers_them() {
     status_within(Duration::from_secs(10), 401, || send(&envoy, ISTIO_B, Some(BOT_KEY), &[]));
     reached(&send(&envoy, ISTIO_A, Some(TEAM_KEY), &[]), ISTIO_A);
 
+    // A configuration keyswap refuses: both stages keep the revoked one,
+    // and the refusal shows in the ECDS stats the override keeps.
+    let mut refused = istio_docs(&revoked, 29).remove(0);
+    refused["spec"]["pluginConfig"]["clients"] = json!("not a list");
+    write_json(&ecds_file, &istio_resource(&name, &refused, &wasm));
+    for stage in ["http_filter", "upstream_http_filter"] {
+        let stat = format!("extension_config_discovery.{stage}.{name}.update_rejected");
+        let start = Instant::now();
+        while counter(&envoy, &stat) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "{stat} stayed 0");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(send(&envoy, ISTIO_B, Some(BOT_KEY), &[]).status, 401, "the revocation holds");
+    reached(&send(&envoy, ISTIO_A, Some(TEAM_KEY), &[]), ISTIO_A);
+
     // The image cannot be fetched (FAIL_CLOSE): the agent's deny-all.
     write_json(&ecds_file, &istio_deny_all(&name));
     status_within(Duration::from_secs(10), 403, || send(&envoy, ISTIO_A, Some(TEAM_KEY), &[]));
-    assert_eq!(send(&envoy, ISTIO_OTHER, None, &[]).status, 403, "the listener stage refuses too");
+    // The listener watches the resource too, on a subscription of its own.
+    status_within(Duration::from_secs(10), 403, || send(&envoy, ISTIO_OTHER, None, &[]));
 }
 
 #[test]
