@@ -9,8 +9,8 @@
 //!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
 //!  abi ────────── host calls, one module a group; codec + headers are pure
 //!  runner ─────── a conformance case (or a CLI request) through an instance
-//!  ecds, push ─── the configuration as Envoy's ECDS resource; `keyswap push`
-//!  manifest ───── the configuration as Istio / Envoy Gateway manifests
+//!  push ───────── `keyswap push` (the ECDS resource and the manifests
+//!                 are keyswap-envoy-config's `ecds` and `manifest`)
 //!  error ──────── HarnessError
 //! ```
 //!
@@ -23,14 +23,16 @@ pub mod abi;
 pub mod bench;
 pub mod component;
 pub mod conformance;
-pub mod ecds;
 pub mod error;
-pub mod manifest;
 pub mod module;
 pub mod push;
 pub mod runner;
 pub mod serve;
 pub mod state;
+
+/// The ECDS resource and the platform manifests, from their own crate
+/// (also used by the end-to-end tests).
+pub use keyswap_envoy_config::{ecds, manifest};
 
 pub use abi::callout::SharedData;
 pub use abi::codec::HeaderList;

@@ -15,9 +15,9 @@
 //!   Envoy until ready and the filter's configuration is proven loaded,
 //!   kills it on drop and prints its log when a test fails.
 //!
-//! - [`ecds`]: the keyswap configuration as an ECDS resource, compiled from
-//!   the harness's own `host-harness/src/ecds.rs`, so the tests write the
-//!   bytes `keyswap push` writes, the same way.
+//! - [`ecds`], [`manifest`]: the keyswap configuration as an ECDS resource
+//!   and as platform manifests, from `keyswap-envoy-config`, so the tests
+//!   write the bytes `keyswap push` and `keyswap manifest` write.
 //! - [`load`]: bounded background load over keep-alive connections.
 //! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
 //!   did what when (from Envoy's log).
@@ -30,16 +30,13 @@
 //!
 //! The tests themselves are one binary, `tests/all/`, a module an area.
 
-#[path = "../../host-harness/src/ecds.rs"]
-pub mod ecds;
+/// The ECDS resource and the manifests, exactly as the `keyswap` CLI
+/// makes them.
+pub use keyswap_envoy_config::{ecds, manifest};
 pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod load;
-/// The manifests `keyswap manifest` makes, compiled from the harness's own
-/// `host-harness/src/manifest.rs` (pure; no wasmtime).
-#[path = "../../host-harness/src/manifest.rs"]
-pub mod manifest;
 pub mod revocation;
 pub mod routing;
 pub mod token;

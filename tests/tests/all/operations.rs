@@ -373,7 +373,8 @@ fn envoy_gateway_policy_carries_a_loadable_configuration() {
         assert_eq!(module, format!("{mount}/plugin.wasm"), "the ConfigMap's key is plugin.wasm");
     }
     // The EnvoyProxy is where the Gateway looks for it: its own namespace.
-    let gateway = &manifests("envoy-gateway/gateway.yaml")[0];
+    let docs = manifests("envoy-gateway/gateway.yaml");
+    let gateway = docs.iter().find(|d| d["kind"].as_str() == Some("Gateway")).expect("a Gateway");
     assert_eq!(gateway["spec"]["infrastructure"]["parametersRef"]["name"], proxy["metadata"]["name"]);
     assert_eq!(gateway["metadata"]["namespace"], proxy["metadata"]["namespace"]);
 }

@@ -222,10 +222,25 @@ fn discovery(name: &str, typed_config: Value) -> Value {
 /// way Istio merges them (a `typed_extension_protocol_options` entry is
 /// replaced whole; the HCM's fields merged), every `ads` source replaced
 /// by the watched `ecds` file.
-fn istio_gateway(docs: &[Value], listener_name: &str, ecds: &Path, upstream: std::net::SocketAddr) -> Value {
+fn istio_gateway(
+    docs: &[Value],
+    listener_name: &str,
+    ecds: &Path,
+    upstream: std::net::SocketAddr,
+    silent_istiod: Option<std::net::SocketAddr>,
+) -> Value {
     let patches = docs[1]["spec"]["configPatches"].as_array().cloned().unwrap_or_default();
     let by_file = |mut v: Value| {
         v["config_discovery"]["config_source"] = path_source(ecds);
+        v
+    };
+    // An istiod that does not serve the clusters' resource: a gRPC source
+    // that never answers, with the patch's own `initial_fetch_timeout`.
+    let by_silence = |mut v: Value| {
+        let source = &mut v["config_discovery"]["config_source"];
+        source.as_object_mut().map(|s| s.remove("ads"));
+        source["api_config_source"] = json!({"api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "silent-istiod"}}]});
         v
     };
     let clusters: Vec<Value> = [ISTIO_A, ISTIO_B, ISTIO_OTHER]
@@ -235,12 +250,23 @@ fn istio_gateway(docs: &[Value], listener_name: &str, ecds: &Path, upstream: std
             for p in patches.iter().filter(|p| p["applyTo"] == "CLUSTER" && p["match"]["cluster"]["name"] == **name) {
                 let mut options = p["patch"]["value"]["typed_extension_protocol_options"].clone();
                 let filters = &mut options[OPTIONS]["http_filters"];
-                filters[0] = by_file(filters[0].clone());
+                filters[0] = match silent_istiod {
+                    Some(_) => by_silence(filters[0].clone()),
+                    None => by_file(filters[0].clone()),
+                };
                 cluster["typed_extension_protocol_options"] = options;
             }
             cluster
         })
         .collect();
+    let mut clusters = clusters;
+    if let Some(istiod) = silent_istiod {
+        let mut xds = static_cluster("silent-istiod", istiod);
+        xds["typed_extension_protocol_options"] = json!({OPTIONS: {"@type":
+            "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}});
+        clusters.push(xds);
+    }
     let listener_filter = by_file(json!({
         "name": listener_name,
         "config_discovery": {"type_urls": [WASM_TYPE, "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"]},
@@ -303,14 +329,21 @@ fn write_json(path: &Path, value: &Value) {
 
 /// An Istio-shaped gateway running the manifests made for Istio
 /// 1.`made_for` as an istiod of 1.`runs` serves them, reaching `echo`;
-/// with the watched ECDS file and the resource name istiod serves.
-fn start_istio(made_for: u32, runs: u32, echo: &Echo) -> (Envoy, PathBuf, String) {
+/// with the watched ECDS file and the resource name istiod serves. When
+/// the releases differ, the clusters ask `silent_istiod`, which never
+/// answers (istiod serves no resource of the name they ask for).
+fn start_istio(
+    made_for: u32,
+    runs: u32,
+    echo: &Echo,
+    silent_istiod: Option<std::net::SocketAddr>,
+) -> (Envoy, PathBuf, String) {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let ecds_file = watched_file("istio", "resource.json");
     let docs = istio_docs(&config(ISTIO_A, ISTIO_B, false), made_for);
     let served = manifest::istio_ecds_name(runs, "istio-system", "keyswap").unwrap_or_else(|e| panic!("{e}"));
     write_json(&ecds_file, &istio_resource(&served, &docs[0], &wasm));
-    let bootstrap = istio_gateway(&docs, &served, &ecds_file, echo.addr());
+    let bootstrap = istio_gateway(&docs, &served, &ecds_file, echo.addr(), silent_istiod);
     let mut launch = launch(&bootstrap, vec![docs[0]["spec"]["pluginConfig"].to_string()]);
     launch.args = vec!["--config-yaml".into(), istio_bootstrap_override()];
     let envoy = Envoy::start(&launch).unwrap_or_else(|e| panic!("{e}"));
@@ -321,7 +354,7 @@ fn start_istio(made_for: u32, runs: u32, echo: &Echo) -> (Envoy, PathBuf, String
 fn istio_manifests_run_as_istio_delivers_them() {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let (envoy, ecds_file, name) = start_istio(29, 29, &echo);
+    let (envoy, ecds_file, name) = start_istio(29, 29, &echo, None);
 
     // The team's credential reaches cluster a, with the key gone.
     let got = reached(&send(&envoy, ISTIO_A, Some(TEAM_KEY), &[]), ISTIO_A);
@@ -388,8 +421,14 @@ fn an_istio_cluster_patch_for_another_release_fails_closed() {
     let echo = Echo::start("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     // Manifests made for 1.25 on an Istio 1.29 gateway: istiod serves the
     // plugin under 1.29's name and the listener (istiod's) asks for it;
-    // the clusters (the patch's) ask for 1.25's.
-    let (envoy, _, _) = start_istio(25, 29, &echo);
+    // the clusters (the patch's) ask for 1.25's, which istiod never sends.
+    // The gateway starts once the patch's fetch timeout has passed.
+    let istiod = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let (envoy, _, _) = start_istio(25, 29, &echo, istiod.local_addr().ok());
+    let waited = started.elapsed();
+    let timeout: u64 = manifest::ISTIO_FETCH_TIMEOUT.trim_end_matches('s').parse().unwrap_or_else(|e| panic!("{e}"));
+    assert!(waited < Duration::from_secs(timeout + 20), "ready after {waited:?}");
     let response = send(&envoy, ISTIO_A, Some(TEAM_KEY), &[]);
     assert_eq!(response.status, 500, "{}", response.text());
     assert!(!response.text().contains(CREDENTIAL_A));
@@ -399,8 +438,8 @@ fn an_istio_cluster_patch_for_another_release_fails_closed() {
 
 // ---- Envoy Gateway --------------------------------------------------------
 
-const EG_A: &str = "httproute/default/api-upstreams/rule/0";
-const EG_B: &str = "httproute/default/api-upstreams/rule/1";
+const EG_A: &str = "httproute/default/api-openai/rule/0";
+const EG_B: &str = "httproute/default/api-anthropic/rule/0";
 const EG_OTHER: &str = "httproute/default/other/rule/0";
 
 fn eg_docs(config: &str, wasm: &Path) -> Vec<Value> {
@@ -410,7 +449,7 @@ fn eg_docs(config: &str, wasm: &Path) -> Vec<Value> {
             namespace: "default".into(),
             image: "registry.example.com/keyswap/filter:0.1.0".into(),
         },
-        routes: vec!["api-upstreams".into()],
+        routes: vec!["api-openai".into(), "api-anthropic".into()],
         gateway: "eg".into(),
         module_path: wasm.display().to_string(),
     };

@@ -1,8 +1,7 @@
 //! The keyswap filter's configuration as an Envoy ECDS resource, and what
 //! Envoy's admin says about it. Pure apart from [`write_atomically`] and
-//! [`lock`] (the file and its push lock); no wasmtime here, so the
-//! end-to-end tests compile this very file too (`tests/src/lib.rs`), and
-//! `keyswap push` and the tests write the same bytes the same way.
+//! [`lock`] (the file and its push lock); `keyswap push` and the
+//! end-to-end tests both use it, so they write the same bytes the same way.
 //!
 //! The file Envoy watches (`config_discovery.config_source.path_config_source`
 //! in `envoy.yaml`) holds one `DiscoveryResponse`:

@@ -15,8 +15,8 @@
 //!   the listener) and an `EnvoyPatchPolicy` whose JSON patches give each
 //!   bound cluster the final stage with the same configuration.
 //!
-//! Compiled into the end-to-end tests too (`tests/src/lib.rs`), which run
-//! these manifests in Envoy. Pure: text in, JSON values out ([`to_stream`] renders them). No file, no
+//! The end-to-end tests run these manifests in Envoy
+//! (`tests/tests/all/platforms.rs`). Pure: text in, JSON values out ([`to_stream`] renders them). No file, no
 //! wasmtime, no network.
 
 use std::cell::RefCell;
@@ -77,6 +77,10 @@ pub struct EnvoyGateway {
     /// (`envoyproxy.yaml` mounts it from a ConfigMap).
     pub module_path: String,
 }
+
+/// How long a gateway's cluster waits for the plugin's ECDS resource
+/// before it runs without it (and so answers 500).
+pub const ISTIO_FETCH_TIMEOUT: &str = "15s";
 
 /// The oldest and newest Istio releases the manifests are made for.
 pub const ISTIO_MINORS: std::ops::RangeInclusive<u32> = 19..=31;
@@ -207,9 +211,12 @@ pub fn istio(config: &str, opts: &Istio) -> Result<Vec<Value>, ManifestError> {
     let keyswap = json!({
         "name": ecds,
         "config_discovery": {
-            // Istio's own reference to a plugin's resource (ADS, no fetch
-            // timeout), so the gateway asks istiod for the same resource.
-            "config_source": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            // The gateway asks istiod for the resource over ADS, as Istio's
+            // own reference does, but waits for it at most 15 s: a name
+            // istiod does not serve (manifests made for another release)
+            // then leaves the cluster answering 500, where Istio's `0s`
+            // (wait forever) would keep a new gateway pod from starting.
+            "config_source": {"ads": {}, "initial_fetch_timeout": ISTIO_FETCH_TIMEOUT, "resource_api_version": "V3"},
             "type_urls": [WASM_TYPE, RBAC_TYPE],
         },
     });
