@@ -14,12 +14,11 @@
 
 use std::path::{Path, PathBuf};
 
+use keyswap_conformance::{Observed, SuiteCase};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
-
-use crate::conformance::{Case, Observed};
 
 /// The generated bindings, boxed: the rest of the harness sees only the
 /// re-exports below.
@@ -280,9 +279,6 @@ pub fn apply(forward: &Forward, headers: &mut Vec<(String, Vec<u8>)>) {
     headers.extend(forward.add_headers.iter().cloned());
 }
 
-/// The runner's name in `skip.json`.
-pub const RUNNER: &str = "component";
-
 /// Runs a conformance case through a fresh instance: its configuration
 /// with its environment, its request, and its upstream response when it
 /// has one. A refused configuration is reported as the line a host logs,
@@ -290,7 +286,7 @@ pub const RUNNER: &str = "component";
 ///
 /// # Errors
 /// A trap, as text.
-pub fn observe(component: &PolicyComponent, case: &Case) -> Result<Observed, String> {
+pub fn observe(component: &PolicyComponent, case: &SuiteCase) -> Result<Observed, String> {
     let mut instance = component.instance().map_err(|e| e.to_string())?;
     let env: Vec<(String, String)> = case.env.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     if let Err(refused) = instance.configure(&case.config, &env).map_err(|e| e.to_string())? {

@@ -3,12 +3,11 @@
 //! suite and the `keyswap` CLI run the very module Envoy loads.
 //!
 //! ```text
-//!  conformance ── Case, Suite, Report (shared by every runner)
 //!  module ─────── FilterModule (Engine + Module + linker, compiled once, Clone)
 //!        └─────── FilterInstance (Store<HostState>: one VM, one plugin)
 //!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
 //!  abi ────────── host calls, one module a group; codec + headers are pure
-//!  runner ─────── a conformance case (or a CLI request) through an instance
+//!  runner ─────── a conformance case (keyswap-conformance) or a CLI request through an instance
 //!  push ───────── `keyswap push` (the ECDS resource and the manifests
 //!                 are keyswap-envoy-config's `ecds` and `manifest`)
 //!  error ──────── HarnessError
@@ -22,7 +21,6 @@
 pub mod abi;
 pub mod bench;
 pub mod component;
-pub mod conformance;
 pub mod error;
 pub mod module;
 pub mod push;

@@ -1,17 +1,15 @@
-//! Runner 2's glue: a conformance [`Case`] through the filter module, and
-//! what a host reports of it ([`Observed`]). The `keyswap conformance`
-//! command and the harness's test both use it.
+//! Runner `harness`'s glue: a conformance [`SuiteCase`] through the filter
+//! module, and what a host reports of it ([`Observed`]). The
+//! `keyswap conformance` command and the harness's test both use it.
 
 use std::collections::BTreeMap;
 
-use crate::conformance::{Case, Observed, Report, Step, Suite, STEPS_START};
+use keyswap_conformance::{Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
+
 use crate::error::HarnessError;
 use crate::module::{FilterInstance, FilterModule, Outcome};
 use crate::state::{CallCounts, Clock};
 use crate::SharedData;
-
-/// The runner's name in `skip.json`.
-pub const RUNNER: &str = "harness";
 
 /// One case's run: what was observed (or why nothing could be), and what
 /// the harness saw of the module while running it.
@@ -29,7 +27,7 @@ pub struct CaseRun {
 
 /// Runs `case`: a fresh VM with the case's environment, its configuration,
 /// its request on real time, and its upstream response when it has one.
-pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
+pub fn run_case(module: &FilterModule, case: &SuiteCase) -> CaseRun {
     if !case.steps.is_empty() {
         return run_timeline(module, case);
     }
@@ -63,7 +61,7 @@ pub fn run_case(module: &FilterModule, case: &Case) -> CaseRun {
 /// A case with steps: `case.workers` VMs sharing shared data and a clock
 /// stopped at [`STEPS_START`], configured in order; the steps; then the
 /// request on the last worker at `request_at_ms`.
-fn run_timeline(module: &FilterModule, case: &Case) -> CaseRun {
+fn run_timeline(module: &FilterModule, case: &SuiteCase) -> CaseRun {
     let shared = SharedData::default();
     let clock = Clock::fixed(std::time::UNIX_EPOCH + STEPS_START);
     let mut workers: Vec<FilterInstance> = Vec::with_capacity(case.workers);
@@ -187,7 +185,7 @@ fn run_step(workers: &mut [FilterInstance], clock: &Clock, step: &Step, at_ms: &
     }
 }
 
-fn observe(instance: &mut FilterInstance, case: &Case) -> Result<Observed, String> {
+fn observe(instance: &mut FilterInstance, case: &SuiteCase) -> Result<Observed, String> {
     let outcome = instance
         .request_to(case.request.route_name.as_deref(), case.request.cluster(), &case.request.header_list())
         .map_err(|e| e.to_string())?;
@@ -226,22 +224,19 @@ pub fn text_pairs(headers: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
     headers.iter().map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
-/// The whole suite through `module`, as runner [`RUNNER`]: the report, and
-/// every unimplemented host call any case made (which is a failure too).
-///
-/// # Errors
-/// A skip list that names no case, or gives no reason.
-pub fn run_suite(module: &FilterModule, suite: &Suite) -> Result<(Report, BTreeMap<String, u64>), String> {
-    let plan = suite.plan(RUNNER)?;
+/// The whole suite through `module`, as runner [`Runner::Harness`]: the
+/// report, and every unimplemented host call any case made (which is a
+/// failure too).
+pub fn run_suite(module: &FilterModule, suite: &Suite) -> (SuiteReport, BTreeMap<String, u64>) {
     let mut unimplemented = BTreeMap::new();
-    let report = Report::run(&plan, |case| {
+    let report = SuiteReport::run(&suite.plan(Runner::Harness), |case| {
         let run = run_case(module, case);
         for (name, count) in run.unimplemented {
             *unimplemented.entry(name).or_insert(0) += count;
         }
         run.observed
     });
-    Ok((report, unimplemented))
+    (report, unimplemented)
 }
 
 /// Fails loudly when any host call went to an `Unimplemented` stub: the

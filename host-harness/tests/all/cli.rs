@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use keyswap_harness::conformance::default_dir;
+use keyswap_conformance::default_dir;
 use keyswap_harness::default_filter_path;
 
 fn keyswap(args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -249,13 +249,13 @@ fn check_accepts_every_example_in_docs() {
 /// runner skips: `keyswap check` runs that module).
 #[test]
 fn check_refuses_every_broken_config_in_the_suite_with_its_path() {
-    let suite = keyswap_harness::conformance::Suite::load(&default_dir()).expect("the suite loads");
-    let plan = suite.plan(keyswap_harness::runner::RUNNER).expect("the skip list is sound");
+    let suite = keyswap_conformance::Suite::load(&default_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let plan = suite.plan(keyswap_conformance::Runner::Harness);
     let broken: Vec<_> = plan
         .run
         .iter()
         .filter_map(|case| match &case.expect {
-            keyswap_harness::conformance::Expect::ConfigError(want) => Some((case, want)),
+            keyswap_conformance::Expect::ConfigError(want) => Some((case, want)),
             _ => None,
         })
         .collect();

@@ -1,4 +1,4 @@
-//! Runner 4: the conformance suite through the keyswap component (world
+//! Runner `component`: the conformance suite through the keyswap component (world
 //! `filter`), its exports against `wit/`, and agreement with the proxy-wasm
 //! module case by case.
 
@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use keyswap_conformance::{default_dir, Observed, Runner, Suite, SuiteReport};
 use keyswap_harness::component::{self, default_component_path, interfaces, InterfaceItems, PolicyComponent};
-use keyswap_harness::conformance::{default_dir, Observed, Report, Suite};
 use keyswap_harness::runner;
 
 /// The built component, compiled once for this test binary.
@@ -18,11 +18,10 @@ pub fn policy_component() -> &'static PolicyComponent {
 
 #[test]
 fn conformance_suite_passes_through_the_component() {
-    let suite = Suite::load(&default_dir()).expect("the suite loads");
-    let plan = suite.plan(component::RUNNER).expect("the skip list is sound");
+    let suite = Suite::load(&default_dir()).unwrap_or_else(|e| panic!("the suite does not load: {e}"));
     let component = policy_component();
-    let report = Report::run(&plan, |case| component::observe(component, case));
-    println!("component: {}", report.render());
+    let report = SuiteReport::run(&suite.plan(Runner::Component), |case| component::observe(component, case));
+    println!("{}", report.render());
     assert!(report.failed.is_empty(), "{}", report.render());
     assert!(report.passed >= 1, "no case ran");
 }
@@ -148,21 +147,20 @@ fn agree(component: &Observed, module: &Observed) -> bool {
 
 #[test]
 fn the_component_and_the_proxy_wasm_module_agree_on_every_case() {
-    let suite = Suite::load(&default_dir()).expect("the suite loads");
+    let suite = Suite::load(&default_dir()).unwrap_or_else(|e| panic!("the suite does not load: {e}"));
     let module = crate::filter();
     let component = policy_component();
     let mut compared = 0;
     let mut disagreements = Vec::new();
     // Only cases both runners run: a case one of them skips is one where
-    // the hosts differ on purpose, with the reason in skip.json (keyswap's
-    // own routing by `host` and `path_prefix`, which the component has and
-    // Envoy's filter refuses; dynamic credentials, which the component
-    // refuses).
-    let skipped = |runner: &str| -> BTreeSet<String> {
-        let plan = suite.plan(runner).expect("the skip list is sound");
-        plan.skipped.iter().map(|(case, _)| case.name.clone()).collect()
+    // the hosts differ on purpose, for a capability one of them lacks
+    // (keyswap's own routing by `host` and `path_prefix`, which the
+    // component has and Envoy's filter refuses; dynamic credentials, which
+    // the component refuses) or a reason in skip.json.
+    let skipped = |runner: Runner| -> BTreeSet<String> {
+        suite.plan(runner).skipped.iter().map(|(case, _)| case.name.clone()).collect()
     };
-    let (component_skips, module_skips) = (skipped(component::RUNNER), skipped(runner::RUNNER));
+    let (component_skips, module_skips) = (skipped(Runner::Component), skipped(Runner::Harness));
     let both = |name: &str| !component_skips.contains(name) && !module_skips.contains(name);
     for case in suite.cases.iter().filter(|c| c.steps.is_empty() && both(&c.name)) {
         let by_component = component::observe(component, case);

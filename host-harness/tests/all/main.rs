@@ -10,7 +10,6 @@ mod component;
 mod credentials;
 mod harness;
 mod metrics;
-mod native;
 mod serve;
 
 use std::sync::OnceLock;

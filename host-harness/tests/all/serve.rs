@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use keyswap_conformance::{default_dir, Observed, Runner, Suite, SuiteCase, SuiteReport};
 use keyswap_harness::component::{compile, default_component_path};
-use keyswap_harness::conformance::{default_dir, Case, Observed, Report, Suite};
 use keyswap_harness::serve::{Gateway, RunningGateway, ServeError};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -264,7 +264,7 @@ fn policy_line(line: &str) -> String {
     }
 }
 
-fn observe(echo: &Echo, case: &Case) -> Result<Observed, String> {
+fn observe(echo: &Echo, case: &SuiteCase) -> Result<Observed, String> {
     let (engine, component) = compiled();
     let config = format!(r#"{{"keyswap": {}, "upstreams": {{"*": "http://{}"}}}}"#, case.config, echo.addr);
     let env: Vec<(String, String)> = case.env.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
@@ -295,11 +295,10 @@ fn observe(echo: &Echo, case: &Case) -> Result<Observed, String> {
 
 #[test]
 fn conformance_suite_passes_through_keyswap_serve() {
-    let suite = Suite::load(&default_dir()).expect("the suite loads");
-    let plan = suite.plan("serve").expect("the skip list is sound");
+    let suite = Suite::load(&default_dir()).unwrap_or_else(|e| panic!("the suite does not load: {e}"));
     let echo = Echo::start();
-    let report = Report::run(&plan, |case| observe(&echo, case));
-    println!("serve: {}", report.render());
+    let report = SuiteReport::run(&suite.plan(Runner::Serve), |case| observe(&echo, case));
+    println!("{}", report.render());
     assert!(report.failed.is_empty(), "{}", report.render());
     assert!(report.passed >= 1, "no case ran");
 }

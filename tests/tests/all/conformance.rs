@@ -1,4 +1,4 @@
-//! Runner 3: the conformance suite through the real Envoy.
+//! Runner `envoy`: the conformance suite through the real Envoy.
 //!
 //! Cases are grouped by (configuration, environment); each group is one
 //! listener with its own keyswap filter in ONE Envoy, so the suite costs one
@@ -6,12 +6,12 @@
 //! each listener has a route per name, selected by the test-only header
 //! [`ROUTE_HEADER`], then an unnamed catch-all, all to the echo upstream.
 //! `config_error` cases each start an Envoy that must refuse to start
-//! (concurrently, a few at a time). The comparison is `Case::check`, the
-//! same as every runner's.
+//! (concurrently, a few at a time). The comparison is `SuiteCase::check`,
+//! the same as every runner's.
 
 use std::collections::BTreeMap;
 
-use crate::suite::{default_dir, Case, Expect, Observed, Report, Suite};
+use keyswap_conformance::{default_dir, Expect, Observed, Runner, Suite, SuiteCase, SuiteReport};
 use keyswap_tests::echo::{Echo, Echoed, RESPOND_HEADER};
 use keyswap_tests::envoy::{
     filter_wasm, route_selector, without_shared_clusters, Envoy, Launch, Listener, ROUTE_HEADER,
@@ -41,7 +41,7 @@ const REFUSALS_AT_ONCE: usize = 6;
 type Group = (String, BTreeMap<String, String>);
 
 /// The request line, headers and test-only headers for a case.
-fn request_for(case: &Case) -> Request {
+fn request_for(case: &SuiteCase) -> Request {
     let r = &case.request;
     // CONNECT carries its authority as the target (authority-form); an
     // absolute-form path is sent as the target it is.
@@ -62,7 +62,7 @@ fn request_for(case: &Case) -> Request {
 /// Sends a case's request through `listener` and says what happened: the
 /// echo's JSON body means the request was forwarded, anything else that it
 /// was answered by the gateway.
-fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, String> {
+fn observe(case: &SuiteCase, listener: std::net::SocketAddr) -> Result<Observed, String> {
     let response = request_for(case).send(listener).map_err(|e| format!("request through Envoy: {e}"))?;
     match Echoed::parse(&response.body) {
         Some(echoed) if response.status == 200 => {
@@ -82,12 +82,12 @@ fn observe(case: &Case, listener: std::net::SocketAddr) -> Result<Observed, Stri
     }
 }
 
-fn group_of(case: &Case) -> Group {
+fn group_of(case: &SuiteCase) -> Group {
     (case.config.clone(), case.env.clone())
 }
 
 /// Starts one Envoy that must refuse `case`'s configuration.
-fn refused(case: &Case, upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Result<Observed, String> {
+fn refused(case: &SuiteCase, upstream: std::net::SocketAddr, wasm: &std::path::Path) -> Result<Observed, String> {
     let listener =
         Listener { name: "refused".into(), config: case.config.clone(), env: case.env.clone(), ..Listener::default() };
     let refusal = Envoy::refuse(&Launch::gateway(&[listener], upstream, wasm))?;
@@ -122,12 +122,12 @@ fn start_gateways(
 #[test]
 fn conformance_suite_passes_in_envoy() {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
-    let suite = Suite::load(&default_dir()).expect("the suite loads");
-    let plan = suite.plan("envoy").expect("the skip list is sound");
+    let suite = Suite::load(&default_dir()).unwrap_or_else(|e| panic!("the suite does not load: {e}"));
+    let plan = suite.plan(Runner::Envoy);
     let echo = Echo::start("127.0.0.1:0").expect("the echo upstream starts");
 
     // config_error cases: one Envoy each, that must exit by itself.
-    let refusing: Vec<&Case> =
+    let refusing: Vec<&SuiteCase> =
         plan.run.iter().copied().filter(|c| matches!(c.expect, Expect::ConfigError(_))).collect();
     let mut refusals: BTreeMap<String, Result<Observed, String>> = BTreeMap::new();
     for batch in refusing.chunks(REFUSALS_AT_ONCE) {
@@ -144,7 +144,7 @@ fn conformance_suite_passes_in_envoy() {
     }
 
     // Every other case: a listener per (config, env), all in one Envoy.
-    let mut groups: BTreeMap<Group, Vec<&Case>> = BTreeMap::new();
+    let mut groups: BTreeMap<Group, Vec<&SuiteCase>> = BTreeMap::new();
     for case in plan.run.iter().copied().filter(|c| !matches!(c.expect, Expect::ConfigError(_))) {
         groups.entry(group_of(case)).or_default().push(case);
     }
@@ -152,7 +152,7 @@ fn conformance_suite_passes_in_envoy() {
         .iter()
         .enumerate()
         .map(|(i, ((config, env), cases))| {
-            fn named<'c>(c: &&'c Case) -> Option<(&'c str, &'c str)> {
+            fn named<'c>(c: &&'c SuiteCase) -> Option<(&'c str, &'c str)> {
                 c.request.route_name.as_deref().map(|r| (r, c.request.cluster().unwrap_or(r)))
             }
             let mut route_names: Vec<String> =
@@ -180,7 +180,7 @@ fn conformance_suite_passes_in_envoy() {
     let listener_of: BTreeMap<&Group, &str> = groups.keys().zip(listeners.iter().map(|l| l.name.as_str())).collect();
     let gateways = start_gateways(&listeners, echo.addr(), &wasm);
 
-    let report = Report::run(&plan, |case| {
+    let report = SuiteReport::run(&plan, |case| {
         if let Some(outcome) = refusals.remove(&case.name) {
             return outcome;
         }

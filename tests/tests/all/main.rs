@@ -1,6 +1,6 @@
 //! keyswap in the real Envoy: one test binary, a module an area.
 //!
-//! - [`conformance`]: runner 3, the whole conformance suite through Envoy.
+//! - [`conformance`]: runner `envoy`, the whole conformance suite through Envoy.
 //! - [`credentials`]: dynamic credentials (oauth2, token exchange, fetch)
 //!   with a local token server: first token, rotation, outage and expiry,
 //!   two workers.
@@ -39,12 +39,3 @@ mod operations;
 mod platforms;
 mod revocation;
 mod routing;
-
-/// The conformance suite's format and its one checker, `Case::check`,
-/// compiled from the harness's own source file so that every runner is
-/// judged by the same code, without building the wasmtime harness (and its
-/// minutes of compiling) for these tests. `default_dir()` resolves the same
-/// here: both crates sit one level below the repository root.
-#[path = "../../../host-harness/src/conformance.rs"]
-#[allow(dead_code)]
-mod suite;

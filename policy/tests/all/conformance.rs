@@ -1,6 +1,7 @@
-//! Runner 1: the conformance suite through the policy itself, no wasm.
+//! Runner `native`: the conformance suite through the policy itself, no
+//! wasm, so `cargo test -p keyswap-policy` runs every case in seconds.
 
-use keyswap_harness::conformance::{default_dir, Case, Observed, Report, Step, Suite, STEPS_START};
+use keyswap_conformance::{default_dir, Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
 use keyswap_policy::credential::Record;
 use keyswap_policy::{Decision, DenialReason, Policy, RequestView};
 
@@ -66,7 +67,7 @@ fn denied(reason: DenialReason) -> Observed {
     Observed::Denied { status: reason.status(), headers, body: reason.body().into_bytes() }
 }
 
-fn observe(case: &Case) -> Result<Observed, String> {
+fn observe(case: &SuiteCase) -> Result<Observed, String> {
     let env = |name: &str| case.env.get(name).cloned();
     let policy = match Policy::from_json(case.config.as_bytes(), &env) {
         Ok(policy) => policy,
@@ -132,9 +133,8 @@ fn observe(case: &Case) -> Result<Observed, String> {
 
 #[test]
 fn conformance_suite_passes_natively() {
-    let suite = Suite::load(&default_dir()).expect("the suite loads");
-    let plan = suite.plan("native").expect("the skip list is sound");
-    let report = Report::run(&plan, observe);
+    let suite = Suite::load(&default_dir()).unwrap_or_else(|e| panic!("the suite does not load: {e}"));
+    let report = SuiteReport::run(&suite.plan(Runner::Native), observe);
     println!("{}", report.render());
     assert!(report.failed.is_empty(), "{}", report.render());
     assert!(report.passed >= 1, "no case ran");

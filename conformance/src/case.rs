@@ -1,30 +1,26 @@
-//! The conformance suite: one case a file under `tests/conformance/cases/`,
-//! run by every host (the policy natively, this harness on the proxy-wasm
-//! module, the real Envoy, the component). A host reports what it
-//! [`Observed`]; [`Case::check`] compares that with the case's expectation,
-//! so every runner is judged by the same code.
-//!
-//! A runner may leave a case out only through `tests/conformance/skip.json`
-//! (`{"runner": {"case": "reason"}}`); [`Suite::plan`] refuses a skip entry
-//! that names no case, so the list cannot rot.
+//! A case's format (one JSON file under `cases/`), what a host reports of
+//! it ([`Observed`]), and the one comparison every runner is judged by
+//! ([`SuiteCase::check`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
-/// The suite's directory in this repository.
-pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance")
-}
+use crate::runner::Capability;
 
 /// One case, loaded and with its configuration resolved to text.
 #[derive(Debug, Clone)]
-pub struct Case {
+pub struct SuiteCase {
     /// The file stem, for example `forward-bearer-swap`.
     pub name: String,
     pub description: String,
+    /// What the case needs of its host beyond sending a request and
+    /// observing what comes of it: the file's `needs`, plus
+    /// [`Capability::Timeline`] when it has `steps`. A runner that lacks one
+    /// of them skips the case ([`crate::Runner::lacks`]).
+    pub needs: BTreeSet<Capability>,
     /// The plugin configuration exactly as the host receives it.
     pub config: String,
     /// The VM's environment variables.
@@ -35,8 +31,7 @@ pub struct Case {
     pub response: Option<Response>,
     /// Dynamic credentials: what happens before the request (timer ticks on
     /// a controlled clock, token calls answered or failed). Empty for a
-    /// case without them; a runner without a controlled clock and HTTP
-    /// calls skips a case that has steps (with its reason in `skip.json`).
+    /// case without them; a case with steps needs [`Capability::Timeline`].
     pub steps: Vec<Step>,
     /// How many workers (VMs sharing shared data and the clock) run the
     /// steps; every tick reaches them in order, and the request goes to the
@@ -280,6 +275,8 @@ pub enum Observed {
 #[serde(deny_unknown_fields)]
 struct CaseFile {
     description: String,
+    #[serde(default)]
+    needs: Vec<Capability>,
     config: ConfigRef,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -305,76 +302,33 @@ enum ConfigRef {
     Inline(serde_json::Value),
 }
 
-/// Every case, and every runner's skip list.
-#[derive(Debug)]
-pub struct Suite {
-    pub dir: PathBuf,
-    pub cases: Vec<Case>,
-    skips: BTreeMap<String, BTreeMap<String, String>>,
-}
-
-/// Which cases a runner runs and which it skips, with the reasons.
-#[derive(Debug)]
-pub struct Plan<'s> {
-    pub run: Vec<&'s Case>,
-    pub skipped: Vec<(&'s Case, &'s str)>,
-}
-
-impl Suite {
-    /// Loads `dir/cases/*.json`, sorted by name, and `dir/skip.json`.
-    ///
-    /// # Errors
-    /// A case or skip list that cannot be read or parsed, named by file.
-    pub fn load(dir: &Path) -> Result<Self, String> {
-        let cases_dir = dir.join("cases");
-        let entries = std::fs::read_dir(&cases_dir).map_err(|e| format!("{}: {e}", cases_dir.display()))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        let mut cases = Vec::with_capacity(files.len());
-        for file in files {
-            cases.push(load_case(dir, &file).map_err(|e| format!("{}: {e}", file.display()))?);
-        }
-        let skip_file = dir.join("skip.json");
-        let skips = match std::fs::read_to_string(&skip_file) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", skip_file.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("{}: {e}", skip_file.display())),
-        };
-        Ok(Self { dir: dir.to_path_buf(), cases, skips })
-    }
-
-    /// The cases `runner` runs and skips.
-    ///
-    /// # Errors
-    /// A skip entry for `runner` that names no case, or gives no reason.
-    pub fn plan(&self, runner: &str) -> Result<Plan<'_>, String> {
-        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
-        let skips = self.skips.get(runner).unwrap_or(&EMPTY);
-        for (name, reason) in skips {
-            if !self.cases.iter().any(|c| &c.name == name) {
-                return Err(format!("skip.json: {runner} skips `{name}`, which is not a case"));
-            }
-            if reason.trim().is_empty() {
-                return Err(format!("skip.json: {runner} skips `{name}` without a reason"));
-            }
-        }
-        let mut plan = Plan { run: Vec::new(), skipped: Vec::new() };
-        for case in &self.cases {
-            match skips.get(&case.name) {
-                Some(reason) => plan.skipped.push((case, reason.as_str())),
-                None => plan.run.push(case),
-            }
-        }
-        Ok(plan)
-    }
-}
-
-fn load_case(dir: &Path, file: &Path) -> Result<Case, String> {
+/// Loads `file`, a case of the suite in `dir`, and resolves its
+/// configuration.
+///
+/// # Errors
+/// A file that cannot be read or parsed, a configuration file that cannot be
+/// read, or `needs` that the case itself contradicts.
+pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
     let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
     let raw: CaseFile = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let mut needs = BTreeSet::new();
+    for need in raw.needs {
+        match need {
+            Capability::Timeline => {
+                return Err(format!("needs: `{}` is implied by `steps`; do not write it", need.name()))
+            }
+            Capability::RouteAndCluster if raw.request.route_name.is_none() && raw.request.cluster.is_none() => {
+                return Err(format!("needs: `{}`, but the request has no route_name or cluster", need.name()))
+            }
+            _ => {}
+        }
+        if !needs.insert(need) {
+            return Err(format!("needs: `{}` twice", need.name()));
+        }
+    }
+    if !raw.steps.is_empty() {
+        needs.insert(Capability::Timeline);
+    }
     let config = match raw.config {
         ConfigRef::File(name) => {
             let path = dir.join("configs").join(&name);
@@ -383,9 +337,10 @@ fn load_case(dir: &Path, file: &Path) -> Result<Case, String> {
         ConfigRef::Inline(value) => value.to_string(),
     };
     let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Case {
+    Ok(SuiteCase {
         name,
         description: raw.description,
+        needs,
         config,
         env: raw.env,
         request: raw.request,
@@ -403,7 +358,7 @@ fn sorted(headers: &[(String, String)]) -> Vec<(String, String)> {
     out
 }
 
-impl Case {
+impl SuiteCase {
     /// Compares what a host observed with what this case expects.
     ///
     /// # Errors
@@ -476,41 +431,5 @@ impl Case {
         } else {
             Err(diff)
         }
-    }
-}
-
-/// The outcome of running a plan.
-#[derive(Debug, Default)]
-pub struct Report {
-    pub passed: usize,
-    /// `(case, differences)`.
-    pub failed: Vec<(String, String)>,
-    pub skipped: usize,
-}
-
-impl Report {
-    /// Runs every planned case through `run` and checks it.
-    pub fn run(plan: &Plan<'_>, mut run: impl FnMut(&Case) -> Result<Observed, String>) -> Self {
-        let mut report = Report { skipped: plan.skipped.len(), ..Self::default() };
-        for case in &plan.run {
-            match run(case).and_then(|observed| case.check(&observed)) {
-                Ok(()) => report.passed += 1,
-                Err(diff) => report.failed.push((case.name.clone(), diff)),
-            }
-        }
-        report
-    }
-
-    /// Each failure, then the closing line `N passed, M failed`.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, diff) in &self.failed {
-            let _ = writeln!(out, "FAIL {name}\n{diff}");
-        }
-        let _ = write!(out, "{} passed, {} failed", self.passed, self.failed.len());
-        if self.skipped > 0 {
-            let _ = write!(out, ", {} skipped", self.skipped);
-        }
-        out
     }
 }
