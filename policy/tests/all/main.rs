@@ -2,5 +2,8 @@
 //!
 //! - [`conformance`]: runner `native`, the whole conformance suite
 //!   (`tests/conformance/`) through the policy, no wasm.
+//! - [`docs`]: what docs/config.md restates of the policy (the denial
+//!   table) agrees with it.
 
 mod conformance;
+mod docs;
