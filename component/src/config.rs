@@ -81,13 +81,13 @@ impl GatewayConfig {
         })?;
         // A component has no timer and no outbound call of its own here, so
         // it cannot keep a dynamic credential fresh: refused, by its path.
-        if let Some(source) = policy.credential_sources().first() {
+        if let Some(provider) = policy.credential_providers().first() {
             return Err(error(
-                format!("keyswap.{}", source.path),
+                format!("keyswap.{}", provider.path),
                 format!(
                     "`{}` credentials are fetched in the background, which the component cannot do; \
                      run this configuration in the proxy-wasm filter",
-                    source.kind.name()
+                    provider.kind.name()
                 ),
             ));
         }

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use keyswap_policy::credential::NoRecords;
 use keyswap_policy::{Decision, Policy, RequestView, Routing};
 
 use crate::bindings::policy as wit;
@@ -39,8 +40,12 @@ impl wit::Guest for crate::Component {
             path: request.path.as_bytes(),
             authority: request.authority.as_bytes(),
             headers: &request.headers,
+            key: None,
         };
-        match policy.decide(&view, &crate::now) {
+        // No records: a component keeps no dynamic credentials, so a route
+        // with them is refused (`credential_unavailable`), never forwarded
+        // without them.
+        match policy.decide(&view, &crate::now_ms, &NoRecords) {
             Decision::Forward(f) => wit::Decision::Forward(wit::Forward {
                 route: f.route.map(str::to_string),
                 client: f.client.map(str::to_string),

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use keyswap_policy::credential::NoRecords;
 use keyswap_policy::{Decision, RequestView};
 
 use crate::bindings::http::{IncomingRequest, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme};
@@ -72,7 +73,8 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         headers.extend(fields.entries().into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)));
         drop(fields);
         let view = RequestView::from_headers(None, &headers);
-        let forward = match config.policy.decide(&view, &crate::now) {
+        // The gateway refuses dynamic credentials at configuration: no records.
+        let forward = match config.policy.decide(&view, &crate::now_ms, &NoRecords) {
             Decision::Forward(forward) => forward,
             Decision::Deny(denial) => {
                 let reason = denial.reason;

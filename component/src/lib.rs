@@ -52,11 +52,11 @@ mod bindings {
 #[cfg(target_arch = "wasm32")]
 struct Component;
 
-/// Unix seconds now, for clients with `expires`.
+/// Unix milliseconds now, for clients with `expires`.
 #[cfg(target_arch = "wasm32")]
-fn now() -> i64 {
+fn now_ms() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Logs a panic's location (not its payload, which is not ours to prove

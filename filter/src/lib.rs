@@ -5,9 +5,10 @@
 //!
 //! ```text
 //!            listener (HTTP filter, before the router)          cluster (upstream HTTP filter)
-//! request ─▶ first stage: Policy::key_check + admit ─▶ router ─▶ final stage: Policy::decide_with
-//!            keys and look-alikes removed, nothing added         on Envoy's final route and cluster:
-//!            the key's digest left in filter state               credentials set | local reply
+//! request ─▶ first stage: Policy::key_check + admit ─▶ router ─▶ final stage: Policy::decide
+//!            keys and look-alikes removed, nothing added         on Envoy's final route and cluster,
+//!            the key's digest left in filter state               with that digest: every credential
+//!                                                                set (edits applied) | local reply
 //! response ◀ strip_response_headers ◀──────────────────────────── credentials echoed back removed
 //! ```
 //!
@@ -19,31 +20,38 @@
 //! Envoy already picked an upstream host (an upstream filter with no first
 //! stage before it: refused, 500).
 //!
+//! - `root`: [`KeyswapRoot`], the root context: loads a configuration,
+//!   runs the credential refresh.
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
-//! - [`credentials`]: dynamic credentials: the root context refreshes them
-//!   on a timer; requests read the shared values.
+//! - [`credentials`]: dynamic credentials: the policy's refresh state
+//!   machine over Envoy's shared data, run by the root context on a timer;
+//!   the policy reads the shared values when it decides.
 //!
 //! Per allowed request, the first stage reads the record (absent), the
 //! upstream address (absent), the headers, writes the edited headers and
 //! the record; the final stage reads the record, the cluster, the route
 //! name (only when a route matches on it), the headers, the clock (only
-//! when the client has `expires`), writes the edited headers, the counter
-//! and the access-log field. No decision is taken here; no key or
-//! credential is ever logged.
+//! when the client has `expires` or the route dynamic credentials), the
+//! shared data (only for dynamic credentials), writes the edited headers,
+//! the counter and the access-log field. No decision is taken here; no key
+//! or credential is ever logged.
 
 pub mod audit;
 pub mod credentials;
 pub mod metrics;
+mod root;
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use keyswap_policy::{Decision, Denial, DenialReason, KeyCheck, Policy, RequestView};
-use metrics::{Metrics, Outcome};
+use credentials::EnvoyRecords;
+use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView};
+use metrics::Outcome;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, LogLevel};
+pub use root::KeyswapRoot;
+use root::Shared;
 
 proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
@@ -79,73 +87,6 @@ pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
 const NOT_CONFIGURED: &[u8] = br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
 const NO_FIRST_STAGE: &[u8] =
     br#"{"error":"not_configured","message":"keyswap runs on this cluster but not on the listener."}"#;
-
-/// What every stream of one configuration shares.
-struct Shared {
-    policy: Policy,
-    metrics: Metrics,
-    audit: RefCell<audit::Limiter>,
-    /// The access-log field being written (see `KeyswapHttp::record`).
-    field: RefCell<String>,
-    /// The shared-data key of each dynamic credential source, by index.
-    record_keys: Vec<String>,
-}
-
-/// The plugin's root context: owns the compiled policy.
-#[derive(Default)]
-pub struct KeyswapRoot {
-    shared: Option<Rc<Shared>>,
-    refresher: credentials::Refresher,
-}
-
-impl Context for KeyswapRoot {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        if let Some(shared) = &self.shared {
-            let now = unix_millis(self.get_current_time());
-            self.refresher.answer(&shared.policy, token_id, num_headers, body_size, now);
-        }
-    }
-}
-
-impl RootContext for KeyswapRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let config = self.get_plugin_configuration().unwrap_or_default();
-        let env = |name: &str| std::env::var(name).ok();
-        match Policy::from_json(&config, &env) {
-            Ok(policy) => {
-                log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
-                if policy.refuses_all() {
-                    log(LogLevel::Error, audit::REFUSING_ALL);
-                }
-                let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
-                self.refresher.start(&policy);
-                let record_keys = policy.credential_sources().iter().map(credentials::record_key).collect();
-                let (audit, field) = (RefCell::default(), RefCell::default());
-                self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
-                true
-            }
-            Err(err) => {
-                log(LogLevel::Error, &format!("keyswap: configuration refused: {err}"));
-                false
-            }
-        }
-    }
-
-    fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
-            let now = unix_millis(self.get_current_time());
-            self.refresher.tick(&shared.policy, now);
-        }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeyswapHttp { shared: self.shared.clone(), stage: Stage::First }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
 
 /// Where this stream's context runs, once its request headers are seen.
 enum Stage {
@@ -217,7 +158,8 @@ impl KeyswapHttp {
         Action::Continue
     }
 
-    /// The final stage: decide on Envoy's final route and cluster.
+    /// The final stage: decide on Envoy's final route and cluster, with
+    /// the key the first stage read, and apply the answer.
     fn final_stage(&mut self, shared: &Shared, key: &KeyCheck) -> Action {
         let policy = &shared.policy;
         let headers = self.get_http_request_headers_bytes();
@@ -225,43 +167,24 @@ impl KeyswapHttp {
         let cluster = self.get_property(vec!["xds", "cluster_name"]).and_then(text);
         let route_name =
             if policy.needs_route_name() { self.get_property(vec!["xds", "route_name"]).and_then(text) } else { None };
-        let now = || unix_seconds(self.get_current_time());
         let mut view = RequestView::from_headers(route_name.as_deref(), &headers);
         view.cluster = cluster.as_deref();
-        let decision = match policy.decide_with(&view, key, &now) {
-            // A route with dynamic credentials gets them all, or none.
-            Decision::Forward(forward) => {
-                let route = forward.route.unwrap_or_default();
-                let now_ms = || unix_millis(self.get_current_time());
-                match credentials::request_edits(policy, &shared.record_keys, route, &view, &now_ms) {
-                    Ok(dynamic) => Ok((forward, dynamic)),
-                    Err(reason) => Err(Denial { reason, route: forward.route, client: forward.client }),
-                }
-            }
-            Decision::Deny(denial) => Err(denial),
-        };
-        match decision {
-            Ok((forward, dynamic)) => {
+        view.key = Some(key);
+        let now = || unix_millis(self.get_current_time());
+        match policy.decide(&view, &now, &EnvoyRecords { keys: &shared.record_keys }) {
+            Decision::Forward(mut forward) => {
                 let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(shared, forward.route, forward.client, outcome);
-                let secrets = dynamic.as_ref().map(|d| d.secrets.clone()).unwrap_or_default();
+                let secrets = std::mem::take(&mut forward.secrets);
                 self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets };
-                match &dynamic {
+                if !forward.is_noop() {
                     // One call replaces the whole map, borrowing every
                     // header rather than copying it.
-                    None if !forward.is_noop() => self.set_http_request_headers_bytes(forward.edited(&headers)),
-                    None => {}
-                    Some(dynamic) => {
-                        let mut headers = headers;
-                        forward.apply(&mut headers);
-                        dynamic.apply(&mut headers);
-                        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
-                        self.set_http_request_headers_bytes(pairs);
-                    }
+                    self.set_http_request_headers_bytes(forward.edited(&headers));
                 }
                 Action::Continue
             }
-            Err(denial) => self.deny(shared, &denial),
+            Decision::Deny(denial) => self.deny(shared, &denial),
         }
     }
 }
@@ -273,16 +196,13 @@ impl HttpContext for KeyswapHttp {
             // it ever did, fail closed.
             return self.refuse_unconfigured(NOT_CONFIGURED);
         };
-        if shared.policy.refuses_all() {
+        if let Some(denial) = shared.policy.refusal() {
             // The fail-closed configuration: nothing goes on, at the first
             // stage already (a cluster without the final stage included).
-            let denial = Denial { reason: DenialReason::ConfigurationUnavailable, route: None, client: None };
             return self.deny(&shared, &denial);
         }
         match self.get_property(vec![KEY_RECORD_PROPERTY]) {
-            // A record the first stage never wrote is nobody's key: the
-            // request is decided as one without a key.
-            Some(record) => self.final_stage(&shared, &KeyCheck::decode(&record).unwrap_or(KeyCheck::Missing)),
+            Some(record) => self.final_stage(&shared, &KeyCheck::from_record(&record)),
             None if self.get_property(vec!["upstream", "address"]).is_some() => {
                 if let Some(suppressed) = shared.audit.borrow_mut().admit(unix_seconds(self.get_current_time())) {
                     log(

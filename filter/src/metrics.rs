@@ -71,7 +71,7 @@ impl Metrics {
             ids[0] = counter(&requests_name(route, Outcome::Allowed));
             // `credential_unavailable` is counted only where it can happen:
             // on routes with dynamic credentials.
-            let dynamic = !policy.route_sources(route).is_empty();
+            let dynamic = !policy.route_providers(route).is_empty();
             // `invalid_authority` only where keyswap routes by host, never
             // in Envoy.
             let possible = |r: &DenialReason| match r {

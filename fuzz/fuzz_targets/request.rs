@@ -14,6 +14,7 @@
 #![no_main]
 
 use keyswap_policy::query::{params, split_path};
+use keyswap_policy::credential::NoRecords;
 use keyswap_policy::{Decision, Policy, RequestView};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
@@ -58,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     let cluster = cluster.filter(|c| !c.is_empty() && c != "-");
     let mut view = RequestView::from_headers(route.as_deref(), &headers);
     view.cluster = cluster.as_deref();
-    let decision = policy().decide(&view, &|| 1_800_000_000);
+    let decision = policy().decide(&view, &|| 1_800_000_000_000, &NoRecords);
     let Decision::Forward(forward) = decision else { return };
     let client = forward.client.map(str::to_string);
     let injected: Vec<(String, String)> =

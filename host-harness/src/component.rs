@@ -266,17 +266,12 @@ impl PolicyInstance {
 }
 
 /// Applies a forward's edits to a header list (pseudo-headers included) the
-/// way the WIT documents them: remove every named field, append the added
-/// ones, and replace `:path` when a new one is given.
+/// way the WIT documents them, by the policy's one rule
+/// ([`keyswap_policy::edit::apply`]).
 pub fn apply(forward: &Forward, headers: &mut Vec<(String, Vec<u8>)>) {
-    headers.retain(|(name, _)| !forward.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r)));
-    if let Some(path) = &forward.path {
-        match headers.iter_mut().find(|(name, _)| name == ":path") {
-            Some(entry) => entry.1 = path.as_bytes().to_vec(),
-            None => headers.push((":path".to_string(), path.as_bytes().to_vec())),
-        }
-    }
-    headers.extend(forward.add_headers.iter().cloned());
+    let removes = |name: &str| forward.remove_headers.iter().any(|r| name.eq_ignore_ascii_case(r));
+    let add = forward.add_headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+    keyswap_policy::edit::apply(headers, removes, forward.path.as_deref().map(str::as_bytes), add);
 }
 
 /// Runs a conformance case through a fresh instance: its configuration

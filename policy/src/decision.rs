@@ -2,6 +2,8 @@
 //! it with a reason. Both are plain values; the reason-to-status mapping
 //! lives here so that every host answers alike.
 
+use std::borrow::Cow;
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenialReason {
@@ -139,12 +141,14 @@ pub struct Denial<'p> {
     pub client: Option<&'p str>,
 }
 
-/// The edits that turn the client's request into the upstream's.
+/// The edits that turn the client's request into the upstream's, dynamic
+/// credentials included: the whole answer for a forwarded request.
 ///
-/// Apply them in order: remove every header named in `remove_headers` (all
-/// of its values), then add each of `add_headers`, then, if `path` is set,
-/// replace `:path` with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Apply them with [`Self::edited`] or [`Self::apply`] (the one rule of
+/// [`crate::edit`]): remove every header named in `remove_headers` or
+/// `remove_look_alikes` (all of its values), replace `:path` with `path` if
+/// set, then add each of `add_headers`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Forward<'p> {
     /// The matched route; `None` on an unmatched request that was passed.
     pub route: Option<&'p str>,
@@ -155,10 +159,15 @@ pub struct Forward<'p> {
     /// Client-sent look-alikes of protected names (`x_api_key`), as sent,
     /// to remove too (empty on almost every request: no allocation).
     pub remove_look_alikes: Vec<String>,
-    /// Headers to add after the removals: credentials and the client id.
-    pub add_headers: Vec<(&'p str, &'p str)>,
+    /// Headers to add after the removals: the route's credentials (static
+    /// ones borrowed from the policy, dynamic ones owned) and the client id.
+    pub add_headers: Vec<(&'p str, Cow<'p, str>)>,
     /// The new `:path`, when the query changed.
     pub path: Option<Vec<u8>>,
+    /// The dynamic credential values injected, without prefixes: what a
+    /// response must never carry back (see [`crate::Policy::reflections`]).
+    /// Empty on a route with static credentials only.
+    pub secrets: Vec<String>,
 }
 
 impl Forward<'_> {
@@ -176,46 +185,34 @@ impl Forward<'_> {
     }
 
     /// Applies the edits to a request's header list (pseudo-headers
-    /// included, names in lower case), in place.
+    /// included, names in lower case).
     pub fn apply(&self, headers: &mut Vec<(String, Vec<u8>)>) {
-        headers.retain(|(name, _)| !self.removes(name));
-        if let Some(path) = &self.path {
-            match headers.iter_mut().find(|(name, _)| name == ":path") {
-                Some(entry) => entry.1.clone_from(path),
-                None => headers.push((":path".to_string(), path.clone())),
-            }
-        }
-        headers.extend(self.add_headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+        let add = self.add_headers.iter().map(|(n, v)| (*n, v.as_bytes()));
+        crate::edit::apply(headers, |name| self.removes(name), self.path.as_deref(), add);
     }
-}
 
-impl<'p> Forward<'p> {
     /// The edited header list as borrowed pairs, for a host that replaces
     /// the whole map in one call: the same result as [`Self::apply`]
     /// without copying a header.
-    pub fn edited<'a>(&'a self, headers: &'a [(String, Vec<u8>)]) -> Vec<(&'a str, &'a [u8])>
-    where
-        'p: 'a,
-    {
-        let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + self.add_headers.len() + 1);
-        let mut path_set = self.path.is_none();
-        for (name, value) in headers {
-            if self.removes(name) {
-                continue;
-            }
-            match &self.path {
-                Some(path) if name == ":path" => {
-                    out.push((name.as_str(), path.as_slice()));
-                    path_set = true;
-                }
-                _ => out.push((name.as_str(), value.as_slice())),
-            }
-        }
-        if let (false, Some(path)) = (path_set, &self.path) {
-            out.push((":path", path.as_slice()));
-        }
-        out.extend(self.add_headers.iter().map(|(n, v)| (*n, v.as_bytes())));
-        out
+    pub fn edited<'a>(&'a self, headers: &'a [(String, Vec<u8>)]) -> Vec<(&'a str, &'a [u8])> {
+        let add = self.add_headers.iter().map(|(n, v)| (*n, v.as_bytes()));
+        crate::edit::edited(headers, |name| self.removes(name), self.path.as_deref(), add)
+    }
+}
+
+// Dynamic values never show in Debug output: added headers by name only.
+impl std::fmt::Debug for Forward<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let added: Vec<&str> = self.add_headers.iter().map(|(name, _)| *name).collect();
+        f.debug_struct("Forward")
+            .field("route", &self.route)
+            .field("client", &self.client)
+            .field("remove_headers", &self.remove_headers)
+            .field("remove_look_alikes", &self.remove_look_alikes)
+            .field("add_headers", &added)
+            .field("path", &self.path.as_ref().map(|_| ".."))
+            .field("secrets", &format_args!("[{} redacted]", self.secrets.len()))
+            .finish()
     }
 }
 
@@ -274,8 +271,9 @@ mod tests {
             client: Some("c"),
             remove_headers: vec!["authorization"],
             remove_look_alikes: vec!["x_api_key".to_string()],
-            add_headers: vec![("authorization", "Bearer up"), ("x-client", "c")],
+            add_headers: vec![("authorization", "Bearer up".into()), ("x-client", "c".into())],
             path: Some(b"/a".to_vec()),
+            secrets: Vec::new(),
         };
         let edited: Vec<(String, Vec<u8>)> =
             forward.edited(&headers).into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();

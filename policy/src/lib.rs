@@ -1,33 +1,49 @@
 //! keyswap's policy, in plain Rust: no proxy-wasm, no WIT, no I/O.
 //!
 //! ```text
-//!  JSON ──raw──▶ RawConfig ──config──▶ Policy ──decide(RequestView)──▶ Decision
-//!                                          │                           ├─ Forward { edits }
-//!                                          └─ response_removals        └─ Deny { reason }
+//!  JSON ──raw──▶ RawConfig ──compile──▶ Policy (model) ◀── decide(RequestView, now, records) ──▶ Decision
+//!                                │                              │                                ├─ Forward { every edit }
+//!                                └──▶ credential::Provider ◀────┘ SharedRecords                 └─ Deny { reason }
+//!  host timer ──credential::Refresher (lease, compare-and-swap, backoff) over SharedRecords
 //! ```
 //!
-//! - [`raw`]: the configuration as written (serde, unknown fields refused).
-//! - [`config`]: parse and compile; errors carry the field path.
-//! - [`policy`]: the compiled form and [`Policy::decide`], the one entry point.
-//! - [`credential`]: dynamic credentials (`oauth2`, `token_exchange`,
-//!   `fetch`): what to ask, how to read the answer, when to ask again.
-//! - [`decision`]: the answer as a value, and the reason-to-status mapping.
-//! - [`request`], [`query`], [`time`]: what `decide` reads, and helpers.
+//! The module map; imports run one way, top to bottom, never back up:
 //!
-//! Hosts (the proxy-wasm filter, the component) read the request once, call
-//! [`Policy::decide`], and apply its answer. Nothing here logs; no error or
-//! decision carries a key or an upstream credential.
+//! | module | what is there | imports from the crate |
+//! |---|---|---|
+//! | [`decide`] | [`Policy::decide`], the one entry point: the whole answer for a request, dynamic credentials included; Envoy's first stage ([`Policy::key_check`], [`Policy::admit`]); request trailers | `model`, `decision`, `request`, `credential`, `query`, `raw` |
+//! | [`respond`] | what a response may carry back: [`Policy::reflections`], [`Policy::response_removals`] | `model`, `query` |
+//! | [`compile`] | parse, then compile ([`Policy::from_json`]); [`ConfigError`] names the field path; [`compile::env`] the environment secrets come from | `model`, `credential`, `raw`, `request`, `query`, `time` |
+//! | [`model`] | the compiled [`Policy`] and its parts; read-only accessors | `credential`, `raw` |
+//! | [`credential`] | dynamic credentials, a leaf: [`credential::Provider`] (the call and its answer), [`credential::Record`] (the shared state), [`credential::Refresher`] (the refresh state machine) over [`credential::SharedRecords`] | — |
+//! | [`decision`] | the answer as a value ([`Decision`], [`Forward`], [`Denial`]) and the reason-to-status mapping | `edit` |
+//! | [`edit`] | the one way a forward's edits are applied to a header list | — |
+//! | [`request`] | [`RequestView`], what `decide` reads; [`KeyCheck`], what the first stage hands the final one | `query` |
+//! | [`raw`], [`query`], [`time`] | the document as written; query strings; RFC 3339 | — |
+//!
+//! `impl Policy` is one facet per module: constructors in [`compile`],
+//! accessors in [`model`], the request in [`decide`], the response in
+//! [`respond`].
+//!
+//! Hosts (the proxy-wasm filter, the component, the native conformance
+//! runner) read the request once, call [`Policy::decide`], and apply its
+//! answer with [`Forward::edited`] or [`Forward::apply`]. Nothing here
+//! logs; no error, decision or `Debug` output carries a key or an upstream
+//! credential.
 
-pub mod config;
+pub mod compile;
 pub mod credential;
+pub mod decide;
 pub mod decision;
-pub mod policy;
+pub mod edit;
+pub mod model;
 pub mod query;
 pub mod raw;
 pub mod request;
+pub mod respond;
 pub mod time;
 
-pub use config::{content_version, ConfigError, Environment, Routing, MAX_KEY_BYTES};
+pub use compile::{content_version, ConfigError, Environment, Routing};
 pub use decision::{Decision, Denial, DenialReason, Forward};
-pub use policy::{KeyCheck, Policy, Summary};
-pub use request::RequestView;
+pub use model::{Policy, Summary};
+pub use request::{KeyCheck, RequestView, MAX_KEY_BYTES};

@@ -3,51 +3,35 @@
 //! prepared (digests decoded, names lower-cased, credentials read from the
 //! environment and formatted). Errors name the field path and never quote a
 //! value, so a misplaced secret cannot reach a log line.
+//!
+//! - [`env`]: the error every step returns, and the environment secrets
+//!   are read from.
+//! - [`providers`]: dynamic credential values become
+//!   [`crate::credential::Provider`]s, shared by entries that make the same
+//!   call.
+//! - this module: the document, key sources, routes and their static
+//!   credentials, clients.
+
+pub mod env;
+mod providers;
 
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::credential::{DynamicInject, RawDynamic, SourceBuilder, Target};
-use crate::policy::{
-    Allowed, Client, ClientIndex, Echoes, HeaderInject, KeySource, Policy, QueryInject, Route, RouteMatch,
+pub use env::{ConfigError, Environment};
+
+use crate::model::{
+    Allowed, Client, ClientIndex, DynamicInject, Echoes, HeaderInject, InjectTarget, KeySource, Policy, QueryInject,
+    Route, RouteMatch,
 };
 use crate::query::encode_component;
 use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue};
+use crate::request::MAX_KEY_BYTES;
 use crate::time::parse_rfc3339;
-
-/// A configuration the filter refuses, with the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ConfigError {
-    /// The field path, for example `routes[2].inject[0].value.env`
-    /// (`$` for the document itself).
-    pub path: String,
-    /// What is wrong, as a sentence fragment; never contains a value.
-    pub message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
-    }
-}
-
-/// Looks up a variable in the VM's environment.
-pub trait Environment {
-    /// The variable's value, if it is set.
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-impl<F: Fn(&str) -> Option<String>> Environment for F {
-    fn var(&self, name: &str) -> Option<String> {
-        self(name)
-    }
-}
-
-/// The longest key keyswap will hash; a longer one is refused unhashed.
-pub const MAX_KEY_BYTES: usize = 4096;
+use env::secret;
+use providers::{ProviderBuilder, RawDynamic};
 
 /// Who routes requests, and so what a route's `match` may say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +150,9 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         return Err(ConfigError::new("refuse_all", "refuses every request, so it takes no clients and no routes"));
     }
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
-    let mut builder = SourceBuilder { sources: Vec::new() };
+    let mut builder = ProviderBuilder::default();
     let routes = compile_routes(&raw.routes, env, &mut builder, routing)?;
-    let sources = builder.finish();
+    let providers = builder.finish();
     let route_index: HashMap<&str, usize> = routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
 
     let strip_request = header_names(&raw.strip_request_headers, "strip_request_headers")?;
@@ -210,8 +194,8 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     }
     let injected = routes.iter().flat_map(|r| {
         r.headers.iter().map(|h| h.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
-            Target::Header(name) => Some(name.clone()),
-            Target::Query(_) => None,
+            InjectTarget::Header(name) => Some(name.clone()),
+            InjectTarget::Query(_) => None,
         }))
     });
     for name in injected {
@@ -226,8 +210,8 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     });
     let injected_params = routes.iter().flat_map(|r| {
         r.queries.iter().map(|q| q.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
-            Target::Query(name) => Some(name.clone()),
-            Target::Header(_) => None,
+            InjectTarget::Query(name) => Some(name.clone()),
+            InjectTarget::Header(_) => None,
         }))
     });
     for name in key_params.chain(injected_params).map(|n| crate::query::canonical_name(&n)) {
@@ -256,7 +240,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         needs_route_name,
         per_client_metrics: raw.metrics.per_client,
         version: String::new(),
-        sources,
+        providers,
         refuse_all: raw.refuse_all,
     })
 }
@@ -311,7 +295,7 @@ fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, C
 fn compile_routes(
     raw: &[RawRoute],
     env: &dyn Environment,
-    builder: &mut SourceBuilder,
+    builder: &mut ProviderBuilder,
     routing: Routing,
 ) -> Result<Vec<Route>, ConfigError> {
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
@@ -395,15 +379,15 @@ fn compile_routes(
             // A name injected twice, one of them dynamic.
             let header_clash = |name: &String| {
                 headers.iter().filter(|h| h.name == *name).count()
-                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Header(n) if n == name)).count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, InjectTarget::Header(n) if n == name)).count()
             };
             let query_clash = |name: &Vec<u8>| {
                 queries.iter().filter(|q| q.name == *name).count()
-                    + dynamic.iter().filter(|d| matches!(&d.target, Target::Query(n) if n == name)).count()
+                    + dynamic.iter().filter(|d| matches!(&d.target, InjectTarget::Query(n) if n == name)).count()
             };
             let clash = match &entry {
-                Some(DynamicInject { target: Target::Header(name), .. }) => header_clash(name) > 0,
-                Some(DynamicInject { target: Target::Query(name), .. }) => query_clash(name) > 0,
+                Some(DynamicInject { target: InjectTarget::Header(name), .. }) => header_clash(name) > 0,
+                Some(DynamicInject { target: InjectTarget::Query(name), .. }) => query_clash(name) > 0,
                 None => {
                     headers.last().is_some_and(|h| inject.header.is_some() && header_clash(&h.name) > 1)
                         || queries.last().is_some_and(|q| inject.query.is_some() && query_clash(&q.name) > 1)
@@ -418,11 +402,11 @@ fn compile_routes(
             }
             dynamic.extend(entry);
         }
-        let mut sources: Vec<usize> = dynamic.iter().map(|d| d.source).collect();
-        sources.sort_unstable();
-        sources.dedup();
+        let mut providers: Vec<usize> = dynamic.iter().map(|d| d.provider).collect();
+        providers.sort_unstable();
+        providers.dedup();
         let echoes = Echoes(echoes);
-        routes.push(Route { name: route.name.clone(), matcher, headers, queries, echoes, dynamic, sources });
+        routes.push(Route { name: route.name.clone(), matcher, headers, queries, echoes, dynamic, providers });
     }
     Ok(routes)
 }
@@ -444,7 +428,7 @@ fn compile_dynamic_inject(
     route: &str,
     path: &str,
     env: &dyn Environment,
-    builder: &mut SourceBuilder,
+    builder: &mut ProviderBuilder,
 ) -> Result<DynamicInject, ConfigError> {
     let prefix = inject.prefix.clone().unwrap_or_default();
     if inject.basic.is_some() {
@@ -459,18 +443,18 @@ fn compile_dynamic_inject(
                     "holds a character not allowed in a header value",
                 ));
             }
-            Target::Header(name)
+            InjectTarget::Header(name)
         }
         (None, Some(query)) => {
             if query.is_empty() {
                 return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
             }
-            Target::Query(query.clone().into_bytes())
+            InjectTarget::Query(query.clone().into_bytes())
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     };
-    let (source, value) = builder.add(raw, route, &format!("{path}.value"), env)?;
-    Ok(DynamicInject { source, value, prefix, target })
+    let (provider, value) = builder.add(raw, route, &format!("{path}.value"), env)?;
+    Ok(DynamicInject { provider, value, prefix, target })
 }
 
 fn compile_inject(
@@ -546,6 +530,8 @@ fn compile_inject(
 
 /// The `Basic …` header value, and the password alone (a response must not
 /// carry it back either, encoded or not).
+/// The `Basic …` header value, and the password alone (a response must not
+/// carry it back either, encoded or not).
 fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<(String, String), ConfigError> {
     if basic.username.contains(':') {
         return Err(ConfigError::new(format!("{path}.username"), "must not contain `:`"));
@@ -553,36 +539,6 @@ fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<(S
     let password = secret(&basic.password, &format!("{path}.password"), env)?;
     let pair = format!("{}:{password}", basic.username);
     Ok((format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)), password))
-}
-
-/// Resolves a secret value. `env` is read here, once, never per request.
-pub(crate) fn secret(value: &RawSecret, path: &str, env: &dyn Environment) -> Result<String, ConfigError> {
-    match value {
-        RawSecret::Inline(v) if v.is_empty() => Err(ConfigError::new(format!("{path}.inline"), "must not be empty")),
-        RawSecret::Inline(v) => Ok(v.clone()),
-        RawSecret::Env(name) => {
-            let path = format!("{path}.env");
-            if name.is_empty() {
-                return Err(ConfigError::new(path, "must name an environment variable"));
-            }
-            // `{"env": "sk-…"}` (the credential where its variable's name
-            // belongs) is an easy slip; such a name is refused unquoted.
-            if !is_env_name(name) {
-                return Err(ConfigError::new(
-                    path,
-                    "must be an environment variable's name (letters, digits and `_`), not a value",
-                ));
-            }
-            // Only a conventional upper-case name is quoted back; any other
-            // (`sk_live_…` is a valid name) might still be a credential.
-            let shown = if is_conventional_env_name(name) { name.as_str() } else { "the variable" };
-            match env.var(name) {
-                Some(v) if !v.is_empty() => Ok(v),
-                Some(_) => Err(ConfigError::new(path, format!("{shown} is empty"))),
-                None => Err(ConfigError::new(path, format!("{shown} is not set"))),
-            }
-        }
-    }
 }
 
 /// `clients[N]`, formatted only when an error needs it.
@@ -747,16 +703,6 @@ fn is_header_value(v: &[u8]) -> bool {
         && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
 }
 
-fn is_env_name(name: &str) -> bool {
-    (1..=256).contains(&name.len())
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-fn is_conventional_env_name(name: &str) -> bool {
-    is_env_name(name) && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-}
-
 fn is_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
@@ -795,17 +741,6 @@ mod tests {
     }
 
     #[test]
-    fn env_errors_quote_only_conventional_names() {
-        let env = |_: &str| None;
-        let value = |name: &str| RawSecret::Env(name.to_string());
-        let message = |name: &str| secret(&value(name), "v", &env).unwrap_err().to_string();
-        assert_eq!(message("OPENAI_API_KEY"), "v.env: OPENAI_API_KEY is not set");
-        assert_eq!(message("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "v.env: the variable is not set");
-        assert!(!message("sk-proj-abc123").contains("sk-proj"));
-        assert!(message("9LIVES").contains("not a value"));
-    }
-
-    #[test]
     fn broken_json_is_blamed_on_the_document() {
         let err = parse(br#"{"clients": [] trailing"#).unwrap_err();
         assert_eq!(err.path, "$");
@@ -830,13 +765,13 @@ mod doc_tests {
     #[test]
     fn documented_examples_load() {
         let env = |name: &str| Some(format!("value-of-{name}"));
-        let doc = include_str!("../../docs/config.md");
+        let doc = include_str!("../../../docs/config.md");
         let start = doc.find("```json\n").map(|i| i + 8).unwrap();
         let end = start + doc[start..].find("```").unwrap();
         let example = &doc[start..end];
         let policy = Policy::from_json(example.as_bytes(), &env).unwrap();
         assert_eq!((policy.summary().clients, policy.summary().routes), (3, 4));
-        let file = include_str!("../../docs/examples/gateway.json");
+        let file = include_str!("../../../docs/examples/gateway.json");
         assert_eq!(file, example, "docs/examples/gateway.json must be the documented example");
     }
 }

@@ -1,0 +1,188 @@
+//! A provider: one HTTP call that yields credentials, and how its answer
+//! is read.
+
+/// Refresh this long before `expires_in` runs out, unless configured.
+pub const DEFAULT_MARGIN_SECONDS: u64 = 60;
+/// How long a token call may take, unless configured.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// How often a `fetch` provider is polled, unless configured; also the refresh
+/// period of a token answered without `expires_in`.
+pub const DEFAULT_REFRESH_SECONDS: u64 = 300;
+/// The longest wait between retries after failed refreshes.
+pub const MAX_BACKOFF_MS: i64 = 60_000;
+/// The longest credential value accepted from a token endpoint.
+pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+
+/// Which kind of dynamic value a provider gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Oauth2,
+    TokenExchange,
+    Fetch,
+}
+
+impl Kind {
+    /// The configuration name of the kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Oauth2 => "oauth2",
+            Kind::TokenExchange => "token_exchange",
+            Kind::Fetch => "fetch",
+        }
+    }
+}
+
+/// One HTTP call that yields credentials: a token endpoint or a credential
+/// service, and how to read its answer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Provider {
+    /// A stable name for the provider's shared record: a digest of
+    /// everything that shapes the call and its reading (never shown in
+    /// logs).
+    pub id: String,
+    /// The configuration path of the first entry that uses it, for logs
+    /// (`routes[0].inject[0].value.oauth2`).
+    pub path: String,
+    pub kind: Kind,
+    /// The Envoy cluster the call goes to.
+    pub cluster: String,
+    /// Pseudo-headers (`:method`, `:path`, `:authority`) first, then the
+    /// others. May hold a client secret: never log them.
+    pub headers: Vec<(String, String)>,
+    /// The form body of a token request; `None` for a `fetch` GET.
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+    /// `fetch`: the JSON pointers read from each answer, in value order.
+    pub pointers: Vec<String>,
+    /// Refresh this long before a token expires.
+    pub(crate) margin_ms: i64,
+    /// Refresh this often when the answer gives no lifetime.
+    pub(crate) refresh_ms: i64,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("cluster", &self.cluster)
+            .field("pointers", &self.pointers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A provider's answer, read: the values it gave and how long they last.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub values: Vec<String>,
+    /// Unix milliseconds after which the values may no longer be used.
+    pub expires_at: Option<i64>,
+    /// Unix milliseconds at which to refresh.
+    pub refresh_at: i64,
+}
+
+/// Why an answer was not taken; the message never holds a value from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AnswerError(pub String);
+
+fn fail<T>(message: impl Into<String>) -> Result<T, AnswerError> {
+    Err(AnswerError(message.into()))
+}
+
+impl Provider {
+    /// Reads an answer received at `now` (Unix milliseconds).
+    ///
+    /// # Errors
+    /// The status is not 2xx, the body is not the expected JSON, or a value
+    /// is empty, too long or not fit for a header.
+    pub fn parse(&self, status: u16, body: &[u8], now: i64) -> Result<Answer, AnswerError> {
+        if !(200..300).contains(&status) {
+            return fail(format!("the {} answered status {status}", self.endpoint()));
+        }
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return fail(format!("the {} answered a body that is not JSON", self.endpoint()));
+        };
+        match self.kind {
+            Kind::Fetch => {
+                let mut values = Vec::with_capacity(self.pointers.len());
+                for pointer in &self.pointers {
+                    let value = match json.pointer(pointer) {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(_) => return fail(format!("`{pointer}` in the answer is not a string")),
+                        None => return fail(format!("the answer has no `{pointer}`")),
+                    };
+                    check_value(&value, pointer)?;
+                    values.push(value);
+                }
+                Ok(Answer { values, expires_at: None, refresh_at: now.saturating_add(self.refresh_ms) })
+            }
+            Kind::Oauth2 | Kind::TokenExchange => {
+                let token = match json.get("access_token") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(_) => return fail("`access_token` in the answer is not a string"),
+                    None => return fail("the answer has no `access_token`"),
+                };
+                check_value(&token, "access_token")?;
+                let expires_in = match json.get("expires_in") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::Number(n)) => n.as_f64(),
+                    // Some providers send the number as a string.
+                    Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                    Some(_) => return fail("`expires_in` in the answer is not a number"),
+                };
+                let (expires_at, refresh_at) = match expires_in {
+                    None if json.get("expires_in").is_some_and(|v| !v.is_null()) => {
+                        return fail("`expires_in` in the answer is not a number")
+                    }
+                    None => (None, now.saturating_add(self.refresh_ms)),
+                    Some(s) if !(s.is_finite() && s > 0.0) => {
+                        return fail("`expires_in` in the answer is not a positive number")
+                    }
+                    // A token that lives under a second would be fetched
+                    // again on every tick, by every worker, and never used.
+                    Some(s) if s < 1.0 => return fail("`expires_in` in the answer is under a second"),
+                    Some(s) => {
+                        let life = (s * 1000.0).min(i64::MAX as f64 / 4.0) as i64;
+                        // Refresh `margin` before expiry, but never later
+                        // than half-way through a short life.
+                        let lead = life.saturating_sub(self.margin_ms).max(life / 2);
+                        (Some(now.saturating_add(life)), now.saturating_add(lead))
+                    }
+                };
+                Ok(Answer { values: vec![token], expires_at, refresh_at })
+            }
+        }
+    }
+
+    fn endpoint(&self) -> &'static str {
+        match self.kind {
+            Kind::Fetch => "credential service",
+            Kind::Oauth2 | Kind::TokenExchange => "token endpoint",
+        }
+    }
+}
+
+fn check_value(value: &str, what: &str) -> Result<(), AnswerError> {
+    if value.is_empty() {
+        return fail(format!("`{what}` in the answer is empty"));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return fail(format!("`{what}` in the answer is longer than {MAX_VALUE_BYTES} bytes"));
+    }
+    if !value.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return fail(format!("`{what}` in the answer holds a character not allowed in a credential"));
+    }
+    Ok(())
+}
+
+// Credentials never show in Debug output: values are counted, not printed.
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("values", &format_args!("[{} redacted]", self.values.len()))
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}

@@ -1,0 +1,110 @@
+//! The shared state of one provider: what every worker of a host reads on
+//! the request path and writes back, by compare-and-swap, after a refresh.
+
+use serde::{Deserialize, Serialize};
+
+use super::provider::{Answer, Provider, MAX_BACKOFF_MS};
+
+/// The shared state of one provider.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The last good values; empty until the first success.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Unix milliseconds; the values are refused from then on.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Unix milliseconds at which the next refresh is due (0: now).
+    #[serde(default)]
+    pub refresh_at: i64,
+    /// Failed refreshes since the last success.
+    #[serde(default)]
+    pub failures: u32,
+    /// Unix milliseconds until which one worker's call is in flight.
+    #[serde(default)]
+    pub lease_until: i64,
+    /// Bumped each time the values change.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// What [`Record::succeeded`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Success {
+    /// The values differ from the cached ones (or there were none).
+    pub changed: bool,
+    /// The failure streak this success ended (0 when there was none).
+    pub recovered_after: u32,
+}
+
+impl Record {
+    /// The values a request may use at `now`, if any.
+    pub fn usable(&self, now: i64) -> Option<&[String]> {
+        let fresh = self.expires_at.is_none_or(|at| now < at);
+        (!self.values.is_empty() && fresh).then_some(self.values.as_slice())
+    }
+
+    /// True when a refresh is due and no worker holds the lease.
+    pub fn due(&self, now: i64) -> bool {
+        now >= self.refresh_at && now >= self.lease_until
+    }
+
+    /// This record with a lease taken at `now` for a call of `provider`.
+    pub fn leased(&self, provider: &Provider, now: i64) -> Record {
+        let lease = i64::try_from(provider.timeout_ms).unwrap_or(i64::MAX).saturating_add(1000);
+        Record { lease_until: now.saturating_add(lease), ..self.clone() }
+    }
+
+    /// This record after a successful call. Unchanged values keep their
+    /// generation (only changed values replace the cached ones).
+    pub fn succeeded(&self, answer: Answer) -> (Record, Success) {
+        let changed = answer.values != self.values;
+        let record = Record {
+            generation: if changed { self.generation.saturating_add(1) } else { self.generation },
+            values: answer.values,
+            expires_at: answer.expires_at,
+            refresh_at: answer.refresh_at,
+            failures: 0,
+            lease_until: 0,
+        };
+        (record, Success { changed, recovered_after: self.failures })
+    }
+
+    /// This record after a failed call at `now`: the last good values are
+    /// kept (until they expire), and the next try waits 1 s, 2 s, 4 s, …
+    /// up to [`MAX_BACKOFF_MS`].
+    pub fn failed(&self, now: i64) -> Record {
+        let failures = self.failures.saturating_add(1);
+        Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() }
+    }
+
+    /// The shared-data encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads [`Record::encode`]'s output; anything else is an empty record.
+    pub fn decode(bytes: &[u8]) -> Record {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
+/// The wait before retry number `failures` (1-based).
+pub fn backoff_ms(failures: u32) -> i64 {
+    let exp = failures.saturating_sub(1).min(16);
+    (1000i64 << exp).min(MAX_BACKOFF_MS)
+}
+
+// Credentials never show in Debug output: values are counted, not printed.
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("values", &format_args!("[{} redacted]", self.values.len()))
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .field("failures", &self.failures)
+            .field("lease_until", &self.lease_until)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}

@@ -1,0 +1,347 @@
+//! The refresh state machine for dynamic credentials, over records every
+//! worker of a host shares.
+//!
+//! ```text
+//! tick (every worker) ──read──▶ Record::due? ──write leased (CAS)──▶ lease won? ──call──▶ call id
+//! answer(call id, reply) ──Provider::parse──▶ Record::succeeded | failed ──write (CAS, retried)──▶ Note to log
+//! ```
+//!
+//! One worker leads each refresh: it wins the compare-and-swap that writes
+//! the lease, makes the one call, and writes the answer back. Requests never
+//! wait for a call; they read the last good values ([`crate::decide`]).
+//! The host makes the calls and logs the [`Note`]s; nothing here does I/O.
+
+use super::provider::{Answer, AnswerError, Provider};
+use super::record::Record;
+
+/// The largest answer a host reads from a token endpoint or credential
+/// service; a larger one is a failed refresh ([`Reply::TooLarge`]).
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// How many times a refresh's outcome is written back before giving up on
+/// a store that keeps changing under it.
+const WRITE_ATTEMPTS: usize = 8;
+
+/// The providers' records as a host keeps them: one per provider (by its
+/// number in [`crate::Policy::credential_providers`]), shared by every
+/// worker, each written with compare-and-swap. The proxy-wasm filter keeps
+/// them in Envoy's shared data; [`MemoryRecords`] keeps them in memory.
+pub trait SharedRecords {
+    /// Provider `provider`'s record and the version it was read at (for
+    /// [`Self::write`]); `None` when none is stored yet.
+    fn read(&self, provider: usize) -> Option<(Record, Option<u32>)>;
+
+    /// Stores `record` as provider `provider`'s if the stored version is
+    /// still `version` (`None`: whatever is stored). False when another
+    /// writer came first, or the record could not be stored.
+    fn write(&mut self, provider: usize, record: &Record, version: Option<u32>) -> bool;
+}
+
+/// No records: for a host that keeps none (a route with dynamic
+/// credentials is then refused, `credential_unavailable`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRecords;
+
+impl SharedRecords for NoRecords {
+    fn read(&self, _provider: usize) -> Option<(Record, Option<u32>)> {
+        None
+    }
+
+    fn write(&mut self, _provider: usize, _record: &Record, _version: Option<u32>) -> bool {
+        false
+    }
+}
+
+/// Records in memory, versioned the way Envoy's shared data is: for a host
+/// with one worker (the native conformance runner) and for tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryRecords {
+    records: Vec<Option<(Record, u32)>>,
+}
+
+impl MemoryRecords {
+    /// Room for `providers` records, none stored yet.
+    pub fn new(providers: usize) -> Self {
+        Self { records: vec![None; providers] }
+    }
+}
+
+impl SharedRecords for MemoryRecords {
+    fn read(&self, provider: usize) -> Option<(Record, Option<u32>)> {
+        let (record, version) = self.records.get(provider)?.as_ref()?;
+        Some((record.clone(), Some(*version)))
+    }
+
+    fn write(&mut self, provider: usize, record: &Record, version: Option<u32>) -> bool {
+        let Some(slot) = self.records.get_mut(provider) else { return false };
+        let stored = slot.as_ref().map(|(_, v)| *v);
+        if version.is_some() && version != stored {
+            return false;
+        }
+        *slot = Some((record.clone(), stored.map_or(1, |v| v.wrapping_add(1))));
+        true
+    }
+}
+
+/// What came back for a call.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply<'b> {
+    /// No answer: the call timed out or its connection failed.
+    Lost,
+    /// An answer whose body is larger than [`MAX_ANSWER_BYTES`] (not read).
+    TooLarge,
+    /// An answer: its status and body.
+    Answered { status: u16, body: &'b [u8] },
+}
+
+/// A refresh event worth a log line: the start and end of a failure streak,
+/// a first value. Its `Display` never holds a value or a response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note<'p> {
+    pub provider: &'p Provider,
+    pub event: Event,
+}
+
+/// See [`Note`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The provider's first value was stored.
+    FirstValue,
+    /// A refresh succeeded after this many failed ones.
+    Recovered { after: u32 },
+    /// The first failed refresh of a streak: why, and whether the last good
+    /// value is kept (until it expires) meanwhile.
+    Failing { why: String, keeping: bool },
+    /// The outcome could not be stored: the records kept changing.
+    NotStored,
+}
+
+impl Note<'_> {
+    /// True for a failure (log it as a warning).
+    pub fn is_warning(&self) -> bool {
+        matches!(self.event, Event::Failing { .. } | Event::NotStored)
+    }
+}
+
+impl std::fmt::Display for Note<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, kind) = (&self.provider.path, self.provider.kind.name());
+        match &self.event {
+            Event::FirstValue => write!(f, "credential {path} ({kind}): first value fetched"),
+            Event::Recovered { after } => {
+                write!(f, "credential {path} ({kind}): refreshed again after {after} failed attempts")
+            }
+            Event::Failing { why, keeping } => {
+                let keeping = if *keeping {
+                    "keeping the last good value until it expires"
+                } else {
+                    "its routes answer 503 credential_unavailable until one arrives"
+                };
+                write!(f, "credential {path} ({kind}): refresh failed: {why}; {keeping}; retrying with backoff")
+            }
+            Event::NotStored => {
+                write!(f, "credential {path}: could not store a refresh (shared data kept changing)")
+            }
+        }
+    }
+}
+
+/// One worker's side of the refresh: the calls it has in flight.
+#[derive(Debug, Default)]
+pub struct Refresher {
+    /// (call id, provider number).
+    in_flight: Vec<(u32, usize)>,
+}
+
+impl Refresher {
+    /// For a newly loaded configuration: forgets the calls made for an
+    /// earlier one (known by provider numbers in it, their answers must
+    /// not land in this one's records), and creates the records that do
+    /// not exist yet, so that every later write is a compare-and-swap.
+    pub fn restart(&mut self, providers: &[Provider], records: &mut dyn SharedRecords) {
+        self.in_flight.clear();
+        for p in 0..providers.len() {
+            if records.read(p).is_none() {
+                records.write(p, &Record::default(), None);
+            }
+        }
+    }
+
+    /// The number of calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// One timer tick at `now` (Unix milliseconds): for each provider whose
+    /// refresh is due and whose lease this worker wins, `call` makes the
+    /// call (`call(number, provider)`) and gives its id, or says why it
+    /// could not be made, which is a failed refresh at once.
+    pub fn tick<'p>(
+        &mut self,
+        providers: &'p [Provider],
+        records: &mut dyn SharedRecords,
+        now: i64,
+        call: &mut dyn FnMut(usize, &Provider) -> Result<u32, String>,
+    ) -> Vec<Note<'p>> {
+        let mut notes = Vec::new();
+        for (p, provider) in providers.iter().enumerate() {
+            if self.in_flight.iter().any(|&(_, f)| f == p) {
+                continue;
+            }
+            let (record, version) = records.read(p).unwrap_or_default();
+            if !record.due(now) {
+                continue;
+            }
+            if !records.write(p, &record.leased(provider, now), version) {
+                // Another worker took it first.
+                continue;
+            }
+            match call(p, provider) {
+                Ok(id) => self.in_flight.push((id, p)),
+                Err(why) => notes.extend(finish(provider, p, records, now, Err(why))),
+            }
+        }
+        notes
+    }
+
+    /// The reply to call `id`, received at `now`: read, and written into
+    /// the provider's record. `None` when there is nothing to log, or the
+    /// call is not this refresher's (made for an earlier configuration).
+    pub fn answer<'p>(
+        &mut self,
+        providers: &'p [Provider],
+        records: &mut dyn SharedRecords,
+        id: u32,
+        reply: Reply<'_>,
+        now: i64,
+    ) -> Option<Note<'p>> {
+        let at = self.in_flight.iter().position(|&(call, _)| call == id)?;
+        let (_, p) = self.in_flight.swap_remove(at);
+        let provider = providers.get(p)?;
+        let result = match reply {
+            Reply::Lost => {
+                Err(format!("no answer from cluster `{}` (timeout or connection failure)", provider.cluster))
+            }
+            Reply::TooLarge => Err(format!("the answer is larger than {MAX_ANSWER_BYTES} bytes")),
+            Reply::Answered { status, body } => provider.parse(status, body, now).map_err(|AnswerError(why)| why),
+        };
+        finish(provider, p, records, now, result)
+    }
+}
+
+/// Writes a refresh's outcome into the provider's record (compare-and-swap,
+/// retried on a concurrent write); the start and end of a failure streak,
+/// and a first value, are noted.
+fn finish<'p>(
+    provider: &'p Provider,
+    p: usize,
+    records: &mut dyn SharedRecords,
+    now: i64,
+    result: Result<Answer, String>,
+) -> Option<Note<'p>> {
+    for _ in 0..WRITE_ATTEMPTS {
+        let (record, version) = records.read(p).unwrap_or_default();
+        let (next, event) = match &result {
+            Ok(answer) => {
+                let (next, success) = record.succeeded(answer.clone());
+                let event = if success.recovered_after > 0 {
+                    Some(Event::Recovered { after: success.recovered_after })
+                } else if record.values.is_empty() {
+                    Some(Event::FirstValue)
+                } else {
+                    None
+                };
+                (next, event)
+            }
+            Err(why) => {
+                let next = record.failed(now);
+                let keeping = record.usable(now).is_some();
+                let event = (next.failures == 1).then(|| Event::Failing { why: why.clone(), keeping });
+                (next, event)
+            }
+        };
+        if records.write(p, &next, version) {
+            return event.map(|event| Note { provider, event });
+        }
+    }
+    Some(Note { provider, event: Event::NotStored })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::Kind;
+
+    fn provider() -> Provider {
+        Provider {
+            id: "p".into(),
+            path: "routes[0].inject[0].value.oauth2".into(),
+            kind: Kind::Oauth2,
+            cluster: "idp".into(),
+            headers: Vec::new(),
+            body: None,
+            timeout_ms: 5000,
+            pointers: Vec::new(),
+            margin_ms: 60_000,
+            refresh_ms: 300_000,
+        }
+    }
+
+    /// Two workers share one store: one call, whoever answers, and the
+    /// other worker sees the value; a failure streak is noted once.
+    #[test]
+    fn one_worker_leads_each_refresh() {
+        let providers = [provider()];
+        let mut store = MemoryRecords::new(1);
+        let (mut a, mut b) = (Refresher::default(), Refresher::default());
+        a.restart(&providers, &mut store);
+        b.restart(&providers, &mut store);
+        let mut ids = 0;
+        let mut call = |_: usize, _: &Provider| {
+            ids += 1;
+            Ok(ids)
+        };
+        assert!(a.tick(&providers, &mut store, 0, &mut call).is_empty());
+        assert!(b.tick(&providers, &mut store, 0, &mut call).is_empty());
+        assert_eq!((a.in_flight(), b.in_flight()), (1, 0), "the lease lets one worker call");
+        let body = br#"{"access_token":"tok-1","expires_in":3600}"#;
+        let note = a.answer(&providers, &mut store, 1, Reply::Answered { status: 200, body }, 10);
+        assert_eq!(
+            note.map(|n| n.to_string()).as_deref(),
+            Some("credential routes[0].inject[0].value.oauth2 (oauth2): first value fetched")
+        );
+        assert_eq!(b.answer(&providers, &mut store, 1, Reply::Lost, 10), None, "not b's call");
+        let record = store.read(0).map(|(r, _)| r).unwrap_or_default();
+        assert_eq!(record.usable(20), Some(&["tok-1".to_string()][..]));
+
+        // Due again: two failures in a row are one streak.
+        let due = record.refresh_at;
+        assert!(b.tick(&providers, &mut store, due, &mut call).is_empty());
+        let note = b.answer(&providers, &mut store, 2, Reply::Answered { status: 500, body: b"tok-1" }, due);
+        let note = note.map(|n| (n.is_warning(), n.to_string()));
+        assert_eq!(
+            note,
+            Some((
+                true,
+                "credential routes[0].inject[0].value.oauth2 (oauth2): refresh failed: the token endpoint answered \
+                 status 500; keeping the last good value until it expires; retrying with backoff"
+                    .to_string()
+            ))
+        );
+        let mut refused = |_: usize, _: &Provider| Err("the call was refused".to_string());
+        assert!(a.tick(&providers, &mut store, due + 1000, &mut refused).is_empty(), "second failure, not noted");
+        let record = store.read(0).map(|(r, _)| r).unwrap_or_default();
+        assert_eq!(record.failures, 2);
+    }
+
+    #[test]
+    fn writes_are_compare_and_swap() {
+        let mut store = MemoryRecords::new(1);
+        assert!(store.read(0).is_none());
+        assert!(store.write(0, &Record::default(), None));
+        let (_, version) = store.read(0).unwrap_or_default();
+        assert!(store.write(0, &Record::default(), version));
+        assert!(!store.write(0, &Record::default(), version), "a stale version loses");
+        assert!(!store.write(1, &Record::default(), None), "no such provider");
+    }
+}

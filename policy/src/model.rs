@@ -1,0 +1,285 @@
+//! The compiled policy: what [`crate::compile`] builds and [`crate::decide`]
+//! and [`crate::respond`] read. Everything a request needs is prepared
+//! here; nothing in this module decides.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use subtle::ConstantTimeEq as _;
+
+use crate::credential::Provider;
+use crate::raw::UnmatchedRoute;
+
+/// A configuration, compiled: everything a request needs is prepared.
+#[derive(Debug)]
+pub struct Policy {
+    pub(crate) clients: Vec<Client>,
+    pub(crate) index: ClientIndex,
+    pub(crate) key_sources: Vec<KeySource>,
+    pub(crate) routes: Vec<Route>,
+    /// Key-source headers, stripped headers, the client-id header and every
+    /// header name any route injects: removed
+    /// from every request (a client-sent copy of a credential header is
+    /// never forwarded, whatever the route), and so is a client-sent header
+    /// whose name is one of these with `_` for `-`.
+    pub(crate) protected: Vec<String>,
+    /// Every key parameter and every query parameter name any route
+    /// injects, as [`query::canonical_name`]s: a client-sent parameter that
+    /// reads as one of them upstream is removed from every request, before
+    /// a route's own are appended.
+    pub(crate) reserved_query_names: Vec<Vec<u8>>,
+    /// Every cluster some route is bound to, sorted: a request to one of
+    /// them is never passed unchecked.
+    pub(crate) bound_clusters: Vec<String>,
+    /// True when some route matches on `host` (then a malformed authority
+    /// is refused, never matched loosely).
+    pub(crate) matches_host: bool,
+    pub(crate) strip_response: Vec<String>,
+    pub(crate) client_id_header: Option<String>,
+    pub(crate) unmatched: UnmatchedRoute,
+    pub(crate) needs_route_name: bool,
+    pub(crate) per_client_metrics: bool,
+    pub(crate) version: String,
+    /// Dynamic credential providers (see [`crate::credential`]); an index
+    /// into it is a provider number.
+    pub(crate) providers: Vec<Provider>,
+    /// `"refuse_all": true`: every request is denied `configuration_unavailable`.
+    pub(crate) refuse_all: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub id: String,
+    pub digest: [u8; 32],
+    pub allowed: Allowed,
+    /// Unix seconds; the key is refused from this instant on.
+    pub expires: Option<i64>,
+    pub disabled: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum Allowed {
+    All,
+    /// Sorted route indices.
+    Only(Box<[usize]>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    /// `prefix` is lower case and compared case-insensitively.
+    Header {
+        name: String,
+        prefix: Option<Vec<u8>>,
+    },
+    Query {
+        name: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub headers: Vec<HeaderInject>,
+    pub queries: Vec<QueryInject>,
+    /// The static credentials in every form a response could hand them
+    /// back in (the secret after its prefix, a Basic password decoded, a
+    /// query value raw and encoded), for [`Policy::reflections`].
+    pub echoes: Echoes,
+    /// Dynamic credentials (see [`crate::credential`]).
+    pub dynamic: Vec<DynamicInject>,
+    /// The providers `dynamic` reads, sorted, once each.
+    pub providers: Vec<usize>,
+}
+
+/// Secret values; `Debug` shows how many, never one.
+pub(crate) struct Echoes(pub Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Echoes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Echoes({} values)", self.0.len())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct RouteMatch {
+    pub route_name: Option<String>,
+    /// Envoy clusters; `None` only where keyswap itself routes.
+    pub clusters: Option<Vec<String>>,
+    pub path_prefix: Option<String>,
+    /// Lower case, without a port.
+    pub host: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct HeaderInject {
+    pub name: String,
+    /// The full header value, prefix included.
+    pub value: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct QueryInject {
+    pub name: Vec<u8>,
+    /// `name=value`, percent-encoded.
+    pub encoded: String,
+}
+
+/// Where one dynamic value goes in a forwarded request.
+#[derive(Debug)]
+pub(crate) struct DynamicInject {
+    /// The provider, by number.
+    pub provider: usize,
+    /// Index into the provider's values.
+    pub value: usize,
+    pub prefix: String,
+    pub target: InjectTarget,
+}
+
+/// A header or a query parameter.
+#[derive(Debug)]
+pub(crate) enum InjectTarget {
+    Header(String),
+    Query(Vec<u8>),
+}
+
+/// What a loaded configuration holds, for logs and `keyswap check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub clients: usize,
+    pub routes: usize,
+    /// See [`crate::content_version`].
+    pub version: String,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} clients, {} routes, version {}", self.clients, self.routes, self.version)
+    }
+}
+
+impl Policy {
+    /// Counts and version, never a key or credential.
+    pub fn summary(&self) -> Summary {
+        Summary { clients: self.clients.len(), routes: self.routes.len(), version: self.version.clone() }
+    }
+
+    /// The route names, in configuration order.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.name.as_str())
+    }
+
+    /// Every Envoy cluster some route is bound to (`match.clusters`),
+    /// sorted, once each: where keyswap's final stage must run.
+    pub fn bound_clusters(&self) -> &[String] {
+        &self.bound_clusters
+    }
+
+    /// Clients whose key would be accepted at `now` (not disabled, not
+    /// expired).
+    pub fn active_clients(&self, now: i64) -> usize {
+        self.clients.iter().filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at)).count()
+    }
+
+    /// True when requests that match no route are forwarded
+    /// (`unmatched_route: "pass"`).
+    pub fn passes_unmatched(&self) -> bool {
+        self.unmatched == UnmatchedRoute::Pass
+    }
+
+    /// True for the fail-closed configuration (`"refuse_all": true`).
+    pub fn refuses_all(&self) -> bool {
+        self.refuse_all
+    }
+
+    /// True when `metrics.per_client` is on.
+    pub fn per_client_metrics(&self) -> bool {
+        self.per_client_metrics
+    }
+
+    /// True when some route matches on Envoy's route name, so hosts fetch
+    /// it only when it can matter.
+    pub fn needs_route_name(&self) -> bool {
+        self.needs_route_name
+    }
+
+    /// True when responses may need edits at all.
+    pub fn strips_responses(&self) -> bool {
+        !self.strip_response.is_empty()
+    }
+
+    /// Every dynamic credential provider, in configuration order; an index
+    /// into it is a provider number.
+    pub fn credential_providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// The providers a route's requests need, by number (empty for a
+    /// route with static credentials only, or no such route).
+    pub fn route_providers(&self, route: &str) -> &[usize] {
+        self.routes.iter().find(|r| r.name == route).map_or(&[], |r| r.providers.as_slice())
+    }
+}
+
+/// Finds a client by key digest in O(1): a hash map on the digest's first
+/// 64 bits (already uniformly spread, so it is used as the hash), then a
+/// constant-time comparison of the whole digest.
+#[derive(Debug, Default)]
+pub(crate) struct ClientIndex {
+    first: HashMap<u64, usize, BuildHasherDefault<PrefixHasher>>,
+    /// Clients whose digest shares its first 64 bits with an earlier one.
+    colliding: Vec<usize>,
+}
+
+impl ClientIndex {
+    pub fn with_capacity(n: usize) -> Self {
+        Self { first: HashMap::with_capacity_and_hasher(n, Default::default()), colliding: Vec::new() }
+    }
+
+    /// Adds client `index`; on a duplicate digest returns the earlier client.
+    pub fn insert(&mut self, clients: &[Client], digest: &[u8; 32], index: usize) -> Option<usize> {
+        if let Some(earlier) = self.find(clients, digest) {
+            return Some(earlier);
+        }
+        match self.first.entry(prefix(digest)) {
+            Entry::Occupied(_) => self.colliding.push(index),
+            Entry::Vacant(slot) => {
+                slot.insert(index);
+            }
+        }
+        None
+    }
+
+    pub fn find(&self, clients: &[Client], digest: &[u8; 32]) -> Option<usize> {
+        let same = |c: &usize| clients.get(*c).is_some_and(|c| bool::from(c.digest.ct_eq(digest)));
+        match self.first.get(&prefix(digest)) {
+            Some(c) if same(c) => Some(*c),
+            _ => self.colliding.iter().copied().find(same),
+        }
+    }
+}
+
+fn prefix(digest: &[u8; 32]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// A hasher for keys that are already uniformly random.
+#[derive(Default)]
+pub(crate) struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}

@@ -1,0 +1,167 @@
+//! What a client may see of the upstream's response: no credential the
+//! route injected handed back (`reflections`, in Envoy's final stage), and
+//! no `strip_response_headers` (`response_removals`, in the first stage).
+
+use crate::model::{DynamicInject, InjectTarget, Policy};
+use crate::query;
+
+impl Policy {
+    /// Response headers that would hand a credential the route injected
+    /// back to the client, with what to do: `Some(value)` replaces a
+    /// `location` or `content-location` whose query carried an injected
+    /// parameter (the parameter removed), `None` removes the header (any
+    /// other header holding a secret). `dynamic` are the values the host
+    /// injected for the route's dynamic credentials.
+    pub fn reflections(
+        &self,
+        route: &str,
+        dynamic: &[&str],
+        headers: &[(String, Vec<u8>)],
+    ) -> Vec<(String, Option<Vec<u8>>)> {
+        let Some(route) = self.routes.iter().find(|r| r.name == route) else {
+            return Vec::new();
+        };
+        // The route's static secrets in every form they travel in were
+        // prepared at configuration; dynamic ones change, so per response.
+        let encoded: Vec<String> = dynamic.iter().map(|d| query::encode_component(d)).collect();
+        let secrets: Vec<&[u8]> = route
+            .echoes
+            .0
+            .iter()
+            .map(Vec::as_slice)
+            .chain(dynamic.iter().map(|d| d.as_bytes()))
+            .chain(encoded.iter().map(String::as_bytes))
+            .collect();
+        let query_names = route.queries.iter().map(|q| q.name.as_slice()).collect::<Vec<_>>();
+        let holds = |value: &[u8]| secrets.iter().any(|s| contains_secret(value, s));
+        let mut out = Vec::new();
+        for (name, value) in headers {
+            if !holds(value) {
+                continue;
+            }
+            let uri = name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location");
+            let cleaned = uri.then(|| self.without_params(value, &query_names, &route.dynamic));
+            match cleaned {
+                Some(v) if !holds(&v) => out.push((name.clone(), Some(v))),
+                _ => out.push((name.clone(), None)),
+            }
+        }
+        out
+    }
+
+    /// The response headers a client may see, for a host that handles a
+    /// response in one place (the component's gateway): [`Self::reflections`]
+    /// applied for `route`, then `strip_response_headers` removed. In Envoy
+    /// the final stage does the first and the first stage the second.
+    pub fn client_response(
+        &self,
+        route: Option<&str>,
+        dynamic: &[&str],
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let reflected = route.map(|r| self.reflections(r, dynamic, &headers)).unwrap_or_default();
+        let cleaned: Vec<(String, Vec<u8>)> = headers
+            .into_iter()
+            .filter_map(|(n, v)| match reflected.iter().find(|(name, _)| *name == n) {
+                None => Some((n, v)),
+                Some((_, cleaned)) => cleaned.clone().map(|c| (n, c)),
+            })
+            .collect();
+        let removed = self.response_removals(&cleaned);
+        let removed: Vec<String> = removed.into_iter().map(str::to_string).collect();
+        cleaned.into_iter().filter(|(n, _)| !removed.iter().any(|r| n.eq_ignore_ascii_case(r))).collect()
+    }
+
+    /// A URI without the route's injected query parameters.
+    fn without_params(&self, uri: &[u8], names: &[&[u8]], dynamic: &[DynamicInject]) -> Vec<u8> {
+        let injected = |n: &[u8]| {
+            names.contains(&n)
+                || dynamic.iter().any(|d| matches!(&d.target, InjectTarget::Query(q) if q.as_slice() == n))
+        };
+        let (base, query, _) = query::split_path(uri);
+        let mut out = base.to_vec();
+        let mut first = true;
+        for p in query::params(query.unwrap_or(b"")) {
+            if !injected(&p.name()) && !p.raw.is_empty() {
+                out.push(if first { b'?' } else { p.separator });
+                out.extend_from_slice(p.raw);
+                first = false;
+            }
+        }
+        out
+    }
+
+    /// The response headers to remove: configured names present in
+    /// `headers`.
+    pub fn response_removals<'p>(&'p self, headers: &[(String, Vec<u8>)]) -> Vec<&'p str> {
+        self.strip_response
+            .iter()
+            .filter(|name| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// True when `value` holds `secret`: anywhere for a secret of 8 bytes or
+/// more, as the whole value for a shorter one (a short test value would
+/// otherwise match unrelated text).
+fn contains_secret(value: &[u8], secret: &[u8]) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
+    if secret.len() < 8 {
+        return value == secret;
+    }
+    value.windows(secret.len()).any(|w| w == secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Envoy configuration: `a` bound to cluster `ca`, `q` to `cq` with a
+    /// query credential.
+    fn bound() -> Policy {
+        let json = r#"{"clients": [{"id": "c", "key": "k1", "routes": ["a", "q"]}],
+            "key_sources": [{"header": "authorization", "prefix": "Bearer "}, {"query": "api_key"}],
+            "routes": [{"name": "a", "match": {"route_name": "ra", "clusters": ["ca"]},
+                         "inject": [{"header": "x-upstream-key", "value": {"inline": "secret-for-a-123"}}]},
+                       {"name": "q", "match": {"clusters": ["cq"]},
+                         "inject": [{"query": "key", "value": {"inline": "query secret/456"}}]}],
+            "client_id_header": "x-keyswap-client"}"#;
+        match Policy::from_json(json.as_bytes(), &|_: &str| None) {
+            Ok(policy) => policy,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn responses_never_carry_an_injected_secret_back() {
+        let p = bound();
+        let response = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+        };
+        // Header credentials: any header holding the secret goes.
+        let headers = response(&[("x-echo", "got secret-for-a-123 ok"), ("x-other", "fine"), ("location", "/next")]);
+        assert_eq!(p.reflections("a", &[], &headers), [("x-echo".to_string(), None)]);
+        // Query credentials: location keeps its other parameters.
+        let headers = response(&[
+            ("location", "https://up.test/v1?alt=json&key=query%20secret%2F456&page=2"),
+            ("content-location", "/v1?key=query%20secret%2F456"),
+            ("x-raw", "query secret/456"),
+        ]);
+        let edits = p.reflections("q", &[], &headers);
+        assert_eq!(
+            edits,
+            [
+                ("location".to_string(), Some(b"https://up.test/v1?alt=json&page=2".to_vec())),
+                ("content-location".to_string(), Some(b"/v1".to_vec())),
+                ("x-raw".to_string(), None),
+            ]
+        );
+        // Dynamic values the host injected count too; short ones only whole.
+        let headers = response(&[("x-token", "Bearer dyn-token-789"), ("x-short", "ab"), ("x-has-ab", "cabd")]);
+        let edits = p.reflections("a", &["dyn-token-789", "ab"], &headers);
+        assert_eq!(edits, [("x-token".to_string(), None), ("x-short".to_string(), None)]);
+    }
+}
