@@ -93,16 +93,16 @@ pub(crate) fn summary(policy: &Policy) -> wit::Summary {
 /// The answer before any configuration: fail closed, as the proxy-wasm
 /// filter does.
 fn not_configured() -> wit::Denial {
-    let (code, message) = ("not_configured", "The gateway has no keyswap configuration.");
+    let why = keyswap_policy::Unconfigured::NoConfiguration;
     wit::Denial {
-        status: 500,
-        code: code.to_string(),
-        message: message.to_string(),
+        status: keyswap_policy::Unconfigured::STATUS,
+        code: keyswap_policy::Unconfigured::CODE.to_string(),
+        message: why.message().to_string(),
         headers: vec![
             ("content-type".to_string(), b"application/json".to_vec()),
             ("cache-control".to_string(), b"no-store".to_vec()),
         ],
-        body: format!(r#"{{"error":"{code}","message":"{message}"}}"#),
+        body: why.body().to_string(),
         route: None,
         client: None,
     }

@@ -56,8 +56,9 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
             Ok(config) => config,
             Err(e) => {
                 eprintln!("keyswap: error: configuration refused: {e}");
-                let body = r#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
-                return respond(out, 500, &[("content-type", "application/json")], body);
+                let why = keyswap_policy::Unconfigured::NoConfiguration;
+                let json = [("content-type", "application/json")];
+                return respond(out, keyswap_policy::Unconfigured::STATUS, &json, why.body());
             }
         };
         // The request as a proxy-wasm host sees it: pseudo-headers, then the

@@ -46,7 +46,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use credentials::EnvoyRecords;
-use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView};
+use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView, Unconfigured};
 use metrics::Outcome;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -83,10 +83,6 @@ pub const ACCESS_LOG_PROPERTY: &str = "keyswap";
 /// the final one: the presented key's SHA-256 or why there is none
 /// ([`KeyCheck::encode`]), never the key.
 pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
-
-const NOT_CONFIGURED: &[u8] = br#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#;
-const NO_FIRST_STAGE: &[u8] =
-    br#"{"error":"not_configured","message":"keyswap runs on this cluster but not on the listener."}"#;
 
 /// Where this stream's context runs, once its request headers are seen.
 enum Stage {
@@ -127,8 +123,9 @@ impl KeyswapHttp {
         self.set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
     }
 
-    fn refuse_unconfigured(&self, body: &[u8]) -> Action {
-        self.send_http_response(500, vec![("content-type", "application/json")], Some(body));
+    fn refuse_unconfigured(&self, why: Unconfigured) -> Action {
+        let headers = vec![("content-type", "application/json")];
+        self.send_http_response(u32::from(Unconfigured::STATUS), headers, Some(why.body().as_bytes()));
         Action::Pause
     }
 
@@ -194,7 +191,7 @@ impl HttpContext for KeyswapHttp {
         let Some(shared) = self.shared.clone() else {
             // Envoy never runs a plugin whose configuration was refused; if
             // it ever did, fail closed.
-            return self.refuse_unconfigured(NOT_CONFIGURED);
+            return self.refuse_unconfigured(Unconfigured::NoConfiguration);
         };
         if let Some(denial) = shared.policy.refusal() {
             // The fail-closed configuration: nothing goes on, at the first
@@ -213,7 +210,7 @@ impl HttpContext for KeyswapHttp {
                         ),
                     );
                 }
-                self.refuse_unconfigured(NO_FIRST_STAGE)
+                self.refuse_unconfigured(Unconfigured::NoListenerStage)
             }
             None => self.first_stage(&shared.policy),
         }

@@ -47,7 +47,7 @@ impl RootContext for KeyswapRoot {
         let env = |name: &str| std::env::var(name).ok();
         match Policy::from_json(&config, &env) {
             Ok(policy) => {
-                log(LogLevel::Info, &format!("keyswap: configuration loaded: {}", policy.summary()));
+                log(LogLevel::Info, &policy.summary().log_line());
                 if policy.refuses_all() {
                     log(LogLevel::Error, audit::REFUSING_ALL);
                 }

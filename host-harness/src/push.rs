@@ -350,8 +350,8 @@ fn check(module: &FilterModule, text: &str) -> Result<String, String> {
             .iter()
             .rev()
             .find(|e| e.level >= LogLevel::Info)
-            .and_then(|e| e.message.split_once("configuration loaded: "))
-            .map(|(_, summary)| summary.split(", version ").next().unwrap_or(summary).to_string())
+            .and_then(|e| keyswap_policy::Summary::from_log_line(&e.message))
+            .map(|s| format!("{} clients, {} routes", s.clients, s.routes))
             .unwrap_or_else(|| "loaded".to_string())),
         Err(HarnessError::Refused { log }) => {
             let lines: Vec<&str> = log.lines().filter(|l| l.contains("refused") || l.contains("panic")).collect();

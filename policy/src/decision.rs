@@ -122,6 +122,43 @@ impl DenialReason {
     }
 }
 
+/// Why a host has no policy to decide with: answered 500 `not_configured`,
+/// the one refusal that no loaded configuration gives (so it is not a
+/// [`DenialReason`]), written here once for every host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfigured {
+    /// No configuration is loaded (none given yet, or refused at start).
+    NoConfiguration,
+    /// A final stage (a cluster's upstream filter) with no record from a
+    /// first stage: keyswap is missing from the listener.
+    NoListenerStage,
+}
+
+impl Unconfigured {
+    pub const STATUS: u16 = 500;
+    pub const CODE: &'static str = "not_configured";
+
+    /// The JSON body, as every denial's: `{"error":"not_configured","message":…}`.
+    pub const fn body(self) -> &'static str {
+        match self {
+            Self::NoConfiguration => {
+                r#"{"error":"not_configured","message":"The gateway has no keyswap configuration."}"#
+            }
+            Self::NoListenerStage => {
+                r#"{"error":"not_configured","message":"keyswap runs on this cluster but not on the listener."}"#
+            }
+        }
+    }
+
+    /// The message alone.
+    pub const fn message(self) -> &'static str {
+        match self {
+            Self::NoConfiguration => "The gateway has no keyswap configuration.",
+            Self::NoListenerStage => "keyswap runs on this cluster but not on the listener.",
+        }
+    }
+}
+
 /// The policy's answer for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'p> {

@@ -159,6 +159,53 @@ impl std::fmt::Display for Summary {
     }
 }
 
+impl Summary {
+    /// How the filter's log line that a configuration is loaded starts:
+    /// the one contract every tool that waits for a configuration reads
+    /// ([`Self::log_line`] writes it, [`Self::from_log_line`] reads it).
+    pub const LOG_PREFIX: &'static str = "keyswap: configuration loaded: ";
+
+    /// `keyswap: configuration loaded: N clients, M routes, version V`.
+    pub fn log_line(&self) -> String {
+        format!("{}{self}", Self::LOG_PREFIX)
+    }
+
+    /// The summary in a log line that carries [`Self::log_line`] anywhere
+    /// (Envoy prefixes it with its own fields), or `None`.
+    pub fn from_log_line(line: &str) -> Option<Self> {
+        let (_, rest) = line.split_once(Self::LOG_PREFIX)?;
+        let (clients, rest) = rest.split_once(" clients, ")?;
+        let (routes, version) = rest.split_once(" routes, version ")?;
+        let version = version.trim_end();
+        let hex = !version.is_empty() && version.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(Self {
+            clients: clients.parse().ok()?,
+            routes: routes.parse().ok()?,
+            version: hex.then(|| version.to_string())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::Summary;
+
+    #[test]
+    fn the_log_line_reads_back() {
+        let summary = Summary { clients: 12, routes: 3, version: "1c0ffee2d4a1".into() };
+        let line = format!("[2026-12-02 06:00:00.000][7][info][wasm] wasm log keyswap: {}", summary.log_line());
+        assert_eq!(Summary::from_log_line(&line), Some(summary.clone()));
+        assert_eq!(Summary::from_log_line(&summary.log_line()), Some(summary));
+        for bad in [
+            "keyswap: configuration loaded: x clients, 3 routes, version ab",
+            "no line",
+            "keyswap: configuration loaded: 1 clients, 2 routes, version ",
+        ] {
+            assert_eq!(Summary::from_log_line(bad), None, "{bad}");
+        }
+    }
+}
+
 impl Policy {
     /// Counts and version, never a key or credential.
     pub fn summary(&self) -> Summary {

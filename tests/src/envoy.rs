@@ -478,9 +478,9 @@ impl Envoy {
             launch.expect_configs.iter().map(|c| keyswap_policy::content_version(c.as_bytes())).collect();
         let loaded = poll(Duration::from_secs(10), || {
             let log = envoy.log();
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains("keyswap: configuration loaded:")).collect();
-            let missing: Vec<&String> =
-                versions.iter().filter(|v| !lines.iter().any(|l| l.ends_with(&format!("version {v}")))).collect();
+            let loaded: Vec<String> =
+                log.lines().filter_map(keyswap_policy::Summary::from_log_line).map(|s| s.version).collect();
+            let missing: Vec<&String> = versions.iter().filter(|v| !loaded.contains(v)).collect();
             missing.is_empty().then_some(())
         });
         if loaded.is_none() {

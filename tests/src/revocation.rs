@@ -338,7 +338,7 @@ pub fn workers(lines: &[LogLine], main: Option<u64>, version: &str, since: Syste
     let since = since.checked_sub(Duration::from_millis(1)).unwrap_or(since);
     let mut out = BTreeMap::new();
     for line in lines.iter().filter(|l| l.time >= since && Some(l.thread) != main) {
-        if line.text.contains("keyswap: configuration loaded: ") && line.text.ends_with(&format!("version {version}")) {
+        if keyswap_policy::Summary::from_log_line(&line.text).is_some_and(|s| s.version == version) {
             out.entry(line.thread).or_insert(line.time);
         }
     }

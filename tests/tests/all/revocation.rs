@@ -433,9 +433,8 @@ fn a_push_adds_removes_and_changes_clients_routes_and_credentials() {
     // the push is in force once the new version was loaded as many times
     // as the first one.
     let loads = |version: &str| {
-        let line = "keyswap: configuration loaded: ";
-        let end = format!(", version {version}");
-        gw.envoy.log().lines().filter(|l| l.contains(line) && l.ends_with(&end)).count()
+        let log = gw.envoy.log();
+        log.lines().filter_map(keyswap_policy::Summary::from_log_line).filter(|s| s.version == version).count()
     };
     let before = loads(&version(&config(false)));
     assert!(before >= 2, "the first configuration was loaded; log:\n{}", gw.envoy.log());
@@ -977,15 +976,13 @@ fn soak_racing_pushes_and_restarts_never_undo_a_revocation() {
     prober.join().expect("prober");
     logs.push(gw.envoy.log());
     let log = logs.concat();
+    let loaded =
+        |v: &str| log.lines().any(|l| keyswap_policy::Summary::from_log_line(l).is_some_and(|s| s.version == v));
     for (round, v) in &actives {
-        let loaded = log.lines().any(|l| l.contains("configuration loaded") && l.ends_with(&format!("version {v}")));
-        assert!(loaded, "round {round}: {v} reported active, never loaded");
+        assert!(loaded(v), "round {round}: {v} reported active, never loaded");
     }
     for (round, v) in &rejections {
-        assert!(
-            !log.lines().any(|l| l.contains("configuration loaded") && l.ends_with(&format!("version {v}"))),
-            "round {round}: {v} reported rejected, but loaded"
-        );
+        assert!(!loaded(v), "round {round}: {v} reported rejected, but loaded");
     }
     let answers = answers.lock().expect("answers");
     let first = first_active.expect("some push was active");
