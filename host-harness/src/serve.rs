@@ -215,26 +215,69 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// A variable of the component's environment (for `{"env": NAME}`
-    /// credentials), repeatable: NAME=VALUE, or NAME to pass this process's
-    /// value on. Nothing else of this process's environment is passed.
+    /// credentials), repeatable: `NAME=VALUE`, or a bare `NAME` to pass
+    /// this shell's value on. Nothing else of this process's environment
+    /// reaches the component.
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
 }
 
-/// The component's environment from `--env` arguments.
+/// The environment `--env` arguments give a VM or component; one meaning
+/// for every subcommand that takes `--env` (`check`, `run`, `serve`):
+/// `NAME=VALUE` sets a variable, a bare `NAME` passes this process's value
+/// on, and nothing else of this process's environment passes. A message
+/// never holds a value: an argument that is neither form is not quoted
+/// unless it reads as a conventional variable name (`OPENAI_API_KEY`),
+/// the rule the policy follows for `{"env": NAME}`.
 ///
 /// # Errors
-/// An empty name, or a NAME this process does not have.
+/// An empty name, or a bare NAME this process does not have.
 pub fn env_args(args: &[String]) -> Result<Vec<(String, String)>, String> {
     args.iter()
         .map(|arg| match arg.split_once('=') {
             Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-            Some(_) => Err(format!("`{arg}` has no variable name")),
-            None => std::env::var(arg)
-                .map(|value| (arg.clone(), value))
-                .map_err(|_| format!("--env {arg}: {arg} is not set in this environment")),
+            Some(_) => Err("an --env argument has no variable name before `=` (NAME=VALUE, or NAME)".to_string()),
+            None if is_conventional_env_name(arg) => {
+                std::env::var(arg).map(|value| (arg.clone(), value)).map_err(|_| {
+                    format!("--env {arg}: {arg} is not set in this shell; give its value with --env {arg}=VALUE")
+                })
+            }
+            None => match std::env::var(arg) {
+                Ok(value) => Ok((arg.clone(), value)),
+                Err(_) => Err("an --env argument is neither NAME=VALUE nor the name of a variable set in this shell \
+                               (not shown: it may be a value)"
+                    .to_string()),
+            },
         })
         .collect()
+}
+
+/// The line to add when a configuration was refused because an `{"env"}`
+/// variable is unset (`refusal` holds the refusal's lines), saying how to
+/// give it; `None` for any other refusal. It names the variable only when
+/// the refusal did (the policy quotes conventional names only), and says
+/// whether this shell has it, never its value. `holder` is what runs the
+/// configuration: "the filter", "the component".
+pub fn env_hint(refusal: &str, holder: &str) -> Option<String> {
+    let unset = refusal.lines().find_map(|line| {
+        let (_, rest) = line.split_once(".env: ")?;
+        rest.trim_end().strip_suffix(" is not set")
+    })?;
+    let how = if is_conventional_env_name(unset) {
+        let here = if std::env::var_os(unset).is_some() { "set in this shell" } else { "not set in this shell" };
+        format!("--env {unset} passes this shell's value ({here}), --env {unset}=VALUE sets one")
+    } else {
+        "--env NAME passes this shell's value of NAME, --env NAME=VALUE sets one".to_string()
+    };
+    Some(format!("hint: {holder} sees only the variables --env gives: {how}"))
+}
+
+/// `OPENAI_API_KEY`: upper-case letters, digits and `_`, not starting
+/// with a digit (the policy's test for a name it may quote).
+fn is_conventional_env_name(name: &str) -> bool {
+    (1..=256).contains(&name.len())
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// `keyswap serve`: checks the configuration, prints one line with the
@@ -246,7 +289,13 @@ pub fn env_args(args: &[String]) -> Result<Vec<(String, String)>, String> {
 pub fn main(args: &ServeArgs) -> Result<(), String> {
     let env = env_args(&args.env)?;
     let component = args.component.clone().unwrap_or_else(crate::component::default_component_path);
-    run(&component, &args.config, args.listen, &env).map_err(|e| e.to_string())
+    run(&component, &args.config, args.listen, &env).map_err(|e| match &e {
+        ServeError::Refused(why) => match env_hint(why, "the component") {
+            Some(hint) => format!("{e}\n{hint}"),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    })
 }
 
 /// Serves `component` with the configuration file `config` on `listen`

@@ -15,13 +15,32 @@ use keyswap_conformance::{default_dir, Request, Suite};
 use keyswap_harness::manifest;
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
 use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
+use keyswap_policy::KeyCheck;
 use sha2::{Digest as _, Sha256};
+
+/// What `keyswap --help` ends with: real commands, run from the
+/// repository root after `scripts/setup` (the CLI tests run each).
+const EXAMPLES: &str = "\
+Examples (from the repository root after scripts/setup; from source, `keyswap` is `cargo run -q -p keyswap-harness --`):
+  keyswap new-key --id team-a --routes demo
+  KEYSWAP_DEMO_CREDENTIAL=demo-upstream-credential keyswap check docs/examples/demo.json --env KEYSWAP_DEMO_CREDENTIAL
+  keyswap run docs/examples/demo.json '{\"route_name\": \"demo\", \"cluster\": \"demo_echo\", \"headers\": [[\"authorization\", \"Bearer keyswap-demo-key\"]]}' --env KEYSWAP_DEMO_CREDENTIAL=demo-upstream-credential
+  keyswap push docs/examples/demo.json --ecds .run/ecds/keyswap.json --envoy-admin http://127.0.0.1:9901
+  keyswap manifest istio deploy/istio/keyswap.json --istio-version 1.29 --image oci://registry.example.com/keyswap/filter:0.1.0
+";
+
+/// `keyswap run --help`'s complete example.
+const RUN_EXAMPLE: &str = "\
+Example (from the repository root; the request inline, from a file, or `-` for stdin):
+  keyswap run docs/examples/demo.json '{\"route_name\": \"demo\", \"cluster\": \"demo_echo\", \"path\": \"/demo/hello\", \"headers\": [[\"authorization\", \"Bearer keyswap-demo-key\"]]}' --env KEYSWAP_DEMO_CREDENTIAL=demo-upstream-credential
+";
 
 #[derive(Parser)]
 #[command(
     name = "keyswap",
     version,
-    about = "keyswap's tools: the real filter module in a wasmtime host, no Envoy needed"
+    about = "keyswap's tools: the real filter module in a wasmtime host, no Envoy needed",
+    after_help = EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,13 +72,19 @@ enum Command {
     },
     /// Run one request through the filter and print the decision, what
     /// the upstream receives (or the local response), the access-log field
-    /// the filter set and the metrics the request moved.
+    /// the filter set and the metrics the request moved. A credential the
+    /// filter injected is shown by its source (`<env NAME>`), never its
+    /// value.
+    #[command(after_help = RUN_EXAMPLE)]
     Run {
         /// The plugin configuration (JSON).
         config: PathBuf,
-        /// The request, shaped like a conformance case's `request`:
-        /// {"route_name", "method", "path", "authority", "headers": [[name, value], ...]}.
-        request: PathBuf,
+        /// The request: a JSON file, `-` for stdin, or the JSON itself when
+        /// it starts with `{`. Shaped like a conformance case's `request`:
+        /// {"route_name", "cluster", "method", "path", "authority",
+        /// "headers": [[name, value], ...]}, each optional; `cluster` is
+        /// Envoy's final cluster (default: `route_name`).
+        request: String,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -181,19 +206,13 @@ struct FilterArg {
 #[derive(Args)]
 struct VmArgs {
     /// A variable of the VM's environment, like Envoy's
-    /// vm_config.environment_variables; repeatable. These are the VM's whole
-    /// environment: nothing is taken from this process's.
-    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var)]
-    env: Vec<(String, String)>,
+    /// vm_config.environment_variables; repeatable: `NAME=VALUE`, or a bare
+    /// `NAME` to pass this shell's value on. Nothing else passes: these are
+    /// the VM's whole environment.
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
     #[command(flatten)]
     filter: FilterArg,
-}
-
-fn parse_env_var(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("`{text}` is not NAME=VALUE")),
-    }
 }
 
 fn main() -> ExitCode {
@@ -287,22 +306,29 @@ fn bare(message: &str) -> &str {
     message.strip_prefix("keyswap: ").unwrap_or(message)
 }
 
-/// Loads `config` into a fresh VM; a refusal prints each logged error and
-/// fails with nothing more to say.
-fn configured(config: &Path, vm: &VmArgs) -> Result<FilterInstance, String> {
-    let module = load_filter(&vm.filter)?;
+/// Loads `config` into a fresh VM with `env` (from `--env`); a refusal
+/// prints each logged error (and, for an unset variable, how to give it)
+/// and fails with nothing more to say.
+fn configured(config: &Path, env: &[(String, String)], filter: &FilterArg) -> Result<FilterInstance, String> {
+    let module = load_filter(filter)?;
     let config = read(config)?;
-    let env: BTreeMap<String, String> = vm.env.iter().cloned().collect();
+    let env: BTreeMap<String, String> = env.iter().cloned().collect();
     match module.configure(&config, &env) {
         Ok(instance) => Ok(instance),
         Err(HarnessError::Refused { log }) => {
-            let mut printed = false;
-            for line in log.lines().filter(|l| l.contains("refused") || l.contains("panic")) {
-                println!("error: {}", bare(line));
-                printed = true;
+            let refusals: Vec<&str> =
+                log.lines().filter(|l| l.contains("refused") || l.contains("panic")).map(bare).collect();
+            for line in &refusals {
+                println!("error: {line}");
             }
-            if !printed {
-                println!("error: the filter refused the configuration; its log:\n{log}");
+            if refusals.is_empty() {
+                println!("error: the filter refused the configuration; its log:");
+                for line in log.lines() {
+                    println!("  {line}");
+                }
+            }
+            if let Some(hint) = keyswap_harness::serve::env_hint(&refusals.join("\n"), "the filter") {
+                println!("{hint}");
             }
             Err(String::new())
         }
@@ -311,7 +337,8 @@ fn configured(config: &Path, vm: &VmArgs) -> Result<FilterInstance, String> {
 }
 
 fn check(config: &Path, vm: &VmArgs) -> Result<(), String> {
-    let instance = configured(config, vm)?;
+    let env = keyswap_harness::serve::env_args(&vm.env)?;
+    let instance = configured(config, &env, &vm.filter)?;
     let summary = instance
         .log()
         .iter()
@@ -393,27 +420,52 @@ fn new_key(id: &str, routes: Vec<String>) -> Result<(), String> {
     Ok(())
 }
 
-fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
-    let request_text = read(request)?;
-    let request: Request = serde_json::from_slice(&request_text)
-        .map_err(|e| format!("{}: not a request object: {e}", request.display()))?;
-    let mut instance = configured(config, vm)?;
+/// `run`'s REQUEST: `-` is stdin, text starting with `{` is the JSON
+/// itself, anything else a file.
+fn read_request(arg: &str) -> Result<Request, String> {
+    let (what, bytes) = if arg == "-" {
+        let mut input = Vec::new();
+        std::io::stdin().read_to_end(&mut input).map_err(|e| format!("cannot read stdin: {e}"))?;
+        ("the request on stdin".to_string(), input)
+    } else if arg.trim_start().starts_with('{') {
+        ("the request".to_string(), arg.as_bytes().to_vec())
+    } else {
+        (arg.to_string(), read(Path::new(arg))?)
+    };
+    serde_json::from_slice(&bytes).map_err(|e| format!("{what}: not a request object: {e}"))
+}
+
+fn run(config: &Path, request: &str, vm: &VmArgs) -> Result<(), String> {
+    let request = read_request(request)?;
+    let env = keyswap_harness::serve::env_args(&vm.env)?;
+    let mut instance = configured(config, &env, &vm.filter)?;
+    let secrets = Secrets::new(&read(config)?, &env);
     let before = instance.metrics();
-    let outcome = instance
-        .request_to(request.route_name.as_deref(), request.cluster(), &request.header_list())
-        .map_err(|e| e.to_string())?;
+    let sent = request.header_list();
+    let outcome =
+        instance.request_to(request.route_name.as_deref(), request.cluster(), &sent).map_err(|e| e.to_string())?;
     instance.finish().map_err(|e| e.to_string())?;
     for entry in instance.log() {
-        eprintln!("log: {entry}");
+        eprintln!("log: {}", one_line(&entry.to_string()));
     }
     match outcome {
         Outcome::Forwarded { headers } => {
             println!("decision: forward");
             println!("upstream request:");
-            let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v));
+            // What the filter set or changed is shown with its credentials
+            // masked; what the client sent, as sent.
+            let shown = |name: &str, value: &[u8]| {
+                let text = String::from_utf8_lossy(value);
+                if sent.iter().any(|(n, v)| n == name && v == value) {
+                    one_line(&text)
+                } else {
+                    one_line(&secrets.mask(&text))
+                }
+            };
+            let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(n, v)| shown(n, v));
             println!("  {} {}", get(":method").unwrap_or_default(), get(":path").unwrap_or_default());
-            for (name, value) in text_pairs(&headers) {
-                println!("  {name}: {value}");
+            for (name, value) in &headers {
+                println!("  {name}: {}", shown(name, value));
             }
         }
         Outcome::Local(local) => {
@@ -421,9 +473,9 @@ fn run(config: &Path, request: &Path, vm: &VmArgs) -> Result<(), String> {
             println!("local response:");
             println!("  status: {}", local.status);
             for (name, value) in text_pairs(&local.headers) {
-                println!("  {name}: {value}");
+                println!("  {name}: {}", one_line(&value));
             }
-            println!("  body: {}", String::from_utf8_lossy(&local.body));
+            println!("  body: {}", one_line(&String::from_utf8_lossy(&local.body)));
         }
         Outcome::Paused { .. } => return Err("the filter paused the request without answering it".into()),
     }
@@ -443,7 +495,19 @@ fn print_observability(instance: &FilterInstance, before: &BTreeMap<String, (Met
         println!("access log: (no filter state set)");
     }
     for (name, value) in &state {
-        println!("access log: %FILTER_STATE({name}:PLAIN)% = {}", String::from_utf8_lossy(value));
+        // The first stage's record for the final one is bytes, not text.
+        let record = (name == KEY_RECORD).then(|| KeyCheck::decode(value)).flatten();
+        match record {
+            Some(KeyCheck::Digest(digest)) => {
+                println!("filter state: {name} = sha256 of the presented key {}", hex(&digest));
+            }
+            Some(KeyCheck::Missing) => println!("filter state: {name} = no key presented"),
+            Some(KeyCheck::Ambiguous) => println!("filter state: {name} = different keys presented"),
+            Some(KeyCheck::TooLong) => println!("filter state: {name} = a key over the size limit"),
+            None => {
+                println!("access log: %FILTER_STATE({name}:PLAIN)% = {}", one_line(&String::from_utf8_lossy(value)));
+            }
+        }
     }
     let moved: Vec<String> = instance
         .metrics()
@@ -463,6 +527,75 @@ fn print_observability(instance: &FilterInstance, before: &BTreeMap<String, (Met
         for line in moved {
             println!("{line}");
         }
+    }
+}
+
+/// The filter-state entry the first stage leaves for the final one
+/// (keyswap-filter's `KEY_RECORD_PROPERTY`, under Envoy's `wasm.`).
+const KEY_RECORD: &str = "wasm.keyswap_key";
+
+/// `text` on one line: control characters (a newline, say) escaped, so
+/// that every line printed is one line.
+fn one_line(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+    } else {
+        text.to_string()
+    }
+}
+
+/// The credentials a configuration can inject, as `run` hides them: the
+/// `--env` values and the configuration's `inline` ones, each with the
+/// source it is shown as.
+struct Secrets(Vec<(String, String)>);
+
+impl Secrets {
+    fn new(config: &[u8], env: &[(String, String)]) -> Self {
+        fn inline(value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (key, inner) in map {
+                        match (key.as_str(), inner) {
+                            ("inline", serde_json::Value::String(v)) => out.push(("<inline>".into(), v.clone())),
+                            _ => inline(inner, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| inline(v, out)),
+                _ => {}
+            }
+        }
+        let mut secrets: Vec<(String, String)> = env.iter().map(|(n, v)| (format!("<env {n}>"), v.clone())).collect();
+        if let Ok(config) = serde_json::from_slice(config) {
+            inline(&config, &mut secrets);
+        }
+        secrets.retain(|(_, v)| !v.is_empty());
+        // The longest first: a value that holds another is hidden whole.
+        secrets.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        Self(secrets)
+    }
+
+    /// `text` with each credential in it, as sent or percent-encoded (a
+    /// query parameter) or inside HTTP Basic, replaced by its source.
+    fn mask(&self, text: &str) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if let Some(encoded) = text.strip_prefix("Basic ") {
+            if let Some(pair) = b64.decode(encoded.trim()).ok().and_then(|d| String::from_utf8(d).ok()) {
+                let masked = self.mask(&pair);
+                if masked != pair {
+                    return format!("Basic base64({masked})");
+                }
+            }
+        }
+        let mut out = text.to_string();
+        for (source, value) in &self.0 {
+            out = out.replace(value.as_str(), source);
+            let encoded = keyswap_policy::query::encode_component(value);
+            if encoded != *value {
+                out = out.replace(&encoded, source);
+            }
+        }
+        out
     }
 }
 

@@ -8,9 +8,16 @@ use keyswap_conformance::default_dir;
 use keyswap_harness::default_filter_path;
 
 fn keyswap(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    keyswap_with(args, stdin, &[])
+}
+
+/// `keyswap` with `vars` added to its process environment.
+fn keyswap_with(args: &[&str], stdin: Option<&[u8]>, vars: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .args(args)
         .env("KEYSWAP_FILTER", default_filter_path())
+        .env_remove_all(VARS)
+        .envs(vars.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -39,6 +46,28 @@ fn temp_file(test: &str, name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// The variables these tests' configurations read: never taken from the
+/// environment the tests run in.
+const VARS: &[&str] = &[
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "REGISTRY_PASSWORD",
+    "GEMINI_API_KEY",
+    "KEYSWAP_DEMO_CREDENTIAL",
+    "UP_TOKEN",
+];
+
+/// `Command::env_remove` for several names.
+trait EnvRemoveAll {
+    fn env_remove_all(&mut self, names: &[&str]) -> &mut Self;
+}
+
+impl EnvRemoveAll for Command {
+    fn env_remove_all(&mut self, names: &[&str]) -> &mut Self {
+        names.iter().fold(self, |command, name| command.env_remove(name))
+    }
+}
+
 const ENV: [&str; 6] = [
     "--env",
     "OPENAI_API_KEY=sk-upstream-openai",
@@ -56,18 +85,92 @@ fn check_prints_the_summary_or_the_field_path() {
     let out = text(&ok.stdout);
     assert!(out.starts_with("ok: configuration loaded: ") && out.contains("routes, version "), "{out}");
 
-    // Only --env reaches the VM, whatever this process's environment holds.
-    let refused = Command::new(env!("CARGO_BIN_EXE_keyswap"))
-        .args(["check", config.as_str()])
-        .env("KEYSWAP_FILTER", default_filter_path())
-        .env("OPENAI_API_KEY", "from-the-process")
-        .output()
-        .expect("keyswap runs");
+    // Only --env reaches the VM, whatever this process's environment holds;
+    // the refusal says how to pass it, and that this shell has it.
+    let refused = keyswap_with(&["check", config.as_str()], None, &[("OPENAI_API_KEY", "from-the-process")]);
     assert_eq!(refused.status.code(), Some(1));
     let out = text(&refused.stdout);
-    assert!(
-        out.contains("error: configuration refused: routes[0].inject[0].value.env: OPENAI_API_KEY is not set"),
-        "{out}"
+    assert_eq!(
+        out,
+        "error: configuration refused: routes[0].inject[0].value.env: OPENAI_API_KEY is not set\n\
+         hint: the filter sees only the variables --env gives: --env OPENAI_API_KEY passes this shell's value \
+         (set in this shell), --env OPENAI_API_KEY=VALUE sets one\n"
+    );
+    assert!(!out.contains("from-the-process"));
+}
+
+/// `--env` means one thing for every subcommand that takes it: NAME=VALUE,
+/// or a bare NAME passed on from the process; nothing else passes, and an
+/// unset variable is refused with one line saying how to give it.
+#[test]
+fn env_means_the_same_for_check_run_and_serve() {
+    let gateway = gateway();
+    let serve_config = serve_config("env").display().to_string();
+    let component = keyswap_harness::component::default_component_path().display().to_string();
+    let request = r#"{"route_name": "openai", "headers": [["authorization", "Bearer dev-key-123"]]}"#;
+    let vars = [("OPENAI_API_KEY", "sk-from-the-shell"), ("REGISTRY_PASSWORD", "pw-from-the-shell")];
+    let bare = ["--env", "OPENAI_API_KEY", "--env", "REGISTRY_PASSWORD", "--env", "GEMINI_API_KEY=gemini-given"];
+
+    // A bare NAME takes the process's value.
+    let ok = keyswap_with(&[&["check", gateway.as_str()][..], &bare].concat(), None, &vars);
+    assert!(ok.status.success(), "{}{}", text(&ok.stdout), text(&ok.stderr));
+    let ran = keyswap_with(&[&["run", gateway.as_str(), request][..], &bare].concat(), None, &vars);
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    assert!(text(&ran.stdout).contains("authorization: Bearer <env OPENAI_API_KEY>"), "{}", text(&ran.stdout));
+    let serve = ["serve", "--config", &serve_config, "--component", &component, "--listen", "127.0.0.1:0"];
+    let line = serve_first_line(&["--env", "UP_TOKEN"], &[("UP_TOKEN", "up-from-the-shell")]);
+    assert!(line.starts_with("keyswap serve: listening on http://127.0.0.1:") && line.ends_with('\n'), "{line:?}");
+
+    // A bare NAME the process lacks: the same refusal from each, no value shown.
+    let unset = "error: --env OPENAI_API_KEY: OPENAI_API_KEY is not set in this shell; give its value with --env \
+                 OPENAI_API_KEY=VALUE\n";
+    for args in [
+        vec!["check", gateway.as_str(), "--env", "OPENAI_API_KEY"],
+        vec!["run", gateway.as_str(), request, "--env", "OPENAI_API_KEY"],
+        [&serve[..], &["--env", "OPENAI_API_KEY"]].concat(),
+    ] {
+        let out = keyswap(&args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(text(&out.stderr), unset, "{args:?}");
+    }
+
+    // Not given at all: refused by the filter (or component), with the hint.
+    let run = keyswap_with(&["run", gateway.as_str(), request], None, &vars);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(text(&run.stdout).ends_with("--env OPENAI_API_KEY=VALUE sets one\n"), "{}", text(&run.stdout));
+    let served = keyswap(&serve, None);
+    assert_eq!(served.status.code(), Some(1));
+    assert_eq!(
+        text(&served.stderr),
+        "error: the configuration was refused: keyswap.routes[0].inject[0].value.env: UP_TOKEN is not set\n\
+         hint: the component sees only the variables --env gives: --env UP_TOKEN passes this shell's value \
+         (not set in this shell), --env UP_TOKEN=VALUE sets one\n"
+    );
+
+    // Neither form: refused without quoting what might be a value.
+    for arg in ["=sk-live-typed-without-a-name", "sk-live-typed-without-a-name"] {
+        for args in [vec!["check", gateway.as_str()], [&serve[..], &[]].concat()] {
+            let out = keyswap(&[&args[..], &["--env", arg]].concat(), None);
+            assert_eq!(out.status.code(), Some(1), "{arg}");
+            let all = text(&out.stdout) + &text(&out.stderr);
+            assert!(all.starts_with("error: an --env argument "), "{all}");
+            assert!(!all.contains("sk-live"), "{all}");
+        }
+    }
+
+    // A variable the policy will not quote (it might be a value) is not
+    // named by the hint either.
+    let odd = temp_file(
+        "env",
+        "odd.json",
+        &std::fs::read_to_string(&gateway).unwrap().replace("OPENAI_API_KEY", "sk_live_x"),
+    );
+    let out = keyswap(&["check", odd.to_str().unwrap()], None);
+    assert_eq!(
+        text(&out.stdout),
+        "error: configuration refused: routes[0].inject[0].value.env: the variable is not set\n\
+         hint: the filter sees only the variables --env gives: --env NAME passes this shell's value of NAME, \
+         --env NAME=VALUE sets one\n"
     );
 }
 
@@ -76,11 +179,12 @@ fn usage_errors_exit_1_and_help_exits_0() {
     let cases: &[(&str, &[&str], i32, &str)] = &[
         ("no command", &[], 1, "Usage"),
         ("unknown command", &["frobnicate"], 1, "unrecognized subcommand"),
-        ("bad --env", &["check", "x.json", "--env", "NOEQUALS"], 1, "is not NAME=VALUE"),
+        ("--env NAME not set", &["check", "x.json", "--env", "NOT_SET_ANYWHERE"], 1, "NOT_SET_ANYWHERE is not set"),
         ("missing config file", &["check", "/nonexistent.json"], 1, "cannot read /nonexistent.json"),
         ("top-level help", &["--help"], 0, "hash-key"),
-        ("check help", &["check", "--help"], 0, "vm_config.environment_variables"),
-        ("run help", &["run", "--help"], 0, "REQUEST"),
+        ("check help", &["check", "--help"], 0, "a bare `NAME` to pass this shell's value on. Nothing else passes"),
+        ("serve help", &["serve", "--help"], 0, "a bare `NAME` to pass this shell's value on. Nothing else"),
+        ("run help", &["run", "--help"], 0, "`-` for stdin, or the JSON itself when it starts with `{`"),
         ("new-key needs --id", &["new-key"], 1, "--id"),
     ];
     for (name, args, code, want) in cases {
@@ -171,7 +275,7 @@ fn run_prints_the_upstream_request_or_the_local_response() {
             &[
                 "decision: forward",
                 "  GET /v1/models",
-                "  authorization: Bearer sk-upstream-openai",
+                "  authorization: Bearer <env OPENAI_API_KEY>",
                 "  x-keyswap-client: local-dev",
                 "access log: %FILTER_STATE(wasm.keyswap:PLAIN)% = outcome=allowed reason=- route=openai client=local-dev",
                 "metrics:\n  keyswap_requests_total;route=openai;outcome=allowed;reason= +1 (counter, now 1)\n",
@@ -198,6 +302,7 @@ fn run_prints_the_upstream_request_or_the_local_response() {
             assert!(stdout.contains(line), "{name}: want {line:?} in\n{stdout}");
         }
         assert!(!stdout.contains("dev-key-123"), "{name}: the client's key never reaches the upstream");
+        assert!(!stdout.contains("sk-upstream-openai"), "{name}: the credential is shown by its source");
     }
     let bad = temp_file("run", "bad.json", r#"{"pth": "/"}"#);
     let out = keyswap(&[&["run", config.as_str(), &bad.display().to_string()][..], &ENV].concat(), None);
@@ -506,4 +611,293 @@ fn check_warns_when_a_manifest_would_be_too_large() {
 fn sha256_hex(text: &str) -> String {
     use sha2::Digest as _;
     sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Output a terminal shows as whole lines: UTF-8, each line ended by a
+/// newline, no other control character (a stray `\r` or a raw byte).
+fn assert_whole_lines(what: &str, bytes: &[u8]) {
+    let text = std::str::from_utf8(bytes).unwrap_or_else(|_| panic!("{what}: not UTF-8: {bytes:?}"));
+    assert!(text.is_empty() || text.ends_with('\n'), "{what}: the last line has no newline: {text:?}");
+    let odd = text.chars().find(|c| c.is_control() && *c != '\n');
+    assert!(odd.is_none(), "{what}: control character {odd:?} in {text:?}");
+}
+
+/// Each subcommand, succeeding and failing: stdout and stderr are whole
+/// lines, and neither holds a key or a credential it was given (but the
+/// key `new-key` makes, which it shows once).
+#[test]
+fn every_subcommand_prints_whole_lines_and_no_secret() {
+    let config = gateway();
+    let request =
+        temp_file("lines", "request.json", r#"{"route_name": "registry", "headers": [["x-api-key", "dev-key-123"]]}"#);
+    let request = request.display().to_string();
+    let query = r#"{"route_name": "gemini", "path": "/v1/models?alt=json", "headers": [["authorization", "Bearer dev-key-123"]]}"#;
+    // A key whose SHA-256 holds bytes a terminal reads as control
+    // characters (0x1c, 0x0f, 0x1d, 0x1a, 0x15).
+    let demo_key =
+        r#"{"route_name": "demo", "cluster": "demo_echo", "headers": [["authorization", "Bearer keyswap-demo-key"]]}"#;
+    let demo = repo_root().join("docs/examples/demo.json").display().to_string();
+    let push_config = temp_file("lines", "push.json", &std::fs::read_to_string(&demo).unwrap());
+    let push_config = push_config.display().to_string();
+    let ecds = temp_file("lines", "keyswap.json", "").display().to_string();
+    let istio = repo_root().join("deploy/istio/keyswap.json").display().to_string();
+    let eg = repo_root().join("deploy/envoy-gateway/keyswap.json").display().to_string();
+    let suite = default_dir().display().to_string();
+    let env = ENV.to_vec();
+    let demo_env = ["--env", "KEYSWAP_DEMO_CREDENTIAL=demo-credential-value"];
+    let cases: Vec<(&str, Vec<&str>, Option<&[u8]>)> = vec![
+        ("help", vec!["--help"], None),
+        ("run help", vec!["run", "--help"], None),
+        ("version", vec!["--version"], None),
+        ("usage error", vec!["frobnicate"], None),
+        ("check", [&["check", config.as_str()][..], &env].concat(), None),
+        ("check refused (no env)", vec!["check", config.as_str()], None),
+        ("check refused (--env unset)", vec!["check", config.as_str(), "--env", "NOT_SET_ANYWHERE"], None),
+        ("hash-key", vec!["hash-key"], Some(b"dev-key-123\n")),
+        ("new-key", vec!["new-key", "--id", "lines"], None),
+        ("run forward, basic", [&["run", config.as_str(), request.as_str()][..], &env].concat(), None),
+        ("run forward, query", [&["run", config.as_str(), query][..], &env].concat(), None),
+        ("run forward, demo key", [&["run", demo.as_str(), demo_key][..], &demo_env].concat(), None),
+        ("run deny", [&["run", config.as_str(), r#"{"route_name": "openai"}"#][..], &env].concat(), None),
+        ("run stdin", [&["run", config.as_str(), "-"][..], &env].concat(), Some(query.as_bytes())),
+        ("run bad request", [&["run", config.as_str(), "{"][..], &env].concat(), None),
+        ("conformance", vec!["conformance", suite.as_str()], None),
+        ("push", vec!["push", push_config.as_str(), "--ecds", ecds.as_str()], None),
+        ("push unchanged", vec!["push", push_config.as_str(), "--ecds", ecds.as_str()], None),
+        ("bench", vec!["bench", "--sizes", "10", "--iterations", "50"], None),
+        (
+            "manifest istio",
+            vec!["manifest", "istio", &istio, "--istio-version", "1.29", "--image", "oci://r/k:1"],
+            None,
+        ),
+        ("manifest envoy-gateway", vec!["manifest", "envoy-gateway", &eg, "--route", "r", "--image", "r/k:1"], None),
+        ("serve refused", vec!["serve", "--config", config.as_str(), "--listen", "127.0.0.1:0"], None),
+    ];
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    let secrets = [
+        "sk-upstream-openai".to_string(),
+        "registry-pw".to_string(),
+        b64("ci:registry-pw"),
+        "gemini-upstream".to_string(),
+        "demo-credential-value".to_string(),
+        "dev-key-123".to_string(),
+        "keyswap-demo-key".to_string(),
+        "plaintext-key-for-local-use".to_string(),
+    ];
+    for (name, args, stdin) in &cases {
+        let out = keyswap(args, *stdin);
+        assert_whole_lines(&format!("{name}: stdout"), &out.stdout);
+        assert_whole_lines(&format!("{name}: stderr"), &out.stderr);
+        let all = text(&out.stdout) + &text(&out.stderr);
+        for secret in &secrets {
+            // The help's examples use the demo's key, which guards nothing.
+            if name.contains("help") && secret == "keyswap-demo-key" {
+                continue;
+            }
+            assert!(!all.contains(secret.as_str()), "{name}: {secret:?} printed:\n{all}");
+        }
+    }
+    let served = serve_first_line(&["--env", "UP_TOKEN=serve-credential-value"], &[]);
+    assert_whole_lines("serve", served.as_bytes());
+    assert!(!served.contains("serve-credential-value"), "{served}");
+}
+
+/// A `keyswap serve` configuration whose credential is `{"env": "UP_TOKEN"}`.
+fn serve_config(test: &str) -> PathBuf {
+    temp_file(
+        test,
+        "serve.json",
+        r#"{"keyswap": {"clients": [{"id": "c", "key": "serve-line-key", "routes": ["*"]}],
+            "routes": [{"name": "up", "match": {"path_prefix": "/"},
+                        "inject": [{"header": "authorization", "value": {"env": "UP_TOKEN"}}]}]},
+           "upstreams": {"up": "http://127.0.0.1:1"}}"#,
+    )
+}
+
+/// `keyswap serve`'s first line, given `args` and the process variables
+/// `vars` (it then serves until stopped; stopped here).
+fn serve_first_line(args: &[&str], vars: &[(&str, &str)]) -> String {
+    let config = serve_config("serve-line");
+    let component = keyswap_harness::component::default_component_path();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .env_remove_all(VARS)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--component")
+        .arg(&component)
+        .args(args)
+        .envs(vars.iter().copied())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("keyswap serve starts");
+    let mut line = String::new();
+    let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line);
+    let _ = server.kill();
+    let _ = server.wait();
+    read.expect("keyswap serve prints a line");
+    line
+}
+
+/// Runs `script` in bash in `dir`, with `keyswap` the binary under test
+/// (stderr into stdout, as a terminal shows them).
+fn bash(script: &str, dir: &std::path::Path, vars: &[(&str, &str)]) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec 2>&1\nkeyswap() {{ \"$KEYSWAP_BIN\" \"$@\"; }}\n{script}"))
+        .current_dir(dir)
+        .env("KEYSWAP_BIN", env!("CARGO_BIN_EXE_keyswap"))
+        .env("KEYSWAP_FILTER", default_filter_path())
+        .env_remove_all(VARS)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("bash runs");
+    text(&out.stdout)
+}
+
+/// A scratch copy of what the examples read: docs/ and deploy/ (linked),
+/// and `.run/ecds/keyswap.json` holding the demo configuration, as
+/// `scripts/demo` leaves it.
+fn scratch_checkout(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyswap-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join(".run/ecds")).unwrap();
+    for linked in ["docs", "deploy"] {
+        std::os::unix::fs::symlink(repo_root().join(linked), dir.join(linked)).unwrap();
+    }
+    let demo = repo_root().join("docs/examples/demo.json").display().to_string();
+    let out = keyswap(&["push", &demo, "--ecds", &dir.join(".run/ecds/keyswap.json").display().to_string()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    dir
+}
+
+/// What varies from one run to the next, made alike: a `new-key` key, a
+/// SHA-256, a configuration version, a delay.
+fn normalized(text: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let hex = |w: &str| w.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let replaced = if word.starts_with("ks_") && word.len() == 46 {
+            Some("ks_<key>")
+        } else if word.len() == 64 && hex(word) {
+            Some("<sha256>")
+        } else if word.len() == 12 && hex(word) && out.ends_with("version ") {
+            Some("<version>")
+        } else if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) && out.ends_with('(') {
+            Some("<n>")
+        } else {
+            None
+        };
+        out.push_str(replaced.unwrap_or(word));
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// The README's "Try a configuration" walkthrough, replayed: its `sh`
+/// blocks run in bash as typed, from a checkout as `scripts/demo` leaves
+/// it, and each prints what the `text` block after it shows (keys,
+/// digests and versions aside). Envoy's part is not run here: the push
+/// goes to the ECDS file without `--envoy-admin`/`--envoy-log` (which the
+/// test checks name envoy.yaml's admin and scripts/demo's log), and the
+/// curl is left out (tests/ pushes to the real Envoy).
+#[test]
+fn readme_walkthrough_replays_as_shown() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme.find("\n## Try a configuration\n").expect("the README has the section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 4)];
+    let mut blocks: Vec<(String, Option<String>)> = Vec::new();
+    let mut rest = section;
+    while let Some(open) = rest.find("```") {
+        let after = &rest[open + 3..];
+        let (lang, body) = after.split_once('\n').unwrap();
+        let end = body.find("```").expect("a closed block");
+        match lang {
+            "sh" => blocks.push((body[..end].to_string(), None)),
+            "text" => blocks.last_mut().expect("output after a command").1 = Some(body[..end].to_string()),
+            other => panic!("a ```{other} block in the walkthrough"),
+        }
+        rest = &body[end + 3..];
+    }
+    assert!(blocks.len() >= 4, "{blocks:?}");
+
+    // What is replayed differently from how it is typed, each exactly once.
+    let envoy_yaml = std::fs::read_to_string(repo_root().join("envoy.yaml")).unwrap();
+    let demo_script = std::fs::read_to_string(repo_root().join("scripts/demo")).unwrap();
+    assert!(envoy_yaml.contains("port_value: 9901") && envoy_yaml.contains("port_value: 10000"));
+    assert!(envoy_yaml.contains(".run/ecds/keyswap.json") && demo_script.contains(r#"logs="$root/.run/demo""#));
+    let edits: [(&str, &str); 3] = [
+        ("keyswap() { cargo run -q -p keyswap-harness -- \"$@\"; }\n", ""),
+        (" --envoy-admin http://127.0.0.1:9901 --envoy-log .run/demo/envoy.log", ""),
+        ("curl -s http://127.0.0.1:10000/demo/hello -H \"Authorization: Bearer $key\"; echo\n", ""),
+    ];
+    let mut script = String::new();
+    for (i, (commands, _)) in blocks.iter().enumerate() {
+        script.push_str(&format!("echo '@@ block {i}'\n{commands}"));
+    }
+    for (typed, replayed) in edits {
+        assert_eq!(script.matches(typed).count(), 1, "the walkthrough types {typed:?} once");
+        script = script.replace(typed, replayed);
+    }
+
+    let dir = scratch_checkout("readme");
+    // A second terminal: this process's variables, none of the demo's.
+    let output = bash(&script, &dir, &[]);
+    let mut replayed: Vec<&str> = output.split("@@ block ").skip(1).collect();
+    assert_eq!(replayed.len(), blocks.len(), "{output}");
+    for (i, ((commands, shown), got)) in blocks.iter().zip(replayed.iter_mut()).enumerate() {
+        let got = normalized(got.split_once('\n').map_or("", |(_, rest)| rest));
+        let Some(shown) = shown else {
+            assert_eq!(got, "", "block {i} prints nothing:\n{commands}");
+            continue;
+        };
+        let shown = normalized(shown);
+        if commands.contains("keyswap push") {
+            // Envoy's answer and the curl's are not replayed.
+            assert!(
+                shown.starts_with(&got) && got.starts_with("wrote "),
+                "block {i}: got\n{got}\nREADME shows\n{shown}"
+            );
+        } else {
+            assert_eq!(got, shown, "block {i}: what it prints is not what the README shows:\n{commands}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The examples `keyswap --help` and `keyswap run --help` end with, run
+/// as typed from a checkout (the push without Envoy's admin: tests/ push
+/// to the real Envoy).
+#[test]
+fn help_examples_run() {
+    let mut examples = Vec::new();
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let help = text(&keyswap(args, None).stdout);
+        let (_, tail) = help.split_once("Example").expect("the help ends with examples");
+        examples.extend(tail.lines().filter_map(|l| l.strip_prefix("  ")).map(str::to_string));
+    }
+    assert!(examples.len() >= 6, "{examples:?}");
+    let dir = scratch_checkout("help");
+    for subcommand in ["new-key", "check", "run", "push", "manifest"] {
+        assert!(examples.iter().any(|e| e.contains(&format!("keyswap {subcommand} "))), "{subcommand}: {examples:?}");
+    }
+    for example in &examples {
+        let replayed = example.replace(" --envoy-admin http://127.0.0.1:9901", "");
+        let output = bash(&format!("{replayed}\necho \"exit $?\""), &dir, &[]);
+        assert!(output.ends_with("exit 0\n"), "{example}:\n{output}");
+        if example.contains("keyswap run ") {
+            assert!(output.contains("decision: forward"), "{example}:\n{output}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
