@@ -56,3 +56,31 @@ fn the_denial_table_is_the_policys() {
         }
     }
 }
+
+/// The WIT's `denial` record lists every status a denial can have, and
+/// codes that exist.
+#[test]
+fn the_wit_denial_record_is_the_policys() {
+    let wit = include_str!("../../../wit/keyswap.wit");
+    let start = wit.find("/// The HTTP status: ").expect("the status list in wit/keyswap.wit");
+    let text: String = wit[start..].lines().take_while(|l| !l.contains("status: u16")).collect::<Vec<_>>().join(" ");
+    let numbers: Vec<u16> = text
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| w.len() == 3)
+        .map(|w| w.parse().unwrap_or_else(|e| panic!("{w}: {e}")))
+        .collect();
+    let (listed, unconfigured) = numbers.split_at(numbers.len() - 1);
+    let mut want: Vec<u16> = DenialReason::ALL.iter().map(|r| r.status()).collect();
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(listed, want.as_slice(), "{text}");
+    assert_eq!(unconfigured, [keyswap_policy::Unconfigured::STATUS], "{text}");
+    assert!(text.contains(keyswap_policy::Unconfigured::CODE), "{text}");
+    let codes = wit.find("/// The stable error code").expect("the code list");
+    let listed: Vec<&str> =
+        wit[codes..].split("code: string").next().unwrap_or_default().split('`').skip(1).step_by(2).collect();
+    assert!(listed.len() >= 5, "{listed:?}");
+    for code in listed.iter().filter(|c| !c.contains(' ') && *c != &"error") {
+        assert!(DenialReason::ALL.iter().any(|r| r.code() == *code), "the WIT names `{code}`, which no denial has");
+    }
+}
