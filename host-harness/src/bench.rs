@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::{FilterInstance, FilterModule, HarnessError, HeaderList, Outcome};
+use crate::{FilterInstance, FilterModule, Handled, HarnessError, HeaderList};
 
 /// The client counts measured.
 pub const SIZES: [usize; 3] = [10, 1_000, 100_000];
@@ -219,10 +219,10 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 /// Checks that `outcome` is what `case` expects, so a misconfigured run
 /// cannot time the wrong path.
-fn check(case: &Case, outcome: &Outcome, filter: bool) -> Result<(), HarnessError> {
+fn check(case: &Case, outcome: &Handled, filter: bool) -> Result<(), HarnessError> {
     let wrong = |what: String| Err(HarnessError::Abi(format!("bench case {}: {what}", case.name)));
     match (outcome, case.status) {
-        (Outcome::Forwarded { headers }, None) => {
+        (Handled::Forwarded { headers }, None) => {
             if !filter {
                 return Ok(());
             }
@@ -235,8 +235,8 @@ fn check(case: &Case, outcome: &Outcome, filter: bool) -> Result<(), HarnessErro
             }
             Ok(())
         }
-        (Outcome::Local(response), Some(status)) if response.status == status => Ok(()),
-        (Outcome::Local(response), _) => wrong(format!("answered {}", response.status)),
+        (Handled::Local(response), Some(status)) if response.status == status => Ok(()),
+        (Handled::Local(response), _) => wrong(format!("answered {}", response.status)),
         (other, _) => wrong(format!("unexpected outcome {other:?}")),
     }
 }

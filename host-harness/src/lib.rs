@@ -36,5 +36,5 @@ pub use abi::callout::SharedData;
 pub use abi::codec::HeaderList;
 pub use abi::metrics::MetricType;
 pub use error::{HarnessError, BUILD_HINT};
-pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Outcome};
+pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Handled};
 pub use state::{CallCounts, Clock, HttpCall, LocalResponse, LogEntry, LogLevel};

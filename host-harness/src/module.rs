@@ -174,9 +174,10 @@ impl FilterModule {
     }
 }
 
-/// What the filter did with a request's or a response's headers.
+/// What the filter did with a request's or a response's headers (the
+/// filter's own counted outcome is `keyswap_filter::metrics::Outcome`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Handled {
     /// Passed on: the headers as the next hop sees them (the upstream for a
     /// request, the client for a response).
     Forwarded { headers: HeaderList },
@@ -348,7 +349,7 @@ impl FilterInstance {
         &mut self,
         route_name: Option<&str>,
         headers: &[(String, Vec<u8>)],
-    ) -> Result<Outcome, HarnessError> {
+    ) -> Result<Handled, HarnessError> {
         self.request_to(route_name, route_name, headers)
     }
 
@@ -370,12 +371,12 @@ impl FilterInstance {
         route_name: Option<&str>,
         cluster: Option<&str>,
         headers: &[(String, Vec<u8>)],
-    ) -> Result<Outcome, HarnessError> {
+    ) -> Result<Handled, HarnessError> {
         self.finish()?;
         let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
         let id = self.new_context_id();
         let first = self.request_headers(StreamState::new(id, route_name, cluster, None, headers, BTreeMap::new()))?;
-        let Outcome::Forwarded { headers } = first else {
+        let Handled::Forwarded { headers } = first else {
             self.finish()?;
             return Ok(first);
         };
@@ -391,7 +392,7 @@ impl FilterInstance {
             headers,
             filter_state,
         ))?;
-        if !matches!(last, Outcome::Forwarded { .. }) {
+        if !matches!(last, Handled::Forwarded { .. }) {
             self.finish()?;
         }
         Ok(last)
@@ -407,7 +408,7 @@ impl FilterInstance {
         &mut self,
         route_name: Option<&str>,
         headers: &[(String, Vec<u8>)],
-    ) -> Result<Outcome, HarnessError> {
+    ) -> Result<Handled, HarnessError> {
         self.single_stream(route_name, route_name, None, headers)
     }
 
@@ -421,7 +422,7 @@ impl FilterInstance {
         route_name: Option<&str>,
         cluster: Option<&str>,
         headers: &[(String, Vec<u8>)],
-    ) -> Result<Outcome, HarnessError> {
+    ) -> Result<Handled, HarnessError> {
         self.single_stream(route_name, cluster, Some(UPSTREAM_ADDRESS), headers)
     }
 
@@ -431,7 +432,7 @@ impl FilterInstance {
         cluster: Option<&str>,
         upstream_address: Option<&str>,
         headers: &[(String, Vec<u8>)],
-    ) -> Result<Outcome, HarnessError> {
+    ) -> Result<Handled, HarnessError> {
         self.finish()?;
         let id = self.new_context_id();
         let headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
@@ -443,7 +444,7 @@ impl FilterInstance {
             headers,
             BTreeMap::new(),
         ))?;
-        if !matches!(outcome, Outcome::Forwarded { .. }) {
+        if !matches!(outcome, Handled::Forwarded { .. }) {
             self.finish()?;
         }
         Ok(outcome)
@@ -456,7 +457,7 @@ impl FilterInstance {
     }
 
     /// Opens `stream` as the active stream and runs its request headers.
-    fn request_headers(&mut self, stream: StreamState) -> Result<Outcome, HarnessError> {
+    fn request_headers(&mut self, stream: StreamState) -> Result<Handled, HarnessError> {
         let (id, count) = (stream.context_id, len_u32(stream.request_headers.len()));
         self.store.data_mut().stream = Some(stream);
         let root = self.root();
@@ -477,10 +478,10 @@ impl FilterInstance {
     /// # Errors
     /// [`HarnessError::NoOpenRequest`] when no forwarded request is open; a
     /// trap.
-    pub fn response(&mut self, headers: &[(String, Vec<u8>)]) -> Result<Outcome, HarnessError> {
+    pub fn response(&mut self, headers: &[(String, Vec<u8>)]) -> Result<Handled, HarnessError> {
         let headers: HeaderList = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
         let mut outcome = self.response_headers(headers)?;
-        if let (Outcome::Forwarded { headers }, Some(mut first)) = (&outcome, self.first_stage.take()) {
+        if let (Handled::Forwarded { headers }, Some(mut first)) = (&outcome, self.first_stage.take()) {
             let state = self.store.data_mut();
             if let Some(last) = state.stream.take() {
                 first.filter_state = last.filter_state.clone();
@@ -494,7 +495,7 @@ impl FilterInstance {
         Ok(outcome)
     }
 
-    fn response_headers(&mut self, headers: HeaderList) -> Result<Outcome, HarnessError> {
+    fn response_headers(&mut self, headers: HeaderList) -> Result<Handled, HarnessError> {
         let count = len_u32(headers.len());
         let stream = self.store.data_mut().stream.as_mut().ok_or(HarnessError::NoOpenRequest)?;
         stream.response_headers = Some(headers);
@@ -516,18 +517,18 @@ impl FilterInstance {
         result
     }
 
-    fn outcome(&mut self, action: u32, map: impl Fn(&StreamState) -> Option<&HeaderList>) -> Outcome {
+    fn outcome(&mut self, action: u32, map: impl Fn(&StreamState) -> Option<&HeaderList>) -> Handled {
         let Some(stream) = self.store.data_mut().stream.as_mut() else {
-            return Outcome::Paused { headers: Vec::new() };
+            return Handled::Paused { headers: Vec::new() };
         };
         if let Some(local) = stream.local_response.take() {
-            return Outcome::Local(local);
+            return Handled::Local(local);
         }
         let headers = map(stream).cloned().unwrap_or_default();
         if action == action::CONTINUE {
-            Outcome::Forwarded { headers }
+            Handled::Forwarded { headers }
         } else {
-            Outcome::Paused { headers }
+            Handled::Paused { headers }
         }
     }
 

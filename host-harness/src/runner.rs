@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use keyswap_conformance::{Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
 
 use crate::error::HarnessError;
-use crate::module::{FilterInstance, FilterModule, Outcome};
+use crate::module::{FilterInstance, FilterModule, Handled};
 use crate::state::{CallCounts, Clock};
 use crate::SharedData;
 
@@ -190,13 +190,13 @@ fn observe(instance: &mut FilterInstance, case: &SuiteCase) -> Result<Observed, 
         .request_to(case.request.route_name.as_deref(), case.request.cluster(), &case.request.header_list())
         .map_err(|e| e.to_string())?;
     match outcome {
-        Outcome::Local(local) => Ok(Observed::Denied {
+        Handled::Local(local) => Ok(Observed::Denied {
             status: u16::try_from(local.status).map_err(|_| format!("local response status {}", local.status))?,
             headers: text_pairs(&local.headers),
             body: local.body,
         }),
-        Outcome::Paused { .. } => Err("the filter paused the request without answering it".into()),
-        Outcome::Forwarded { headers } => {
+        Handled::Paused { .. } => Err("the filter paused the request without answering it".into()),
+        Handled::Forwarded { headers } => {
             let path = headers
                 .iter()
                 .find(|(n, _)| n == ":path")
@@ -209,7 +209,7 @@ fn observe(instance: &mut FilterInstance, case: &SuiteCase) -> Result<Observed, 
                     let sent: Vec<(String, Vec<u8>)> =
                         response.headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
                     match instance.response(&sent).map_err(|e| e.to_string())? {
-                        Outcome::Forwarded { headers } => Some(text_pairs(&headers)),
+                        Handled::Forwarded { headers } => Some(text_pairs(&headers)),
                         other => return Err(format!("the filter did not pass the response on: {other:?}")),
                     }
                 }

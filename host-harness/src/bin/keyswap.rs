@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use keyswap_conformance::{default_dir, Request, Suite};
 use keyswap_harness::manifest;
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
-use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
+use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType};
 use keyswap_policy::KeyCheck;
 use sha2::{Digest as _, Sha256};
 
@@ -449,7 +449,7 @@ fn run(config: &Path, request: &str, vm: &VmArgs) -> Result<(), String> {
         eprintln!("log: {}", one_line(&entry.to_string()));
     }
     match outcome {
-        Outcome::Forwarded { headers } => {
+        Handled::Forwarded { headers } => {
             println!("decision: forward");
             println!("upstream request:");
             // What the filter set or changed is shown with its credentials
@@ -468,7 +468,7 @@ fn run(config: &Path, request: &str, vm: &VmArgs) -> Result<(), String> {
                 println!("  {name}: {}", shown(name, value));
             }
         }
-        Outcome::Local(local) => {
+        Handled::Local(local) => {
             println!("decision: deny {}", local.status);
             println!("local response:");
             println!("  status: {}", local.status);
@@ -477,7 +477,7 @@ fn run(config: &Path, request: &str, vm: &VmArgs) -> Result<(), String> {
             }
             println!("  body: {}", one_line(&String::from_utf8_lossy(&local.body)));
         }
-        Outcome::Paused { .. } => return Err("the filter paused the request without answering it".into()),
+        Handled::Paused { .. } => return Err("the filter paused the request without answering it".into()),
     }
     print_observability(&instance, &before);
     if let Some(calls) = instance.last_request_host_calls() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use keyswap_harness::runner::check_unimplemented;
-use keyswap_harness::{FilterInstance, FilterModule, HarnessError, LogLevel, MetricType, Outcome};
+use keyswap_harness::{FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType};
 
 use crate::filter;
 
@@ -71,7 +71,7 @@ fn local_responses_carry_status_headers_and_body() {
     ];
     for (name, route, key, status, code) in cases {
         let mut instance = configured("sk-up");
-        let Outcome::Local(local) = instance.request(*route, &request(*key)).unwrap() else {
+        let Handled::Local(local) = instance.request(*route, &request(*key)).unwrap() else {
             panic!("{name}: want a local response");
         };
         assert_eq!(local.status, *status, "{name}");
@@ -90,7 +90,7 @@ fn local_responses_carry_status_headers_and_body() {
 fn a_final_stage_without_a_first_stage_refuses() {
     let mut instance = configured("sk-up");
     let outcome = instance.request_upstream_only(Some("openai"), Some("openai"), &request(Some("dev-key"))).unwrap();
-    let Outcome::Local(local) = outcome else { panic!("want a local response, got {outcome:?}") };
+    let Handled::Local(local) = outcome else { panic!("want a local response, got {outcome:?}") };
     assert_eq!(local.status, 500);
     let body: serde_json::Value = serde_json::from_slice(&local.body).unwrap();
     assert_eq!(body["error"], "not_configured");
@@ -100,7 +100,7 @@ fn a_final_stage_without_a_first_stage_refuses() {
 #[test]
 fn route_name_property_selects_the_route() {
     let mut instance = configured("sk-up");
-    let Outcome::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap() else {
+    let Handled::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap() else {
         panic!("want forwarded");
     };
     assert_eq!(header(&headers, "authorization"), Some("Bearer sk-up"));
@@ -109,7 +109,7 @@ fn route_name_property_selects_the_route() {
     assert!(instance.missing_properties().is_empty(), "{:?}", instance.missing_properties());
 
     let other = instance.request(Some("other"), &request(Some("dev-key"))).unwrap();
-    assert!(matches!(other, Outcome::Local(ref l) if l.status == 404), "{other:?}");
+    assert!(matches!(other, Handled::Local(ref l) if l.status == 404), "{other:?}");
 }
 
 #[test]
@@ -117,7 +117,7 @@ fn environment_is_the_vm_environment_only() {
     // Two VMs of the one module, each with its own environment.
     for credential in ["sk-first", "sk-second"] {
         let mut instance = configured(credential);
-        let Outcome::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap()
+        let Handled::Forwarded { headers } = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap()
         else {
             panic!("want forwarded");
         };
@@ -139,8 +139,8 @@ fn clock_is_set_per_instance() {
         instance.clock().set(now);
         let outcome = instance.request(Some("openai"), &request(Some("until-2030-key"))).unwrap();
         match outcome {
-            Outcome::Forwarded { .. } => assert!(forwarded, "{name}"),
-            Outcome::Local(local) => {
+            Handled::Forwarded { .. } => assert!(forwarded, "{name}"),
+            Handled::Local(local) => {
                 assert!(!forwarded, "{name}");
                 let body: serde_json::Value = serde_json::from_slice(&local.body).unwrap();
                 assert_eq!(body["error"], "expired_key", "{name}");
@@ -158,9 +158,9 @@ fn clock_is_set_per_instance() {
 #[test]
 fn response_headers_are_stripped() {
     let mut instance = configured("sk-up");
-    assert!(matches!(instance.request(Some("openai"), &request(Some("dev-key"))).unwrap(), Outcome::Forwarded { .. }));
+    assert!(matches!(instance.request(Some("openai"), &request(Some("dev-key"))).unwrap(), Handled::Forwarded { .. }));
     let sent = headers(&[(":status", "200"), ("Set-Cookie", "a=1"), ("x-upstream", "ok"), ("set-cookie", "b=2")]);
-    let Outcome::Forwarded { headers: seen } = instance.response(&sent).unwrap() else { panic!("want forwarded") };
+    let Handled::Forwarded { headers: seen } = instance.response(&sent).unwrap() else { panic!("want forwarded") };
     assert_eq!(seen, headers(&[(":status", "200"), ("x-upstream", "ok")]));
     // The stream ended with the response.
     assert!(matches!(instance.response(&sent), Err(HarnessError::NoOpenRequest)));
@@ -222,7 +222,7 @@ fn instances_run_in_parallel() {
                 let mut instance = configured(&credential);
                 for _ in 0..40 {
                     let outcome = instance.request(Some("openai"), &request(Some("dev-key"))).unwrap();
-                    let Outcome::Forwarded { headers } = outcome else { panic!("want forwarded") };
+                    let Handled::Forwarded { headers } = outcome else { panic!("want forwarded") };
                     assert_eq!(header(&headers, "authorization"), Some(format!("Bearer {credential}").as_str()));
                 }
                 instance.finish().unwrap();
@@ -280,7 +280,7 @@ fn header_map_edits_reach_the_upstream() {
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.configure(b"").unwrap();
     let sent = headers(&[(":path", "/"), ("x-a", "old"), ("x-b", "1"), ("x-d", "value-of-d"), ("x-b", "2")]);
-    let Outcome::Forwarded { headers: upstream } = instance.request_stream(None, &sent).unwrap() else {
+    let Handled::Forwarded { headers: upstream } = instance.request_stream(None, &sent).unwrap() else {
         panic!("forwarded")
     };
     assert_eq!(upstream, headers(&[(":path", "/"), ("x-a", "new"), ("x-d", "value-of-d"), ("x-c", "3")]));
@@ -512,7 +512,7 @@ fn set_property_fills_the_streams_filter_state() {
     instance.configure(b"").unwrap();
     assert!(instance.filter_state().is_none(), "no request yet");
     let outcome = instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
-    assert!(matches!(outcome, Outcome::Forwarded { .. }));
+    assert!(matches!(outcome, Handled::Forwarded { .. }));
     let want =
         BTreeMap::from([("wasm.a\0b".to_string(), b"first".to_vec()), ("wasm.k".to_string(), b"second".to_vec())]);
     assert_eq!(instance.filter_state(), Some(&want), "the open stream's");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use keyswap_harness::{Clock, FilterInstance, HeaderList, LogLevel, Outcome, SharedData};
+use keyswap_harness::{Clock, FilterInstance, Handled, HeaderList, LogLevel, SharedData};
 
 const SECRET: &str = "idp-secret-never-logged";
 
@@ -36,7 +36,7 @@ fn answer(w: &mut FilterInstance, status: u16, body: &str) {
 }
 
 /// A request on Envoy route `route` (sent to the cluster of that name).
-fn request(w: &mut FilterInstance, route: &str, path: &str) -> Outcome {
+fn request(w: &mut FilterInstance, route: &str, path: &str) -> Handled {
     let headers: Vec<(String, Vec<u8>)> =
         [(":method", "GET"), (":path", path), (":authority", "a"), ("x-api-key", "app-key")]
             .iter()
@@ -90,7 +90,7 @@ fn a_failure_streak_logs_once_and_never_a_secret() {
         assert!(!everything.contains(secret), "{secret} leaked:\n{everything}");
     }
     match request(&mut w, "orders", "/v1") {
-        Outcome::Forwarded { headers } => {
+        Handled::Forwarded { headers } => {
             assert!(headers.contains(&("authorization".to_string(), b"Bearer tok-secret-5".to_vec())));
         }
         other => panic!("{other:?}"),
@@ -102,12 +102,12 @@ fn static_routes_make_no_credential_host_calls_and_denials_are_counted() {
     let (shared, clock) = (SharedData::default(), Clock::real());
     at(&clock, 0);
     let mut w = worker(&shared, &clock);
-    assert!(matches!(request(&mut w, "static", "/static/x"), Outcome::Forwarded { .. }));
+    assert!(matches!(request(&mut w, "static", "/static/x"), Handled::Forwarded { .. }));
     w.finish().unwrap();
     let calls = w.last_request_host_calls().unwrap();
     assert_eq!((calls.get("proxy_get_shared_data"), calls.get("proxy_get_current_time_nanoseconds")), (0, 0));
     // Before the first token: 503, counted under its reason.
-    let Outcome::Local(local) = request(&mut w, "orders", "/v1") else { panic!("not refused") };
+    let Handled::Local(local) = request(&mut w, "orders", "/v1") else { panic!("not refused") };
     assert_eq!(local.status, 503);
     let calls = w.last_request_host_calls().unwrap();
     assert_eq!(calls.get("proxy_get_shared_data"), 1, "one read per credential source");

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use keyswap_harness::{FilterInstance, MetricType, Outcome};
+use keyswap_harness::{FilterInstance, Handled, MetricType};
 
 use crate::filter;
 
@@ -42,7 +42,7 @@ fn client(client: &str, route: &str) -> String {
 }
 
 /// A request on Envoy route `route_name` to `path` with `headers`.
-fn send(instance: &mut FilterInstance, route_name: Option<&str>, path: &str, headers: &[(&str, &str)]) -> Outcome {
+fn send(instance: &mut FilterInstance, route_name: Option<&str>, path: &str, headers: &[(&str, &str)]) -> Handled {
     let mut list: Vec<(String, Vec<u8>)> =
         [(":authority", "gw"), (":method", "GET"), (":scheme", "http"), (":path", path)]
             .iter()
@@ -165,7 +165,7 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
     for (i, (route_name, path, headers, field, series)) in mix.iter().enumerate() {
         let before = instance.metrics();
         let outcome = send(&mut instance, *route_name, path, headers);
-        let allowed = matches!(outcome, Outcome::Forwarded { .. });
+        let allowed = matches!(outcome, Handled::Forwarded { .. });
         assert_eq!(allowed, field.starts_with("outcome=allowed"), "request {i}: {outcome:?}");
 
         // The access-log field, and the first stage's record for the final
