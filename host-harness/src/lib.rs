@@ -6,7 +6,8 @@
 //!  module ─────── FilterModule (Engine + Module + linker, compiled once, Clone)
 //!        └─────── FilterInstance (Store<HostState>: one VM, one plugin)
 //!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
-//!  abi ────────── host calls, one module a group; codec + headers are pure
+//!  abi ────────── host calls, one module a group, over state and model
+//!  model ──────── pure models of Envoy: codec, metrics, shared data, status
 //!  runner ─────── a conformance case (keyswap-conformance) or a CLI request through an instance
 //!  push ───────── `keyswap push` (the ECDS resource and the manifests
 //!                 are keyswap-envoy-config's `ecds` and `manifest`)
@@ -22,6 +23,7 @@ pub mod abi;
 pub mod bench;
 pub mod component;
 pub mod error;
+pub mod model;
 pub mod module;
 pub mod push;
 pub mod runner;
@@ -32,9 +34,9 @@ pub mod state;
 /// (also used by the end-to-end tests).
 pub use keyswap_envoy_config::{ecds, manifest};
 
-pub use abi::callout::SharedData;
-pub use abi::codec::HeaderList;
-pub use abi::metrics::MetricType;
 pub use error::{HarnessError, BUILD_HINT};
+pub use model::codec::HeaderList;
+pub use model::metrics::MetricType;
+pub use model::shared::SharedData;
 pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Handled};
 pub use state::{CallCounts, Clock, HttpCall, LocalResponse, LogEntry, LogLevel};

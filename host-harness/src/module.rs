@@ -22,11 +22,11 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::abi::callout::SharedData;
-use crate::abi::codec::HeaderList;
-use crate::abi::metrics::MetricType;
 use crate::abi::{self, action};
 use crate::error::HarnessError;
+use crate::model::codec::HeaderList;
+use crate::model::metrics::MetricType;
+use crate::model::shared::SharedData;
 use crate::state::{CallCounts, Clock, GuestExports, HostState, HttpCall, LocalResponse, LogEntry, Stdio, StreamState};
 
 /// The most WASI stdout or stderr output one instance keeps.

@@ -13,8 +13,8 @@ use wasmtime::{Memory, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use crate::abi::codec::HeaderList;
-use crate::abi::metrics::MetricStore;
+use crate::model::codec::HeaderList;
+use crate::model::metrics::MetricStore;
 
 /// `proxy_log_level_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -296,11 +296,11 @@ pub struct HostState {
     pub(crate) unknown_clusters: Vec<String>,
     /// The response being delivered by `proxy_on_http_call_response`.
     pub(crate) call_response: Option<(HeaderList, Vec<u8>)>,
-    pub(crate) shared: crate::abi::callout::SharedData,
+    pub(crate) shared: crate::model::shared::SharedData,
 }
 
 impl HostState {
-    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock, shared: crate::abi::callout::SharedData) -> Self {
+    pub(crate) fn new(wasi: WasiP1Ctx, stdio: Stdio, clock: Clock, shared: crate::model::shared::SharedData) -> Self {
         Self {
             wasi,
             stdio,

@@ -11,59 +11,14 @@
 //!   otherwise);
 //! - a read of a missing key is `NOT_FOUND`.
 //!
-//! Shared data is a [`SharedData`] handle: instances given the same handle
+//! Shared data is a [`SharedData`](crate::model::shared::SharedData) handle: instances given the same handle
 //! share it like the workers of one Envoy VM.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use wasmtime::{Caller, Linker};
 
-use super::codec::decode_map;
 use super::{memory, status, HostResult, Status, ENV};
+use crate::model::codec::decode_map;
 use crate::state::{HostState, HttpCall};
-
-/// Shared data: one per Envoy VM id, shared by its workers. Clones share.
-#[derive(Debug, Clone, Default)]
-pub struct SharedData(Arc<Mutex<SharedInner>>);
-
-#[derive(Debug, Default)]
-struct SharedInner {
-    entries: HashMap<String, (Vec<u8>, u32)>,
-    last_cas: u32,
-}
-
-impl SharedData {
-    /// The value and `cas` under `key`.
-    pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.0.lock().ok()?.entries.get(key).cloned()
-    }
-
-    /// Every key held, sorted.
-    pub fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.0.lock().map(|s| s.entries.keys().cloned().collect()).unwrap_or_default();
-        keys.sort();
-        keys
-    }
-
-    /// Envoy's `SharedData::set`.
-    ///
-    /// # Errors
-    /// [`Status::CasMismatch`] when `cas` is not 0 and the entry holds
-    /// another.
-    pub fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
-        let mut inner = self.0.lock().map_err(|_| Status::InternalFailure)?;
-        if let Some((_, held)) = inner.entries.get(key) {
-            if cas != 0 && cas != *held {
-                return Err(Status::CasMismatch);
-            }
-        }
-        inner.last_cas = inner.last_cas.wrapping_add(1).max(1);
-        let next = inner.last_cas;
-        inner.entries.insert(key.to_string(), (value.to_vec(), next));
-        Ok(())
-    }
-}
 
 /// Registers the timer, HTTP-call and shared-data host calls.
 ///
@@ -171,28 +126,4 @@ fn set_shared(
     let key = memory::read_str(caller, key, key_len)?;
     let value = memory::read(caller, value, value_len)?;
     caller.data().shared.set(&key, &value, cas).map_err(Into::into)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shared_data_follows_envoys_compare_and_swap() {
-        let shared = SharedData::default();
-        assert_eq!(shared.get("k"), None);
-        shared.set("k", b"a", 77).unwrap();
-        let (_, first) = shared.get("k").unwrap();
-        assert_ne!(first, 0);
-        assert_eq!(shared.set("k", b"b", first.wrapping_add(1)), Err(Status::CasMismatch));
-        shared.set("k", b"b", first).unwrap();
-        let (value, second) = shared.get("k").unwrap();
-        assert_eq!((value.as_slice(), second != first), (&b"b"[..], true));
-        assert_eq!(shared.set("k", b"c", first), Err(Status::CasMismatch));
-        shared.set("k", b"c", 0).unwrap();
-        assert_eq!(shared.get("k").unwrap().0, b"c");
-        let other = shared.clone();
-        other.set("j", b"x", 0).unwrap();
-        assert_eq!(shared.keys(), ["j", "k"]);
-    }
 }

@@ -2,7 +2,7 @@
 //! names are stored in lower case and matched without regard to case;
 //! order and duplicates are kept.
 
-use super::codec::HeaderList;
+use crate::model::codec::HeaderList;
 
 /// The first value of `name`, as `proxy_get_header_map_value` returns it.
 pub fn get<'h>(headers: &'h HeaderList, name: &str) -> Option<&'h [u8]> {

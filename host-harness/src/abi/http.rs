@@ -4,8 +4,8 @@
 
 use wasmtime::{Caller, Linker};
 
-use super::codec::decode_map;
 use super::{memory, status, HostResult, Status, ENV};
+use crate::model::codec::decode_map;
 use crate::state::{HostState, LocalResponse};
 
 /// Registers the local-response host call.

@@ -5,8 +5,8 @@
 
 use wasmtime::{Caller, Linker};
 
-use super::codec::{decode_map, encode_map, HeaderList};
 use super::{headers, map_type, memory, status, HostError, HostResult, Status, ENV};
+use crate::model::codec::{decode_map, encode_map, HeaderList};
 use crate::state::HostState;
 
 /// Registers the header-map host calls.

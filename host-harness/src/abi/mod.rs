@@ -13,7 +13,6 @@
 
 pub mod buffer;
 pub mod callout;
-pub mod codec;
 pub mod context;
 pub mod headers;
 pub mod http;
@@ -29,21 +28,7 @@ use wasmtime::{Linker, Module};
 
 use crate::state::HostState;
 
-/// `proxy_status_t`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Status {
-    Ok = 0,
-    NotFound = 1,
-    BadArgument = 2,
-    SerializationFailure = 3,
-    ParseFailure = 4,
-    InvalidMemoryAccess = 6,
-    Empty = 7,
-    CasMismatch = 8,
-    InternalFailure = 10,
-    Unimplemented = 12,
-}
+pub use crate::model::status::Status;
 
 /// `proxy_map_type_t` values the harness holds.
 pub mod map_type {

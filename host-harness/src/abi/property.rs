@@ -13,8 +13,8 @@
 
 use wasmtime::{Caller, Linker};
 
-use super::codec::decode_property_path;
 use super::{headers, memory, status, HostResult, Status, ENV};
+use crate::model::codec::decode_property_path;
 use crate::state::HostState;
 
 /// The property paths the harness answers, dot-joined.
