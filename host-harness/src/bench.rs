@@ -8,7 +8,7 @@
 //! config(n) ─▶ FilterModule::start + configure (timed, memory read)
 //!           └▶ cases(n): one request per case, checked, then timed in batches
 //! noop module ─▶ the same allowed request: the harness's own cost (the floor)
-//! Report ─▶ markdown tables (docs/performance.md)
+//! BenchReport ─▶ markdown tables (docs/performance.md)
 //! ```
 //!
 //! The times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`),
@@ -49,7 +49,7 @@ fn load_client(clients: usize) -> usize {
 /// forwarded, a Bearer credential injected, four headers stripped), with
 /// client 0 expired and client 1 allowed only route `other`, so that every
 /// denial can be provoked. Each route is bound to Envoy's route and cluster
-/// of its name ([`Case::route`]).
+/// of its name ([`BenchRequest::route`]).
 pub fn config(clients: usize) -> Vec<u8> {
     let mut json = String::with_capacity(clients * 140 + 1024);
     json.push_str(r#"{"clients":["#);
@@ -85,7 +85,7 @@ pub fn env() -> BTreeMap<String, String> {
 
 /// One kind of request, and what the filter must answer to it.
 #[derive(Debug, Clone)]
-pub struct Case {
+pub struct BenchRequest {
     pub name: &'static str,
     /// Envoy's route name, and the cluster of the same name the request
     /// goes to; `None`: the catch-all route, whose cluster no route binds.
@@ -116,38 +116,48 @@ fn request(path: &str, authorization: Option<&str>) -> HeaderList {
 }
 
 /// The allowed request and one request per denial, for `clients` clients.
-pub fn cases(clients: usize) -> Vec<Case> {
+pub fn cases(clients: usize) -> Vec<BenchRequest> {
     let bearer = |i: usize| format!("Bearer {}", key(i));
     let mid = load_client(clients);
     let bench = Some("bench");
     vec![
-        Case { name: "allowed", route: bench, headers: request("/bench/load", Some(&bearer(mid))), status: None },
-        Case { name: "missing_key", route: bench, headers: request("/bench/load", None), status: Some(401) },
-        Case {
+        BenchRequest {
+            name: "allowed",
+            route: bench,
+            headers: request("/bench/load", Some(&bearer(mid))),
+            status: None,
+        },
+        BenchRequest { name: "missing_key", route: bench, headers: request("/bench/load", None), status: Some(401) },
+        BenchRequest {
             name: "invalid_key",
             route: bench,
             headers: request("/bench/load", Some("Bearer not-a-key")),
             status: Some(401),
         },
-        Case {
+        BenchRequest {
             name: "expired_key",
             route: bench,
             headers: request("/bench/load", Some(&bearer(0))),
             status: Some(401),
         },
-        Case {
+        BenchRequest {
             name: "ambiguous_key",
             route: bench,
             headers: request("/bench/load", Some(&format!("{}, {}", bearer(mid), bearer(2)))),
             status: Some(401),
         },
-        Case {
+        BenchRequest {
             name: "route_forbidden",
             route: bench,
             headers: request("/bench/load", Some(&bearer(1))),
             status: Some(403),
         },
-        Case { name: "no_route", route: None, headers: request("/nothing", Some(&bearer(mid))), status: Some(404) },
+        BenchRequest {
+            name: "no_route",
+            route: None,
+            headers: request("/nothing", Some(&bearer(mid))),
+            status: Some(404),
+        },
     ]
 }
 
@@ -179,7 +189,7 @@ pub struct LoadResult {
 
 /// Everything one run measured.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub struct BenchReport {
     pub wasm_bytes: usize,
     pub loads: Vec<LoadResult>,
     /// Per size, the cases in [`cases`] order.
@@ -219,7 +229,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 /// Checks that `outcome` is what `case` expects, so a misconfigured run
 /// cannot time the wrong path.
-fn check(case: &Case, outcome: &Handled, filter: bool) -> Result<(), HarnessError> {
+fn check(case: &BenchRequest, outcome: &Handled, filter: bool) -> Result<(), HarnessError> {
     let wrong = |what: String| Err(HarnessError::Abi(format!("bench case {}: {what}", case.name)));
     match (outcome, case.status) {
         (Handled::Forwarded { headers }, None) => {
@@ -245,7 +255,7 @@ fn check(case: &Case, outcome: &Handled, filter: bool) -> Result<(), HarnessErro
 /// `batches` batches of `iterations` requests; the median batch's mean.
 fn time_case(
     instance: &mut FilterInstance,
-    case: &Case,
+    case: &BenchRequest,
     iterations: usize,
     filter: bool,
 ) -> Result<CaseResult, HarnessError> {
@@ -317,8 +327,8 @@ pub fn run(
     sizes: &[usize],
     iterations: usize,
     progress: &dyn Fn(&str),
-) -> Result<Report, HarnessError> {
-    let mut report = Report { wasm_bytes, loads: Vec::new(), requests: Vec::new(), floor: None, iterations };
+) -> Result<BenchReport, HarnessError> {
+    let mut report = BenchReport { wasm_bytes, loads: Vec::new(), requests: Vec::new(), floor: None, iterations };
     if let Some(noop) = noop {
         let mut instance = noop.configure(b"", &BTreeMap::new())?;
         let allowed = cases(10).into_iter().next().ok_or_else(|| HarnessError::Abi("no cases".into()))?;
@@ -356,7 +366,7 @@ fn mib(bytes: usize) -> f64 {
 }
 
 /// The report as markdown tables.
-pub fn markdown(report: &Report, machine: &str) -> String {
+pub fn markdown(report: &BenchReport, machine: &str) -> String {
     let mut out = String::new();
     let sizes: Vec<usize> = report.requests.iter().map(|(n, _)| *n).collect();
     let _ = writeln!(out, "{machine}\n");
