@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::sha256_hex;
+
 use serde_json::{json, Value};
-use sha2::Digest as _;
 
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, tail, Envoy, Launch, Listener, ROUTE_HEADER};
@@ -50,10 +51,6 @@ const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
 const MAX_WASM: usize = 256 << 20;
 /// The repository the images are pushed to, as the docs name it.
 const REPOSITORY: &str = "keyswap/filter";
-
-fn sha256_hex(data: &[u8]) -> String {
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 // ---- the fetchers' rules ------------------------------------------------------
 

@@ -29,6 +29,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::sha256_hex;
+
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, Envoy, Launch, Listener, LogLevels, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
@@ -105,11 +107,6 @@ const PLAIN_KEY: &str = "ksk-plaintext-visible-8b3d1f";
 
 fn credential(name: &str) -> &'static str {
     CREDENTIALS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("a test credential")
-}
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every form in which a secret could be written: as is, and base64 (of

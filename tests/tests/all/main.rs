@@ -39,3 +39,10 @@ mod operations;
 mod platforms;
 mod revocation;
 mod routing;
+
+/// Lowercase hex SHA-256 of `data`, as `key_sha256` and `sha256` fields
+/// take it.
+fn sha256_hex(data: impl AsRef<[u8]>) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}

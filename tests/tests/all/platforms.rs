@@ -23,6 +23,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::sha256_hex;
+
 use keyswap_tests::ecds::{self, WASM_TYPE};
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, repo_root, Envoy, Launch};
@@ -40,11 +42,6 @@ const OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const PICK: &str = "x-pick";
 /// Set by each route: which cluster the echo's request came through.
 const REACHED: &str = "x-reached";
-
-fn sha256_hex(key: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Team: route `a` only; bot: route `b`, or nothing when `bot_disabled`.
 fn config(a: &str, b: &str, bot_disabled: bool) -> String {
