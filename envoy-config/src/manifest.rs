@@ -19,13 +19,10 @@
 //! (`tests/tests/all/platforms.rs`). Pure: text in, JSON values out ([`to_stream`] renders them). No file, no
 //! wasmtime, no network.
 
-use std::cell::RefCell;
-use std::collections::BTreeSet;
-
 use keyswap_policy::Policy;
 use serde_json::{json, Value};
 
-use crate::ecds::WASM_TYPE;
+use crate::ecds::{env_names, WASM_TYPE};
 
 /// Istio's agent answers a plugin it cannot fetch (with `FAIL_CLOSE`) with
 /// an RBAC deny-all of this type, so every reference to the plugin's ECDS
@@ -107,23 +104,20 @@ struct Inspected {
     env: Vec<String>,
 }
 
-/// Compiles `config` as the filter would (every variable it names set to
-/// a placeholder, recorded), so a manifest is never made from a
-/// configuration keyswap would refuse.
+/// Compiles `config` as the filter would, every variable it names
+/// ([`env_names`], as `keyswap push` checks it) set to a placeholder, so a
+/// manifest is never made from a configuration keyswap would refuse.
 fn inspect(config: &str) -> Result<Inspected, ManifestError> {
-    let names = RefCell::new(BTreeSet::new());
-    let record = |name: &str| {
-        names.borrow_mut().insert(name.to_string());
-        Some("manifest-placeholder".to_string())
-    };
-    let policy = Policy::from_json(config.as_bytes(), &record)?;
+    let value: Value = serde_json::from_str(config).unwrap_or_default();
+    let env = env_names(&value);
+    let lookup = |name: &str| env.iter().any(|n| n == name).then(|| "manifest-placeholder".to_string());
+    // A document that is not JSON is refused here, with the policy's words.
+    let policy = Policy::from_json(config.as_bytes(), &lookup)?;
     let clusters = policy.bound_clusters().to_vec();
     if clusters.is_empty() {
         return Err(ManifestError::NoClusters);
     }
-    // Valid JSON: the policy just parsed it.
-    let config = serde_json::from_str(config).map_err(|e| ManifestError::Option(e.to_string()))?;
-    Ok(Inspected { config, clusters, env: names.into_inner().into_iter().collect() })
+    Ok(Inspected { config: value, clusters, env })
 }
 
 /// The name under which this Istio release serves a WasmPlugin's ECDS
