@@ -91,9 +91,10 @@ pub enum ManifestError {
     /// Nothing to patch: a final stage on no cluster sets no credential.
     #[error("no route is bound to a cluster (`match.clusters`): there is nothing to deploy")]
     NoClusters,
-    /// An option out of range.
+    /// A command-line choice the manifests cannot be made for (an Istio
+    /// release out of range, no HTTPRoute).
     #[error("{0}")]
-    Option(String),
+    Unsupported(String),
 }
 
 /// What the manifests need from a configuration: its JSON, the clusters
@@ -143,7 +144,7 @@ pub fn istio_ecds_name(minor: u32, namespace: &str, name: &str) -> Result<String
         21..=25 => Ok(format!("extenstions.istio.io/wasmplugin/{plugin}")),
         26..=29 => Ok(format!("extensions.istio.io/wasmplugin/{plugin}")),
         30..=31 => Ok(format!("extensions.istio.io/trafficextension/{plugin}~istio-translated-wasmplugin")),
-        _ => Err(ManifestError::Option(format!(
+        _ => Err(ManifestError::Unsupported(format!(
             "Istio 1.{minor} is not supported: keyswap's manifests are made for Istio 1.{}-1.{}",
             ISTIO_MINORS.start(),
             ISTIO_MINORS.end()
@@ -262,7 +263,7 @@ pub fn istio(config: &str, opts: &Istio) -> Result<Vec<Value>, ManifestError> {
 pub fn envoy_gateway(config: &str, opts: &EnvoyGateway) -> Result<Vec<Value>, ManifestError> {
     let seen = inspect(config)?;
     if opts.routes.is_empty() {
-        return Err(ManifestError::Option("name at least one HTTPRoute (--route)".into()));
+        return Err(ManifestError::Unsupported("name at least one HTTPRoute (--route)".into()));
     }
     let Common { name, namespace, image } = &opts.common;
     let target = |kind: &str, target: &str| json!({"group": GATEWAY_API, "kind": kind, "name": target});
@@ -283,7 +284,7 @@ pub fn envoy_gateway(config: &str, opts: &EnvoyGateway) -> Result<Vec<Value>, Ma
     });
     // The same configuration, byte for byte what the listener stage gets
     // (Envoy Gateway passes `config` on as its JSON text).
-    let text = serde_json::to_string(&seen.config).map_err(|e| ManifestError::Option(e.to_string()))?;
+    let text = seen.config.to_string();
     let keyswap = json!({
         "name": name,
         "typed_config": {
