@@ -69,36 +69,19 @@ impl Metrics {
         let route_outcomes = |route: &str| {
             let mut ids = [None; SLOTS];
             ids[0] = counter(&requests_name(route, Outcome::Allowed));
-            // `credential_unavailable` is counted only where it can happen:
-            // on routes with dynamic credentials.
-            let dynamic = !policy.route_providers(route).is_empty();
-            // `invalid_authority` only where keyswap routes by host, never
-            // in Envoy.
-            let possible = |r: &DenialReason| match r {
-                DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => {
-                    false
-                }
-                DenialReason::CredentialUnavailable => dynamic,
-                _ => true,
-            };
-            for reason in DenialReason::ALL.into_iter().filter(possible) {
+            for reason in policy.route_denials(route) {
                 ids[Outcome::Denied(reason).slot()] = counter(&requests_name(route, Outcome::Denied(reason)));
             }
             ids
         };
         let routes = policy.route_names().map(|r| (r.to_string(), route_outcomes(r))).collect();
-        // Unmatched requests are denied `no_route`, or passed with
-        // `unmatched_route: pass` (except on a cluster a route is bound to);
-        // under `refuse_all` every request is denied `configuration_unavailable`.
         let mut unmatched = [None; SLOTS];
-        let outcomes = if policy.refuses_all() {
-            vec![Outcome::Denied(DenialReason::ConfigurationUnavailable)]
-        } else if policy.passes_unmatched() {
-            vec![Outcome::Denied(DenialReason::NoRoute), Outcome::Passed]
-        } else {
-            vec![Outcome::Denied(DenialReason::NoRoute)]
-        };
-        for outcome in outcomes {
+        for outcome in policy.unrouted_outcomes() {
+            // Envoy answers a malformed authority itself, before any filter.
+            if outcome == Some(DenialReason::InvalidAuthority) {
+                continue;
+            }
+            let outcome = outcome.map_or(Outcome::Passed, Outcome::Denied);
             unmatched[outcome.slot()] = counter(&requests_name("", outcome));
         }
 

@@ -12,13 +12,15 @@
 //!
 //! [`crate::serve`] runs the same file as world `gateway` on wasi:http.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use keyswap_conformance::{Observed, SuiteCase};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::artifact::{Artifact, ArtifactError};
 
 /// The generated bindings, boxed: the rest of the harness sees only the
 /// re-exports below.
@@ -48,31 +50,13 @@ pub(crate) mod bindings {
 
 pub use bindings::{ConfigError, Decision, Denial, Forward, RequestView, Summary};
 
-/// The command that builds the component into the default path.
-pub const COMPONENT_BUILD_HINT: &str = "cargo build --release --target wasm32-wasip2 -p keyswap-component";
-
-/// The component's path: `KEYSWAP_COMPONENT` if set, else
-/// `target/wasm32-wasip2/release/keyswap_component.wasm` under the
-/// workspace root.
-pub fn default_component_path() -> PathBuf {
-    match std::env::var_os("KEYSWAP_COMPONENT") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/keyswap_component.wasm"),
-    }
-}
-
 /// Anything that keeps the harness from running the component.
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentError {
-    #[error(
-        "the component {} does not exist; build it with `{COMPONENT_BUILD_HINT}` from the workspace root \
-         (`rustup target add wasm32-wasip2` first), or point --component / KEYSWAP_COMPONENT at a built \
-         keyswap_component.wasm",
-        path.display()
-    )]
-    Missing { path: PathBuf },
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The component's file is missing (the message says how to build
+    /// it) or unreadable.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     #[error("cannot compile the component: {0}")]
     Compile(String),
     /// The component does not have the exports of `wit/` or needs imports
@@ -87,13 +71,10 @@ pub enum ComponentError {
 /// Reads and compiles a component.
 ///
 /// # Errors
-/// [`ComponentError::Missing`] (with the command that builds it), an
-/// unreadable file, or a binary that is not a component.
+/// [`ComponentError::Artifact`] (a missing file says how to build it), or
+/// a binary that is not a component.
 pub fn compile(engine: &Engine, path: &Path) -> Result<Component, ComponentError> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ComponentError::Missing { path: path.to_path_buf() },
-        _ => ComponentError::Read { path: path.to_path_buf(), source },
-    })?;
+    let bytes = Artifact::Component.read(path)?;
     Component::new(engine, &bytes).map_err(|e| ComponentError::Compile(format!("{e:#}")))
 }
 
@@ -137,19 +118,19 @@ pub fn interfaces(engine: &Engine, component: &Component, imports: bool) -> Vec<
 
 /// The state of one instance's store: WASI p2 for what `std` imports, and
 /// an HTTP context the filter world never uses.
-pub struct FilterState {
+pub struct ComponentState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
 }
 
-impl WasiHttpView for FilterState {
+impl WasiHttpView for ComponentState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: Default::default() }
     }
 }
 
-impl WasiView for FilterState {
+impl WasiView for ComponentState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
@@ -160,7 +141,7 @@ impl WasiView for FilterState {
 pub struct PolicyComponent {
     engine: Engine,
     component: Component,
-    pre: bindings::filter::FilterPre<FilterState>,
+    pre: bindings::filter::FilterPre<ComponentState>,
 }
 
 impl std::fmt::Debug for PolicyComponent {
@@ -176,7 +157,7 @@ impl PolicyComponent {
     /// See [`compile`], and [`ComponentError::Link`] when its exports are
     /// not those of world `filter`.
     pub fn load(path: &Path) -> Result<Self, ComponentError> {
-        let engine = Engine::default();
+        let engine = crate::artifact::engine().map_err(|e| ComponentError::Compile(format!("{e:#}")))?;
         let component = compile(&engine, path)?;
         Self::new(engine, component)
     }
@@ -215,7 +196,7 @@ impl PolicyComponent {
     pub fn instance(&self) -> Result<PolicyInstance, ComponentError> {
         let wasi = WasiCtx::builder().inherit_stderr().build();
         let mut store =
-            Store::new(&self.engine, FilterState { wasi, http: WasiHttpCtx::new(), table: ResourceTable::new() });
+            Store::new(&self.engine, ComponentState { wasi, http: WasiHttpCtx::new(), table: ResourceTable::new() });
         let filter = self.pre.instantiate(&mut store).map_err(|e| trap("instantiate", &e))?;
         Ok(PolicyInstance { store, filter })
     }
@@ -227,7 +208,7 @@ fn trap(call: &'static str, e: &wasmtime::Error) -> ComponentError {
 
 /// One component instance: the policy's state lives in it.
 pub struct PolicyInstance {
-    store: Store<FilterState>,
+    store: Store<ComponentState>,
     filter: bindings::filter::Filter,
 }
 

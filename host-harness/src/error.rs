@@ -2,22 +2,15 @@
 //! callback, and a configuration the filter refused (which is an answer,
 //! but one that leaves no instance to use).
 
-use std::path::PathBuf;
-
-/// The command that builds the filter module into the default path.
-pub const BUILD_HINT: &str = "cargo build --release --target wasm32-wasip1 -p keyswap-filter";
+use crate::artifact::ArtifactError;
 
 /// Anything that keeps the harness from running the filter.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error(
-        "the filter module {} does not exist; build it with `{BUILD_HINT}` from the workspace root, \
-         or point --filter / KEYSWAP_FILTER at a built keyswap_filter.wasm",
-        path.display()
-    )]
-    WasmMissing { path: PathBuf },
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The module's file is missing (the message says how to build it)
+    /// or unreadable.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     #[error("cannot compile the module: {0}")]
     Compile(String),
     #[error("cannot link the module: {0}")]

@@ -3,6 +3,7 @@
 //! suite and the `keyswap` CLI run the very module Envoy loads.
 //!
 //! ```text
+//!  artifact ───── Artifact: the filter module and the component, where and how built
 //!  module ─────── FilterModule (Engine + Module + linker, compiled once, Clone)
 //!        └─────── FilterInstance (Store<HostState>: one VM, one plugin)
 //!  state ──────── HostState: configs, clock, log, metrics, streams, call counts
@@ -20,6 +21,7 @@
 //! counted ([`FilterInstance::unimplemented_calls`]), never ignored.
 
 pub mod abi;
+pub mod artifact;
 pub mod bench;
 pub mod component;
 pub mod error;
@@ -34,9 +36,10 @@ pub mod state;
 /// (also used by the end-to-end tests).
 pub use keyswap_envoy_config::{ecds, manifest};
 
-pub use error::{HarnessError, BUILD_HINT};
+pub use artifact::{Artifact, ArtifactError};
+pub use error::HarnessError;
 pub use model::codec::HeaderList;
 pub use model::metrics::MetricType;
 pub use model::shared::SharedData;
-pub use module::{default_filter_path, workspace_filter_path, FilterInstance, FilterModule, Handled};
+pub use module::{FilterInstance, FilterModule, Handled};
 pub use state::{CallCounts, Clock, HttpCall, LocalResponse, LogEntry, LogLevel};

@@ -14,15 +14,14 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use wasmtime::{
-    CallHook, Config, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams, WasmResults,
-};
+use wasmtime::{CallHook, Engine, Instance, InstancePre, Linker, Module, Store, TypedFunc, WasmParams, WasmResults};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::abi::{self, action};
+use crate::artifact::{self, Artifact};
 use crate::error::HarnessError;
 use crate::model::codec::HeaderList;
 use crate::model::metrics::MetricType;
@@ -34,22 +33,6 @@ const STDIO_CAPACITY: usize = 1 << 20;
 
 /// What `upstream.address` answers in the final stage.
 const UPSTREAM_ADDRESS: &str = "127.0.0.1:10001";
-
-/// The filter module's path: `KEYSWAP_FILTER` if set, else
-/// `target/wasm32-wasip1/release/keyswap_filter.wasm` under the workspace
-/// root (where `cargo build --release --target wasm32-wasip1 -p
-/// keyswap-filter` puts it).
-pub fn default_filter_path() -> PathBuf {
-    match std::env::var_os("KEYSWAP_FILTER") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => workspace_filter_path(),
-    }
-}
-
-/// The filter module's place in this workspace's `target/`.
-pub fn workspace_filter_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/release/keyswap_filter.wasm")
-}
 
 /// A compiled and linked proxy-wasm module.
 #[derive(Clone)]
@@ -69,14 +52,10 @@ impl FilterModule {
     /// Reads, compiles and links the module at `path`.
     ///
     /// # Errors
-    /// [`HarnessError::WasmMissing`] (with the command that builds it), an
-    /// unreadable file, or what [`Self::from_bytes`] refuses.
+    /// [`HarnessError::Artifact`] (a missing file says how to build it),
+    /// or what [`Self::from_bytes`] refuses.
     pub fn load(path: &Path) -> Result<Self, HarnessError> {
-        let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => HarnessError::WasmMissing { path: path.to_path_buf() },
-            _ => HarnessError::Read { path: path.to_path_buf(), source },
-        })?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&Artifact::Filter.read(path)?)
     }
 
     /// Compiles and links a module from its binary (or, for tests, WAT text).
@@ -85,7 +64,7 @@ impl FilterModule {
     /// A module that does not compile, does not advertise proxy-wasm ABI
     /// 0.2.x, exports no memory or allocator, or cannot be linked.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HarnessError> {
-        let engine = Engine::new(&Config::new()).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
+        let engine = artifact::engine().map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
         let module = Module::new(&engine, bytes).map_err(|e| HarnessError::Compile(format!("{e:#}")))?;
         let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
         if !exports.iter().any(|e| *e == "proxy_abi_version_0_2_1" || *e == "proxy_abi_version_0_2_0") {
@@ -98,9 +77,8 @@ impl FilterModule {
             return Err(HarnessError::Abi("it exports no proxy_on_memory_allocate (or malloc)".into()));
         }
         let mut linker = Linker::new(&engine);
-        abi::link(&mut linker, &module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
+        let stubbed = abi::link(&mut linker, &module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
         let pre = linker.instantiate_pre(&module).map_err(|e| HarnessError::Link(format!("{e:#}")))?;
-        let stubbed = abi::stub::stubbed(&module);
         Ok(Self { engine, pre, stubbed })
     }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::ecds::{self, EnvoyView};
-use crate::{default_filter_path, FilterModule, HarnessError, LogLevel};
+use crate::{Artifact, FilterModule, HarnessError, LogLevel};
 
 /// The value `push` gives each `{"env": NAME}` variable when it checks a
 /// configuration: the credentials live in Envoy's environment, not here, so
@@ -42,34 +42,23 @@ pub const PLACEHOLDER: &str = "keyswap-push-placeholder";
 /// What `push` says Envoy runs when its ECDS stats show no version.
 const DEFAULT_RUNS: &str = "its default_config (no pushed version; the shipped envoy.yaml's refuses every request)";
 
-#[derive(Debug, clap::Args)]
-pub struct PushArgs {
+/// What `keyswap push` is asked to do (the CLI's `PushArgs` documents each
+/// field for `--help`).
+#[derive(Debug, Clone)]
+pub struct PushOptions {
     /// The keyswap configuration (JSON), sent byte for byte.
     pub config: PathBuf,
-    /// The ECDS file Envoy watches (envoy.yaml: .run/ecds/keyswap.json).
-    #[arg(long, value_name = "PATH")]
+    /// The ECDS file Envoy watches.
     pub ecds: PathBuf,
-    /// Envoy's admin (http://127.0.0.1:9901): wait until Envoy runs the new
-    /// version, or report its rejection and exit 1.
-    #[arg(long, value_name = "URL")]
+    /// Envoy's admin: wait until Envoy runs the new version.
     pub envoy_admin: Option<String>,
-    /// Envoy's log file: on a rejection, print the lines that say why
-    /// (Envoy's admin does not keep the reason for a file source).
-    #[arg(long, value_name = "PATH")]
+    /// Envoy's log file, for the reason of a rejection.
     pub envoy_log: Option<PathBuf>,
-    /// The longest push waits, in seconds, for anything: another push to
-    /// the same file, Envoy's admin (a restarting Envoy), Envoy taking the
-    /// version.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    /// The longest push waits, in seconds, for anything.
     pub timeout: f64,
-    /// Write (rename) the file even when it already holds these bytes, so
-    /// Envoy reads it again: after a file was written in place (`cp`,
-    /// `cat >`), which Envoy never sees.
-    #[arg(long)]
+    /// Write (rename) the file even when it already holds these bytes.
     pub force: bool,
-    /// The filter module (default: $KEYSWAP_FILTER, else the workspace's
-    /// target/wasm32-wasip1/release/keyswap_filter.wasm).
-    #[arg(long, value_name = "PATH")]
+    /// The filter module (default: [`Artifact::Filter`]`.default_path()`).
     pub filter: Option<PathBuf>,
 }
 
@@ -77,11 +66,11 @@ pub struct PushArgs {
 ///
 /// # Errors
 /// The message to print after `error: ` (empty when already printed).
-pub fn main(args: &PushArgs) -> Result<(), String> {
+pub fn main(args: &PushOptions) -> Result<(), String> {
     let text = std::fs::read(&args.config).map_err(|e| format!("cannot read {}: {e}", args.config.display()))?;
     let text = String::from_utf8(text).map_err(|_| format!("{}: not UTF-8 text", args.config.display()))?;
-    let module =
-        FilterModule::load(&args.filter.clone().unwrap_or_else(default_filter_path)).map_err(|e| e.to_string())?;
+    let module = FilterModule::load(&args.filter.clone().unwrap_or_else(|| Artifact::Filter.default_path()))
+        .map_err(|e| e.to_string())?;
     let summary = check(&module, &text)?;
     let version = keyswap_policy::content_version(text.as_bytes());
     let admin = args.envoy_admin.as_deref().map(Admin::parse).transpose()?;

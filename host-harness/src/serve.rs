@@ -14,7 +14,7 @@
 //! holds a whole body.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use hyper::server::conn::http1;
@@ -26,6 +26,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::artifact::Artifact;
 use crate::component::bindings::gateway::{exports::keyswap::gateway::policy, GatewayPre};
 use crate::component::{compile, ComponentError};
 
@@ -91,7 +92,7 @@ impl Gateway {
     /// A missing or broken component, or one without world `gateway`'s
     /// exports.
     pub fn load(path: &Path, config: &str, env: &[(String, String)]) -> Result<Self, ServeError> {
-        let engine = Engine::default();
+        let engine = crate::artifact::engine().map_err(|e| ComponentError::Compile(format!("{e:#}")))?;
         let component = compile(&engine, path)?;
         Ok(Self::new(&engine, &component, config, env)?)
     }
@@ -200,28 +201,6 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
     tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })
 }
 
-/// `keyswap serve`'s arguments.
-#[derive(Debug, clap::Args)]
-pub struct ServeArgs {
-    /// The gateway component (default: $KEYSWAP_COMPONENT, else the
-    /// workspace's target/wasm32-wasip2/release/keyswap_component.wasm).
-    #[arg(long, value_name = "PATH")]
-    pub component: Option<PathBuf>,
-    /// The gateway configuration: {"keyswap": <policy configuration>,
-    /// "upstreams": {"<route>" | "*": "http://host:port"}}.
-    #[arg(long, value_name = "PATH")]
-    pub config: PathBuf,
-    /// Where to listen (port 0: any free port, printed at start).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// A variable of the component's environment (for `{"env": NAME}`
-    /// credentials), repeatable: `NAME=VALUE`, or a bare `NAME` to pass
-    /// this shell's value on. Nothing else of this process's environment
-    /// reaches the component.
-    #[arg(long = "env", value_name = "NAME[=VALUE]")]
-    pub env: Vec<String>,
-}
-
 /// The environment `--env` arguments give a VM or component; one meaning
 /// for every subcommand that takes `--env` (`check`, `run`, `serve`):
 /// `NAME=VALUE` sets a variable, a bare `NAME` passes this process's value
@@ -282,14 +261,15 @@ fn is_conventional_env_name(name: &str) -> bool {
 
 /// `keyswap serve`: checks the configuration, prints one line with the
 /// address and the loaded configuration's summary, then serves until
-/// Ctrl-C.
+/// Ctrl-C. `component` defaults to [`Artifact::Component`]`.default_path()`; `env`
+/// are `--env` arguments ([`env_args`]).
 ///
 /// # Errors
 /// Anything that keeps it from starting, as text.
-pub fn main(args: &ServeArgs) -> Result<(), String> {
-    let env = env_args(&args.env)?;
-    let component = args.component.clone().unwrap_or_else(crate::component::default_component_path);
-    run(&component, &args.config, args.listen, &env).map_err(|e| match &e {
+pub fn main(component: Option<&Path>, config: &Path, listen: SocketAddr, env: &[String]) -> Result<(), String> {
+    let env = env_args(env)?;
+    let component = component.map_or_else(|| Artifact::Component.default_path(), Path::to_path_buf);
+    run(&component, config, listen, &env).map_err(|e| match &e {
         ServeError::Refused(why) => match env_hint(why, "the component") {
             Some(hint) => format!("{e}\n{hint}"),
             None => e.to_string(),

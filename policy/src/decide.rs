@@ -149,6 +149,38 @@ impl Policy {
         self.refuse_all.then_some(Denial { reason: DenialReason::ConfigurationUnavailable, route: None, client: None })
     }
 
+    /// The denials [`Self::decide`] can give a request on `route`, in
+    /// [`DenialReason::ALL`]'s order (a host defines a counter for each):
+    /// every reason but those given to no route, and
+    /// `credential_unavailable` only on a route with dynamic credentials.
+    pub fn route_denials(&self, route: &str) -> impl Iterator<Item = DenialReason> {
+        let dynamic = !self.route_providers(route).is_empty();
+        DenialReason::ALL.into_iter().filter(move |reason| match reason {
+            DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
+            DenialReason::CredentialUnavailable => dynamic,
+            _ => true,
+        })
+    }
+
+    /// What [`Self::decide`] can answer a request that gets no route: the
+    /// denials, and `None` for passing it on. Under `refuse_all`, only
+    /// `configuration_unavailable`; else `no_route`, `invalid_authority`
+    /// when some route matches on the host, and a pass with
+    /// `unmatched_route: "pass"`.
+    pub fn unrouted_outcomes(&self) -> Vec<Option<DenialReason>> {
+        if self.refuse_all {
+            return vec![Some(DenialReason::ConfigurationUnavailable)];
+        }
+        let mut outcomes = vec![Some(DenialReason::NoRoute)];
+        if self.matches_host {
+            outcomes.push(Some(DenialReason::InvalidAuthority));
+        }
+        if self.unmatched == UnmatchedRoute::Pass {
+            outcomes.push(None);
+        }
+        outcomes
+    }
+
     /// What the request presents as a key, read from every key source:
     /// the first stage in Envoy, before routing is final.
     pub fn key_check(&self, req: &RequestView<'_>) -> KeyCheck {

@@ -2,32 +2,27 @@
 //! call response being delivered. Request and response bodies and the like
 //! are not held by this harness (`NOT_FOUND`).
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{buffer_type, memory, status, HostError, HostResult, Status, ENV};
+use super::{buffer_type, memory, status, HostCalls, HostError, HostResult, Status};
 use crate::state::HostState;
 
 /// Registers the buffer host calls.
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
-        "proxy_get_buffer_bytes",
-        |mut caller: Caller<'_, HostState>, buffer: u32, start: u32, max_size: u32, data_out: u32, size_out: u32| {
-            caller.data_mut().record("proxy_get_buffer_bytes");
-            status(get_bytes(&mut caller, buffer, start, max_size, data_out, size_out))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_get_buffer_status",
-        |mut caller: Caller<'_, HostState>, buffer: u32, size_out: u32, flags_out: u32| {
-            caller.data_mut().record("proxy_get_buffer_status");
-            status(get_status(&mut caller, buffer, size_out, flags_out))
-        },
-    )?;
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_get_buffer_bytes", |caller,
+                                                 buffer: u32,
+                                                 start: u32,
+                                                 max_size: u32,
+                                                 data_out: u32,
+                                                 size_out: u32| {
+        status(get_bytes(&mut caller, buffer, start, max_size, data_out, size_out))
+    })?;
+    host_call!(calls, "proxy_get_buffer_status", |caller, buffer: u32, size_out: u32, flags_out: u32| {
+        status(get_status(&mut caller, buffer, size_out, flags_out))
+    })?;
     Ok(())
 }
 

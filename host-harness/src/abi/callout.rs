@@ -14,9 +14,9 @@
 //! Shared data is a [`SharedData`](crate::model::shared::SharedData) handle: instances given the same handle
 //! share it like the workers of one Envoy VM.
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{memory, status, HostResult, Status, ENV};
+use super::{memory, status, HostCalls, HostResult, Status};
 use crate::model::codec::decode_map;
 use crate::state::{HostState, HttpCall};
 
@@ -24,48 +24,42 @@ use crate::state::{HostState, HttpCall};
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(ENV, "proxy_set_tick_period_milliseconds", |mut caller: Caller<'_, HostState>, period: u32| {
-        caller.data_mut().record("proxy_set_tick_period_milliseconds");
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_set_tick_period_milliseconds", |caller, period: u32| {
         caller.data_mut().tick_period_ms = (period > 0).then_some(period);
         Ok(Status::Ok as u32)
     })?;
-    linker.func_wrap(
-        ENV,
-        "proxy_http_call",
-        |mut caller: Caller<'_, HostState>,
-         upstream: u32,
-         upstream_len: u32,
-         headers: u32,
-         headers_len: u32,
-         body: u32,
-         body_len: u32,
-         trailers: u32,
-         trailers_len: u32,
-         timeout_ms: u32,
-         token_out: u32| {
-            caller.data_mut().record("proxy_http_call");
-            let _ = (trailers, trailers_len);
-            let args = CallArgs { upstream, upstream_len, headers, headers_len, body, body_len, timeout_ms, token_out };
-            status(http_call(&mut caller, args))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_get_shared_data",
-        |mut caller: Caller<'_, HostState>, key: u32, key_len: u32, data_out: u32, size_out: u32, cas_out: u32| {
-            caller.data_mut().record("proxy_get_shared_data");
-            status(get_shared(&mut caller, key, key_len, data_out, size_out, cas_out))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_set_shared_data",
-        |mut caller: Caller<'_, HostState>, key: u32, key_len: u32, value: u32, value_len: u32, cas: u32| {
-            caller.data_mut().record("proxy_set_shared_data");
-            status(set_shared(&mut caller, key, key_len, value, value_len, cas))
-        },
-    )?;
+    host_call!(calls, "proxy_http_call", |caller,
+                                          upstream: u32,
+                                          upstream_len: u32,
+                                          headers: u32,
+                                          headers_len: u32,
+                                          body: u32,
+                                          body_len: u32,
+                                          trailers: u32,
+                                          trailers_len: u32,
+                                          timeout_ms: u32,
+                                          token_out: u32| {
+        let _ = (trailers, trailers_len);
+        let args = CallArgs { upstream, upstream_len, headers, headers_len, body, body_len, timeout_ms, token_out };
+        status(http_call(&mut caller, args))
+    })?;
+    host_call!(calls, "proxy_get_shared_data", |caller,
+                                                key: u32,
+                                                key_len: u32,
+                                                data_out: u32,
+                                                size_out: u32,
+                                                cas_out: u32| {
+        status(get_shared(&mut caller, key, key_len, data_out, size_out, cas_out))
+    })?;
+    host_call!(calls, "proxy_set_shared_data", |caller,
+                                                key: u32,
+                                                key_len: u32,
+                                                value: u32,
+                                                value_len: u32,
+                                                cas: u32| {
+        status(set_shared(&mut caller, key, key_len, value, value_len, cas))
+    })?;
     Ok(())
 }
 

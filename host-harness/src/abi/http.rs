@@ -2,9 +2,9 @@
 //! response is recorded on the open stream exactly as sent (Envoy would add
 //! `content-length` and the like; the harness reports what the filter gave).
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{memory, status, HostResult, Status, ENV};
+use super::{memory, status, HostCalls, HostResult, Status};
 use crate::model::codec::decode_map;
 use crate::state::{HostState, LocalResponse};
 
@@ -12,11 +12,11 @@ use crate::state::{HostState, LocalResponse};
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(
+        calls,
         "proxy_send_local_response",
-        |mut caller: Caller<'_, HostState>,
+        |caller,
          status_code: u32,
          details: u32,
          details_len: u32,
@@ -25,11 +25,10 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          headers: u32,
          headers_len: u32,
          grpc_status: i32| {
-            caller.data_mut().record("proxy_send_local_response");
             let args =
                 LocalArgs { status_code, details, details_len, body, body_len, headers, headers_len, grpc_status };
             status(send(&mut caller, args))
-        },
+        }
     )?;
     Ok(())
 }

@@ -1,22 +1,20 @@
 //! Logging: `proxy_log` (captured per instance, with its level) and
 //! `proxy_get_log_level` (always `trace`: the harness keeps every line).
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{memory, status, HostResult, Status, ENV};
+use super::{memory, status, HostCalls, HostResult, Status};
 use crate::state::{HostState, LogEntry, LogLevel};
 
 /// Registers the logging host calls.
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(ENV, "proxy_log", |mut caller: Caller<'_, HostState>, level: u32, ptr: u32, len: u32| {
-        caller.data_mut().record("proxy_log");
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_log", |caller, level: u32, ptr: u32, len: u32| {
         status(log(&mut caller, level, ptr, len))
     })?;
-    linker.func_wrap(ENV, "proxy_get_log_level", |mut caller: Caller<'_, HostState>, level_out: u32| {
-        caller.data_mut().record("proxy_get_log_level");
+    host_call!(calls, "proxy_get_log_level", |caller, level_out: u32| {
         status(memory::write_u32(&mut caller, level_out, LogLevel::Trace.to_abi()))
     })?;
     Ok(())

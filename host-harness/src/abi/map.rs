@@ -3,9 +3,9 @@
 //! responses are not held (`BAD_ARGUMENT`, as Envoy answers for a map it
 //! does not have).
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{headers, map_type, memory, status, HostError, HostResult, Status, ENV};
+use super::{headers, map_type, memory, status, HostCalls, HostError, HostResult, Status};
 use crate::model::codec::{decode_map, encode_map, HeaderList};
 use crate::state::HostState;
 
@@ -13,63 +13,40 @@ use crate::state::HostState;
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
-        "proxy_get_header_map_pairs",
-        |mut caller: Caller<'_, HostState>, map: u32, data_out: u32, size_out: u32| {
-            caller.data_mut().record("proxy_get_header_map_pairs");
-            status(get_pairs(&mut caller, map, data_out, size_out))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_get_header_map_size",
-        |mut caller: Caller<'_, HostState>, map: u32, size_out: u32| {
-            caller.data_mut().record("proxy_get_header_map_size");
-            status(get_size(&mut caller, map, size_out))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_set_header_map_pairs",
-        |mut caller: Caller<'_, HostState>, map: u32, data: u32, size: u32| {
-            caller.data_mut().record("proxy_set_header_map_pairs");
-            status(set_pairs(&mut caller, map, data, size))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_get_header_map_pairs", |caller, map: u32, data_out: u32, size_out: u32| {
+        status(get_pairs(&mut caller, map, data_out, size_out))
+    })?;
+    host_call!(calls, "proxy_get_header_map_size", |caller, map: u32, size_out: u32| {
+        status(get_size(&mut caller, map, size_out))
+    })?;
+    host_call!(calls, "proxy_set_header_map_pairs", |caller, map: u32, data: u32, size: u32| {
+        status(set_pairs(&mut caller, map, data, size))
+    })?;
+    host_call!(
+        calls,
         "proxy_get_header_map_value",
-        |mut caller: Caller<'_, HostState>, map: u32, key: u32, key_len: u32, data_out: u32, size_out: u32| {
-            caller.data_mut().record("proxy_get_header_map_value");
+        |caller, map: u32, key: u32, key_len: u32, data_out: u32, size_out: u32| {
             status(get_value(&mut caller, map, key, key_len, data_out, size_out))
-        },
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    host_call!(
+        calls,
         "proxy_add_header_map_value",
-        |mut caller: Caller<'_, HostState>, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
-            caller.data_mut().record("proxy_add_header_map_value");
+        |caller, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
             status(edit(&mut caller, map, key, key_len, Some((value, value_len)), headers::add))
-        },
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    host_call!(
+        calls,
         "proxy_replace_header_map_value",
-        |mut caller: Caller<'_, HostState>, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
-            caller.data_mut().record("proxy_replace_header_map_value");
+        |caller, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
             status(edit(&mut caller, map, key, key_len, Some((value, value_len)), headers::replace))
-        },
+        }
     )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_remove_header_map_value",
-        |mut caller: Caller<'_, HostState>, map: u32, key: u32, key_len: u32| {
-            caller.data_mut().record("proxy_remove_header_map_value");
-            status(edit(&mut caller, map, key, key_len, None, |h, name, _| headers::remove(h, name)))
-        },
-    )?;
+    host_call!(calls, "proxy_remove_header_map_value", |caller, map: u32, key: u32, key_len: u32| {
+        status(edit(&mut caller, map, key, key_len, None, |h, name, _| headers::remove(h, name)))
+    })?;
     Ok(())
 }
 

@@ -3,36 +3,28 @@
 //! [`MetricStore`](crate::model::metrics::MetricStore), whose semantics (Envoy 1.40's, probed) are in
 //! [`crate::model::metrics`].
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{memory, status, HostResult, ENV};
+use super::{memory, status, HostCalls, HostResult};
 use crate::state::HostState;
 
 /// Registers the metric host calls.
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
-        "proxy_define_metric",
-        |mut caller: Caller<'_, HostState>, kind: u32, name: u32, name_len: u32, id_out: u32| {
-            caller.data_mut().record("proxy_define_metric");
-            status(define(&mut caller, kind, name, name_len, id_out))
-        },
-    )?;
-    linker.func_wrap(ENV, "proxy_increment_metric", |mut caller: Caller<'_, HostState>, id: u32, offset: i64| {
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_define_metric", |caller, kind: u32, name: u32, name_len: u32, id_out: u32| {
+        status(define(&mut caller, kind, name, name_len, id_out))
+    })?;
+    host_call!(calls, "proxy_increment_metric", |caller, id: u32, offset: i64| {
         let state = caller.data_mut();
-        state.record("proxy_increment_metric");
         status(state.metrics.increment(id, offset).map_err(Into::into))
     })?;
-    linker.func_wrap(ENV, "proxy_record_metric", |mut caller: Caller<'_, HostState>, id: u32, value: u64| {
+    host_call!(calls, "proxy_record_metric", |caller, id: u32, value: u64| {
         let state = caller.data_mut();
-        state.record("proxy_record_metric");
         status(state.metrics.record(id, value).map_err(Into::into))
     })?;
-    linker.func_wrap(ENV, "proxy_get_metric", |mut caller: Caller<'_, HostState>, id: u32, value_out: u32| {
-        caller.data_mut().record("proxy_get_metric");
+    host_call!(calls, "proxy_get_metric", |caller, id: u32, value_out: u32| {
         status(get(&mut caller, id, value_out))
     })?;
     Ok(())

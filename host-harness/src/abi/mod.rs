@@ -1,15 +1,30 @@
 //! The host side of the proxy-wasm ABI v0.2.1, one small module a group of
-//! host calls. Each group has an `add_to_linker`; [`link`] registers them
-//! all, wasmtime-wasi's preview1, and a counting `Unimplemented` stub for
-//! every other function the module imports.
+//! host calls. Each group's `add_to_linker` registers its calls through
+//! [`HostCalls`] with [`host_call!`], which writes each name once (linked,
+//! listed as implemented, counted per call); [`link`] registers them all,
+//! wasmtime-wasi's preview1, and a counting `Unimplemented` stub for every
+//! other function the module imports.
 //!
-//! - [`codec`]: the map and property-path byte formats (pure).
-//! - [`headers`]: header-map edits with Envoy's semantics (pure).
+//! - [`headers`]: header-map edits with Envoy's semantics (pure; the byte
+//!   formats are in `model::codec`).
 //! - [`memory`]: copying into and out of the guest, its allocator.
 //! - [`log`], [`time`], [`buffer`], [`map`], [`property`], [`http`],
 //!   [`context`], [`metrics`]: the implemented host calls.
 //! - [`callout`]: timer, HTTP calls and shared data (dynamic credentials).
 //! - [`stub`]: everything else the module imports.
+
+/// Registers one `env` host call, its name written once: linked under
+/// that name, listed among the implemented calls ([`HostCalls`]) and
+/// counted on every call (`HostState::record`). The closure's first
+/// argument is the caller; the others are the ABI's, with their types.
+macro_rules! host_call {
+    ($calls:expr, $name:literal, |$caller:ident $(, $arg:ident : $ty:ty)* $(,)?| $body:block) => {
+        $calls.wrap($name, move |mut $caller: ::wasmtime::Caller<'_, $crate::state::HostState> $(, $arg: $ty)*| {
+            $caller.data_mut().record($name);
+            $body
+        })
+    };
+}
 
 pub mod buffer;
 pub mod callout;
@@ -61,34 +76,30 @@ pub const ENV: &str = "env";
 /// WASI preview1's module name.
 pub const WASI_P1: &str = "wasi_snapshot_preview1";
 
-/// The `env` host calls this harness implements; every other import is a
-/// counting [`stub`].
-pub const IMPLEMENTED: &[&str] = &[
-    "proxy_log",
-    "proxy_get_log_level",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_get_buffer_bytes",
-    "proxy_get_buffer_status",
-    "proxy_get_header_map_pairs",
-    "proxy_get_header_map_size",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_send_local_response",
-    "proxy_set_effective_context",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_http_call",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-];
+/// The linker, with the names of the `env` host calls registered so far:
+/// each group's `add_to_linker` registers through it (with
+/// [`host_call!`]), so the implemented set is what was linked, and every
+/// other import gets a counting [`stub`].
+pub struct HostCalls<'a> {
+    linker: &'a mut Linker<HostState>,
+    implemented: Vec<&'static str>,
+}
+
+impl HostCalls<'_> {
+    /// Links `func` as `env.<name>` and lists `name` as implemented.
+    ///
+    /// # Errors
+    /// A definition wasmtime refuses.
+    pub fn wrap<Params, Args>(
+        &mut self,
+        name: &'static str,
+        func: impl wasmtime::IntoFunc<HostState, Params, Args>,
+    ) -> wasmtime::Result<()> {
+        self.linker.func_wrap(ENV, name, func)?;
+        self.implemented.push(name);
+        Ok(())
+    }
+}
 
 /// An error inside a host call: an ABI status for the guest, or a trap
 /// (the guest's allocator trapped while the host called it).
@@ -120,20 +131,23 @@ pub fn status(result: HostResult) -> wasmtime::Result<u32> {
 }
 
 /// Links everything `module` imports: the implemented host calls, WASI
-/// preview1, and a stub for the rest.
+/// preview1, and a stub for the rest. Returns the stubbed imports, as
+/// (module, name).
 ///
 /// # Errors
 /// A definition wasmtime refuses (a clash, or a type it cannot express).
-pub fn link(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result<()> {
-    log::add_to_linker(linker)?;
-    time::add_to_linker(linker)?;
-    buffer::add_to_linker(linker)?;
-    map::add_to_linker(linker)?;
-    property::add_to_linker(linker)?;
-    http::add_to_linker(linker)?;
-    context::add_to_linker(linker)?;
-    metrics::add_to_linker(linker)?;
-    callout::add_to_linker(linker)?;
+pub fn link(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result<Vec<(String, String)>> {
+    let mut calls = HostCalls { linker, implemented: Vec::new() };
+    log::add_to_linker(&mut calls)?;
+    time::add_to_linker(&mut calls)?;
+    buffer::add_to_linker(&mut calls)?;
+    map::add_to_linker(&mut calls)?;
+    property::add_to_linker(&mut calls)?;
+    http::add_to_linker(&mut calls)?;
+    context::add_to_linker(&mut calls)?;
+    metrics::add_to_linker(&mut calls)?;
+    callout::add_to_linker(&mut calls)?;
+    let HostCalls { linker, implemented } = calls;
     wasmtime_wasi::p1::add_to_linker_sync(linker, |state: &mut HostState| state.wasi_mut())?;
-    stub::add_to_linker(linker, module)
+    stub::add_to_linker(linker, module, &implemented)
 }

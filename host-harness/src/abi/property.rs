@@ -11,9 +11,9 @@
 //! later call replaces it; without a stream (from the root context) it is
 //! `NOT_FOUND`. A one-segment path reads back through `proxy_get_property`.
 
-use wasmtime::{Caller, Linker};
+use wasmtime::Caller;
 
-use super::{headers, memory, status, HostResult, Status, ENV};
+use super::{headers, memory, status, HostCalls, HostResult, Status};
 use crate::model::codec::decode_property_path;
 use crate::state::HostState;
 
@@ -36,23 +36,13 @@ pub const KNOWN: &[&str] = &[
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
-        "proxy_get_property",
-        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, data_out: u32, size_out: u32| {
-            caller.data_mut().record("proxy_get_property");
-            status(get(&mut caller, path, path_len, data_out, size_out))
-        },
-    )?;
-    linker.func_wrap(
-        ENV,
-        "proxy_set_property",
-        |mut caller: Caller<'_, HostState>, path: u32, path_len: u32, value: u32, value_len: u32| {
-            caller.data_mut().record("proxy_set_property");
-            status(set(&mut caller, path, path_len, value, value_len))
-        },
-    )?;
+pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
+    host_call!(calls, "proxy_get_property", |caller, path: u32, path_len: u32, data_out: u32, size_out: u32| {
+        status(get(&mut caller, path, path_len, data_out, size_out))
+    })?;
+    host_call!(calls, "proxy_set_property", |caller, path: u32, path_len: u32, value: u32, value_len: u32| {
+        status(set(&mut caller, path, path_len, value, value_len))
+    })?;
     Ok(())
 }
 

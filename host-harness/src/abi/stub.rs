@@ -7,39 +7,38 @@
 
 use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
 
-use super::{Status, ENV, IMPLEMENTED, WASI_P1};
+use super::{Status, ENV, WASI_P1};
 use crate::state::HostState;
 
 /// True for a function import the harness does not implement: an `env`
-/// function outside [`IMPLEMENTED`], or anything from a module other than
+/// function outside `implemented`, or anything from a module other than
 /// `env` and WASI preview1 (which wasmtime-wasi provides whole).
-fn is_stubbed(module: &str, name: &str) -> bool {
+fn is_stubbed(implemented: &[&str], module: &str, name: &str) -> bool {
     match module {
-        ENV => !IMPLEMENTED.contains(&name),
+        ENV => !implemented.contains(&name),
         WASI_P1 => false,
         _ => true,
     }
 }
 
-/// The imports of `module` that get a stub, as (module, name).
-pub fn stubbed(module: &Module) -> Vec<(String, String)> {
-    module
-        .imports()
-        .filter(|i| matches!(i.ty(), ExternType::Func(_)) && is_stubbed(i.module(), i.name()))
-        .map(|i| (i.module().to_string(), i.name().to_string()))
-        .collect()
-}
-
-/// Links a stub for each import [`stubbed`] lists.
+/// Links a stub for each function `module` imports that is not
+/// implemented (`implemented`: the `env` calls already linked); returns
+/// them, as (module, name).
 ///
 /// # Errors
 /// A definition wasmtime refuses.
-pub fn add_to_linker(linker: &mut Linker<HostState>, module: &Module) -> wasmtime::Result<()> {
+pub fn add_to_linker(
+    linker: &mut Linker<HostState>,
+    module: &Module,
+    implemented: &[&str],
+) -> wasmtime::Result<Vec<(String, String)>> {
+    let mut stubbed = Vec::new();
     for import in module.imports() {
         let ExternType::Func(ty) = import.ty() else { continue };
-        if !is_stubbed(import.module(), import.name()) {
+        if !is_stubbed(implemented, import.module(), import.name()) {
             continue;
         }
+        stubbed.push((import.module().to_string(), import.name().to_string()));
         let label = if import.module() == ENV {
             import.name().to_string()
         } else {
@@ -61,5 +60,5 @@ pub fn add_to_linker(linker: &mut Linker<HostState>, module: &Module) -> wasmtim
             },
         )?;
     }
-    Ok(())
+    Ok(stubbed)
 }

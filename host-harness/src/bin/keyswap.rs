@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -14,7 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use keyswap_conformance::{default_dir, Request, Suite};
 use keyswap_harness::manifest;
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
-use keyswap_harness::{default_filter_path, FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType};
+use keyswap_harness::{
+    Artifact, ArtifactError, FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType,
+};
 use keyswap_policy::KeyCheck;
 use sha2::{Digest as _, Sha256};
 
@@ -100,7 +103,7 @@ enum Command {
     /// watches: checked by the filter first, written atomically, versioned
     /// by its content; with --envoy-admin, confirmed by Envoy (or its
     /// rejection reported, exit 1).
-    Push(keyswap_harness::push::PushArgs),
+    Push(PushArgs),
     /// Measure the filter module: per-request cost and host calls (allowed
     /// request and each denial), configuration time and VM memory, for
     /// 10, 1,000 and 100,000 clients; and the .wasm size. A benchmark, not
@@ -108,7 +111,7 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the keyswap component (wasm32-wasip2) as a wasi:http gateway
     /// until Ctrl-C; see docs/component.md.
-    Serve(keyswap_harness::serve::ServeArgs),
+    Serve(ServeArgs),
     /// Print the Kubernetes manifests that run a configuration on Istio or
     /// Envoy Gateway, both stages with the same configuration, for
     /// `kubectl apply -f -` (deploy/README.md). Warns on stderr when an
@@ -162,6 +165,67 @@ enum Platform {
         #[command(flatten)]
         common: ManifestArgs,
     },
+}
+
+/// `keyswap push`'s arguments.
+#[derive(Args)]
+struct PushArgs {
+    /// The keyswap configuration (JSON), sent byte for byte.
+    config: PathBuf,
+    /// The ECDS file Envoy watches (envoy.yaml: .run/ecds/keyswap.json).
+    #[arg(long, value_name = "PATH")]
+    ecds: PathBuf,
+    /// Envoy's admin (http://127.0.0.1:9901): wait until Envoy runs the new
+    /// version, or report its rejection and exit 1.
+    #[arg(long, value_name = "URL")]
+    envoy_admin: Option<String>,
+    /// Envoy's log file: on a rejection, print the lines that say why
+    /// (Envoy's admin does not keep the reason for a file source).
+    #[arg(long, value_name = "PATH")]
+    envoy_log: Option<PathBuf>,
+    /// The longest push waits, in seconds, for anything: another push to
+    /// the same file, Envoy's admin (a restarting Envoy), Envoy taking the
+    /// version.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+    /// Write (rename) the file even when it already holds these bytes, so
+    /// Envoy reads it again: after a file was written in place (`cp`,
+    /// `cat >`), which Envoy never sees.
+    #[arg(long)]
+    force: bool,
+    /// The filter module (default: $KEYSWAP_FILTER, else the workspace's
+    /// target/wasm32-wasip1/release/keyswap_filter.wasm).
+    #[arg(long, value_name = "PATH")]
+    filter: Option<PathBuf>,
+}
+
+impl From<PushArgs> for keyswap_harness::push::PushOptions {
+    fn from(args: PushArgs) -> Self {
+        let PushArgs { config, ecds, envoy_admin, envoy_log, timeout, force, filter } = args;
+        Self { config, ecds, envoy_admin, envoy_log, timeout, force, filter }
+    }
+}
+
+/// `keyswap serve`'s arguments.
+#[derive(Args)]
+struct ServeArgs {
+    /// The gateway component (default: $KEYSWAP_COMPONENT, else the
+    /// workspace's target/wasm32-wasip2/release/keyswap_component.wasm).
+    #[arg(long, value_name = "PATH")]
+    component: Option<PathBuf>,
+    /// The gateway configuration: {"keyswap": <policy configuration>,
+    /// "upstreams": {"<route>" | "*": "http://host:port"}}.
+    #[arg(long, value_name = "PATH")]
+    config: PathBuf,
+    /// Where to listen (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A variable of the component's environment (for `{"env": NAME}`
+    /// credentials), repeatable: `NAME=VALUE`, or a bare `NAME` to pass
+    /// this shell's value on. Nothing else of this process's environment
+    /// reaches the component.
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
 }
 
 #[derive(Args)]
@@ -231,9 +295,11 @@ fn main() -> ExitCode {
         Command::NewKey { id, routes } => new_key(&id, routes),
         Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
-        Command::Push(args) => keyswap_harness::push::main(&args),
+        Command::Push(args) => keyswap_harness::push::main(&args.into()),
         Command::Bench(args) => bench(&args),
-        Command::Serve(args) => keyswap_harness::serve::main(&args),
+        Command::Serve(args) => {
+            keyswap_harness::serve::main(args.component.as_deref(), &args.config, args.listen, &args.env)
+        }
         Command::Manifest(platform) => print_manifest(platform),
     };
     match result {
@@ -248,19 +314,19 @@ fn main() -> ExitCode {
 }
 
 fn load_filter(arg: &FilterArg) -> Result<FilterModule, String> {
-    let path = arg.filter.clone().unwrap_or_else(default_filter_path);
+    let path = arg.filter.clone().unwrap_or_else(|| Artifact::Filter.default_path());
     FilterModule::load(&path).map_err(|e| e.to_string())
 }
 
 fn bench(args: &BenchArgs) -> Result<(), String> {
     use keyswap_harness::bench;
-    let path = args.filter.filter.clone().unwrap_or_else(default_filter_path);
+    let path = args.filter.filter.clone().unwrap_or_else(|| Artifact::Filter.default_path());
     let wasm_bytes = read(&path)?.len();
     let module = FilterModule::load(&path).map_err(|e| e.to_string())?;
     let noop_path = args.noop.clone().unwrap_or_else(|| path.with_file_name("keyswap_bench_noop.wasm"));
     let noop = match FilterModule::load(&noop_path) {
         Ok(noop) => Some(noop),
-        Err(HarnessError::WasmMissing { .. }) if args.noop.is_none() => {
+        Err(HarnessError::Artifact(ArtifactError::Missing { .. })) if args.noop.is_none() => {
             eprintln!("bench: no no-op module at {}: no floor (build it: cargo build --release --target wasm32-wasip1 -p keyswap-bench-noop)", noop_path.display());
             None
         }

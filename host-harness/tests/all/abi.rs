@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use keyswap_harness::runner::check_unimplemented;
-use keyswap_harness::{FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType};
+use keyswap_harness::{ArtifactError, FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType};
 
 use crate::filter;
 
@@ -397,7 +397,7 @@ fn modules_that_are_not_proxy_wasm_are_refused() {
 #[test]
 fn a_missing_module_says_how_to_build_it() {
     let err = FilterModule::load(std::path::Path::new("/nonexistent/keyswap_filter.wasm")).unwrap_err();
-    assert!(matches!(err, HarnessError::WasmMissing { .. }));
+    assert!(matches!(err, HarnessError::Artifact(ArtifactError::Missing { .. })));
     assert!(err.to_string().contains("cargo build --release --target wasm32-wasip1 -p keyswap-filter"), "{err}");
 }
 

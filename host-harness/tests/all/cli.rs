@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use keyswap_conformance::default_dir;
-use keyswap_harness::default_filter_path;
+use keyswap_harness::Artifact;
 
 fn keyswap(args: &[&str], stdin: Option<&[u8]>) -> Output {
     keyswap_with(args, stdin, &[])
@@ -15,7 +15,7 @@ fn keyswap(args: &[&str], stdin: Option<&[u8]>) -> Output {
 fn keyswap_with(args: &[&str], stdin: Option<&[u8]>, vars: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .args(args)
-        .env("KEYSWAP_FILTER", default_filter_path())
+        .env("KEYSWAP_FILTER", Artifact::Filter.default_path())
         .env_remove_all(VARS)
         .envs(vars.iter().copied())
         .stdin(Stdio::piped())
@@ -106,7 +106,7 @@ fn check_prints_the_summary_or_the_field_path() {
 fn env_means_the_same_for_check_run_and_serve() {
     let gateway = gateway();
     let serve_config = serve_config("env").display().to_string();
-    let component = keyswap_harness::component::default_component_path().display().to_string();
+    let component = keyswap_harness::Artifact::Component.default_path().display().to_string();
     let request = r#"{"route_name": "openai", "headers": [["authorization", "Bearer dev-key-123"]]}"#;
     let vars = [("OPENAI_API_KEY", "sk-from-the-shell"), ("REGISTRY_PASSWORD", "pw-from-the-shell")];
     let bare = ["--env", "OPENAI_API_KEY", "--env", "REGISTRY_PASSWORD", "--env", "GEMINI_API_KEY=gemini-given"];
@@ -718,7 +718,7 @@ fn serve_config(test: &str) -> PathBuf {
 /// `vars` (it then serves until stopped; stopped here).
 fn serve_first_line(args: &[&str], vars: &[(&str, &str)]) -> String {
     let config = serve_config("serve-line");
-    let component = keyswap_harness::component::default_component_path();
+    let component = keyswap_harness::Artifact::Component.default_path();
     let mut server = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .env_remove_all(VARS)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
@@ -746,7 +746,7 @@ fn bash(script: &str, dir: &std::path::Path, vars: &[(&str, &str)]) -> String {
         .arg(format!("exec 2>&1\nkeyswap() {{ \"$KEYSWAP_BIN\" \"$@\"; }}\n{script}"))
         .current_dir(dir)
         .env("KEYSWAP_BIN", env!("CARGO_BIN_EXE_keyswap"))
-        .env("KEYSWAP_FILTER", default_filter_path())
+        .env("KEYSWAP_FILTER", Artifact::Filter.default_path())
         .env_remove_all(VARS)
         .envs(vars.iter().copied())
         .output()

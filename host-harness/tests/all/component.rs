@@ -7,13 +7,15 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use keyswap_conformance::{default_dir, Observed, Runner, Suite, SuiteReport};
-use keyswap_harness::component::{self, default_component_path, interfaces, InterfaceItems, PolicyComponent};
+use keyswap_harness::component::{self, interfaces, InterfaceItems, PolicyComponent};
 use keyswap_harness::runner;
+use keyswap_harness::Artifact;
 
 /// The built component, compiled once for this test binary.
 pub fn policy_component() -> &'static PolicyComponent {
     static COMPONENT: OnceLock<PolicyComponent> = OnceLock::new();
-    COMPONENT.get_or_init(|| PolicyComponent::load(&default_component_path()).unwrap_or_else(|e| panic!("{e}")))
+    COMPONENT
+        .get_or_init(|| PolicyComponent::load(&Artifact::Component.default_path()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 #[test]

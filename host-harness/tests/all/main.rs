@@ -14,11 +14,11 @@ mod serve;
 
 use std::sync::OnceLock;
 
-use keyswap_harness::{default_filter_path, FilterModule};
+use keyswap_harness::{Artifact, FilterModule};
 
 /// The real filter module, compiled once for this test binary (test
 /// scaffolding, not harness state). `KEYSWAP_FILTER` points elsewhere.
 pub fn filter() -> &'static FilterModule {
     static FILTER: OnceLock<FilterModule> = OnceLock::new();
-    FILTER.get_or_init(|| FilterModule::load(&default_filter_path()).unwrap_or_else(|e| panic!("{e}")))
+    FILTER.get_or_init(|| FilterModule::load(&Artifact::Filter.default_path()).unwrap_or_else(|e| panic!("{e}")))
 }

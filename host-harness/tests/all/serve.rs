@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use keyswap_conformance::{default_dir, Observed, Runner, Suite, SuiteCase, SuiteReport};
-use keyswap_harness::component::{compile, default_component_path};
+use keyswap_harness::component::compile;
 use keyswap_harness::serve::{Gateway, RunningGateway, ServeError};
+use keyswap_harness::Artifact;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -30,7 +31,7 @@ fn compiled() -> &'static (Engine, Component) {
     static COMPILED: OnceLock<(Engine, Component)> = OnceLock::new();
     COMPILED.get_or_init(|| {
         let engine = Engine::default();
-        let component = compile(&engine, &default_component_path()).unwrap_or_else(|e| panic!("{e}"));
+        let component = compile(&engine, &Artifact::Component.default_path()).unwrap_or_else(|e| panic!("{e}"));
         (engine, component)
     })
 }
@@ -394,7 +395,7 @@ impl Child {
     fn start(config: &std::path::Path, env: &[&str]) -> Self {
         let mut command = std::process::Command::new("timeout");
         command.args(["300", env!("CARGO_BIN_EXE_keyswap"), "serve", "--listen", "127.0.0.1:0", "--config"]);
-        command.arg(config).arg("--component").arg(default_component_path());
+        command.arg(config).arg("--component").arg(Artifact::Component.default_path());
         for var in env {
             command.args(["--env", var]);
         }

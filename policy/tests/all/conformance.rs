@@ -98,7 +98,9 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     view.cluster = case.request.cluster();
     view.key = Some(&key);
     // The harness's clock: stopped at STEPS_START, moved by the steps.
-    match policy.decide(&view, &|| now_ms, &engine.records) {
+    let decision = policy.decide(&view, &|| now_ms, &engine.records);
+    predicted(&policy, &decision)?;
+    match decision {
         Decision::Deny(denial) => Ok(denied(denial.reason)),
         Decision::Forward(forward) => {
             forward.apply(&mut headers);
@@ -116,6 +118,26 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
             });
             Ok(Observed::Forwarded { path, headers: upstream.collect(), client_response })
         }
+    }
+}
+
+/// Checks that the policy listed `decision` among the answers it can give
+/// (`route_denials`, `unrouted_outcomes`): a host defines a counter for
+/// each, so an answer missing from them would go uncounted.
+fn predicted(policy: &Policy, decision: &Decision<'_>) -> Result<(), String> {
+    let (route, reason) = match decision {
+        Decision::Deny(denial) => (denial.route, Some(denial.reason)),
+        Decision::Forward(forward) => (forward.route, None),
+    };
+    let listed = match (route, reason) {
+        (Some(route), Some(reason)) => policy.route_denials(route).any(|r| r == reason),
+        (Some(_), None) => true,
+        (None, outcome) => policy.unrouted_outcomes().contains(&outcome),
+    };
+    if listed {
+        Ok(())
+    } else {
+        Err(format!("the answer {reason:?} on route {route:?} is not among the answers the policy lists for it"))
     }
 }
 
