@@ -5,9 +5,10 @@
 //! ```text
 //!  RequestView (+ the first stage's KeyCheck) ──decide(now, records)──▶ Decision
 //!      refuse_all? authority? route? echoing method? key? client? allowed?
-//!      └─▶ Forward: protected names removed, the route's credentials (static,
-//!          and dynamic read from SharedRecords: all or none) and the client
-//!          id added, the query rewritten
+//!      └─▶ Forward: protected names removed, one inject list (the client's
+//!          own for the route, else the route's) set whole (static, and
+//!          dynamic read from SharedRecords: all or none), the client id
+//!          added, the query rewritten
 //! ```
 
 use std::borrow::Cow;
@@ -17,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::credential::SharedRecords;
 use crate::decision::{Decision, Denial, DenialReason, Forward};
-use crate::model::{Allowed, Client, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
+use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
 use crate::raw::UnmatchedRoute;
 use crate::request::{KeyCheck, RequestView, MAX_KEY_BYTES};
@@ -60,9 +61,13 @@ impl Policy {
     /// when it is `None` the key is read from `req` here (a host that
     /// decides in one pass). `now_ms` gives Unix milliseconds; it is called
     /// at most once, and only when the client has an `expires` time or the
-    /// route has dynamic credentials. `records` holds the dynamic
-    /// credentials' values; it is read once per provider of the matched
-    /// route and never for a route with static credentials only.
+    /// credentials it gets are dynamic. `records` holds the dynamic
+    /// credentials' values; it is read once per provider of the inject
+    /// list the request gets and never for a list of static credentials.
+    ///
+    /// The inject list is the client's own for the route when it brings
+    /// one (`clients[].inject`), else the route's: one list, whole, never
+    /// a mix of the two.
     pub fn decide<'p>(
         &'p self,
         req: &RequestView<'_>,
@@ -128,15 +133,22 @@ impl Policy {
         if client.expires.is_some_and(|at| now.seconds() >= at) {
             return deny(DenialReason::ExpiredKey, Some(client));
         }
-        let allowed = match &client.allowed {
-            Allowed::All => true,
-            Allowed::Only(routes) => routes.binary_search(&r).is_ok(),
-        };
-        if !allowed {
+        if !client.allowed.allows(r) {
             return deny(DenialReason::RouteForbidden, Some(client));
         }
-        // A route with dynamic credentials gets them all, or none.
-        match self.forward(req, Some(route), Some(client), &now, records) {
+        // The client's own list for this route, else the route's: a
+        // length check for a client without any list of its own.
+        let inject = match client.own_credentials(r) {
+            Some(own) => Injection { route, credentials: own, clients_own: true },
+            None => match &route.credentials {
+                Some(credentials) => Injection { route, credentials, clients_own: false },
+                // Refused at configuration (a route with no `inject` needs a
+                // list from every client allowed on it); fail closed anyway.
+                None => return deny(DenialReason::CredentialUnavailable, Some(client)),
+            },
+        };
+        // Dynamic credentials come all, or none.
+        match self.forward(req, Some(inject), Some(client), &now, records) {
             Ok(forward) => Decision::Forward(forward),
             Err(reason) => deny(reason, Some(client)),
         }
@@ -240,16 +252,16 @@ impl Policy {
         found
     }
 
-    /// The forward for a request on `route` (`None`: a passed request) by
-    /// `client`.
+    /// The forward for a request with `inject` (`None`: a passed request)
+    /// by `client`.
     ///
     /// # Errors
-    /// [`DenialReason::CredentialUnavailable`] when one of the route's
+    /// [`DenialReason::CredentialUnavailable`] when one of the list's
     /// dynamic credentials has no usable value in `records` at `now`.
     fn forward<'p>(
         &'p self,
         req: &RequestView<'_>,
-        route: Option<&'p Route>,
+        inject: Option<Injection<'p>>,
         client: Option<&'p Client>,
         now: &Now<'_>,
         records: &dyn SharedRecords,
@@ -264,28 +276,34 @@ impl Policy {
         // An upstream's `100 Continue` would reach the client unfiltered
         // (Envoy with `proxy_100_continue`): a credentialed request asks for
         // none.
-        if route.is_some() && present("expect") {
+        if inject.is_some() && present("expect") {
             remove_headers.push("expect");
         }
+        let credentials = inject.as_ref().map(|i| i.credentials);
         let mut add_headers: Vec<(&str, Cow<'p, str>)> = Vec::new();
-        if let Some(route) = route {
-            add_headers.extend(route.headers.iter().map(|h| (h.name.as_str(), Cow::Borrowed(h.value.as_str()))));
+        if let Some(credentials) = credentials {
+            add_headers.extend(credentials.headers.iter().map(|h| (h.name.as_str(), Cow::Borrowed(h.value.as_str()))));
         }
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
             add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
         }
-        let injected: &[QueryInject] = route.map_or(&[], |r| r.queries.as_slice());
-        let (path, secrets) = match route {
+        let injected: &[QueryInject] = credentials.map_or(&[], |c| c.queries.as_slice());
+        let (path, mut secrets) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
-            Some(route) if !route.dynamic.is_empty() => {
-                let dynamic = dynamic_values(route, now, records)?;
+            Some(credentials) if !credentials.dynamic.is_empty() => {
+                let dynamic = dynamic_values(credentials, now, records)?;
                 add_headers.extend(dynamic.headers);
                 (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets)
             }
             _ => (self.rewrite_query(req.path, injected, &[]), Vec::new()),
         };
+        // A response is checked for the route's own static credentials by
+        // route name (`reflections`); a client's own go with the forward.
+        if let Some(Injection { credentials, clients_own: true, .. }) = &inject {
+            secrets.extend(credentials.echoes.0.iter().cloned());
+        }
         Ok(Forward {
-            route: route.map(|r| r.name.as_str()),
+            route: inject.map(|i| i.route.name.as_str()),
             client: client.map(|c| c.id.as_str()),
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
@@ -336,22 +354,30 @@ impl Policy {
     }
 }
 
-/// A route's dynamic credentials at `now`, every one or none: each of
-/// the route's providers is read once, so all values of a provider come
+/// What a request on a route is given: one inject list, whole.
+struct Injection<'p> {
+    route: &'p Route,
+    credentials: &'p Credentials,
+    /// True for the client's own list, false for the route's.
+    clients_own: bool,
+}
+
+/// An inject list's dynamic credentials at `now`, every one or none: each
+/// of the list's providers is read once, so all values of a provider come
 /// from one record, written whole by one refresh. Client-sent copies of
 /// the injected headers are among the protected names, removed by
 /// [`Policy::forward`].
 fn dynamic_values<'p>(
-    route: &'p Route,
+    list: &'p Credentials,
     now: &Now<'_>,
     records: &dyn SharedRecords,
 ) -> Result<DynamicValues<'p>, DenialReason> {
     let now = now.millis();
     let read: Vec<(usize, Option<crate::credential::Record>)> =
-        route.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
+        list.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
     let mut out =
-        DynamicValues { headers: Vec::new(), queries: Vec::new(), secrets: Vec::with_capacity(route.dynamic.len()) };
-    for inject in &route.dynamic {
+        DynamicValues { headers: Vec::new(), queries: Vec::new(), secrets: Vec::with_capacity(list.dynamic.len()) };
+    for inject in &list.dynamic {
         let value = read
             .iter()
             .find(|(p, _)| *p == inject.provider)
@@ -372,7 +398,7 @@ fn dynamic_values<'p>(
     Ok(out)
 }
 
-/// A route's dynamic credentials, read for one request.
+/// An inject list's dynamic credentials, read for one request.
 struct DynamicValues<'p> {
     headers: Vec<(&'p str, Cow<'p, str>)>,
     /// `name=value`, percent-encoded.
