@@ -831,4 +831,76 @@ mod tests {
             ]
         );
     }
+
+    /// The example under `## Per-client credentials` in docs/config.md
+    /// does what the text says: each team its own list, whole; a client
+    /// without one the route's; a route without `inject` only for clients
+    /// that bring one.
+    #[test]
+    fn the_documented_per_client_example_does_what_it_says() {
+        let doc = include_str!("../../docs/config.md");
+        let section = &doc[doc.find("## Per-client credentials").unwrap()..];
+        let start = section.find("```json\n").unwrap() + 8;
+        let json = &section[start..start + section[start..].find("```").unwrap()];
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        let p = Policy::from_json(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+        let sent = |key: &str, route: &str| {
+            let bearer = format!("Bearer {key}");
+            let headers = request("GET", "/v1", &[("authorization", &bearer), ("openai-project", "forged")]);
+            match decide_on(&p, &headers, Some(route), Some(route)) {
+                Decision::Forward(f) => {
+                    let added: Vec<String> = f.add_headers.iter().map(|(n, v)| format!("{n}: {v}")).collect();
+                    assert!(f.remove_headers.contains(&"openai-project"), "{key}: {f:?}");
+                    (added, f.path.map(|p| String::from_utf8_lossy(&p).into_owned()), f.secrets)
+                }
+                Decision::Deny(d) => panic!("{key} on {route}: {d:?}"),
+            }
+        };
+        let (added, path, secrets) = sent("team-a-key", "openai");
+        assert_eq!(added, ["authorization: Bearer value-of-OPENAI_KEY_TEAM_A", "x-keyswap-client: team-a"]);
+        assert_eq!(path, None);
+        assert_eq!(secrets, ["value-of-OPENAI_KEY_TEAM_A"]);
+        let (added, _, secrets) = sent("team-b-key", "openai");
+        assert_eq!(
+            added,
+            [
+                "authorization: Bearer value-of-OPENAI_KEY_TEAM_B",
+                "openai-project: proj_team_b",
+                "x-keyswap-client: team-b"
+            ]
+        );
+        assert_eq!(secrets, ["value-of-OPENAI_KEY_TEAM_B", "proj_team_b"]);
+        // The route's own static credentials are found by route name, so a
+        // forward with them carries none.
+        let (added, _, secrets) = sent("batch-jobs-key", "openai");
+        assert_eq!(
+            added,
+            [
+                "authorization: Bearer value-of-OPENAI_API_KEY",
+                "openai-organization: org-gateway",
+                "x-keyswap-client: batch-jobs"
+            ]
+        );
+        assert!(secrets.is_empty());
+        let (added, path, _) = sent("team-a-key", "search");
+        assert_eq!(added, ["x-keyswap-client: team-a"]);
+        assert_eq!(path.as_deref(), Some("/v1?key=value-of-SEARCH_KEY_TEAM_A"));
+        let headers = request("GET", "/", &[("authorization", "Bearer batch-jobs-key")]);
+        assert!(matches!(
+            decide_on(&p, &headers, Some("search"), Some("search")),
+            Decision::Deny(d) if d.reason == DenialReason::RouteForbidden
+        ));
+        // A response handing a client's own credential back loses it, and
+        // no Debug output shows one.
+        let response = vec![("x-echo".to_string(), b"proj_team_b".to_vec()), ("x-ok".to_string(), b"1".to_vec())];
+        let own = ["value-of-OPENAI_KEY_TEAM_B", "proj_team_b"];
+        assert_eq!(p.reflections("openai", &own, &response), [("x-echo".to_string(), None)]);
+        let location = vec![("location".to_string(), b"/next?a=1&key=value-of-SEARCH_KEY_TEAM_A".to_vec())];
+        let own = ["value-of-SEARCH_KEY_TEAM_A"];
+        assert_eq!(p.reflections("search", &own, &location), [("location".to_string(), Some(b"/next?a=1".to_vec()))]);
+        let debug = format!("{p:?}");
+        for secret in ["value-of-", "proj_team_b", "org-gateway"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+    }
 }

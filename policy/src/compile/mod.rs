@@ -167,7 +167,8 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     if let Some(id_header) = &client_id_header {
         // Static and dynamic injections alike, by their place in the config:
         // routes' own lists, then clients' own.
-        let routes_lists = raw.routes.iter().enumerate().map(|(r, route)| (format!("routes[{r}].inject"), &route.inject));
+        let routes_lists =
+            raw.routes.iter().enumerate().map(|(r, route)| (format!("routes[{r}].inject"), &route.inject));
         let lists = routes_lists.filter_map(|(path, list)| Some((path, list.as_deref()?)));
         let clients_lists = raw.clients.iter().enumerate().flat_map(|(c, client)| {
             client.inject.0.iter().map(move |(route, list)| (format!("{}.inject.{route}", ClientPath(c)), &list[..]))
@@ -655,7 +656,9 @@ fn compile_clients(
             let name = &routes[r].name;
             return Err(ConfigError::new(
                 format!("{path}.inject.{name}"),
-                format!("is required: this client may use route `{name}` (routes[{r}]), which has no `inject` of its own"),
+                format!(
+                    "is required: this client may use route `{name}` (routes[{r}]), which has no `inject` of its own"
+                ),
             ));
         }
         if let Some(earlier) = index.insert(&clients, &digest, c) {
@@ -796,7 +799,6 @@ fn is_header_value(v: &[u8]) -> bool {
         && v.first().is_none_or(|&b| b != b' ' && b != b'\t')
         && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
 }
-
 
 fn is_client_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic() && !b"\"',\\".contains(&b))

@@ -405,6 +405,10 @@ mod tests {
         }
     }
 
+    /// The record id of `OAUTH`'s provider, as keyswap named it before clients could
+    /// bring their own credentials (worked out from the call by hand).
+    const PINNED_ROUTE_ID: &str = "35c386ab7ecd";
+
     const OAUTH: &str = r#"[{"name": "r", "match": {"clusters": ["r"]}, "inject": [
         {"header": "authorization", "prefix": "Bearer ", "value": {"oauth2": {
           "cluster": "idp", "token_path": "/oauth/token", "authority": "idp.example.com",
@@ -550,6 +554,36 @@ mod tests {
         assert_eq!(Record::decode(&back.encode()), back);
         assert_eq!(Record::decode(b"garbage"), Record::default());
         assert_eq!(backoff_ms(40), MAX_BACKOFF_MS);
+    }
+
+    /// A dynamic value in a client's own list is the client's: never shared
+    /// with the route's or another client's, even for the same call; shared
+    /// between the same client's lists, as a route's are between routes.
+    #[test]
+    fn a_clients_own_dynamic_values_are_its_own() {
+        let entry = OAUTH.split_once(r#""inject": ["#).unwrap().1.trim_end().trim_end_matches("]}]").trim_end();
+        let json = format!(
+            r#"{{"clients": [
+                  {{"id": "a", "key": "k1", "routes": ["r", "s"], "inject": {{"r": [{entry}], "s": [{entry}]}}}},
+                  {{"id": "b", "key": "k2", "routes": ["r"], "inject": {{"r": [{entry}]}}}},
+                  {{"id": "c", "key": "k3", "routes": ["*"]}}],
+                "routes": [{{"name": "r", "match": {{"clusters": ["r"]}}, "inject": [{entry}]}},
+                           {{"name": "s", "match": {{"clusters": ["s"]}}, "inject": [{entry}]}}]}}"#
+        );
+        let p = Policy::from_json(json.as_bytes(), &ENV).unwrap_or_else(|e| panic!("{e}\n{json}"));
+        let paths: Vec<&str> = p.credential_providers().iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].inject[0].value.oauth2",
+                "clients[0].inject.r[0].value.oauth2",
+                "clients[1].inject.r[0].value.oauth2"
+            ]
+        );
+        // The route's record keeps the identity it had before clients could
+        // bring their own (a reload keeps its value).
+        assert_eq!(p.credential_providers()[0].id, PINNED_ROUTE_ID);
+        assert_eq!((p.route_providers("r"), p.route_providers("s")), (&[0, 1, 2][..], &[0, 1][..]));
     }
 
     /// Every example under `## Dynamic credentials` in docs/config.md loads,
