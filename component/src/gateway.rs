@@ -75,7 +75,7 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         drop(fields);
         let view = RequestView::from_headers(None, &headers);
         // The gateway refuses dynamic credentials at configuration: no records.
-        let forward = match config.policy.decide(&view, &crate::now_ms, &NoRecords) {
+        let mut forward = match config.policy.decide(&view, &crate::now_ms, &NoRecords) {
             Decision::Forward(forward) => forward,
             Decision::Deny(denial) => {
                 let reason = denial.reason;
@@ -83,6 +83,9 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
             }
         };
         let route = forward.route.map(str::to_string);
+        // What a response must not carry back beyond the route's own
+        // static credentials (a client's own ones, here).
+        let secrets = std::mem::take(&mut forward.secrets);
         let Some(upstream) = config.upstream(forward.route) else {
             // Configuration gives every route and passed request an
             // upstream, so this is unreachable; fail closed all the same.
@@ -124,7 +127,8 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         // A response header echoing the route's credential (a `location`
         // keeping its query parameter, say) is cleaned or dropped, and
         // strip_response_headers removed.
-        let kept = config.policy.client_response(route.as_deref(), &[], received);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let kept = config.policy.client_response(route.as_deref(), &secrets, received);
         let reply = OutgoingResponse::new(forwardable(&kept));
         if reply.set_status_code(response.status()).is_err() {
             return bad_gateway(out, "the upstream's status was refused by the host");

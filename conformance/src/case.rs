@@ -320,6 +320,9 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
             Capability::RouteAndCluster if raw.request.route_name.is_none() && raw.request.cluster.is_none() => {
                 return Err(format!("needs: `{}`, but the request has no route_name or cluster", need.name()))
             }
+            Capability::EchoRemoval if raw.response.is_none() => {
+                return Err(format!("needs: `{}`, but the case has no `response`", need.name()))
+            }
             _ => {}
         }
         if !needs.insert(need) {

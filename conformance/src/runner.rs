@@ -25,12 +25,22 @@ pub enum Capability {
     /// moves only by `tick_at`, and token calls answered or failed by the
     /// case.
     Timeline,
+    /// keyswap cleans the upstream's response of the credentials the
+    /// request was given (`Policy::reflections`: a header handing one back
+    /// removed, a `location` losing the injected parameter), besides
+    /// removing `strip_response_headers`.
+    EchoRemoval,
 }
 
 impl Capability {
     /// Every capability, in the order a skip names the first one lacking.
-    pub const ALL: [Capability; 4] =
-        [Capability::OwnRouting, Capability::EnvoyRouting, Capability::RouteAndCluster, Capability::Timeline];
+    pub const ALL: [Capability; 5] = [
+        Capability::OwnRouting,
+        Capability::EnvoyRouting,
+        Capability::RouteAndCluster,
+        Capability::Timeline,
+        Capability::EchoRemoval,
+    ];
 
     /// The name a case's `needs` uses.
     pub fn name(self) -> &'static str {
@@ -39,6 +49,7 @@ impl Capability {
             Capability::EnvoyRouting => "envoy-routing",
             Capability::RouteAndCluster => "route-and-cluster",
             Capability::Timeline => "timeline",
+            Capability::EchoRemoval => "echo-removal",
         }
     }
 }
@@ -100,6 +111,12 @@ impl Runner {
                     Capability::Timeline,
                     "the component refuses oauth2, token_exchange and fetch values (it cannot fetch in the \
                      background; docs/component.md), so a case with steps cannot run there",
+                ),
+                (
+                    Capability::EchoRemoval,
+                    "world `filter` hands the host a decision and, for responses, only `strip-response`: the host \
+                     forwards and answers itself, and the WIT has no call that finds a credential echoed in a \
+                     response (the gateway world, run by `serve`, does it)",
                 ),
             ],
             Runner::Serve => &[

@@ -5,9 +5,10 @@
 //! ```text
 //!  RequestView (+ the first stage's KeyCheck) ──decide(now, records)──▶ Decision
 //!      refuse_all? authority? route? echoing method? key? client? allowed?
-//!      └─▶ Forward: protected names removed, the route's credentials (static,
-//!          and dynamic read from SharedRecords: all or none) and the client
-//!          id added, the query rewritten
+//!      └─▶ Forward: protected names removed, one inject list (the client's
+//!          own for the route, else the route's) set whole (static, and
+//!          dynamic read from SharedRecords: all or none), the client id
+//!          added, the query rewritten
 //! ```
 
 use std::borrow::Cow;
@@ -17,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::credential::SharedRecords;
 use crate::decision::{Decision, Denial, DenialReason, Forward};
-use crate::model::{Allowed, Client, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
+use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
 use crate::raw::UnmatchedRoute;
 use crate::request::{KeyCheck, RequestView, MAX_KEY_BYTES};
@@ -60,9 +61,13 @@ impl Policy {
     /// when it is `None` the key is read from `req` here (a host that
     /// decides in one pass). `now_ms` gives Unix milliseconds; it is called
     /// at most once, and only when the client has an `expires` time or the
-    /// route has dynamic credentials. `records` holds the dynamic
-    /// credentials' values; it is read once per provider of the matched
-    /// route and never for a route with static credentials only.
+    /// credentials it gets are dynamic. `records` holds the dynamic
+    /// credentials' values; it is read once per provider of the inject
+    /// list the request gets and never for a list of static credentials.
+    ///
+    /// The inject list is the client's own for the route when it brings
+    /// one (`clients[].inject`), else the route's: one list, whole, never
+    /// a mix of the two.
     pub fn decide<'p>(
         &'p self,
         req: &RequestView<'_>,
@@ -128,15 +133,22 @@ impl Policy {
         if client.expires.is_some_and(|at| now.seconds() >= at) {
             return deny(DenialReason::ExpiredKey, Some(client));
         }
-        let allowed = match &client.allowed {
-            Allowed::All => true,
-            Allowed::Only(routes) => routes.binary_search(&r).is_ok(),
-        };
-        if !allowed {
+        if !client.allowed.allows(r) {
             return deny(DenialReason::RouteForbidden, Some(client));
         }
-        // A route with dynamic credentials gets them all, or none.
-        match self.forward(req, Some(route), Some(client), &now, records) {
+        // The client's own list for this route, else the route's: a
+        // length check for a client without any list of its own.
+        let inject = match client.own_credentials(r) {
+            Some(own) => Injection { route, credentials: own, clients_own: true },
+            None => match &route.credentials {
+                Some(credentials) => Injection { route, credentials, clients_own: false },
+                // Refused at configuration (a route with no `inject` needs a
+                // list from every client allowed on it); fail closed anyway.
+                None => return deny(DenialReason::CredentialUnavailable, Some(client)),
+            },
+        };
+        // Dynamic credentials come all, or none.
+        match self.forward(req, Some(inject), Some(client), &now, records) {
             Ok(forward) => Decision::Forward(forward),
             Err(reason) => deny(reason, Some(client)),
         }
@@ -272,16 +284,16 @@ impl Policy {
         found
     }
 
-    /// The forward for a request on `route` (`None`: a passed request) by
-    /// `client`.
+    /// The forward for a request with `inject` (`None`: a passed request)
+    /// by `client`.
     ///
     /// # Errors
-    /// [`DenialReason::CredentialUnavailable`] when one of the route's
+    /// [`DenialReason::CredentialUnavailable`] when one of the list's
     /// dynamic credentials has no usable value in `records` at `now`.
     fn forward<'p>(
         &'p self,
         req: &RequestView<'_>,
-        route: Option<&'p Route>,
+        inject: Option<Injection<'p>>,
         client: Option<&'p Client>,
         now: &Now<'_>,
         records: &dyn SharedRecords,
@@ -296,28 +308,34 @@ impl Policy {
         // An upstream's `100 Continue` would reach the client unfiltered
         // (Envoy with `proxy_100_continue`): a credentialed request asks for
         // none.
-        if route.is_some() && present("expect") {
+        if inject.is_some() && present("expect") {
             remove_headers.push("expect");
         }
+        let credentials = inject.as_ref().map(|i| i.credentials);
         let mut add_headers: Vec<(&str, Cow<'p, str>)> = Vec::new();
-        if let Some(route) = route {
-            add_headers.extend(route.headers.iter().map(|h| (h.name.as_str(), Cow::Borrowed(h.value.as_str()))));
+        if let Some(credentials) = credentials {
+            add_headers.extend(credentials.headers.iter().map(|h| (h.name.as_str(), Cow::Borrowed(h.value.as_str()))));
         }
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
             add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
         }
-        let injected: &[QueryInject] = route.map_or(&[], |r| r.queries.as_slice());
-        let (path, secrets) = match route {
+        let injected: &[QueryInject] = credentials.map_or(&[], |c| c.queries.as_slice());
+        let (path, mut secrets) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
-            Some(route) if !route.dynamic.is_empty() => {
-                let dynamic = dynamic_values(route, now, records)?;
+            Some(credentials) if !credentials.dynamic.is_empty() => {
+                let dynamic = dynamic_values(credentials, now, records)?;
                 add_headers.extend(dynamic.headers);
                 (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets)
             }
             _ => (self.rewrite_query(req.path, injected, &[]), Vec::new()),
         };
+        // A response is checked for the route's own static credentials by
+        // route name (`reflections`); a client's own go with the forward.
+        if let Some(Injection { credentials, clients_own: true, .. }) = &inject {
+            secrets.extend(credentials.echoes.0.iter().cloned());
+        }
         Ok(Forward {
-            route: route.map(|r| r.name.as_str()),
+            route: inject.map(|i| i.route.name.as_str()),
             client: client.map(|c| c.id.as_str()),
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
@@ -368,22 +386,30 @@ impl Policy {
     }
 }
 
-/// A route's dynamic credentials at `now`, every one or none: each of
-/// the route's providers is read once, so all values of a provider come
+/// What a request on a route is given: one inject list, whole.
+struct Injection<'p> {
+    route: &'p Route,
+    credentials: &'p Credentials,
+    /// True for the client's own list, false for the route's.
+    clients_own: bool,
+}
+
+/// An inject list's dynamic credentials at `now`, every one or none: each
+/// of the list's providers is read once, so all values of a provider come
 /// from one record, written whole by one refresh. Client-sent copies of
 /// the injected headers are among the protected names, removed by
 /// [`Policy::forward`].
 fn dynamic_values<'p>(
-    route: &'p Route,
+    list: &'p Credentials,
     now: &Now<'_>,
     records: &dyn SharedRecords,
 ) -> Result<DynamicValues<'p>, DenialReason> {
     let now = now.millis();
     let read: Vec<(usize, Option<crate::credential::Record>)> =
-        route.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
+        list.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
     let mut out =
-        DynamicValues { headers: Vec::new(), queries: Vec::new(), secrets: Vec::with_capacity(route.dynamic.len()) };
-    for inject in &route.dynamic {
+        DynamicValues { headers: Vec::new(), queries: Vec::new(), secrets: Vec::with_capacity(list.dynamic.len()) };
+    for inject in &list.dynamic {
         let value = read
             .iter()
             .find(|(p, _)| *p == inject.provider)
@@ -404,7 +430,7 @@ fn dynamic_values<'p>(
     Ok(out)
 }
 
-/// A route's dynamic credentials, read for one request.
+/// An inject list's dynamic credentials, read for one request.
 struct DynamicValues<'p> {
     headers: Vec<(&'p str, Cow<'p, str>)>,
     /// `name=value`, percent-encoded.
@@ -836,5 +862,77 @@ mod tests {
                 ("x-key-id".to_string(), b"k7".to_vec()),
             ]
         );
+    }
+
+    /// The example under `## Per-client credentials` in docs/config.md
+    /// does what the text says: each team its own list, whole; a client
+    /// without one the route's; a route without `inject` only for clients
+    /// that bring one.
+    #[test]
+    fn the_documented_per_client_example_does_what_it_says() {
+        let doc = include_str!("../../docs/config.md");
+        let section = &doc[doc.find("## Per-client credentials").unwrap()..];
+        let start = section.find("```json\n").unwrap() + 8;
+        let json = &section[start..start + section[start..].find("```").unwrap()];
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        let p = Policy::from_json(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+        let sent = |key: &str, route: &str| {
+            let bearer = format!("Bearer {key}");
+            let headers = request("GET", "/v1", &[("authorization", &bearer), ("openai-project", "forged")]);
+            match decide_on(&p, &headers, Some(route), Some(route)) {
+                Decision::Forward(f) => {
+                    let added: Vec<String> = f.add_headers.iter().map(|(n, v)| format!("{n}: {v}")).collect();
+                    assert!(f.remove_headers.contains(&"openai-project"), "{key}: {f:?}");
+                    (added, f.path.map(|p| String::from_utf8_lossy(&p).into_owned()), f.secrets)
+                }
+                Decision::Deny(d) => panic!("{key} on {route}: {d:?}"),
+            }
+        };
+        let (added, path, secrets) = sent("team-a-key", "openai");
+        assert_eq!(added, ["authorization: Bearer value-of-OPENAI_KEY_TEAM_A", "x-keyswap-client: team-a"]);
+        assert_eq!(path, None);
+        assert_eq!(secrets, ["value-of-OPENAI_KEY_TEAM_A"]);
+        let (added, _, secrets) = sent("team-b-key", "openai");
+        assert_eq!(
+            added,
+            [
+                "authorization: Bearer value-of-OPENAI_KEY_TEAM_B",
+                "openai-project: proj_team_b",
+                "x-keyswap-client: team-b"
+            ]
+        );
+        assert_eq!(secrets, ["value-of-OPENAI_KEY_TEAM_B", "proj_team_b"]);
+        // The route's own static credentials are found by route name, so a
+        // forward with them carries none.
+        let (added, _, secrets) = sent("batch-jobs-key", "openai");
+        assert_eq!(
+            added,
+            [
+                "authorization: Bearer value-of-OPENAI_API_KEY",
+                "openai-organization: org-gateway",
+                "x-keyswap-client: batch-jobs"
+            ]
+        );
+        assert!(secrets.is_empty());
+        let (added, path, _) = sent("team-a-key", "search");
+        assert_eq!(added, ["x-keyswap-client: team-a"]);
+        assert_eq!(path.as_deref(), Some("/v1?key=value-of-SEARCH_KEY_TEAM_A"));
+        let headers = request("GET", "/", &[("authorization", "Bearer batch-jobs-key")]);
+        assert!(matches!(
+            decide_on(&p, &headers, Some("search"), Some("search")),
+            Decision::Deny(d) if d.reason == DenialReason::RouteForbidden
+        ));
+        // A response handing a client's own credential back loses it, and
+        // no Debug output shows one.
+        let response = vec![("x-echo".to_string(), b"proj_team_b".to_vec()), ("x-ok".to_string(), b"1".to_vec())];
+        let own = ["value-of-OPENAI_KEY_TEAM_B", "proj_team_b"];
+        assert_eq!(p.reflections("openai", &own, &response), [("x-echo".to_string(), None)]);
+        let location = vec![("location".to_string(), b"/next?a=1&key=value-of-SEARCH_KEY_TEAM_A".to_vec())];
+        let own = ["value-of-SEARCH_KEY_TEAM_A"];
+        assert_eq!(p.reflections("search", &own, &location), [("location".to_string(), Some(b"/next?a=1".to_vec()))]);
+        let debug = format!("{p:?}");
+        for secret in ["value-of-", "proj_team_b", "org-gateway"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
     }
 }

@@ -56,6 +56,20 @@ pub(crate) struct Client {
     /// Unix seconds; the key is refused from this instant on.
     pub expires: Option<i64>,
     pub disabled: bool,
+    /// The client's own credentials (`inject` on the client), by route
+    /// index, sorted; empty (no allocation) for almost every client.
+    pub own: Box<[(usize, Credentials)]>,
+}
+
+impl Client {
+    /// The client's own credentials for route `r`, if it brings some: a
+    /// length check for a client without any.
+    pub fn own_credentials(&self, r: usize) -> Option<&Credentials> {
+        if self.own.is_empty() {
+            return None;
+        }
+        self.own.binary_search_by_key(&r, |(route, _)| *route).ok().map(|i| &self.own[i].1)
+    }
 }
 
 #[derive(Debug)]
@@ -63,6 +77,16 @@ pub(crate) enum Allowed {
     All,
     /// Sorted route indices.
     Only(Box<[usize]>),
+}
+
+impl Allowed {
+    /// True when route `r` may be used.
+    pub fn allows(&self, r: usize) -> bool {
+        match self {
+            Allowed::All => true,
+            Allowed::Only(routes) => routes.binary_search(&r).is_ok(),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -81,6 +105,21 @@ pub(crate) enum KeySource {
 pub(crate) struct Route {
     pub name: String,
     pub matcher: RouteMatch,
+    /// The route's own `inject` list; `None` when every client allowed on
+    /// the route brings its own (checked at configuration).
+    pub credentials: Option<Credentials>,
+    /// Every query parameter name injected on this route, by the route or
+    /// by a client's own list: what a `location` sent back loses.
+    pub query_names: Vec<Vec<u8>>,
+    /// The providers any request on this route may read (the route's own
+    /// and every client's for it), sorted, once each.
+    pub any_providers: Vec<usize>,
+}
+
+/// One `inject` list, compiled: a route's own, or a client's for a route.
+/// A forwarded request gets exactly one of them, whole.
+#[derive(Debug)]
+pub(crate) struct Credentials {
     pub headers: Vec<HeaderInject>,
     pub queries: Vec<QueryInject>,
     /// The static credentials in every form a response could hand them
@@ -93,8 +132,26 @@ pub(crate) struct Route {
     pub providers: Vec<usize>,
 }
 
+impl Credentials {
+    /// Every header name this list sets.
+    pub fn header_names(&self) -> impl Iterator<Item = &String> {
+        self.headers.iter().map(|h| &h.name).chain(self.dynamic.iter().filter_map(|d| match &d.target {
+            InjectTarget::Header(name) => Some(name),
+            InjectTarget::Query(_) => None,
+        }))
+    }
+
+    /// Every query parameter name this list sets.
+    pub fn query_names(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.queries.iter().map(|q| &q.name).chain(self.dynamic.iter().filter_map(|d| match &d.target {
+            InjectTarget::Query(name) => Some(name),
+            InjectTarget::Header(_) => None,
+        }))
+    }
+}
+
 /// Secret values; `Debug` shows how many, never one.
-pub(crate) struct Echoes(pub Vec<Vec<u8>>);
+pub(crate) struct Echoes(pub Vec<String>);
 
 impl std::fmt::Debug for Echoes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,18 +169,30 @@ pub(crate) struct RouteMatch {
     pub host: Option<String>,
 }
 
-#[derive(Debug)]
 pub(crate) struct HeaderInject {
     pub name: String,
     /// The full header value, prefix included.
     pub value: String,
 }
 
-#[derive(Debug)]
 pub(crate) struct QueryInject {
     pub name: Vec<u8>,
     /// `name=value`, percent-encoded.
     pub encoded: String,
+}
+
+/// The name only, never the credential.
+impl std::fmt::Debug for HeaderInject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderInject").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// The name only, never the credential.
+impl std::fmt::Debug for QueryInject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryInject").field("name", &String::from_utf8_lossy(&self.name)).finish_non_exhaustive()
+    }
 }
 
 /// Where one dynamic value goes in a forwarded request.
@@ -138,7 +207,7 @@ pub(crate) struct DynamicInject {
 }
 
 /// A header or a query parameter.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum InjectTarget {
     Header(String),
     Query(Vec<u8>),
@@ -262,10 +331,11 @@ impl Policy {
         &self.providers
     }
 
-    /// The providers a route's requests need, by number (empty for a
-    /// route with static credentials only, or no such route).
+    /// The providers a route's requests may need, by number: the route's
+    /// own and those of every client's own list for it (empty for a route
+    /// whose credentials are all static, or no such route).
     pub fn route_providers(&self, route: &str) -> &[usize] {
-        self.routes.iter().find(|r| r.name == route).map_or(&[], |r| r.providers.as_slice())
+        self.routes.iter().find(|r| r.name == route).map_or(&[], |r| r.any_providers.as_slice())
     }
 }
 

@@ -2,6 +2,7 @@
 //! contract in `docs/config.md` field by field. Nothing here is checked
 //! beyond its JSON shape; [`crate::config`] turns it into a [`crate::Policy`].
 
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 use serde::Deserialize;
 
 /// The whole plugin configuration.
@@ -49,6 +50,45 @@ pub struct RawClient {
     pub expires: Option<String>,
     #[serde(default)]
     pub disabled: bool,
+    /// The client's own credentials for some of its routes, used instead
+    /// of those routes' `inject`.
+    #[serde(default)]
+    pub inject: RawClientInject,
+}
+
+/// A client's own inject lists by route name (`{"openai": [...]}`), in
+/// document order. Every key must be a route name before its list is read,
+/// so a misplaced secret used as a key never shows in a field path.
+#[derive(Debug, Default)]
+pub struct RawClientInject(pub Vec<(String, Vec<RawInject>)>);
+
+impl<'de> Deserialize<'de> for RawClientInject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lists;
+        impl<'de> Visitor<'de> for Lists {
+            type Value = RawClientInject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of inject lists by route name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut lists = Vec::new();
+                while let Some(route) = map.next_key::<String>()? {
+                    if !is_route_name(&route) {
+                        return Err(A::Error::custom("has a key that is not a route name"));
+                    }
+                    let list = map.next_value::<Vec<RawInject>>()?;
+                    lists.push((route, list));
+                }
+                Ok(RawClientInject(lists))
+            }
+        }
+        deserializer.deserialize_map(Lists)
+    }
+}
+
+/// What a route name may be: 1-64 letters, digits, `-`, `_` or `.`.
+pub fn is_route_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Where a client may present its key: a header (with an optional scheme
@@ -68,8 +108,8 @@ pub struct RawRoute {
     pub name: String,
     #[serde(rename = "match")]
     pub matcher: RawMatch,
-    #[serde(default)]
-    pub inject: Vec<RawInject>,
+    /// `None`: every client allowed on the route brings its own.
+    pub inject: Option<Vec<RawInject>>,
 }
 
 /// Every given field must hold for the route to match.

@@ -2,7 +2,7 @@
 //! route injected handed back (`reflections`, in Envoy's final stage), and
 //! no `strip_response_headers` (`response_removals`, in the first stage).
 
-use crate::model::{DynamicInject, InjectTarget, Policy};
+use crate::model::Policy;
 use crate::query;
 
 impl Policy {
@@ -10,8 +10,9 @@ impl Policy {
     /// back to the client, with what to do: `Some(value)` replaces a
     /// `location` or `content-location` whose query carried an injected
     /// parameter (the parameter removed), `None` removes the header (any
-    /// other header holding a secret). `dynamic` are the values the host
-    /// injected for the route's dynamic credentials.
+    /// other header holding a secret). `dynamic` are the values the
+    /// request's forward carried in [`crate::Forward::secrets`]: its
+    /// dynamic credentials and a client's own static ones.
     pub fn reflections(
         &self,
         route: &str,
@@ -24,15 +25,9 @@ impl Policy {
         // The route's static secrets in every form they travel in were
         // prepared at configuration; dynamic ones change, so per response.
         let encoded: Vec<String> = dynamic.iter().map(|d| query::encode_component(d)).collect();
-        let secrets: Vec<&[u8]> = route
-            .echoes
-            .0
-            .iter()
-            .map(Vec::as_slice)
-            .chain(dynamic.iter().map(|d| d.as_bytes()))
-            .chain(encoded.iter().map(String::as_bytes))
-            .collect();
-        let query_names = route.queries.iter().map(|q| q.name.as_slice()).collect::<Vec<_>>();
+        let own = route.credentials.iter().flat_map(|c| c.echoes.0.iter().map(String::as_bytes));
+        let secrets: Vec<&[u8]> =
+            own.chain(dynamic.iter().map(|d| d.as_bytes())).chain(encoded.iter().map(String::as_bytes)).collect();
         let holds = |value: &[u8]| secrets.iter().any(|s| contains_secret(value, s));
         let mut out = Vec::new();
         for (name, value) in headers {
@@ -40,7 +35,7 @@ impl Policy {
                 continue;
             }
             let uri = name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location");
-            let cleaned = uri.then(|| self.without_params(value, &query_names, &route.dynamic));
+            let cleaned = uri.then(|| without_params(value, &route.query_names));
             match cleaned {
                 Some(v) if !holds(&v) => out.push((name.clone(), Some(v))),
                 _ => out.push((name.clone(), None)),
@@ -72,25 +67,6 @@ impl Policy {
         cleaned.into_iter().filter(|(n, _)| !removed.iter().any(|r| n.eq_ignore_ascii_case(r))).collect()
     }
 
-    /// A URI without the route's injected query parameters.
-    fn without_params(&self, uri: &[u8], names: &[&[u8]], dynamic: &[DynamicInject]) -> Vec<u8> {
-        let injected = |n: &[u8]| {
-            names.contains(&n)
-                || dynamic.iter().any(|d| matches!(&d.target, InjectTarget::Query(q) if q.as_slice() == n))
-        };
-        let (base, query, _) = query::split_path(uri);
-        let mut out = base.to_vec();
-        let mut first = true;
-        for p in query::params(query.unwrap_or(b"")) {
-            if !injected(&p.name()) && !p.raw.is_empty() {
-                out.push(if first { b'?' } else { p.separator });
-                out.extend_from_slice(p.raw);
-                first = false;
-            }
-        }
-        out
-    }
-
     /// The response headers to remove: configured names present in
     /// `headers`.
     pub fn response_removals<'p>(&'p self, headers: &[(String, Vec<u8>)]) -> Vec<&'p str> {
@@ -100,6 +76,23 @@ impl Policy {
             .map(String::as_str)
             .collect()
     }
+}
+
+/// A URI without the query parameters `names` (every name injected on the
+/// route, by the route or by a client's own list).
+fn without_params(uri: &[u8], names: &[Vec<u8>]) -> Vec<u8> {
+    let (base, query, _) = query::split_path(uri);
+    let mut out = base.to_vec();
+    let mut first = true;
+    for p in query::params(query.unwrap_or(b"")) {
+        let name = p.name();
+        if !names.iter().any(|n| n[..] == name[..]) && !p.raw.is_empty() {
+            out.push(if first { b'?' } else { p.separator });
+            out.extend_from_slice(p.raw);
+            first = false;
+        }
+    }
+    out
 }
 
 /// True when `value` holds `secret`: anywhere for a secret of 8 bytes or

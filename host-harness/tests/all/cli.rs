@@ -349,6 +349,32 @@ fn check_accepts_every_example_in_docs() {
     assert!(checked > 0, "no example configuration in {}", examples.display());
 }
 
+/// `keyswap check` validates clients' own credentials (`clients[].inject`):
+/// a route with no `inject` of its own loads when every client allowed on
+/// it brings one, and is refused at the client that does not.
+#[test]
+fn check_validates_per_client_credentials() {
+    let config = r#"{"clients": [
+        {"id": "team-a", "key": "team-a-cli-key", "routes": ["r"],
+         "inject": {"r": [{"header": "authorization", "prefix": "Bearer ", "value": {"env": "UP_TOKEN"}}]}},
+        {"id": "team-b", "key": "team-b-cli-key", "routes": ["r"]}],
+      "routes": [{"name": "r", "match": {"route_name": "r", "clusters": ["r"]}}]}"#;
+    let refused = temp_file("per-client", "refused.json", config);
+    let out = keyswap(&["check", refused.to_str().unwrap(), "--env", "UP_TOKEN=team-a-upstream"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "error: configuration refused: clients[1].inject.r: is required: this client may use route `r` (routes[0]), \
+         which has no `inject` of its own\n"
+    );
+    let own = r#""routes": ["r"],
+         "inject": {"r": [{"query": "key", "value": {"inline": "team-b-upstream"}}]}}"#;
+    let loaded = temp_file("per-client", "loaded.json", &config.replacen(r#""routes": ["r"]}"#, own, 1));
+    let out = keyswap(&["check", loaded.to_str().unwrap(), "--env", "UP_TOKEN=team-a-upstream"], None);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("ok: configuration loaded: 2 clients, 1 routes"), "{}", text(&out.stdout));
+}
+
 /// Every configuration the suite expects refused makes `keyswap check` exit 1
 /// with the same `field.path: message` line (but those the filter module's
 /// runner skips: `keyswap check` runs that module).

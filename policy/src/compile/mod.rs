@@ -9,8 +9,9 @@
 //! - [`providers`]: dynamic credential values become
 //!   [`crate::credential::Provider`]s, shared by entries that make the same
 //!   call.
-//! - this module: the document, key sources, routes and their static
-//!   credentials, clients.
+//! - this module: the document, key sources, routes, clients, and `inject`
+//!   lists (a route's own, or a client's own for a route) with their
+//!   static credentials.
 
 pub mod env;
 mod providers;
@@ -23,15 +24,18 @@ use sha2::{Digest as _, Sha256};
 pub use env::{ConfigError, Environment};
 
 use crate::model::{
-    Allowed, Client, ClientIndex, DynamicInject, Echoes, HeaderInject, InjectTarget, KeySource, Policy, QueryInject,
-    Route, RouteMatch,
+    Allowed, Client, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, KeySource, Policy,
+    QueryInject, Route, RouteMatch,
 };
 use crate::query::encode_component;
-use crate::raw::{RawBasic, RawClient, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret, RawValue};
+use crate::raw::{
+    is_route_name, RawBasic, RawClient, RawClientInject, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret,
+    RawValue,
+};
 use crate::request::MAX_KEY_BYTES;
 use crate::time::parse_rfc3339;
 use env::secret;
-use providers::{ProviderBuilder, RawDynamic};
+use providers::{Owner, ProviderBuilder, RawDynamic};
 
 /// Who routes requests, and so what a route's `match` may say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,9 +155,8 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     }
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
     let mut builder = ProviderBuilder::default();
-    let routes = compile_routes(&raw.routes, env, &mut builder, routing)?;
-    let providers = builder.finish();
-    let route_index: HashMap<&str, usize> = routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+    let mut routes = compile_routes(&raw.routes, env, &mut builder, routing)?;
+    let route_index: HashMap<&str, usize> = raw.routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
 
     let strip_request = header_names(&raw.strip_request_headers, "strip_request_headers")?;
     let strip_response = header_names(&raw.strip_response_headers, "strip_response_headers")?;
@@ -162,21 +165,35 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         None => None,
     };
     if let Some(id_header) = &client_id_header {
-        // Static and dynamic injections alike, by their place in the config.
-        for (r, route) in raw.routes.iter().enumerate() {
-            for (i, inject) in route.inject.iter().enumerate() {
-                if inject.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header)) {
-                    return Err(ConfigError::new(
-                        format!("routes[{r}].inject[{i}].header"),
-                        "is the client_id_header; a credential cannot replace the client id",
-                    ));
-                }
+        // Static and dynamic injections alike, by their place in the config:
+        // routes' own lists, then clients' own.
+        let routes_lists =
+            raw.routes.iter().enumerate().map(|(r, route)| (format!("routes[{r}].inject"), &route.inject));
+        let lists = routes_lists.filter_map(|(path, list)| Some((path, list.as_deref()?)));
+        let clients_lists = raw.clients.iter().enumerate().flat_map(|(c, client)| {
+            client.inject.0.iter().map(move |(route, list)| (format!("{}.inject.{route}", ClientPath(c)), &list[..]))
+        });
+        for (path, list) in lists.chain(clients_lists) {
+            if let Some(i) =
+                list.iter().position(|i| i.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header)))
+            {
+                return Err(ConfigError::new(
+                    format!("{path}[{i}].header"),
+                    "is the client_id_header; a credential cannot replace the client id",
+                ));
             }
         }
     }
 
-    let (clients, index) = compile_clients(&raw.clients, &route_index)?;
+    let (clients, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
+    let providers = builder.finish();
+    finish_routes(&mut routes, &clients);
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
+    // Every inject list: the routes' own, then the clients' own.
+    let every_list = || {
+        let own = clients.iter().flat_map(|c| c.own.iter().map(|(_, list)| list));
+        routes.iter().filter_map(|r| r.credentials.as_ref()).chain(own)
+    };
 
     // Every header name keyswap reads, removes or sets, removed from every
     // request in one pass over its headers; a client-sent name that differs
@@ -192,15 +209,9 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
             protected.push(name.clone());
         }
     }
-    let injected = routes.iter().flat_map(|r| {
-        r.headers.iter().map(|h| h.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
-            InjectTarget::Header(name) => Some(name.clone()),
-            InjectTarget::Query(_) => None,
-        }))
-    });
-    for name in injected {
-        if !protected.contains(&name) {
-            protected.push(name);
+    for name in every_list().flat_map(Credentials::header_names) {
+        if !protected.contains(name) {
+            protected.push(name.clone());
         }
     }
     let mut reserved_query_names: Vec<Vec<u8>> = Vec::new();
@@ -208,12 +219,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         KeySource::Query { name } => Some(name.clone()),
         KeySource::Header { .. } => None,
     });
-    let injected_params = routes.iter().flat_map(|r| {
-        r.queries.iter().map(|q| q.name.clone()).chain(r.dynamic.iter().filter_map(|d| match &d.target {
-            InjectTarget::Query(name) => Some(name.clone()),
-            InjectTarget::Header(_) => None,
-        }))
-    });
+    let injected_params = every_list().flat_map(Credentials::query_names).cloned();
     for name in key_params.chain(injected_params).map(|n| crate::query::canonical_name(&n)) {
         if !reserved_query_names.contains(&name) {
             reserved_query_names.push(name);
@@ -301,7 +307,7 @@ fn compile_routes(
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
     for (r, route) in raw.iter().enumerate() {
         let path = format!("routes[{r}]");
-        if !is_name(&route.name) {
+        if !is_route_name(&route.name) {
             return Err(ConfigError::new(
                 format!("{path}.name"),
                 "must be 1-64 characters of letters, digits, `-`, `_` or `.`",
@@ -360,55 +366,101 @@ fn compile_routes(
         };
         let matcher =
             RouteMatch { route_name: m.route_name.clone(), clusters, path_prefix: m.path_prefix.clone(), host };
-        if route.inject.is_empty() {
-            return Err(ConfigError::new(format!("{path}.inject"), "must hold at least one credential to inject"));
-        }
-        let mut headers: Vec<HeaderInject> = Vec::new();
-        let mut queries: Vec<QueryInject> = Vec::new();
-        let mut echoes: Vec<Vec<u8>> = Vec::new();
-        let mut dynamic: Vec<DynamicInject> = Vec::new();
-        for (i, inject) in route.inject.iter().enumerate() {
-            let ipath = format!("{path}.inject[{i}]");
-            let entry = match inject.value.as_ref().and_then(dynamic_value) {
-                Some(raw) => Some(compile_dynamic_inject(inject, raw, &route.name, &ipath, env, builder)?),
-                None => {
-                    compile_inject(inject, &ipath, env, &mut headers, &mut queries, &mut echoes)?;
-                    None
-                }
-            };
-            // A name injected twice, one of them dynamic.
-            let header_clash = |name: &String| {
-                headers.iter().filter(|h| h.name == *name).count()
-                    + dynamic.iter().filter(|d| matches!(&d.target, InjectTarget::Header(n) if n == name)).count()
-            };
-            let query_clash = |name: &Vec<u8>| {
-                queries.iter().filter(|q| q.name == *name).count()
-                    + dynamic.iter().filter(|d| matches!(&d.target, InjectTarget::Query(n) if n == name)).count()
-            };
-            let clash = match &entry {
-                Some(DynamicInject { target: InjectTarget::Header(name), .. }) => header_clash(name) > 0,
-                Some(DynamicInject { target: InjectTarget::Query(name), .. }) => query_clash(name) > 0,
-                None => {
-                    headers.last().is_some_and(|h| inject.header.is_some() && header_clash(&h.name) > 1)
-                        || queries.last().is_some_and(|q| inject.query.is_some() && query_clash(&q.name) > 1)
-                }
-            };
-            if clash {
-                let field = if inject.header.is_some() { "header" } else { "query" };
-                return Err(ConfigError::new(
-                    format!("{ipath}.{field}"),
-                    "is already injected by an earlier entry of this route",
-                ));
+        let credentials = match &route.inject {
+            Some(list) => {
+                let owner = Owner::Route(&route.name);
+                Some(compile_credentials(list, &format!("{path}.inject"), owner, env, builder)?)
             }
-            dynamic.extend(entry);
-        }
-        let mut providers: Vec<usize> = dynamic.iter().map(|d| d.provider).collect();
-        providers.sort_unstable();
-        providers.dedup();
-        let echoes = Echoes(echoes);
-        routes.push(Route { name: route.name.clone(), matcher, headers, queries, echoes, dynamic, providers });
+            None => None,
+        };
+        let name = route.name.clone();
+        routes.push(Route { name, matcher, credentials, query_names: Vec::new(), any_providers: Vec::new() });
     }
     Ok(routes)
+}
+
+/// Fills in what a route gathers from every list that can be injected on
+/// it (its own and each client's own for it): the query names a response
+/// loses and the providers a request may read.
+fn finish_routes(routes: &mut [Route], clients: &[Client]) {
+    for route in routes.iter_mut() {
+        if let Some(list) = &route.credentials {
+            route.query_names.extend(list.query_names().cloned());
+            route.any_providers.extend(&list.providers);
+        }
+    }
+    for (r, list) in clients.iter().flat_map(|c| c.own.iter()) {
+        if let Some(route) = routes.get_mut(*r) {
+            route.query_names.extend(list.query_names().cloned());
+            route.any_providers.extend(&list.providers);
+        }
+    }
+    for route in routes {
+        route.query_names.sort();
+        route.query_names.dedup();
+        route.any_providers.sort_unstable();
+        route.any_providers.dedup();
+    }
+}
+
+/// Compiles one `inject` list at `path`: a route's own
+/// (`routes[0].inject`) or a client's own for a route
+/// (`clients[3].inject.openai`). Dynamic values become providers of
+/// `owner`.
+fn compile_credentials(
+    list: &[RawInject],
+    path: &str,
+    owner: Owner<'_>,
+    env: &dyn Environment,
+    builder: &mut ProviderBuilder,
+) -> Result<Credentials, ConfigError> {
+    let (empty, this) = match owner {
+        Owner::Route(_) => (
+            "must hold at least one credential to inject (leave `inject` out when every client of the route \
+             brings its own)",
+            "this route",
+        ),
+        Owner::Client { .. } => {
+            ("must hold at least one credential to inject (leave the route out to use its own)", "this list")
+        }
+    };
+    if list.is_empty() {
+        return Err(ConfigError::new(path, empty));
+    }
+    let mut out = Credentials {
+        headers: Vec::new(),
+        queries: Vec::new(),
+        echoes: Echoes(Vec::new()),
+        dynamic: Vec::new(),
+        providers: Vec::new(),
+    };
+    for (i, inject) in list.iter().enumerate() {
+        let ipath = format!("{path}[{i}]");
+        let target = match inject.value.as_ref().and_then(dynamic_value) {
+            Some(raw) => {
+                let entry = compile_dynamic_inject(inject, raw, owner, &ipath, env, builder)?;
+                let target = entry.target.clone();
+                out.dynamic.push(entry);
+                target
+            }
+            None => compile_inject(inject, &ipath, env, &mut out)?,
+        };
+        // A name set twice in one list, static or dynamic.
+        let (field, twice) = match &target {
+            InjectTarget::Header(name) => ("header", out.header_names().filter(|n| *n == name).count() > 1),
+            InjectTarget::Query(name) => ("query", out.query_names().filter(|n| *n == name).count() > 1),
+        };
+        if twice {
+            return Err(ConfigError::new(
+                format!("{ipath}.{field}"),
+                format!("is already injected by an earlier entry of {this}"),
+            ));
+        }
+    }
+    out.providers = out.dynamic.iter().map(|d| d.provider).collect();
+    out.providers.sort_unstable();
+    out.providers.dedup();
+    Ok(out)
 }
 
 fn dynamic_value(value: &RawValue) -> Option<RawDynamic<'_>> {
@@ -425,7 +477,7 @@ fn dynamic_value(value: &RawValue) -> Option<RawDynamic<'_>> {
 fn compile_dynamic_inject(
     inject: &RawInject,
     raw: RawDynamic<'_>,
-    route: &str,
+    owner: Owner<'_>,
     path: &str,
     env: &dyn Environment,
     builder: &mut ProviderBuilder,
@@ -453,18 +505,18 @@ fn compile_dynamic_inject(
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     };
-    let (provider, value) = builder.add(raw, route, &format!("{path}.value"), env)?;
+    let (provider, value) = builder.add(raw, owner, &format!("{path}.value"), env)?;
     Ok(DynamicInject { provider, value, prefix, target })
 }
 
+/// A static entry, added to `out`; returns where it goes.
 fn compile_inject(
     inject: &RawInject,
     path: &str,
     env: &dyn Environment,
-    headers: &mut Vec<HeaderInject>,
-    queries: &mut Vec<QueryInject>,
-    echoes: &mut Vec<Vec<u8>>,
-) -> Result<(), ConfigError> {
+    out: &mut Credentials,
+) -> Result<InjectTarget, ConfigError> {
+    let echoes = &mut out.echoes.0;
     let prefix = inject.prefix.as_deref().unwrap_or("");
     let secret_at = if inject.basic.is_some() { "Basic ".len() } else { prefix.len() };
     let value = match (&inject.value, &inject.basic) {
@@ -472,7 +524,7 @@ fn compile_inject(
             let value = match value {
                 RawValue::Env(v) => RawSecret::Env(v.clone()),
                 RawValue::Inline(v) => RawSecret::Inline(v.clone()),
-                // Dynamic values never reach here (see compile_routes).
+                // Dynamic values never reach here (see compile_credentials).
                 _ => return Err(ConfigError::new(format!("{path}.value"), "is not a static value")),
             };
             format!("{prefix}{}", secret(&value, &format!("{path}.value"), env)?)
@@ -485,7 +537,7 @@ fn compile_inject(
                 ));
             }
             let (value, password) = basic_value(basic, &format!("{path}.basic"), env)?;
-            echoes.push(password.into_bytes());
+            echoes.push(password);
             value
         }
         _ => return Err(ConfigError::new(path, "needs exactly one of `value` or `basic`")),
@@ -496,14 +548,9 @@ fn compile_inject(
             if !is_header_value(value.as_bytes()) {
                 return Err(ConfigError::new(path, "the credential holds a character not allowed in a header value"));
             }
-            if headers.iter().any(|h| h.name == name) {
-                return Err(ConfigError::new(
-                    format!("{path}.header"),
-                    "is already injected by an earlier entry of this route",
-                ));
-            }
-            echoes.push(value.as_bytes()[secret_at..].to_vec());
-            headers.push(HeaderInject { name, value });
+            echoes.push(value[secret_at..].to_string());
+            out.headers.push(HeaderInject { name: name.clone(), value });
+            Ok(InjectTarget::Header(name))
         }
         (None, Some(query)) => {
             if inject.basic.is_some() {
@@ -512,20 +559,14 @@ fn compile_inject(
             if query.is_empty() {
                 return Err(ConfigError::new(format!("{path}.query"), "must not be empty"));
             }
-            if queries.iter().any(|q| q.name == query.as_bytes()) {
-                return Err(ConfigError::new(
-                    format!("{path}.query"),
-                    "is already injected by an earlier entry of this route",
-                ));
-            }
             let encoded = format!("{}={}", encode_component(query), encode_component(&value));
-            echoes.push(encode_component(&value).into_bytes());
-            echoes.push(value.into_bytes());
-            queries.push(QueryInject { name: query.clone().into_bytes(), encoded });
+            echoes.push(encode_component(&value));
+            echoes.push(value);
+            out.queries.push(QueryInject { name: query.clone().into_bytes(), encoded });
+            Ok(InjectTarget::Query(query.clone().into_bytes()))
         }
-        _ => return Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
+        _ => Err(ConfigError::new(path, "needs exactly one of `header` or `query`")),
     }
-    Ok(())
 }
 
 /// The `Basic …` header value, and the password alone (a response must not
@@ -551,13 +592,20 @@ impl std::fmt::Display for ClientPath {
     }
 }
 
+/// Compiles the clients, each with its own `inject` lists. A route with no
+/// `inject` of its own needs a list from every client allowed on it (but a
+/// disabled one, which reaches no route).
 fn compile_clients(
     raw: &[RawClient],
+    routes: &[Route],
     route_index: &HashMap<&str, usize>,
+    env: &dyn Environment,
+    builder: &mut ProviderBuilder,
 ) -> Result<(Vec<Client>, ClientIndex), ConfigError> {
     let mut clients = Vec::with_capacity(raw.len());
     let mut index = ClientIndex::with_capacity(raw.len());
     let mut ids: HashSet<&str> = HashSet::with_capacity(raw.len());
+    let bare: Vec<usize> = (0..routes.len()).filter(|&r| routes[r].credentials.is_none()).collect();
     for (c, client) in raw.iter().enumerate() {
         // The field path is formatted only on an error: 100,000 clients
         // must not mean 100,000 strings.
@@ -602,13 +650,62 @@ fn compile_clients(
             })?),
             None => None,
         };
+        let own = compile_own(&client.inject, path, &client.id, &allowed, route_index, env, builder)?;
+        let needs_own = bare.iter().filter(|&&r| !client.disabled && allowed.allows(r));
+        if let Some(&r) = needs_own.into_iter().find(|&&r| own.binary_search_by_key(&r, |(o, _)| *o).is_err()) {
+            let name = &routes[r].name;
+            return Err(ConfigError::new(
+                format!("{path}.inject.{name}"),
+                format!(
+                    "is required: this client may use route `{name}` (routes[{r}]), which has no `inject` of its own"
+                ),
+            ));
+        }
         if let Some(earlier) = index.insert(&clients, &digest, c) {
             let what = if client.key.is_some() { "key" } else { "key_sha256" };
             return Err(ConfigError::new(format!("{path}.{what}"), format!("is the same key as clients[{earlier}]")));
         }
-        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled: client.disabled });
+        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled: client.disabled, own });
     }
     Ok((clients, index))
+}
+
+/// A client's own `inject` lists (`clients[N].inject`), by route index,
+/// sorted; nothing allocated for a client without any.
+fn compile_own(
+    raw: &RawClientInject,
+    path: ClientPath,
+    id: &str,
+    allowed: &Allowed,
+    route_index: &HashMap<&str, usize>,
+    env: &dyn Environment,
+    builder: &mut ProviderBuilder,
+) -> Result<Box<[(usize, Credentials)]>, ConfigError> {
+    if raw.0.is_empty() {
+        return Ok(Box::default());
+    }
+    let mut own: Vec<(usize, Credentials)> = Vec::with_capacity(raw.0.len());
+    for (name, list) in &raw.0 {
+        // Keys are route names (`RawClientInject` refuses anything else
+        // before reading a list), so they may be quoted.
+        let at = format!("{path}.inject.{name}");
+        let Some(&r) = route_index.get(name.as_str()) else {
+            return Err(ConfigError::new(at, format!("names no route (`{name}` is not in `routes`)")));
+        };
+        if !allowed.allows(r) {
+            return Err(ConfigError::new(
+                at,
+                format!("names a route this client may not use (`{name}` is not in its `routes`)"),
+            ));
+        }
+        if own.iter().any(|(o, _)| *o == r) {
+            return Err(ConfigError::new(at, "is given twice"));
+        }
+        let owner = Owner::Client { id, route: name };
+        own.push((r, compile_credentials(list, &at, owner, env, builder)?));
+    }
+    own.sort_unstable_by_key(|(r, _)| *r);
+    Ok(own.into_boxed_slice())
 }
 
 fn compile_client_routes(
@@ -635,7 +732,7 @@ fn compile_client_routes(
     for (i, name) in raw.iter().enumerate() {
         let Some(&r) = route_index.get(name.as_str()) else {
             // Quoted only when it could be a route name at all.
-            let message = if is_name(name) {
+            let message = if is_route_name(name) {
                 format!("names no route (`{name}` is not in `routes`)")
             } else {
                 "names no route (and is not a valid route name)".to_string()
@@ -701,10 +798,6 @@ fn is_header_value(v: &[u8]) -> bool {
     v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
         && v.first().is_none_or(|&b| b != b' ' && b != b'\t')
         && v.last().is_none_or(|&b| b != b' ' && b != b'\t')
-}
-
-fn is_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn is_client_id(id: &str) -> bool {

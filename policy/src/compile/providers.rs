@@ -21,6 +21,26 @@ pub(crate) struct ProviderBuilder {
     providers: Vec<Provider>,
 }
 
+/// Whose `inject` list a dynamic value is in: a record is never shared
+/// between owners that are different callers.
+#[derive(Clone, Copy)]
+pub(crate) enum Owner<'a> {
+    /// A route's own list: shared by every client of the route without a
+    /// list of its own, and with other routes making the same call.
+    Route(&'a str),
+    /// A client's own list for a route (by the client's id): shared with
+    /// nobody else, only with the same client's lists for other routes.
+    Client { id: &'a str, route: &'a str },
+}
+
+impl<'a> Owner<'a> {
+    fn route(self) -> &'a str {
+        match self {
+            Owner::Route(route) | Owner::Client { route, .. } => route,
+        }
+    }
+}
+
 /// A dynamic value as written, borrowed from the raw configuration.
 pub(crate) enum RawDynamic<'a> {
     Oauth2(&'a RawOauth2),
@@ -30,17 +50,17 @@ pub(crate) enum RawDynamic<'a> {
 
 impl ProviderBuilder {
     /// Adds (or finds) the source for `raw` at `path` (the `value` field's
-    /// path) on route `route`; returns the source and value index.
+    /// path) in `owner`'s list; returns the source and value index.
     pub fn add(
         &mut self,
         raw: RawDynamic<'_>,
-        route: &str,
+        owner: Owner<'_>,
         path: &str,
         env: &dyn Environment,
     ) -> Result<(usize, usize), ConfigError> {
         let (mut source, pointer) = match raw {
             RawDynamic::Oauth2(o) => (oauth2(o, &format!("{path}.oauth2"), env)?, None),
-            RawDynamic::TokenExchange(t) => (token_exchange(t, route, &format!("{path}.token_exchange"), env)?, None),
+            RawDynamic::TokenExchange(t) => (token_exchange(t, &format!("{path}.token_exchange"), env)?, None),
             RawDynamic::Fetch(f) => {
                 let path = format!("{path}.fetch");
                 let pointer = &f.json_pointer;
@@ -54,7 +74,7 @@ impl ProviderBuilder {
             }
         };
         // The identity of the call, before pointers.
-        let call = call_digest(&source, route);
+        let call = call_digest(&source, owner);
         if let Some(s) = self.providers.iter().position(|s| s.id == call) {
             let existing = &mut self.providers[s];
             let value = match pointer {
@@ -95,7 +115,7 @@ fn hex12(bytes: &[u8]) -> String {
     bytes.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-fn call_digest(source: &Provider, route: &str) -> String {
+fn call_digest(source: &Provider, owner: Owner<'_>) -> String {
     let mut digest = Sha256::new();
     let mut part = |bytes: &[u8]| {
         digest.update((bytes.len() as u64).to_le_bytes());
@@ -103,8 +123,15 @@ fn call_digest(source: &Provider, route: &str) -> String {
     };
     part(source.kind.name().as_bytes());
     // A token exchange is cached per (route, audience): the route is part
-    // of its identity.
-    part(if source.kind == Kind::TokenExchange { route.as_bytes() } else { b"" });
+    // of its identity. A client's own value is its own: the client is part
+    // of its identity (`client:ID` and a newline, which neither a route
+    // name nor a client id holds, so no route's scope can equal it).
+    let route = if source.kind == Kind::TokenExchange { owner.route() } else { "" };
+    let scope = match owner {
+        Owner::Route(_) => std::borrow::Cow::Borrowed(route),
+        Owner::Client { id, .. } => std::borrow::Cow::Owned(format!("client:{id}\n{route}")),
+    };
+    part(scope.as_bytes());
     part(source.cluster.as_bytes());
     for (n, v) in &source.headers {
         part(n.as_bytes());
@@ -286,12 +313,7 @@ fn oauth2(raw: &RawOauth2, path: &str, env: &dyn Environment) -> Result<Provider
     )
 }
 
-fn token_exchange(
-    raw: &RawTokenExchange,
-    _route: &str,
-    path: &str,
-    env: &dyn Environment,
-) -> Result<Provider, ConfigError> {
+fn token_exchange(raw: &RawTokenExchange, path: &str, env: &dyn Environment) -> Result<Provider, ConfigError> {
     let (margin_ms, timeout_ms) = timing(raw.refresh_margin_seconds, raw.timeout_ms, path)?;
     let mut form = Form(Vec::new());
     form.push("grant_type", TOKEN_EXCHANGE_GRANT);
@@ -382,6 +404,10 @@ mod tests {
             Err(e) => panic!("{e}"),
         }
     }
+
+    /// The record id of `OAUTH`'s provider, as keyswap named it before clients could
+    /// bring their own credentials (worked out from the call by hand).
+    const PINNED_ROUTE_ID: &str = "35c386ab7ecd";
 
     const OAUTH: &str = r#"[{"name": "r", "match": {"clusters": ["r"]}, "inject": [
         {"header": "authorization", "prefix": "Bearer ", "value": {"oauth2": {
@@ -528,6 +554,36 @@ mod tests {
         assert_eq!(Record::decode(&back.encode()), back);
         assert_eq!(Record::decode(b"garbage"), Record::default());
         assert_eq!(backoff_ms(40), MAX_BACKOFF_MS);
+    }
+
+    /// A dynamic value in a client's own list is the client's: never shared
+    /// with the route's or another client's, even for the same call; shared
+    /// between the same client's lists, as a route's are between routes.
+    #[test]
+    fn a_clients_own_dynamic_values_are_its_own() {
+        let entry = OAUTH.split_once(r#""inject": ["#).unwrap().1.trim_end().trim_end_matches("]}]").trim_end();
+        let json = format!(
+            r#"{{"clients": [
+                  {{"id": "a", "key": "k1", "routes": ["r", "s"], "inject": {{"r": [{entry}], "s": [{entry}]}}}},
+                  {{"id": "b", "key": "k2", "routes": ["r"], "inject": {{"r": [{entry}]}}}},
+                  {{"id": "c", "key": "k3", "routes": ["*"]}}],
+                "routes": [{{"name": "r", "match": {{"clusters": ["r"]}}, "inject": [{entry}]}},
+                           {{"name": "s", "match": {{"clusters": ["s"]}}, "inject": [{entry}]}}]}}"#
+        );
+        let p = Policy::from_json(json.as_bytes(), &ENV).unwrap_or_else(|e| panic!("{e}\n{json}"));
+        let paths: Vec<&str> = p.credential_providers().iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].inject[0].value.oauth2",
+                "clients[0].inject.r[0].value.oauth2",
+                "clients[1].inject.r[0].value.oauth2"
+            ]
+        );
+        // The route's record keeps the identity it had before clients could
+        // bring their own (a reload keeps its value).
+        assert_eq!(p.credential_providers()[0].id, PINNED_ROUTE_ID);
+        assert_eq!((p.route_providers("r"), p.route_providers("s")), (&[0, 1, 2][..], &[0, 1][..]));
     }
 
     /// Every example under `## Dynamic credentials` in docs/config.md loads,
