@@ -457,14 +457,14 @@ fn poll<T>(timeout: Duration, mut done: impl FnMut() -> Option<T>) -> Option<T> 
 pub const LOADED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits until Envoy's admin answers `/ready` with 200: `admin` gives its
-/// address once known (`None` until then), `exited` Envoy's exit status
-/// once it has stopped. Returns the admin's address.
+/// address once known (`None` until then), `exited` how Envoy stopped once
+/// it has (its exit status, say). Returns the admin's address.
 ///
 /// # Errors
 /// Envoy exited first, or `timeout` passed.
 pub fn wait_ready(
     mut admin: impl FnMut() -> Option<SocketAddr>,
-    mut exited: impl FnMut() -> Option<ExitStatus>,
+    mut exited: impl FnMut() -> Option<String>,
     timeout: Duration,
 ) -> Result<SocketAddr, String> {
     let ready = poll(timeout, || {
@@ -539,7 +539,11 @@ impl Envoy {
             format!("{why}\n---- Envoy log {}\n{}", envoy.log_path().display(), tail(&envoy.log(), 150))
         };
         let dir = envoy.dir.clone();
-        let ready = wait_ready(|| admin_address(&dir), || envoy.child.try_wait().ok().flatten(), READY_TIMEOUT);
+        let ready = wait_ready(
+            || admin_address(&dir),
+            || envoy.child.try_wait().ok().flatten().map(|s| s.to_string()),
+            READY_TIMEOUT,
+        );
         envoy.admin = ready.map_err(|why| fail(&envoy, &why))?;
         envoy.listeners = envoy.fetch_listeners().map_err(|e| fail(&envoy, &e))?;
         // The first check: the filter runs with exactly these configurations.
