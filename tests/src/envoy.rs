@@ -21,7 +21,13 @@
 //! - Dropping an [`Envoy`] kills it; if the thread is panicking (a failed
 //!   test), Envoy's log is printed first and its directory kept.
 //! - [`Envoy::start_logging`] is [`Envoy::start`] at other [`LogLevels`]
-//!   (the leak test runs Envoy at `trace`).
+//!   (the leak test runs Envoy at `trace`); [`Envoy::start_with`] also sets
+//!   the worker count (the benchmark: one worker, `warn` but `wasm:info`).
+//! - The pieces [`gateway`] is made of build other bootstraps too (the
+//!   benchmark's, `envoy-bench`): [`bootstrap`], [`http_listener`],
+//!   [`cluster`] (with or without keyswap's final stage), [`wasm_filter`].
+//! - [`wait_ready`] and [`wait_loaded`] are [`Envoy::start`]'s two waits,
+//!   for an Envoy something else started (`envoy-tool wait`, `scripts/demo`).
 //! - [`Envoy::refuse`] runs a configuration Envoy must refuse to start;
 //!   [`validate`] runs `envoy --mode validate`.
 
