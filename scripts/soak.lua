@@ -1,4 +1,4 @@
--- wrk script for scripts/soak: rotates six requests (two good keys, a bad
+-- wrk script for scripts/soak (tests/src/bin/envoy-soak.rs runs it): rotates six requests (two good keys, a bad
 -- key, no key, a key on a route its client may not use, an expired key),
 -- counts every status and every keyswap answer, and stops each thread
 -- after its share of requests.
@@ -21,19 +21,20 @@ function init(args)
   quota = tonumber(args[1])
   local good, bad, expired = args[2], args[3], args[4]
   done_file = args[5] .. "/done-" .. tostring(offset)
-  local host = { ["Host"] = "soak.local" }
-  local function with(extra)
-    local h = { ["Host"] = "soak.local" }
+  -- The gateway (tests/src/envoy.rs) selects Envoy's route by the
+  -- x-test-route header: chat or admin, each to the cluster of its name.
+  local function with(route, extra)
+    local h = { ["Host"] = "soak.local", ["x-test-route"] = route }
     for k, v in pairs(extra) do h[k] = v end
     return h
   end
   requests = {
-    wrk.format("GET", "/v1/chat/completions", with({ ["Authorization"] = "Bearer " .. good })),
-    wrk.format("GET", "/v1/chat/completions?api_key=" .. good .. "&n=1", host),
-    wrk.format("GET", "/v1/chat/completions", with({ ["Authorization"] = "Bearer " .. bad })),
-    wrk.format("GET", "/v1/chat/completions", host),
-    wrk.format("GET", "/v1/admin/users", with({ ["x-api-key"] = good })),
-    wrk.format("GET", "/v1/chat/completions", with({ ["x-api-key"] = expired })),
+    wrk.format("GET", "/v1/chat/completions", with("chat", { ["Authorization"] = "Bearer " .. good })),
+    wrk.format("GET", "/v1/chat/completions?api_key=" .. good .. "&n=1", with("chat", {})),
+    wrk.format("GET", "/v1/chat/completions", with("chat", { ["Authorization"] = "Bearer " .. bad })),
+    wrk.format("GET", "/v1/chat/completions", with("chat", {})),
+    wrk.format("GET", "/v1/admin/users", with("admin", { ["x-api-key"] = good })),
+    wrk.format("GET", "/v1/chat/completions", with("chat", { ["x-api-key"] = expired })),
   }
   statuses, answers, answered, n = {}, {}, 0, offset or 0
 end

@@ -7,6 +7,8 @@
 //!              what Envoy's admin (stats, /config_dump) says of it
 //!  manifest ── the configuration as Istio and Envoy Gateway manifests
 //!              (both stages, one configuration), and their size limits
+//!  bench ───── the benchmark job (clients, keys, headers, credential) that
+//!              the Envoy benchmark and `keyswap bench` both measure
 //! ```
 //!
 //! Used by the `keyswap` CLI (`push`, `manifest`, `check`) in
@@ -14,5 +16,6 @@
 //! writes exactly what a user's command writes. No wasmtime and no network
 //! here; the only I/O is the ECDS file and its lock.
 
+pub mod bench;
 pub mod ecds;
 pub mod manifest;

@@ -22,65 +22,26 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
+use keyswap_envoy_config::bench::{self as job, STRIPPED};
+pub use keyswap_envoy_config::bench::{key, CREDENTIAL_ENV};
 
 use crate::{FilterInstance, FilterModule, Handled, HarnessError, HeaderList};
 
 /// The client counts measured.
 pub const SIZES: [usize; 3] = [10, 1_000, 100_000];
 
-/// The variable the benchmark's route credential comes from.
-pub const CREDENTIAL_ENV: &str = "BENCH_UPSTREAM_CREDENTIAL";
-const CREDENTIAL: &str = "bench-upstream-credential";
-const STRIPPED: [&str; 4] = ["cookie", "proxy-authorization", "x-debug-token", "x-internal-user"];
-
-/// Client `i`'s key.
-pub fn key(i: usize) -> String {
-    format!("bench-key-{i:06}")
-}
-
-/// The client whose key the load uses: one in the middle.
-fn load_client(clients: usize) -> usize {
-    clients / 2
-}
-
 /// The benchmark's configuration with `clients` clients (at least 3): the
-/// Envoy benchmark's job (key from `authorization: Bearer`, client id
-/// forwarded, a Bearer credential injected, four headers stripped), with
-/// client 0 expired and client 1 allowed only route `other`, so that every
-/// denial can be provoked. Each route is bound to Envoy's route and cluster
-/// of its name ([`BenchRequest::route`]).
+/// Envoy benchmark's job (`keyswap_envoy_config::bench`), with client 0
+/// expired and client 1 allowed only route `other`, so that every denial
+/// can be provoked. Each route is bound to Envoy's route and cluster of its
+/// name ([`BenchRequest::route`]).
 pub fn config(clients: usize) -> Vec<u8> {
-    let mut json = String::with_capacity(clients * 140 + 1024);
-    json.push_str(r#"{"clients":["#);
-    for i in 0..clients.max(3) {
-        let digest: String = Sha256::digest(key(i).as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        let (routes, expires) = match i {
-            0 => (r#"["bench"]"#, r#","expires":"2000-01-01T00:00:00Z""#),
-            1 => (r#"["other"]"#, ""),
-            _ => (r#"["bench"]"#, ""),
-        };
-        if i > 0 {
-            json.push(',');
-        }
-        let _ = write!(json, r#"{{"id":"client-{i:06}","key_sha256":"{digest}","routes":{routes}{expires}}}"#);
-    }
-    let strip: Vec<String> = STRIPPED.iter().map(|h| format!("\"{h}\"")).collect();
-    let _ = write!(
-        json,
-        r#"],"key_sources":[{{"header":"authorization","prefix":"Bearer "}}],
-"routes":[
- {{"name":"bench","match":{{"route_name":"bench","clusters":["bench"]}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}},
- {{"name":"other","match":{{"route_name":"other","clusters":["other"]}},"inject":[{{"header":"authorization","prefix":"Bearer ","value":{{"env":"{CREDENTIAL_ENV}"}}}}]}}],
-"strip_request_headers":[{}],"client_id_header":"x-keyswap-client","unmatched_route":"deny"}}"#,
-        strip.join(",")
-    );
-    json.into_bytes()
+    job::config(clients, job::Binding::Cluster(job::ROUTE)).into_bytes()
 }
 
 /// The VM environment the configuration needs.
 pub fn env() -> BTreeMap<String, String> {
-    BTreeMap::from([(CREDENTIAL_ENV.to_string(), CREDENTIAL.to_string())])
+    job::env()
 }
 
 /// One kind of request, and what the filter must answer to it.
@@ -102,24 +63,18 @@ fn request(path: &str, authorization: Option<&str>) -> HeaderList {
     let mut headers: Vec<(&str, &str)> =
         vec![(":authority", "127.0.0.1:19104"), (":path", path), (":method", "GET"), (":scheme", "http")];
     if let Some(value) = authorization {
-        headers.push(("authorization", value));
+        headers.push((job::KEY_HEADER, value));
     }
-    headers.extend([
-        ("cookie", "session=bench-session"),
-        ("proxy-authorization", "Basic YmVuY2g6YmVuY2g="),
-        ("x-debug-token", "bench-debug"),
-        ("x-internal-user", "bench-user"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "5d2f7a0c-5a43-4b3a-9f2e-1f8a2b9c0d11"),
-    ]);
+    headers.extend(job::stripped_headers());
+    headers.extend([("x-forwarded-proto", "http"), ("x-request-id", "5d2f7a0c-5a43-4b3a-9f2e-1f8a2b9c0d11")]);
     headers.into_iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
 }
 
 /// The allowed request and one request per denial, for `clients` clients.
 pub fn cases(clients: usize) -> Vec<BenchRequest> {
-    let bearer = |i: usize| format!("Bearer {}", key(i));
-    let mid = load_client(clients);
-    let bench = Some("bench");
+    let bearer = job::bearer;
+    let mid = job::load_client(clients);
+    let bench = Some(job::ROUTE);
     vec![
         BenchRequest {
             name: "allowed",
@@ -137,7 +92,7 @@ pub fn cases(clients: usize) -> Vec<BenchRequest> {
         BenchRequest {
             name: "expired_key",
             route: bench,
-            headers: request("/bench/load", Some(&bearer(0))),
+            headers: request("/bench/load", Some(&bearer(job::EXPIRED_CLIENT))),
             status: Some(401),
         },
         BenchRequest {
@@ -149,7 +104,7 @@ pub fn cases(clients: usize) -> Vec<BenchRequest> {
         BenchRequest {
             name: "route_forbidden",
             route: bench,
-            headers: request("/bench/load", Some(&bearer(1))),
+            headers: request("/bench/load", Some(&bearer(job::OTHER_ROUTE_CLIENT))),
             status: Some(403),
         },
         BenchRequest {
@@ -237,10 +192,10 @@ fn check(case: &BenchRequest, outcome: &Handled, filter: bool) -> Result<(), Har
                 return Ok(());
             }
             let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice());
-            if get("authorization") != Some(format!("Bearer {CREDENTIAL}").as_bytes()) {
+            if get(job::KEY_HEADER) != Some(job::upstream_authorization().as_bytes()) {
                 return wrong("the upstream would not get the injected credential".into());
             }
-            if get("x-keyswap-client").is_none() || STRIPPED.iter().any(|h| get(h).is_some()) {
+            if get(job::CLIENT_HEADER).is_none() || STRIPPED.iter().any(|h| get(h).is_some()) {
                 return wrong("the client id is missing or a stripped header remains".into());
             }
             Ok(())

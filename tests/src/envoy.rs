@@ -21,7 +21,13 @@
 //! - Dropping an [`Envoy`] kills it; if the thread is panicking (a failed
 //!   test), Envoy's log is printed first and its directory kept.
 //! - [`Envoy::start_logging`] is [`Envoy::start`] at other [`LogLevels`]
-//!   (the leak test runs Envoy at `trace`).
+//!   (the leak test runs Envoy at `trace`); [`Envoy::start_with`] also sets
+//!   the worker count (the benchmark: one worker, `warn` but `wasm:info`).
+//! - The pieces [`gateway`] is made of build other bootstraps too (the
+//!   benchmark's, `envoy-bench`): [`bootstrap`], [`http_listener`],
+//!   [`cluster`] (with or without keyswap's final stage), [`wasm_filter`].
+//! - [`wait_ready`] and [`wait_loaded`] are [`Envoy::start`]'s two waits,
+//!   for an Envoy something else started (`envoy-tool wait`, `scripts/demo`).
 //! - [`Envoy::refuse`] runs a configuration Envoy must refuse to start;
 //!   [`validate`] runs `envoy --mode validate`.
 
@@ -160,10 +166,16 @@ pub fn gateway(listeners: &[Listener], upstream: SocketAddr, wasm: &Path) -> ser
         let filter = keyswap_filter(l, wasm);
         for name in l.clusters() {
             assert!(names.insert(name.clone()), "two listeners of one bootstrap have a cluster `{name}`");
-            clusters.push(cluster(&name, upstream, &filter));
+            clusters.push(cluster(&name, upstream, Some(&filter)));
         }
     }
     let listeners: Vec<serde_json::Value> = listeners.iter().map(|l| listener(l, wasm)).collect();
+    bootstrap(listeners, clusters)
+}
+
+/// A bootstrap: the admin on loopback port 0 (its address comes back
+/// through `--admin-address-path`), `listeners` and `clusters`.
+pub fn bootstrap(listeners: Vec<serde_json::Value>, clusters: Vec<serde_json::Value>) -> serde_json::Value {
     json!({
         // Required as soon as a test adds dynamic resources (LDS).
         "node": {"id": "keyswap-test", "cluster": "keyswap-test"},
@@ -172,10 +184,10 @@ pub fn gateway(listeners: &[Listener], upstream: SocketAddr, wasm: &Path) -> ser
     })
 }
 
-/// A cluster reaching `upstream` over HTTP/1.1, with `filter` (keyswap's
-/// final stage) as its upstream HTTP filter.
-pub fn cluster(name: &str, upstream: SocketAddr, filter: &serde_json::Value) -> serde_json::Value {
-    json!({
+/// A cluster reaching `upstream` over HTTP/1.1; with `filter` (keyswap's
+/// final stage), that as its upstream HTTP filter.
+pub fn cluster(name: &str, upstream: SocketAddr, filter: Option<&serde_json::Value>) -> serde_json::Value {
+    let mut cluster = json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
@@ -186,15 +198,18 @@ pub fn cluster(name: &str, upstream: SocketAddr, filter: &serde_json::Value) -> 
                 "port_value": upstream.port(),
             }}}}]}],
         },
-        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    });
+    if let Some(filter) = filter {
+        cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http_protocol_options": {}},
             "http_filters": [filter, {
                 "name": "envoy.filters.http.upstream_codec",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
             }],
-        }},
-    })
+        }});
+    }
+    cluster
 }
 
 fn loopback(port: u16) -> serde_json::Value {
@@ -204,22 +219,35 @@ fn loopback(port: u16) -> serde_json::Value {
 /// The keyswap HTTP filter of listener `l`: the same object in the
 /// listener's chain and in its clusters'.
 pub fn keyswap_filter(l: &Listener, wasm: &Path) -> serde_json::Value {
+    wasm_filter("keyswap", wasm, &l.config, &l.env, &l.host_env_keys)
+}
+
+/// A proxy-wasm HTTP filter named `name` (its plugin too) running `wasm`
+/// in V8 with `configuration` byte for byte, the VM environment `env` and
+/// the variables `host_env_keys` it inherits from Envoy's.
+pub fn wasm_filter(
+    name: &str,
+    wasm: &Path,
+    configuration: &str,
+    env: &BTreeMap<String, String>,
+    host_env_keys: &[String],
+) -> serde_json::Value {
     json!({
-        "name": "keyswap",
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "keyswap",
+                "name": name,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": l.config,
+                    "value": configuration,
                 },
                 "vm_config": {
                     "runtime": "envoy.wasm.runtime.v8",
                     "code": {"local": {"filename": wasm.display().to_string()}},
                     "environment_variables": {
-                        "host_env_keys": l.host_env_keys,
-                        "key_values": l.env,
+                        "host_env_keys": host_env_keys,
+                        "key_values": env,
                     },
                 },
             },
@@ -247,25 +275,34 @@ fn listener(l: &Listener, wasm: &Path) -> serde_json::Value {
         })
     }));
     routes.push(json!({"match": {"prefix": "/"}, "route": {"cluster": l.default_cluster()}}));
+    http_listener(&l.name, routes, vec![keyswap_filter(l, wasm)])
+}
+
+/// A listener on loopback port 0 named `name` (also its stat prefix and
+/// route table): an HTTP connection manager running `http_filters`, then
+/// the router, over one virtual host of `routes` for every domain.
+pub fn http_listener(
+    name: &str,
+    routes: Vec<serde_json::Value>,
+    mut http_filters: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }));
     json!({
-        "name": l.name,
+        "name": name,
         "address": loopback(0),
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": l.name,
+                "stat_prefix": name,
                 "route_config": {
-                    "name": l.name,
+                    "name": name,
                     "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
                 },
-                "http_filters": [
-                    keyswap_filter(l, wasm),
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                    },
-                ],
+                "http_filters": http_filters,
             },
         }]}],
     })
@@ -422,6 +459,49 @@ fn poll<T>(timeout: Duration, mut done: impl FnMut() -> Option<T>) -> Option<T> 
     }
 }
 
+/// How long keyswap may take to log a configuration once Envoy is ready.
+pub const LOADED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until Envoy's admin answers `/ready` with 200: `admin` gives its
+/// address once known (`None` until then), `exited` how Envoy stopped once
+/// it has (its exit status, say). Returns the admin's address.
+///
+/// # Errors
+/// Envoy exited first, or `timeout` passed.
+pub fn wait_ready(
+    mut admin: impl FnMut() -> Option<SocketAddr>,
+    mut exited: impl FnMut() -> Option<String>,
+    timeout: Duration,
+) -> Result<SocketAddr, String> {
+    let ready = poll(timeout, || {
+        if let Some(status) = exited() {
+            return Some(Err(format!("Envoy exited ({status}) before it was ready")));
+        }
+        let admin = admin()?;
+        is_ready(admin).then_some(Ok(admin))
+    });
+    ready.unwrap_or_else(|| Err(format!("Envoy was not ready within {timeout:?}")))
+}
+
+/// Waits until Envoy's log (`log` reads it) holds keyswap's
+/// [`keyswap_policy::Summary::log_line`] for every version in `versions`;
+/// returns those summaries, in `versions` order.
+///
+/// # Errors
+/// A version was not logged within `timeout`.
+pub fn wait_loaded(
+    mut log: impl FnMut() -> String,
+    versions: &[String],
+    timeout: Duration,
+) -> Result<Vec<keyswap_policy::Summary>, String> {
+    let loaded = poll(timeout, || {
+        let loaded: Vec<keyswap_policy::Summary> =
+            log().lines().filter_map(keyswap_policy::Summary::from_log_line).collect();
+        versions.iter().map(|v| loaded.iter().find(|s| &s.version == v).cloned()).collect::<Option<Vec<_>>>()
+    });
+    loaded.ok_or_else(|| format!("keyswap did not log `configuration loaded` for versions {versions:?}"))
+}
+
 impl Envoy {
     /// Starts Envoy and returns once it is ready and every expected keyswap
     /// configuration is loaded.
@@ -449,7 +529,11 @@ impl Envoy {
         Self::start_with(launch, &LogLevels::serving(), workers)
     }
 
-    fn start_with(launch: &Launch, log: &LogLevels, workers: u32) -> Result<Self, String> {
+    /// [`Envoy::start`] with other log levels and `workers` worker threads.
+    ///
+    /// # Errors
+    /// As [`Envoy::start`].
+    pub fn start_with(launch: &Launch, log: &LogLevels, workers: u32) -> Result<Self, String> {
         let dir = run_dir()?;
         let mut args = run_args(&dir, true, log);
         args[1] = workers.to_string();
@@ -460,32 +544,18 @@ impl Envoy {
         let fail = |envoy: &Envoy, why: &str| {
             format!("{why}\n---- Envoy log {}\n{}", envoy.log_path().display(), tail(&envoy.log(), 150))
         };
-        let ready = poll(READY_TIMEOUT, || {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                return Some(Err(format!("Envoy exited ({status}) before it was ready")));
-            }
-            let admin = admin_address(&envoy.dir)?;
-            is_ready(admin).then_some(Ok(admin))
-        });
-        envoy.admin = match ready {
-            Some(Ok(admin)) => admin,
-            Some(Err(why)) => return Err(fail(&envoy, &why)),
-            None => return Err(fail(&envoy, &format!("Envoy was not ready within {READY_TIMEOUT:?}"))),
-        };
+        let dir = envoy.dir.clone();
+        let ready = wait_ready(
+            || admin_address(&dir),
+            || envoy.child.try_wait().ok().flatten().map(|s| s.to_string()),
+            READY_TIMEOUT,
+        );
+        envoy.admin = ready.map_err(|why| fail(&envoy, &why))?;
         envoy.listeners = envoy.fetch_listeners().map_err(|e| fail(&envoy, &e))?;
         // The first check: the filter runs with exactly these configurations.
         let versions: Vec<String> =
             launch.expect_configs.iter().map(|c| keyswap_policy::content_version(c.as_bytes())).collect();
-        let loaded = poll(Duration::from_secs(10), || {
-            let log = envoy.log();
-            let loaded: Vec<String> =
-                log.lines().filter_map(keyswap_policy::Summary::from_log_line).map(|s| s.version).collect();
-            let missing: Vec<&String> = versions.iter().filter(|v| !loaded.contains(v)).collect();
-            missing.is_empty().then_some(())
-        });
-        if loaded.is_none() {
-            return Err(fail(&envoy, &format!("keyswap did not log `configuration loaded` for versions {versions:?}")));
-        }
+        wait_loaded(|| envoy.log(), &versions, LOADED_TIMEOUT).map_err(|why| fail(&envoy, &why))?;
         Ok(envoy)
     }
 

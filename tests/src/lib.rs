@@ -18,6 +18,8 @@
 //! - [`ecds`], [`manifest`]: the keyswap configuration as an ECDS resource
 //!   and as platform manifests, from `keyswap-envoy-config`, so the tests
 //!   write the bytes `keyswap push` and `keyswap manifest` write.
+//! - [`bench`]: what the Envoy benchmark and the soak share: the
+//!   responder as a (pinned) process, Envoy's CPU time and memory from /proc.
 //! - [`load`]: bounded background load over keep-alive connections.
 //! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
 //!   did what when (from Envoy's log).
@@ -33,6 +35,7 @@
 /// The ECDS resource and the manifests, exactly as the `keyswap` CLI
 /// makes them.
 pub use keyswap_envoy_config::{ecds, manifest};
+pub mod bench;
 pub mod echo;
 pub mod envoy;
 pub mod http;

@@ -23,6 +23,9 @@
 //!   to a real registry with skopeo and judged by Istio's and Envoy
 //!   Gateway's fetcher rules; Envoy loading keyswap from an http URL with
 //!   its sha256, and failing closed on a wrong one.
+//! - [`validate`]: `envoy --mode validate` on every shipped Envoy
+//!   configuration, keyswap's configuration loaded in each (`scripts/test`
+//!   runs it first).
 //!
 //! Needs Envoy and the built filter: run `scripts/setup` first.
 
@@ -39,6 +42,7 @@ mod operations;
 mod platforms;
 mod revocation;
 mod routing;
+mod validate;
 
 /// Lowercase hex SHA-256 of `data`, as `key_sha256` and `sha256` fields
 /// take it.
