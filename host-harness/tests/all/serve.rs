@@ -144,7 +144,7 @@ impl Echo {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let extra = headers.lock().unwrap().clone();
-                        async move { Ok::<_, hyper::Error>(answer(request, &extra).await?) }
+                        async move { answer(request, &extra).await }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
