@@ -435,8 +435,10 @@ fn the_swap_holds_when_the_upstream_speaks_http2() {
         let seen = Echoed::parse(&response.body)
             .unwrap_or_else(|| panic!("{client}: not forwarded: {} {}", response.status, response.text()));
         assert_eq!(seen.version, "HTTP/2.0", "{client}: Envoy spoke {} to the upstream", seen.version);
-        assert_eq!(seen.header("authorization"), Some("Bearer h2-upstream-credential"), "{client}: {seen:?}");
-        assert_eq!(seen.header("x-api-key"), None, "{client}: the key reached the upstream");
+        // Compared, never printed: no credential in a panic message.
+        let names: Vec<&str> = seen.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(seen.header("authorization") == Some("Bearer h2-upstream-credential"), "{client}: {names:?}");
+        assert!(seen.header("x-api-key").is_none(), "{client}: the key reached the upstream");
         assert_eq!(seen.path, "/v1/x?q=1", "{client}");
     }
     // And a request without a key is denied before any upstream.
