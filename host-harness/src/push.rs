@@ -24,11 +24,14 @@
 //! filter's own lines never contain them.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::ecds::{self, EnvoyView};
@@ -393,10 +396,13 @@ fn without_prefix(line: &str) -> &str {
     rest.strip_prefix("wasm log: ").unwrap_or(rest)
 }
 
-/// Envoy's admin endpoint.
+/// Envoy's admin endpoint, asked with hyper's pooled HTTP/1.1 client on
+/// a runtime of this thread's own.
 struct Admin {
     /// `HOST:PORT`.
     authority: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Admin {
@@ -406,7 +412,17 @@ impl Admin {
         if authority.is_empty() || !authority.contains(':') {
             return Err(format!("--envoy-admin {url}: want http://HOST:PORT"));
         }
-        Ok(Self { authority: authority.to_string() })
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        let mut connector = HttpConnector::new();
+        // Short enough to notice a restarted Envoy; a paused Envoy is
+        // waited for by asking again, within --timeout.
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self { authority: authority.to_string(), client, runtime })
     }
 
     /// The ECDS stats and the config dump.
@@ -449,61 +465,44 @@ impl Admin {
     /// GET `path`; the body of a 200 answer.
     fn get(&self, path: &str) -> Result<String, String> {
         let fail = |e: &dyn std::fmt::Display| format!("Envoy's admin at http://{}: {e}", self.authority);
-        let addr = self.authority.to_socket_addrs().map_err(|e| fail(&e))?.next().ok_or_else(|| fail(&"no address"))?;
-        // Short enough to notice a restarted Envoy, long enough for a big dump;
-        // a paused Envoy is waited for by asking again, within --timeout.
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| fail(&e))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| fail(&e))?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", self.authority);
-        stream.write_all(request.as_bytes()).map_err(|e| fail(&e))?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => fail(&"no answer within 3 s (paused?)"),
-            _ => fail(&e),
-        })?;
-        let (head, body) = split_response(&raw).ok_or_else(|| fail(&"not an HTTP response"))?;
-        let status = head.lines().next().unwrap_or_default();
-        if status.split(' ').nth(1) != Some("200") {
+        let uri: hyper::Uri = format!("http://{}{path}", self.authority).parse().map_err(|e| fail(&e))?;
+        let request = async {
+            let response = self.client.get(uri).await.map_err(|e| fail(&ErrorChain(&e)))?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(|e| fail(&e))?.to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        // Long enough for a big dump.
+        let (status, body) = self
+            .runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(3), request).await })
+            .map_err(|_| fail(&"no answer within 3 s (paused?)"))??;
+        if status != hyper::StatusCode::OK {
             return Err(fail(&format!("GET {path}: {status}")));
         }
-        let chunked = head.lines().any(|l| {
-            let l = l.to_ascii_lowercase();
-            l.starts_with("transfer-encoding:") && l.contains("chunked")
-        });
-        let body = if chunked { dechunk(body).ok_or_else(|| fail(&"bad chunked body"))? } else { body.to_vec() };
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
 
-fn split_response(raw: &[u8]) -> Option<(String, &[u8])> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some((String::from_utf8_lossy(&raw[..end]).into_owned(), &raw[end + 4..]))
-}
+/// An error and its sources, `: `-separated (hyper-util's client error
+/// says only "client error (Connect)" without them).
+struct ErrorChain<'a>(&'a dyn std::error::Error);
 
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
         }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").as_deref(), Some(&b"abcde"[..]));
-        assert_eq!(dechunk(b"5\r\nab"), None);
-    }
 
     #[test]
     fn envoy_prefixes_are_removed() {

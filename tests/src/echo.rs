@@ -13,16 +13,14 @@
 //! adds to its response, in order (to test what the gateway does to
 //! responses). That header is test-only; leave it out of comparisons.
 //!
-//! Plain `std::net`, a thread a connection, HTTP/1.1 with keep-alive.
+//! A [`crate::server::Server`]: HTTP/1.1 with keep-alive and HTTP/2 (h2c),
+//! as Envoy's cluster speaks; the JSON says which (`"version"`). Over
+//! HTTP/2 the `:authority` is reported as `host`, first.
 
-use std::io::{self, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::io;
+use std::net::SocketAddr;
 
-use crate::http::{read_request, ServerRequest};
+use crate::server::{Received, Reply, Server};
 
 /// The request header that carries the response headers a test wants:
 /// `x-echo-respond: [["set-cookie", "a=1"], ["x-upstream", "ok"]]`.
@@ -34,6 +32,8 @@ pub struct Echoed {
     pub method: String,
     /// The request target exactly as received.
     pub path: String,
+    /// `HTTP/1.1` or `HTTP/2.0`: how the upstream was spoken to.
+    pub version: String,
     /// Names lower-cased, in order, repeats kept.
     pub headers: Vec<(String, String)>,
 }
@@ -51,6 +51,7 @@ impl Echoed {
         Some(Self {
             method: json.get("method")?.as_str()?.to_string(),
             path: json.get("path")?.as_str()?.to_string(),
+            version: json.get("version")?.as_str()?.to_string(),
             headers,
         })
     }
@@ -66,12 +67,9 @@ impl Echoed {
     }
 }
 
-/// A running echo upstream; stops accepting on drop (open keep-alive
-/// connections end when their peer closes them or after an idle minute).
+/// A running echo upstream; stops on drop.
 pub struct Echo {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
+    server: Server,
 }
 
 impl Echo {
@@ -81,90 +79,41 @@ impl Echo {
     /// # Errors
     /// The address cannot be bound.
     pub fn start(addr: &str) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let acceptor =
-            std::thread::Builder::new().name(format!("echo-{}", addr.port())).spawn(move || serve(&listener, &flag))?;
-        Ok(Self { addr, stop, acceptor: Some(acceptor) })
+        Ok(Self { server: Server::start(addr, answer)? })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
-}
 
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the acceptor so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-/// Accepts connections until `stop` is set, a thread each.
-pub fn serve(listener: &TcpListener, stop: &AtomicBool) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let _ = std::thread::Builder::new().name("echo-conn".into()).spawn(move || {
-            let _ = connection(stream);
-        });
-    }
-}
-
-fn connection(stream: TcpStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(15)))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let Some(ServerRequest { method, path, version, headers, .. }) = read_request(&mut reader)? else {
-            return Ok(());
-        };
-        let close =
-            version != "HTTP/1.1" || headers.iter().any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
-        writer.write_all(&answer(&method, &path, &headers, close))?;
-        writer.flush()?;
-        if close {
-            return Ok(());
-        }
+    /// Serves until the process ends (the `echo-upstream` program).
+    pub fn wait(self) {
+        self.server.wait();
     }
 }
 
 /// The response to one request: 200 with the echo JSON, plus the headers
 /// asked for (which replace the echo's `content-type`; never ask for
 /// `content-length`); 400 when [`RESPOND_HEADER`] is not a list of pairs.
-fn answer(method: &str, path: &str, headers: &[(String, String)], close: bool) -> Vec<u8> {
-    let body = serde_json::json!({"method": method, "path": path, "headers": headers}).to_string();
+fn answer(request: Received) -> Reply {
+    let Received { method, target, version, headers, .. } = request;
+    let body = serde_json::json!({"method": method, "path": target, "version": version, "headers": headers});
     let extra: Result<Vec<(String, String)>, String> = match headers.iter().find(|(n, _)| n == RESPOND_HEADER) {
         None => Ok(Vec::new()),
         Some((_, v)) => serde_json::from_str(v).map_err(|e| format!("{RESPOND_HEADER}: {e}")),
     };
-    let (status, body, extra) = match extra {
-        Ok(extra) => ("200 OK", body, extra),
-        Err(e) => ("400 Bad Request", serde_json::json!({"echo_error": e}).to_string(), Vec::new()),
-    };
-    let mut out = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
-    // The echo's own content type, unless the test asked for one.
-    if !extra.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
-        out.push_str("content-type: application/json\r\n");
+    match extra {
+        Ok(extra) => {
+            let mut reply = Reply::json(200, body.to_string());
+            // The echo's own content type, unless the test asked for one.
+            if extra.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
+                reply.headers.clear();
+            }
+            reply.headers.extend(extra);
+            reply
+        }
+        Err(e) => Reply::json(400, serde_json::json!({"echo_error": e}).to_string()),
     }
-    if close {
-        out.push_str("connection: close\r\n");
-    }
-    for (name, value) in extra {
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
-    out.push_str("\r\n");
-    out.push_str(&body);
-    out.into_bytes()
 }
 
 #[cfg(test)]
@@ -189,5 +138,17 @@ mod tests {
         assert_eq!((echoed.method.as_str(), echoed.path.as_str()), ("GET", "/p?q=1"));
         assert_eq!(echoed.header_all("x-a"), ["1", "2"]);
         assert_eq!(echoed.headers[0], ("host".to_string(), "h".to_string()));
+        assert_eq!(echoed.version, "HTTP/1.1");
+    }
+
+    #[test]
+    fn speaks_http2_with_prior_knowledge() {
+        let echo = Echo::start("127.0.0.1:0").unwrap();
+        let response = Request::get("/p?q=1").header("host", "h").header("x-a", "1").http2().send(echo.addr()).unwrap();
+        assert_eq!(response.status, 200);
+        let echoed = Echoed::parse(&response.body).unwrap();
+        assert_eq!((echoed.version.as_str(), echoed.path.as_str()), ("HTTP/2.0", "/p?q=1"));
+        assert_eq!(echoed.headers[0], ("host".to_string(), "h".to_string()));
+        assert_eq!(echoed.header("x-a"), Some("1"));
     }
 }

@@ -1,41 +1,55 @@
-//! A raw HTTP/1.1 client over one `TcpStream` a request, for tests that need
-//! full control of the bytes: exact header names, values (any bytes) and
-//! order, repeated headers, and any request line (origin-form,
-//! absolute-form, `CONNECT host:port`, or something malformed). Nothing is
-//! added to what the test writes: no `host`, no `content-length` unless
-//! [`Request::body`] is used.
+//! The tests' HTTP client for well-formed requests (to Envoy's listeners
+//! and its admin, to the test servers): hyper's client, HTTP/1.1 or
+//! HTTP/2 with prior knowledge, a new connection a request (so a request
+//! can land on any Envoy worker). What a library will not send, or
+//! rewrites (header case, interleaved repeats, any request line, malformed
+//! framing), goes through [`crate::raw`].
+//!
+//! ```text
+//! Request::get("/v1/models").header("host", "gateway.test").send(addr)? ─▶ Response { status, headers, body }
+//! ```
+//!
+//! Nothing is added to what the test sets: no `host` unless given (over
+//! HTTP/2 a given `host` becomes the `:authority`), and only the framing
+//! hyper needs for a body (`content-length`).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-/// How long one request may wait on the peer.
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::server::runtime;
+
+/// How long one request may take, connecting included.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A request, sent exactly as written.
+/// A request: method, origin-form target, headers in order, body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The request line without its CRLF: `GET /v1/models HTTP/1.1`.
-    pub line: Vec<u8>,
-    /// Header names and values, in order, as bytes.
+    pub method: String,
+    pub target: String,
+    /// Names and values as bytes; a name or value hyper refuses makes
+    /// [`Request::send`] fail (send such bytes with [`crate::raw`]).
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub body: Vec<u8>,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub http2: bool,
 }
 
 impl Request {
-    /// `METHOD TARGET HTTP/1.1`, with no headers.
+    /// `METHOD TARGET`, with no headers.
     pub fn new(method: &str, target: &str) -> Self {
-        Self::raw(format!("{method} {target} HTTP/1.1"))
+        Self { method: method.into(), target: target.into(), headers: Vec::new(), body: Vec::new(), http2: false }
     }
 
-    /// `GET TARGET HTTP/1.1`, with no headers.
+    /// `GET TARGET`, with no headers.
     pub fn get(target: &str) -> Self {
         Self::new("GET", target)
-    }
-
-    /// Any request line, sent as is.
-    pub fn raw(line: impl Into<Vec<u8>>) -> Self {
-        Self { line: line.into(), headers: Vec::new(), body: Vec::new() }
     }
 
     /// Appends a header (repeat the call for a repeated header).
@@ -45,75 +59,118 @@ impl Request {
         self
     }
 
-    /// Sets the body and appends its `content-length`.
+    /// Sets the body (hyper adds its `content-length`).
     #[must_use]
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
-        self.body = body.into();
-        let length = self.body.len().to_string();
-        self.header("content-length", length)
-    }
-
-    /// Sets the body as is, adding no header (for chunked bodies).
-    #[must_use]
-    pub fn body_raw(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.body = body.into();
         self
     }
 
-    /// The bytes on the wire.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + self.body.len());
-        out.extend_from_slice(&self.line);
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in &self.headers {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&self.body);
-        out
+    /// Sends over HTTP/2 with prior knowledge.
+    #[must_use]
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
     }
 
-    /// Sends the request on a new connection and reads one response.
+    /// Sends the request on a new connection and reads the whole response.
     ///
     /// # Errors
-    /// Connecting, writing, or reading a well-formed response failed.
+    /// The request is not one hyper sends, or connecting, sending or
+    /// reading failed, or [`TIMEOUT`] passed.
     pub fn send(&self, addr: SocketAddr) -> io::Result<Response> {
-        let head = self.line.split(|b| *b == b' ').next().unwrap_or_default();
-        send_bytes(addr, &self.to_bytes(), head.eq_ignore_ascii_case(b"HEAD"))
+        self.send_within(addr, TIMEOUT)
+    }
+
+    /// [`Request::send`], waiting at most `timeout` in all.
+    ///
+    /// # Errors
+    /// As [`Request::send`].
+    pub fn send_within(&self, addr: SocketAddr, timeout: Duration) -> io::Result<Response> {
+        let invalid = |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+        let mut builder = hyper::Request::builder().method(self.method.as_bytes());
+        let host = self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"host")).map(|(_, v)| v.as_slice());
+        builder = if self.http2 {
+            // The `host` given is the `:authority`; hyper sends no `host`.
+            let authority = host.map_or_else(|| addr.to_string(), |h| String::from_utf8_lossy(h).into_owned());
+            builder.version(hyper::Version::HTTP_2).uri(format!("http://{authority}{}", self.target))
+        } else {
+            builder.uri(format!("http://{addr}{}", self.target))
+        };
+        for (name, value) in &self.headers {
+            if !(self.http2 && name.eq_ignore_ascii_case(b"host")) {
+                builder = builder.header(name.as_slice(), value.as_slice());
+            }
+        }
+        let request = builder.body(Full::new(Bytes::from(self.body.clone()))).map_err(|e| invalid(&e))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        // A client a request, pooling nothing: a new connection each time,
+        // to `addr` whatever the URI's authority says.
+        connector.enforce_http(false);
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .set_host(false)
+            .http2_only(self.http2)
+            .build(Fixed { addr, inner: connector });
+        let exchange = async move {
+            let response = client.request(request).await.map_err(|e| io::Error::other(chain(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.map_err(|e| io::Error::other(chain(&e)))?.to_bytes();
+            let text = |v: &hyper::header::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+            Ok(Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers.iter().map(|(n, v)| (n.as_str().to_string(), text(v))).collect(),
+                body: body.to_vec(),
+            })
+        };
+        runtime()
+            .block_on(async { tokio::time::timeout(timeout, exchange).await })
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))?
     }
 }
 
-/// Writes `bytes` to a new connection and reads one response (`head`: the
-/// request was a HEAD, so the response has no body).
-///
-/// # Errors
-/// Connecting, writing, or reading a well-formed response failed.
-pub fn send_bytes(addr: SocketAddr, bytes: &[u8], head: bool) -> io::Result<Response> {
-    send_bytes_within(addr, bytes, head, TIMEOUT)
+/// A connector that dials one address whatever the URI names (the URI's
+/// authority is the `:authority` of an HTTP/2 request).
+#[derive(Clone)]
+struct Fixed {
+    addr: SocketAddr,
+    inner: HttpConnector,
 }
 
-/// [`send_bytes`], waiting at most `timeout` for each step.
-///
-/// # Errors
-/// Connecting, writing, or reading a well-formed response failed or timed out.
-pub fn send_bytes_within(addr: SocketAddr, bytes: &[u8], head: bool, timeout: Duration) -> io::Result<Response> {
-    let stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    (&stream).write_all(bytes)?;
-    (&stream).flush()?;
-    read_response(&mut BufReader::new(stream), head)
+impl tower_service::Service<hyper::Uri> for Fixed {
+    type Response = <HttpConnector as tower_service::Service<hyper::Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<hyper::Uri>>::Error;
+    type Future = <HttpConnector as tower_service::Service<hyper::Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _: hyper::Uri) -> Self::Future {
+        let uri = hyper::Uri::try_from(format!("http://{}/", self.addr)).unwrap_or_default();
+        self.inner.call(uri)
+    }
 }
 
-/// One response: status, headers in the order received, and the body
-/// (de-chunked).
+/// An error and its sources, `: `-separated (hyper-util's client error
+/// alone says only "client error (Connect)").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        text.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    text
+}
+
+/// One response: status, headers, and the body (de-chunked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    /// Names as received (Envoy sends them in lower case).
+    /// Names as received (lower case from hyper and from Envoy).
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -140,150 +197,5 @@ impl Response {
     /// The body is not JSON.
     pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_slice(&self.body)
-    }
-}
-
-fn invalid(message: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message.into())
-}
-
-/// Reads a CRLF- (or LF-) terminated line without its terminator.
-pub(crate) fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut line = Vec::new();
-    let n = reader.by_ref().take(limit as u64 + 2).read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if line.last() != Some(&b'\n') {
-        return Err(invalid("line too long or connection closed mid-line"));
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(Some(line))
-}
-
-/// One request a server read: method, target, version, headers (names
-/// lower-cased) and body.
-pub(crate) struct ServerRequest {
-    pub method: String,
-    pub path: String,
-    pub version: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-/// Reads the next request on a server connection (`None`: the peer closed
-/// it); blank lines between requests are skipped.
-pub(crate) fn read_request(reader: &mut impl BufRead) -> io::Result<Option<ServerRequest>> {
-    let line = loop {
-        let Some(line) = read_line(reader, 64 * 1024)? else { return Ok(None) };
-        if !line.is_empty() {
-            break String::from_utf8_lossy(&line).into_owned();
-        }
-    };
-    let mut parts = line.split(' ');
-    let method = parts.next().unwrap_or_default().to_string();
-    let path = parts.next().unwrap_or_default().to_string();
-    let version = parts.next().unwrap_or_default().to_string();
-    let headers: Vec<(String, String)> =
-        read_headers(reader)?.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
-    let body = read_body(reader, &headers, false)?;
-    Ok(Some(ServerRequest { method, path, version, headers, body }))
-}
-
-/// Reads header lines up to the empty line.
-pub(crate) fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> {
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(reader, 256 * 1024)?.ok_or_else(|| invalid("connection closed in the headers"))?;
-        if line.is_empty() {
-            return Ok(headers);
-        }
-        if headers.len() > 10_000 {
-            return Err(invalid("too many headers"));
-        }
-        let colon = line.iter().position(|b| *b == b':').ok_or_else(|| invalid("header line without `:`"))?;
-        let name = String::from_utf8_lossy(&line[..colon]).into_owned();
-        let value = String::from_utf8_lossy(&line[colon + 1..]).trim_matches([' ', '\t']).to_string();
-        headers.push((name, value));
-    }
-}
-
-/// Reads a body framed by `headers`: chunked, `content-length`, or (when
-/// `to_eof`) everything up to the end of the connection.
-pub(crate) fn read_body(reader: &mut impl BufRead, headers: &[(String, String)], to_eof: bool) -> io::Result<Vec<u8>> {
-    let get = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
-    let mut body = Vec::new();
-    if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        loop {
-            let line = read_line(reader, 1024)?.ok_or_else(|| invalid("connection closed in a chunk size"))?;
-            let size = String::from_utf8_lossy(&line);
-            let size = size.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size, 16).map_err(|_| invalid("bad chunk size"))?;
-            if size == 0 {
-                // Trailers, up to the empty line.
-                read_headers(reader)?;
-                return Ok(body);
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            reader.read_exact(&mut body[start..])?;
-            read_line(reader, 2)?;
-        }
-    }
-    if let Some(length) = get("content-length") {
-        let length: usize = length.trim().parse().map_err(|_| invalid("bad content-length"))?;
-        body.resize(length, 0);
-        reader.read_exact(&mut body)?;
-        return Ok(body);
-    }
-    if to_eof {
-        reader.read_to_end(&mut body)?;
-    }
-    Ok(body)
-}
-
-pub(crate) fn read_response(reader: &mut impl BufRead, head: bool) -> io::Result<Response> {
-    loop {
-        let line = read_line(reader, 8192)?.ok_or_else(|| invalid("connection closed before a response"))?;
-        let text = String::from_utf8_lossy(&line);
-        let mut parts = text.splitn(3, ' ');
-        let (version, status) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-        if !version.starts_with("HTTP/1.") {
-            return Err(invalid(format!("not an HTTP/1 status line: {text:?}")));
-        }
-        let status: u16 = status.parse().map_err(|_| invalid(format!("bad status line: {text:?}")))?;
-        let headers = read_headers(reader)?;
-        if (100..200).contains(&status) && status != 101 {
-            continue;
-        }
-        let bodiless = head || status == 204 || status == 304 || (100..200).contains(&status);
-        let body = if bodiless { Vec::new() } else { read_body(reader, &headers, true)? };
-        return Ok(Response { status, headers, body });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_exactly_what_it_is_given() {
-        let request = Request::get("/a?b=c").header("Host", "x").header("a", b"\xff").header("a", "2");
-        assert_eq!(request.to_bytes(), b"GET /a?b=c HTTP/1.1\r\nHost: x\r\na: \xff\r\na: 2\r\n\r\n".to_vec());
-    }
-
-    #[test]
-    fn reads_chunked_and_sized_bodies() {
-        let wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx: 1\r\n\r\n3\r\nabc\r\n2;e=1\r\nde\r\n0\r\n\r\n";
-        let response = read_response(&mut &wire[..], false).unwrap();
-        assert_eq!(response.status, 200);
-        assert_eq!(response.body, b"abcde");
-        assert_eq!(response.header("X"), Some("1"));
-        let wire = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}";
-        let response = read_response(&mut &wire[..], false).unwrap();
-        assert_eq!((response.status, response.text().as_str()), (401, "{}"));
     }
 }

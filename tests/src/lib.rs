@@ -2,15 +2,21 @@
 //!
 //! ```text
 //!  test ──http::Request──▶ Envoy (envoy::Envoy, generated bootstrap) ──▶ echo::Echo
-//!   ▲     raw HTTP/1.1      listener ─ keyswap.wasm (V8) ─ router        │
-//!   └──────────── http::Response (echo JSON: method, path, headers) ◀────┘
+//!   ▲   (hyper; raw::Request  listener ─ keyswap.wasm (V8) ─ router    │ (hyper, h1 or h2c)
+//!   │    for hostile bytes)                                           │
+//!   └──────────── http::Response (echo JSON: method, path, headers) ◀─┘
 //! ```
 //!
 //! - [`echo`]: an upstream that answers with JSON of exactly the request it
 //!   received, and adds response headers a request asks for. Also the
 //!   `echo-upstream` binary that `scripts/demo` runs.
-//! - [`http`]: a raw HTTP/1.1 client: any request line, exact header bytes
-//!   and order.
+//! - [`server`]: the loopback server every test upstream is built on
+//!   (hyper; HTTP/1.1 and h2c on one port; a handler closure; stops on drop).
+//! - [`http`]: the client for well-formed requests and Envoy's admin
+//!   (hyper; HTTP/1.1 or h2c, a new connection a request).
+//! - [`raw`]: the one raw-socket module, for what no library sends: any
+//!   request line, exact header bytes and order, hand-made framing, one
+//!   never-reconnecting connection, and the routing tests' recorder.
 //! - [`envoy`]: finds Envoy and the filter, generates bootstraps, runs
 //!   Envoy until ready and the filter's configuration is proven loaded,
 //!   kills it on drop and prints its log when a test fails.
@@ -40,6 +46,8 @@ pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod load;
+pub mod raw;
 pub mod revocation;
 pub mod routing;
+pub mod server;
 pub mod token;

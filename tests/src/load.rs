@@ -4,44 +4,18 @@
 //! connection (a thread never reconnects: an I/O error ends it and is
 //! recorded).
 
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::http::{read_response, Request, Response, TIMEOUT};
-
-/// One connection that stays open across requests.
-pub struct KeepAlive {
-    reader: BufReader<TcpStream>,
-}
-
-impl KeepAlive {
-    /// Connects to `addr`.
-    ///
-    /// # Errors
-    /// Connecting failed.
-    pub fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.set_write_timeout(Some(TIMEOUT))?;
-        stream.set_nodelay(true)?;
-        Ok(Self { reader: BufReader::new(stream) })
-    }
-
-    /// Sends `request` on this connection and reads its response.
-    ///
-    /// # Errors
-    /// Writing or reading failed (the peer closed the connection, say).
-    pub fn send(&mut self, request: &Request) -> std::io::Result<Response> {
-        let stream = self.reader.get_mut();
-        stream.write_all(&request.to_bytes())?;
-        stream.flush()?;
-        read_response(&mut self.reader, false)
-    }
-}
+use crate::http::{Request, Response};
+// Raw on purpose: each thread must hold ONE connection and never
+// reconnect (the revocation tests read which connection Envoy closed and
+// when), and time every request on its own; wrk/h2load report aggregates
+// and a pooled client reconnects silently.
+use crate::raw::KeepAlive;
 
 /// One request of the load: when it was sent, how long it took, and what
 /// came back (an I/O error as text).
@@ -82,7 +56,7 @@ impl Load {
         let mut threads = Vec::new();
         for connection in 0..bounds.connections {
             let mut conn = KeepAlive::connect(addr)?;
-            let (stop, samples, request) = (stop.clone(), samples.clone(), request.clone());
+            let (stop, samples, request) = (stop.clone(), samples.clone(), crate::raw::Request::from(request));
             threads.push(std::thread::spawn(move || {
                 let started = Instant::now();
                 for _ in 0..bounds.max_requests_per_connection {

@@ -1,14 +1,22 @@
 //! `keyswap serve` end to end, over loopback only: real HTTP/1.1 requests
-//! through the gateway component to an echo upstream started here, for the
+//! (hyper's client) through the gateway component to an echo upstream
+//! started here (hyper's server), for the
 //! conformance suite (runner `serve`), and a 100 MiB body streamed each way
 //! through the `keyswap serve` process with its peak memory measured.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyswap_conformance::{default_dir, Observed, Runner, Suite, SuiteCase, SuiteReport};
 use keyswap_harness::component::compile;
 use keyswap_harness::serve::{Gateway, RunningGateway, ServeError};
@@ -17,7 +25,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-/// The longest any socket here waits; every server stops when dropped.
+/// The longest any request here takes; every server stops when dropped.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The echo upstream's marker header on its own answers.
@@ -36,39 +44,116 @@ fn compiled() -> &'static (Engine, Component) {
     })
 }
 
+/// The runtime of this file's echo upstream and client.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a tokio runtime")
+    })
+}
+
+/// `n` bytes of a repeating pattern, streamed 64 KiB a frame, hashed as
+/// they go (a body of any size in bounded memory, each way).
+struct Pattern {
+    left: u64,
+    hash: Arc<Mutex<Sha256>>,
+}
+
+impl Pattern {
+    fn new(n: u64) -> Self {
+        Self { left: n, hash: Arc::new(Mutex::new(Sha256::new())) }
+    }
+
+    /// The SHA-256 of every byte of `n` (without sending them).
+    fn sha256(n: u64) -> String {
+        let mut pattern = Self::new(n);
+        while pattern.next_chunk().is_some() {}
+        let hash = pattern.hash.lock().unwrap().clone();
+        format!("{:x}", hash.finalize())
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        static CHUNK: OnceLock<Bytes> = OnceLock::new();
+        let chunk = CHUNK.get_or_init(|| (0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into());
+        if self.left == 0 {
+            return None;
+        }
+        let len = usize::try_from(self.left.min(chunk.len() as u64)).unwrap();
+        self.left -= len as u64;
+        let bytes = chunk.slice(..len);
+        self.hash.lock().unwrap().update(&bytes);
+        Some(bytes)
+    }
+}
+
+impl Body for Pattern {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.next_chunk().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// Reads a body a frame at a time: its length, its SHA-256, and the bytes
+/// when they are at most 1 MiB.
+async fn drain(mut body: Incoming) -> Result<(u64, String, Vec<u8>), hyper::Error> {
+    let (mut length, mut hash, mut kept) = (0u64, Sha256::new(), Vec::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            length += chunk.len() as u64;
+            hash.update(&chunk);
+            if kept.len() + chunk.len() <= 1 << 20 {
+                kept.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok((length, format!("{:x}", hash.finalize()), kept))
+}
+
 // ---------------------------------------------------------------- echo --
 
-/// An HTTP/1.1 upstream on loopback that answers every request with JSON
-/// describing what it received (the body only counted and hashed, never
-/// kept), plus the response headers set in `respond_with`; or, when asked
-/// with `x-echo-response-bytes: N`, a generated body of N bytes.
+/// An HTTP/1.1 upstream on loopback (hyper) that answers every request with
+/// JSON describing what it received (the body only counted and hashed,
+/// never kept), plus the response headers set in `respond_with`; or, when
+/// asked with `x-echo-response-bytes: N`, a generated body of N bytes.
 struct Echo {
     addr: SocketAddr,
     respond_with: Arc<Mutex<Vec<(String, String)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Echo {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = {
+            let _entered = runtime().enter();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            tokio::net::TcpListener::from_std(listener).unwrap()
+        };
         let addr = listener.local_addr().unwrap();
         let respond_with = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (headers, stopped) = (respond_with.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let headers = headers.lock().unwrap().clone();
-                std::thread::spawn(move || {
-                    let _ = answer(stream, &headers);
+        let headers = respond_with.clone();
+        let task = runtime().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let headers = headers.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let extra = headers.lock().unwrap().clone();
+                        async move { answer(request, &extra).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
-        Self { addr, respond_with, stop, thread: Some(thread) }
+        Self { addr, respond_with, task }
     }
 
     fn respond_with(&self, headers: &[(String, String)]) {
@@ -78,120 +163,41 @@ impl Echo {
 
 impl Drop for Echo {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.task.abort();
     }
 }
 
-fn read_head(reader: &mut impl BufRead) -> std::io::Result<(String, Vec<(String, Vec<u8>)>)> {
-    let mut first = String::new();
-    reader.read_line(&mut first)?;
-    let mut headers = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        reader.read_until(b'\n', &mut line)?;
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
-        }
-        if line.is_empty() {
-            break;
-        }
-        let colon = line.iter().position(|b| *b == b':').unwrap_or(line.len());
-        let name = String::from_utf8_lossy(&line[..colon]).trim().to_ascii_lowercase();
-        let value = line.get(colon + 1..).unwrap_or_default().trim_ascii().to_vec();
-        headers.push((name, value));
-    }
-    Ok((first.trim_end().to_string(), headers))
-}
+type EchoBody = http_body_util::Either<http_body_util::Full<Bytes>, Pattern>;
 
-fn header<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h [u8]> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
-}
-
-/// Reads a body (Content-Length or chunked) into `sink` a chunk at a time.
-fn read_body(
-    reader: &mut impl BufRead,
-    headers: &[(String, Vec<u8>)],
-    mut sink: impl FnMut(&[u8]),
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut copy = |reader: &mut dyn BufRead, mut left: u64| -> std::io::Result<()> {
-        while left > 0 {
-            let want = usize::try_from(left.min(buf.len() as u64)).unwrap();
-            let n = reader.read(&mut buf[..want])?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            sink(&buf[..n]);
-            left -= n as u64;
+async fn answer(
+    request: hyper::Request<Incoming>,
+    respond_with: &[(String, String)],
+) -> Result<hyper::Response<EchoBody>, hyper::Error> {
+    let (parts, body) = request.into_parts();
+    let (length, sha256, _) = drain(body).await?;
+    let mut response = hyper::Response::builder().header(ECHO_MARK, "1");
+    if let Some(n) = parts.headers.get(ECHO_RESPONSE_BYTES) {
+        let n: u64 = n.to_str().ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+        for (name, value) in respond_with {
+            response = response.header(name, value);
         }
-        Ok(())
-    };
-    if header(headers, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size)?;
-            let size = u64::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-            if size == 0 {
-                // Trailers, then the empty line.
-                while reader.read_line(&mut String::new())? > 2 {}
-                return Ok(());
-            }
-            copy(reader, size)?;
-            reader.read_line(&mut String::new())?;
-        }
+        return Ok(response.body(EchoBody::Right(Pattern::new(n))).unwrap());
     }
-    let length = header(headers, "content-length").map_or(0, |v| String::from_utf8_lossy(v).parse().unwrap_or(0));
-    copy(reader, length)
-}
-
-fn answer(stream: TcpStream, respond_with: &[(String, String)]) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    let (line, headers) = read_head(&mut reader)?;
-    let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (mut length, mut hash) = (0u64, Sha256::new());
-    read_body(&mut reader, &headers, |chunk| {
-        length += chunk.len() as u64;
-        hash.update(chunk);
-    })?;
-    let extra: String = respond_with.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
-    if let Some(n) = header(&headers, ECHO_RESPONSE_BYTES) {
-        let n: u64 = String::from_utf8_lossy(n).parse().unwrap_or(0);
-        write!(out, "HTTP/1.1 200 OK\r\n{ECHO_MARK}: 1\r\n{extra}content-length: {n}\r\nconnection: close\r\n\r\n")?;
-        return write_pattern(&mut out, n, &mut Sha256::new());
-    }
-    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-    let received: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.clone(), text(v))).collect();
+    let received: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
     let body = serde_json::json!({
-        "method": method, "path": path, "headers": received,
-        "body_bytes": length, "body_sha256": format!("{:x}", hash.finalize()),
+        "method": parts.method.as_str(), "path": parts.uri.to_string(), "headers": received,
+        "body_bytes": length, "body_sha256": sha256,
     })
     .to_string();
-    write!(
-        out,
-        "HTTP/1.1 200 OK\r\n{ECHO_MARK}: 1\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-/// Writes `n` bytes of a repeating pattern, hashing them.
-fn write_pattern(out: &mut impl Write, n: u64, hash: &mut Sha256) -> std::io::Result<()> {
-    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-    let mut left = n;
-    while left > 0 {
-        let len = usize::try_from(left.min(chunk.len() as u64)).unwrap();
-        out.write_all(&chunk[..len])?;
-        hash.update(&chunk[..len]);
-        left -= len as u64;
+    response = response.header("content-type", "application/json");
+    for (name, value) in respond_with {
+        response = response.header(name, value);
     }
-    out.flush()
+    Ok(response.body(EchoBody::Left(http_body_util::Full::new(Bytes::from(body)))).unwrap())
 }
 
 // -------------------------------------------------------------- client --
@@ -205,8 +211,13 @@ struct Reply {
     sha256: String,
 }
 
-/// One request on a fresh connection; `body_bytes` of the pattern are sent
-/// with a Content-Length.
+fn header<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h [u8]> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+}
+
+/// One request on a fresh connection (hyper's client); `body_bytes` of
+/// the pattern are streamed with a Content-Length. Returns the reply and
+/// the SHA-256 of what was sent.
 fn send(
     addr: SocketAddr,
     method: &str,
@@ -214,37 +225,26 @@ fn send(
     headers: &[(String, String)],
     body_bytes: u64,
 ) -> (Reply, String) {
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-    let mut out = std::io::BufWriter::new(stream.try_clone().unwrap());
-    write!(out, "{method} {target} HTTP/1.1\r\n").unwrap();
+    let client: Client<_, Pattern> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).set_host(false).build_http();
+    let mut request = hyper::Request::builder().method(method).uri(format!("http://{addr}{target}"));
     for (name, value) in headers {
-        out.write_all(name.as_bytes()).unwrap();
-        out.write_all(b": ").unwrap();
-        out.write_all(value.as_bytes()).unwrap();
-        out.write_all(b"\r\n").unwrap();
+        request = request.header(name, value);
     }
-    if body_bytes > 0 {
-        write!(out, "content-length: {body_bytes}\r\n").unwrap();
-    }
-    out.write_all(b"connection: close\r\n\r\n").unwrap();
-    let mut sent = Sha256::new();
-    write_pattern(&mut out, body_bytes, &mut sent).unwrap();
-    drop(out);
-    let mut reader = BufReader::new(stream);
-    let (line, headers) = read_head(&mut reader).unwrap();
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
-    let (mut body, mut length, mut hash) = (Vec::new(), 0u64, Sha256::new());
-    read_body(&mut reader, &headers, |chunk| {
-        length += chunk.len() as u64;
-        hash.update(chunk);
-        if body.len() + chunk.len() <= 1 << 20 {
-            body.extend_from_slice(chunk);
-        }
-    })
-    .unwrap();
-    let reply = Reply { status, headers, body, length, sha256: format!("{:x}", hash.finalize()) };
+    let body = Pattern::new(body_bytes);
+    let sent = Arc::clone(&body.hash);
+    let request = request.body(body).unwrap();
+    let exchange = async move {
+        let response = client.request(request).await.unwrap_or_else(|e| panic!("{method} {target}: {e:?}"));
+        let (parts, body) = response.into_parts();
+        let (length, sha256, body) = drain(body).await.unwrap();
+        let headers = parts.headers.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect();
+        Reply { status: parts.status.as_u16(), headers, body, length, sha256 }
+    };
+    let reply = runtime()
+        .block_on(async { tokio::time::timeout(TIMEOUT, exchange).await })
+        .unwrap_or_else(|_| panic!("{method} {target}: no answer within {TIMEOUT:?}"));
+    let sent = sent.lock().unwrap().clone();
     (reply, format!("{:x}", sent.finalize()))
 }
 
@@ -478,9 +478,7 @@ fn a_100_mib_body_streams_through_each_way_in_bounded_memory() {
     download.push((ECHO_RESPONSE_BYTES.to_string(), BODY.to_string()));
     let (reply, _) = send(server.addr, "GET", "/download", &download, 0);
     assert_eq!((reply.status, reply.length), (200, BODY));
-    let mut expected = Sha256::new();
-    write_pattern(&mut std::io::sink(), BODY, &mut expected).unwrap();
-    assert_eq!(reply.sha256, format!("{:x}", expected.finalize()));
+    assert_eq!(reply.sha256, Pattern::sha256(BODY));
     let down_peak = server.status_kib("VmHWM:");
 
     println!("keyswap serve RSS: base {base} KiB, peak after upload {up_peak} KiB, after download {down_peak} KiB");

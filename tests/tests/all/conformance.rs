@@ -16,7 +16,9 @@ use keyswap_tests::echo::{Echo, Echoed, RESPOND_HEADER};
 use keyswap_tests::envoy::{
     filter_wasm, route_selector, without_shared_clusters, Envoy, Launch, Listener, ROUTE_HEADER,
 };
-use keyswap_tests::http::Request;
+// Raw: a case's request line and header bytes are sent exactly as the case
+// file writes them (name case, repeats, CONNECT authority-form, absolute-form).
+use keyswap_tests::raw::Request;
 
 /// Request headers the upstream receives that neither the client sent nor
 /// keyswap added; left out of the comparison, as the suite's contract says

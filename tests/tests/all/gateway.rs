@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use keyswap_tests::echo::{Echo, Echoed, RESPOND_HEADER};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, validate, Envoy, Launch, Listener, ROUTE_HEADER};
-use keyswap_tests::http::{self, Request, Response};
+use keyswap_tests::http::{Request, Response};
+use keyswap_tests::raw;
 
 // ---- the shipped envoy.yaml ------------------------------------------------
 
@@ -396,10 +397,61 @@ fn credentials_are_read_from_the_vm_environment_at_configuration() {
 
 // ---- the filter never takes a worker down -----------------------------------
 
+/// keyswap's swap holds when Envoy speaks HTTP/2 (h2c) to the upstream:
+/// every cluster of the gateway is switched to `http2_protocol_options`,
+/// the echo upstream reports the protocol it was spoken to in, and what it
+/// received has the credential and no trace of the key, for a client on
+/// HTTP/1.1 and one on HTTP/2.
+#[test]
+fn the_swap_holds_when_the_upstream_speaks_http2() {
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let listener = Listener {
+        name: "h2".into(),
+        config: token_config("h2"),
+        env: BTreeMap::from([("TOKEN".to_string(), "h2-upstream-credential".to_string())]),
+        route_names: vec!["h2".into()],
+        ..Listener::default()
+    };
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("the gateway's clusters");
+    for cluster in clusters.iter_mut() {
+        let options =
+            &mut cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert!(options.is_object(), "a cluster without HttpProtocolOptions: {cluster}");
+        options["explicit_http_config"] = serde_json::json!({"http2_protocol_options": {}});
+    }
+    let launch = Launch {
+        file_name: "envoy.json".into(),
+        text: bootstrap.to_string(),
+        expect_configs: vec![listener.config.clone()],
+        ..Launch::default()
+    };
+    let envoy = Envoy::start(&launch).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    let addr = envoy.listener("h2").expect("listener h2");
+    let keyed = Request::get("/v1/x?q=1").header("host", "gw").header(ROUTE_HEADER, "h2").header("x-api-key", "k");
+    for (client, request) in [("HTTP/1.1", keyed.clone()), ("HTTP/2", keyed.clone().http2())] {
+        let response = request.send(addr).unwrap_or_else(|e| panic!("{client} through Envoy: {e}"));
+        let seen = Echoed::parse(&response.body)
+            .unwrap_or_else(|| panic!("{client}: not forwarded: {} {}", response.status, response.text()));
+        assert_eq!(seen.version, "HTTP/2.0", "{client}: Envoy spoke {} to the upstream", seen.version);
+        // Compared, never printed: no credential in a panic message.
+        let names: Vec<&str> = seen.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(seen.header("authorization") == Some("Bearer h2-upstream-credential"), "{client}: {names:?}");
+        assert!(seen.header("x-api-key").is_none(), "{client}: the key reached the upstream");
+        assert_eq!(seen.path, "/v1/x?q=1", "{client}");
+    }
+    // And a request without a key is denied before any upstream.
+    let denied = Request::get("/v1/x").header("host", "gw").header(ROUTE_HEADER, "h2").send(addr).expect("a denial");
+    assert_denied(&denied, 401, "missing_key");
+}
+
 /// Requests meant to break a filter: oversized, repeated, malformed, odd
 /// request lines and bytes. Envoy itself refuses some; whatever reaches
 /// keyswap must be answered without a panic.
 fn hostile_requests() -> Vec<Vec<u8>> {
+    // Raw: invalid bytes, absolute-form and CONNECT lines, hand-made chunks.
+    use keyswap_tests::raw::Request;
     let bearer = |key: &str| {
         Request::get("/v1/x")
             .header("host", "gw")
@@ -516,7 +568,7 @@ fn filter_survives_a_burst_of_hostile_requests() {
                         for bytes in chunk {
                             // Envoy may answer 400/431, close, or wait for
                             // more bytes that never come: all are fine here.
-                            let outcome = match http::send_bytes_within(addr, bytes, false, Duration::from_secs(2)) {
+                            let outcome = match raw::send_bytes_within(addr, bytes, false, Duration::from_secs(2)) {
                                 Ok(r) if Echoed::parse(&r.body).is_some() => "forwarded".to_string(),
                                 Ok(r) => match r.json().ok().and_then(|j| j["error"].as_str().map(String::from)) {
                                     Some(error) => format!("keyswap {} {error}", r.status),

@@ -17,13 +17,12 @@
 //! killed on drop.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::sha256_hex;
@@ -34,6 +33,7 @@ use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, tail, Envoy, Launch, Listener, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::revocation::free_port;
+use keyswap_tests::server::{Reply, Server};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -561,65 +561,32 @@ fn the_old_one_layer_raw_wasm_artifact_is_refused_by_the_same_rules() {
 
 // ---- Envoy fetching the module over HTTP -----------------------------------------
 
-/// A loopback HTTP/1.1 server answering every request with the module (as
-/// Envoy Gateway's own wasm HTTP server serves modules to its proxies);
-/// counts what it served; stops on drop.
+/// A loopback server answering every request with the module (as Envoy
+/// Gateway's own wasm HTTP server serves modules to its proxies); counts
+/// what it served; stops on drop.
 struct ModuleServer {
-    addr: SocketAddr,
+    server: Server,
     served: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
 }
 
 impl ModuleServer {
     fn start(module: Vec<u8>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
-        let addr = listener.local_addr().expect("its address");
-        let (served, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let (count, flag) = (Arc::clone(&served), Arc::clone(&stop));
-        let acceptor = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    return;
-                }
-                if let Ok(stream) = stream {
-                    if Self::answer(stream, &module).is_ok() {
-                        count.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&served);
+        let server = Server::start("127.0.0.1:0", move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Reply {
+                status: 200,
+                headers: vec![("content-type".into(), "application/wasm".into())],
+                body: module.clone(),
             }
-        });
-        Self { addr, served, stop, acceptor: Some(acceptor) }
-    }
-
-    /// Reads one request head (bounded) and answers it with the module.
-    fn answer(stream: TcpStream, module: &[u8]) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut reader = BufReader::new((&stream).take(64 * 1024));
-        let mut line = String::new();
-        while reader.read_line(&mut line)? > 2 {
-            line.clear();
-        }
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/wasm\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            module.len()
-        );
-        (&stream).write_all(head.as_bytes())?;
-        (&stream).write_all(module)
+        })
+        .expect("a loopback port");
+        Self { server, served }
     }
 
     fn url(&self) -> String {
-        format!("http://{}/keyswap_filter.wasm", self.addr)
-    }
-}
-
-impl Drop for ModuleServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
+        format!("http://{}/keyswap_filter.wasm", self.server.addr())
     }
 }
 
@@ -661,7 +628,7 @@ fn remote_gateway(listener: &Listener, upstream: SocketAddr, server: &ModuleServ
         "type": "STATIC",
         "connect_timeout": "2s",
         "load_assignment": {"cluster_name": MODULE_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-            {"socket_address": {"address": server.addr.ip().to_string(), "port_value": server.addr.port()}}}}]}]},
+            {"socket_address": {"address": server.server.addr().ip().to_string(), "port_value": server.server.addr().port()}}}}]}]},
     }));
     bootstrap.to_string()
 }

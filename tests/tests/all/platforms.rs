@@ -29,8 +29,8 @@ use keyswap_tests::ecds::{self, WASM_TYPE};
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, repo_root, Envoy, Launch};
 use keyswap_tests::http::{Request, Response};
-use keyswap_tests::load::KeepAlive;
 use keyswap_tests::manifest;
+use keyswap_tests::raw::{self, KeepAlive};
 use serde_json::{json, Value};
 
 const TEAM_KEY: &str = "platform-team-key";
@@ -555,11 +555,13 @@ fn envoy_gateway_manifests_run_as_envoy_gateway_delivers_them() {
             .header(PICK, EG_B)
             .header("authorization", format!("Bearer {BOT_KEY}"))
     };
-    assert_eq!(open.send(&bot()).map(|r| r.status).unwrap_or(0), 200);
+    assert_eq!(open.send(&raw::Request::from(&bot())).map(|r| r.status).unwrap_or(0), 200);
     let updates = counter(&envoy, "cluster_manager.cds.update_success");
     let revoked = eg_docs(&config(EG_A, EG_B, true), &wasm);
     write_json(&cds, &eg_clusters(&revoked, echo.addr()));
-    let took = status_within(Duration::from_secs(10), 401, || open.send(&bot()).unwrap_or_else(|e| panic!("{e}")));
+    let took = status_within(Duration::from_secs(10), 401, || {
+        open.send(&raw::Request::from(&bot())).unwrap_or_else(|e| panic!("{e}"))
+    });
     assert!(counter(&envoy, "cluster_manager.cds.update_success") > updates);
     eprintln!("revoked on an open connection {took:?} after the cluster update was written");
 
@@ -575,6 +577,6 @@ fn envoy_gateway_manifests_run_as_envoy_gateway_delivers_them() {
         assert!(start.elapsed() < Duration::from_secs(10), "Envoy did not reject the refused configuration");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(open.send(&bot()).map(|r| r.status).unwrap_or(0), 401, "the revocation holds");
+    assert_eq!(open.send(&raw::Request::from(&bot())).map(|r| r.status).unwrap_or(0), 401, "the revocation holds");
     reached(&send(&envoy, EG_A, Some(TEAM_KEY), &[]), EG_A);
 }
