@@ -1,11 +1,44 @@
 //! What a client may see of the upstream's response: no credential the
 //! route injected handed back (`reflections`, in Envoy's final stage), and
-//! no `strip_response_headers` (`response_removals`, in the first stage).
+//! no `strip_response_headers` (`response_removals`, in the first stage);
+//! and what the upstream's status means for the dynamic credentials the
+//! request carried (`upstream_status`, in the final stage).
 
+use crate::credential::{self, Rejection, SharedRecords, Used};
 use crate::model::Policy;
 use crate::query;
 
+/// The status by which an upstream rejects the credentials it was given
+/// (RFC 9110 15.5.2): their values are dropped and fetched again.
+pub const REJECTED_STATUS: u16 = 401;
+
 impl Policy {
+    /// What the upstream's answer `status` to a request means for the
+    /// dynamic credentials it carried (`used`, from the request's
+    /// [`crate::Forward`]). On a 401 every one of them is dropped from
+    /// `records` and fetched again ([`credential::reject`]): the answer
+    /// does not say which credential was refused, so none of those the
+    /// request carried is sent again. A value already dropped or replaced
+    /// (another worker saw a 401 first, or a refresh came in between) is
+    /// left alone, and a refresh forced by a 401 follows the last one by
+    /// [`credential::MIN_FORCED_REFRESH_MS`] at least. Returns the values
+    /// dropped here, for a log line and a counter; empty for any other
+    /// status or a request without dynamic credentials, which read neither
+    /// `now_ms` nor `records`.
+    pub fn upstream_status<'p>(
+        &'p self,
+        status: u16,
+        used: &[Used],
+        now_ms: &dyn Fn() -> i64,
+        records: &mut dyn SharedRecords,
+    ) -> Vec<Rejection<'p>> {
+        if status != REJECTED_STATUS || used.is_empty() {
+            return Vec::new();
+        }
+        let now = now_ms();
+        used.iter().filter_map(|u| credential::reject(&self.providers, records, *u, now)).collect()
+    }
+
     /// Response headers that would hand a credential the route injected
     /// back to the client, with what to do: `Some(value)` replaces a
     /// `location` or `content-location` whose query carried an injected
