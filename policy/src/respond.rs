@@ -161,6 +161,39 @@ mod tests {
         }
     }
 
+    /// Only a 401 to a request that carried dynamic values reads the clock
+    /// or the records, and it drops exactly the providers it was given.
+    #[test]
+    fn only_a_401_with_dynamic_values_drops_anything() {
+        use crate::credential::{MemoryRecords, Record};
+        let json = r#"{"clients": [{"id": "c", "key": "k1", "routes": ["*"]}],
+            "routes": [{"name": "a", "match": {"clusters": ["ca"]},
+                        "inject": [{"header": "authorization", "value": {"fetch": {"cluster": "v", "path": "/a", "json_pointer": "/a"}}}]},
+                       {"name": "b", "match": {"clusters": ["cb"]},
+                        "inject": [{"header": "authorization", "value": {"fetch": {"cluster": "v", "path": "/b", "json_pointer": "/b"}}}]}]}"#;
+        let p = Policy::from_json(json.as_bytes(), &|_: &str| None).unwrap();
+        let mut records = MemoryRecords::new(2);
+        for provider in 0..2 {
+            let record = Record { values: vec!["value-1".into()], generation: 1, ..Record::default() };
+            records.write(provider, &record, None);
+        }
+        let never = || -> i64 { panic!("the clock was read") };
+        let used = [Used { provider: 0, generation: 1 }];
+        for status in [200, 403, 500] {
+            assert!(p.upstream_status(status, &used, &never, &mut records).is_empty(), "{status}");
+        }
+        assert!(p.upstream_status(401, &[], &never, &mut records).is_empty());
+        let dropped = p.upstream_status(401, &used, &|| 7, &mut records);
+        assert_eq!(
+            dropped.iter().map(|r| r.provider.path.as_str()).collect::<Vec<_>>(),
+            ["routes[0].inject[0].value.fetch"]
+        );
+        let usable =
+            |records: &MemoryRecords, provider| records.read(provider).is_some_and(|(r, _)| r.usable(8).is_some());
+        assert!(!usable(&records, 0), "the rejected value is not sent again");
+        assert!(usable(&records, 1), "another route's value is untouched");
+    }
+
     #[test]
     fn responses_never_carry_an_injected_secret_back() {
         let p = bound();
