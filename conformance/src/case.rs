@@ -60,6 +60,87 @@ pub enum Step {
     Fail { cluster: String },
     /// Exactly this many calls are pending, across every worker.
     Pending(usize),
+    /// The case's request (with `headers` instead of its own, when given)
+    /// goes to a worker and must be forwarded; its stream stays open,
+    /// waiting for the upstream's answer ([`Step::Respond`]).
+    Send(SendStep),
+    /// The upstream answers the request open on a worker (there must be
+    /// one) with this status, headers only; the stream ends.
+    Respond(RespondStep),
+}
+
+/// See [`Step::Send`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendStep {
+    /// The request's headers instead of the case's (another client's key).
+    #[serde(default)]
+    pub headers: Option<Vec<(String, String)>>,
+    /// The worker (0-based); the last by default. It must have no request
+    /// open.
+    #[serde(default)]
+    pub worker: Option<usize>,
+    /// Headers the forwarded request must carry with exactly these values.
+    #[serde(default)]
+    pub carries: Vec<(String, String)>,
+}
+
+/// See [`Step::Respond`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondStep {
+    pub status: u16,
+    /// The worker (0-based); the last by default.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+impl SendStep {
+    /// The request this step sends: `case`'s, with this step's headers.
+    pub fn request(&self, case: &Request) -> Request {
+        let mut request = case.clone();
+        if let Some(headers) = &self.headers {
+            request.headers.clone_from(headers);
+        }
+        request
+    }
+
+    /// Compares the forwarded request's headers with [`Self::carries`].
+    ///
+    /// # Errors
+    /// Every header missing or with another value, one a line.
+    pub fn check(&self, forwarded: &[(String, Vec<u8>)]) -> Result<(), String> {
+        let mut diff = String::new();
+        for (name, want) in &self.carries {
+            let name = name.to_ascii_lowercase();
+            let got: Vec<String> = forwarded
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            if got != [want.clone()] {
+                let _ = writeln!(diff, "forwarded header {name}: want {want:?}, got {got:?}");
+            }
+        }
+        if diff.is_empty() {
+            Ok(())
+        } else {
+            Err(diff)
+        }
+    }
+}
+
+/// Which of `workers` a step names: `worker`, else the last.
+///
+/// # Errors
+/// A worker that does not exist.
+pub fn step_worker(worker: Option<usize>, workers: usize) -> Result<usize, String> {
+    let w = worker.unwrap_or(workers.saturating_sub(1));
+    if w < workers {
+        Ok(w)
+    } else {
+        Err(format!("there is no worker {w} (the case has {workers})"))
+    }
 }
 
 /// A token endpoint's or credential service's answer.

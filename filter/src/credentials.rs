@@ -7,6 +7,7 @@
 //! on_tick (every worker) ──Refresher::tick(EnvoyRecords)──▶ dispatch_http_call(cluster) for each lease won
 //! on_http_call_response ──Reply──▶ Refresher::answer(EnvoyRecords) ──▶ Note ──▶ log
 //! request ──Policy::decide(EnvoyRecords)──▶ get_shared_data, once per provider of the route
+//! response :status ──Policy::upstream_status(EnvoyRecords)──▶ on a 401, the values sent dropped (CAS) ──▶ log, count
 //! ```
 //!
 //! Every worker of a VM sees the same shared data, so the compare-and-swap
@@ -16,12 +17,13 @@
 
 use std::time::Duration;
 
-use keyswap_policy::credential::{Provider, Record, Refresher, Reply, SharedRecords, MAX_ANSWER_BYTES};
+use keyswap_policy::credential::{Provider, Record, Refresher, Reply, SharedRecords, Used, MAX_ANSWER_BYTES};
 use keyswap_policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
 use crate::log;
+use crate::root::Shared;
 
 /// How often every worker checks whether a refresh is due.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -114,4 +116,19 @@ pub fn answer(
     };
     let providers = policy.credential_providers();
     note(refresher.answer(providers, &mut EnvoyRecords { keys }, token, reply, now_ms));
+}
+
+/// The upstream's answer `status` to a request on `route` that carried the
+/// dynamic values `used`: the policy drops the values of a 401 from the
+/// shared records; each drop is counted and logged (rate-limited with the
+/// denial lines, by credential path, never a value).
+pub(crate) fn upstream_status(shared: &Shared, route: &str, status: u16, used: &[Used], now_ms: &dyn Fn() -> i64) {
+    let keys = &shared.record_keys;
+    for rejection in shared.policy.upstream_status(status, used, now_ms, &mut EnvoyRecords { keys }) {
+        shared.metrics.count_rejected(route);
+        if let Some(suppressed) = shared.audit.borrow_mut().admit(rejection.now.div_euclid(1000)) {
+            let tail = if suppressed > 0 { format!(" (suppressed {suppressed} earlier lines)") } else { String::new() };
+            log(LogLevel::Warn, &format!("keyswap: route {route}: {rejection}{tail}"));
+        }
+    }
 }

@@ -9,7 +9,9 @@
 //!            keys and look-alikes removed, nothing added         on Envoy's final route and cluster,
 //!            the key's digest left in filter state               with that digest: every credential
 //!                                                                set (edits applied) | local reply
-//! response ◀ strip_response_headers ◀──────────────────────────── credentials echoed back removed
+//! response ◀ strip_response_headers ◀──────────────────────────── credentials echoed back removed;
+//!                                                                 on a 401, Policy::upstream_status
+//!                                                                 drops the dynamic values sent
 //! ```
 //!
 //! A credential is set only in the final stage, which runs after Envoy has
@@ -46,6 +48,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use credentials::EnvoyRecords;
+use keyswap_policy::credential::Used;
 use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView, Unconfigured};
 use metrics::Outcome;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -89,8 +92,9 @@ enum Stage {
     /// The listener's filter, before routing is final.
     First,
     /// The cluster's upstream filter; `route` is the route the credentials
-    /// were set for, `secrets` the dynamic values injected.
-    Final { route: Option<String>, secrets: Vec<String> },
+    /// were set for, `secrets` the dynamic values injected, `used` their
+    /// records and generations (handed back with the upstream's status).
+    Final { route: Option<String>, secrets: Vec<String>, used: Vec<Used> },
 }
 
 /// One HTTP stream.
@@ -172,8 +176,8 @@ impl KeyswapHttp {
             Decision::Forward(mut forward) => {
                 let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(shared, forward.route, forward.client, outcome);
-                let secrets = std::mem::take(&mut forward.secrets);
-                self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets };
+                let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
+                self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets, used };
                 if !forward.is_noop() {
                     // One call replaces the whole map, borrowing every
                     // header rather than copying it.
@@ -238,7 +242,13 @@ impl HttpContext for KeyswapHttp {
                 }
             }
             Stage::First | Stage::Final { route: None, .. } => {}
-            Stage::Final { route: Some(route), secrets } => {
+            Stage::Final { route: Some(route), secrets, used } => {
+                if !used.is_empty() {
+                    // A 401 drops the dynamic values this request carried.
+                    let status = self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let now = || unix_millis(self.get_current_time());
+                    credentials::upstream_status(&shared, route, status, used, &now);
+                }
                 let headers = self.get_http_response_headers_bytes();
                 let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
                 for (name, value) in shared.policy.reflections(route, &secrets, &headers) {
@@ -256,7 +266,7 @@ impl HttpContext for KeyswapHttp {
         let trailers = self.get_http_response_trailers_bytes();
         let mut removals: Vec<String> =
             shared.policy.response_removals(&trailers).into_iter().map(str::to_string).collect();
-        if let Stage::Final { route: Some(route), secrets } = &self.stage {
+        if let Stage::Final { route: Some(route), secrets, .. } = &self.stage {
             let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
             removals.extend(shared.policy.reflections(route, &secrets, &trailers).into_iter().map(|(n, _)| n));
         }

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Requests that matched no route: passed, or denied `no_route`.
     unmatched: [Option<u32>; SLOTS],
     per_client: bool,
+    /// Per route with dynamic credentials: values dropped after an
+    /// upstream's 401 (`keyswap_credential_rejected_total;route=…`).
+    rejected: Vec<(String, Option<u32>)>,
     /// Per client, per route: defined on the client's first request there.
     clients: RefCell<HashMap<String, HashMap<String, Option<u32>>>>,
 }
@@ -75,6 +78,11 @@ impl Metrics {
             ids
         };
         let routes = policy.route_names().map(|r| (r.to_string(), route_outcomes(r))).collect();
+        let rejected = policy
+            .route_names()
+            .filter(|r| !policy.route_providers(r).is_empty())
+            .map(|r| (r.to_string(), counter(&format!("keyswap_credential_rejected_total;route={r}"))))
+            .collect();
         let mut unmatched = [None; SLOTS];
         for outcome in policy.unrouted_outcomes() {
             // Envoy answers a malformed authority itself, before any filter.
@@ -95,7 +103,14 @@ impl Metrics {
         gauge("keyswap_routes", summary.routes as u64);
         gauge("keyswap_refusing_all", u64::from(policy.refuses_all()));
         gauge(&format!("keyswap_config_info;version={}", summary.version), 1);
-        Metrics { routes, unmatched, per_client: policy.per_client_metrics(), clients: RefCell::default() }
+        Metrics { routes, unmatched, per_client: policy.per_client_metrics(), rejected, clients: RefCell::default() }
+    }
+
+    /// Counts dynamic values of `route` dropped after an upstream's 401.
+    pub fn count_rejected(&self, route: &str) {
+        if let Some((_, Some(id))) = self.rejected.iter().find(|(name, _)| name == route) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
     }
 
     /// Counts one request.

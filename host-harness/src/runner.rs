@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use keyswap_conformance::{Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
+use keyswap_conformance::{step_worker, Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
 
 use crate::error::HarnessError;
 use crate::module::{FilterInstance, FilterModule, Handled};
@@ -87,12 +87,15 @@ fn run_timeline(module: &FilterModule, case: &SuiteCase) -> CaseRun {
     }
     let mut at_ms = 0u64;
     if matches!(result, Ok(None)) {
+        // Per worker: a request forwarded by `send`, waiting for `respond`.
+        let mut open = vec![false; workers.len()];
         result = case
             .steps
             .iter()
             .enumerate()
             .try_for_each(|(i, step)| {
-                run_step(&mut workers, &clock, step, &mut at_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))
+                run_step(&mut workers, &mut open, case, &clock, step, &mut at_ms)
+                    .map_err(|e| format!("step {i} ({step:?}): {e}"))
             })
             .map(|()| None);
     }
@@ -136,7 +139,14 @@ worker logs:
     CaseRun { observed, unimplemented, request_host_calls }
 }
 
-fn run_step(workers: &mut [FilterInstance], clock: &Clock, step: &Step, at_ms: &mut u64) -> Result<(), String> {
+fn run_step(
+    workers: &mut [FilterInstance],
+    open: &mut [bool],
+    case: &SuiteCase,
+    clock: &Clock,
+    step: &Step,
+    at_ms: &mut u64,
+) -> Result<(), String> {
     let oldest = |workers: &mut [FilterInstance], cluster: &str| -> Result<(usize, u32), String> {
         workers
             .iter()
@@ -180,6 +190,35 @@ fn run_step(workers: &mut [FilterInstance], clock: &Clock, step: &Step, at_ms: &
                 Ok(())
             } else {
                 Err(format!("{got} calls are pending, not {want}"))
+            }
+        }
+        Step::Send(send) => {
+            let w = step_worker(send.worker, workers.len())?;
+            if open[w] {
+                return Err(format!("worker {w} has a request open"));
+            }
+            let request = send.request(&case.request);
+            let outcome = workers[w]
+                .request_to(request.route_name.as_deref(), request.cluster(), &request.header_list())
+                .map_err(|e| e.to_string())?;
+            match outcome {
+                Handled::Forwarded { headers } => {
+                    open[w] = true;
+                    send.check(&headers)
+                }
+                Handled::Local(local) => Err(format!("the request was answered {} locally", local.status)),
+                Handled::Paused { .. } => Err("the filter paused the request without answering it".into()),
+            }
+        }
+        Step::Respond(respond) => {
+            let w = step_worker(respond.worker, workers.len())?;
+            if !std::mem::take(&mut open[w]) {
+                return Err(format!("worker {w} has no request open"));
+            }
+            let status = vec![(":status".to_string(), respond.status.to_string().into_bytes())];
+            match workers[w].response(&status).map_err(|e| e.to_string())? {
+                Handled::Forwarded { .. } => Ok(()),
+                _ => Err("the filter did not pass the response on".into()),
             }
         }
     }

@@ -16,7 +16,7 @@ use std::cell::Cell;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::credential::SharedRecords;
+use crate::credential::{SharedRecords, Used};
 use crate::decision::{Decision, Denial, DenialReason, Forward};
 use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
@@ -220,6 +220,7 @@ impl Policy {
             add_headers: Vec::new(),
             path: self.rewrite_query(req.path, &[], &[]),
             secrets: Vec::new(),
+            used: Vec::new(),
         }
     }
 
@@ -320,14 +321,14 @@ impl Policy {
             add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
         }
         let injected: &[QueryInject] = credentials.map_or(&[], |c| c.queries.as_slice());
-        let (path, mut secrets) = match credentials {
+        let (path, mut secrets, used) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
             Some(credentials) if !credentials.dynamic.is_empty() => {
                 let dynamic = dynamic_values(credentials, now, records)?;
                 add_headers.extend(dynamic.headers);
-                (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets)
+                (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets, dynamic.used)
             }
-            _ => (self.rewrite_query(req.path, injected, &[]), Vec::new()),
+            _ => (self.rewrite_query(req.path, injected, &[]), Vec::new(), Vec::new()),
         };
         // A response is checked for the route's own static credentials by
         // route name (`reflections`); a client's own go with the forward.
@@ -342,6 +343,7 @@ impl Policy {
             add_headers,
             path,
             secrets,
+            used,
         })
     }
 
@@ -407,8 +409,18 @@ fn dynamic_values<'p>(
     let now = now.millis();
     let read: Vec<(usize, Option<crate::credential::Record>)> =
         list.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
-    let mut out =
-        DynamicValues { headers: Vec::new(), queries: Vec::new(), secrets: Vec::with_capacity(list.dynamic.len()) };
+    let mut out = DynamicValues {
+        headers: Vec::new(),
+        queries: Vec::new(),
+        secrets: Vec::with_capacity(list.dynamic.len()),
+        // Every provider of the list is read by some entry: all were used.
+        used: read
+            .iter()
+            .filter_map(|(provider, record)| {
+                record.as_ref().map(|r| Used { provider: *provider, generation: r.generation })
+            })
+            .collect(),
+    };
     for inject in &list.dynamic {
         let value = read
             .iter()
@@ -437,6 +449,8 @@ struct DynamicValues<'p> {
     queries: Vec<String>,
     /// The values without prefixes.
     secrets: Vec<String>,
+    /// The providers read and the generation of their values.
+    used: Vec<Used>,
 }
 
 fn echoing_method(method: &[u8]) -> bool {

@@ -205,6 +205,11 @@ pub struct Forward<'p> {
     /// response must never carry back (see [`crate::Policy::reflections`]).
     /// Empty on a route with static credentials only.
     pub secrets: Vec<String>,
+    /// The dynamic credentials the request carries, by provider and the
+    /// generation of the values sent (no value): what a host hands
+    /// [`crate::Policy::upstream_status`] with the upstream's answer.
+    /// Empty on a route with static credentials only.
+    pub used: Vec<crate::credential::Used>,
 }
 
 impl Forward<'_> {
@@ -249,6 +254,7 @@ impl std::fmt::Debug for Forward<'_> {
             .field("add_headers", &added)
             .field("path", &self.path.as_ref().map(|_| ".."))
             .field("secrets", &format_args!("[{} redacted]", self.secrets.len()))
+            .field("used", &self.used)
             .finish()
     }
 }
@@ -311,6 +317,7 @@ mod tests {
             add_headers: vec![("authorization", "Bearer up".into()), ("x-client", "c".into())],
             path: Some(b"/a".to_vec()),
             secrets: Vec::new(),
+            used: Vec::new(),
         };
         let edited: Vec<(String, Vec<u8>)> =
             forward.edited(&headers).into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();

@@ -5,6 +5,7 @@
 //!                                │                              │                                ├─ Forward { every edit }
 //!                                └──▶ credential::Provider ◀────┘ SharedRecords                 └─ Deny { reason }
 //!  host timer ──credential::Refresher (lease, compare-and-swap, backoff) over SharedRecords
+//!  upstream's status ──upstream_status(Forward::used)──▶ a 401 drops the values sent (credential::reject)
 //! ```
 //!
 //! The module map; imports run one way, top to bottom, never back up:
@@ -12,7 +13,7 @@
 //! | module | what is there | imports from the crate |
 //! |---|---|---|
 //! | [`decide`] | [`Policy::decide`], the one entry point: the whole answer for a request, dynamic credentials included; Envoy's first stage ([`Policy::key_check`], [`Policy::admit`]); request trailers | `model`, `decision`, `request`, `credential`, `query`, `raw` |
-//! | [`respond`] | what a response may carry back: [`Policy::reflections`], [`Policy::response_removals`] | `model`, `query` |
+//! | [`respond`] | what a response may carry back: [`Policy::reflections`], [`Policy::response_removals`]; what its status means for the dynamic values sent: [`Policy::upstream_status`] | `model`, `query`, `credential` |
 //! | [`compile`] | parse, then compile ([`Policy::from_json`]); [`ConfigError`] names the field path; [`compile::env`] the environment secrets come from | `model`, `credential`, `raw`, `request`, `query`, `time` |
 //! | [`model`] | the compiled [`Policy`] and its parts; read-only accessors | `credential`, `raw` |
 //! | [`credential`] | dynamic credentials, a leaf: [`credential::Provider`] (the call and its answer), [`credential::Record`] (the shared state), [`credential::Refresher`] (the refresh state machine) over [`credential::SharedRecords`] | — |

@@ -1,11 +1,44 @@
 //! What a client may see of the upstream's response: no credential the
 //! route injected handed back (`reflections`, in Envoy's final stage), and
-//! no `strip_response_headers` (`response_removals`, in the first stage).
+//! no `strip_response_headers` (`response_removals`, in the first stage);
+//! and what the upstream's status means for the dynamic credentials the
+//! request carried (`upstream_status`, in the final stage).
 
+use crate::credential::{self, Rejection, SharedRecords, Used};
 use crate::model::Policy;
 use crate::query;
 
+/// The status by which an upstream rejects the credentials it was given
+/// (RFC 9110 15.5.2): their values are dropped and fetched again.
+pub const REJECTED_STATUS: u16 = 401;
+
 impl Policy {
+    /// What the upstream's answer `status` to a request means for the
+    /// dynamic credentials it carried (`used`, from the request's
+    /// [`crate::Forward`]). On a 401 every one of them is dropped from
+    /// `records` and fetched again ([`credential::reject`]): the answer
+    /// does not say which credential was refused, so none of those the
+    /// request carried is sent again. A value already dropped or replaced
+    /// (another worker saw a 401 first, or a refresh came in between) is
+    /// left alone, and a refresh forced by a 401 follows the last one by
+    /// [`credential::MIN_FORCED_REFRESH_MS`] at least. Returns the values
+    /// dropped here, for a log line and a counter; empty for any other
+    /// status or a request without dynamic credentials, which read neither
+    /// `now_ms` nor `records`.
+    pub fn upstream_status<'p>(
+        &'p self,
+        status: u16,
+        used: &[Used],
+        now_ms: &dyn Fn() -> i64,
+        records: &mut dyn SharedRecords,
+    ) -> Vec<Rejection<'p>> {
+        if status != REJECTED_STATUS || used.is_empty() {
+            return Vec::new();
+        }
+        let now = now_ms();
+        used.iter().filter_map(|u| credential::reject(&self.providers, records, *u, now)).collect()
+    }
+
     /// Response headers that would hand a credential the route injected
     /// back to the client, with what to do: `Some(value)` replaces a
     /// `location` or `content-location` whose query carried an injected
@@ -126,6 +159,39 @@ mod tests {
             Ok(policy) => policy,
             Err(err) => panic!("{err}"),
         }
+    }
+
+    /// Only a 401 to a request that carried dynamic values reads the clock
+    /// or the records, and it drops exactly the providers it was given.
+    #[test]
+    fn only_a_401_with_dynamic_values_drops_anything() {
+        use crate::credential::{MemoryRecords, Record};
+        let json = r#"{"clients": [{"id": "c", "key": "k1", "routes": ["*"]}],
+            "routes": [{"name": "a", "match": {"clusters": ["ca"]},
+                        "inject": [{"header": "authorization", "value": {"fetch": {"cluster": "v", "path": "/a", "json_pointer": "/a"}}}]},
+                       {"name": "b", "match": {"clusters": ["cb"]},
+                        "inject": [{"header": "authorization", "value": {"fetch": {"cluster": "v", "path": "/b", "json_pointer": "/b"}}}]}]}"#;
+        let p = Policy::from_json(json.as_bytes(), &|_: &str| None).unwrap();
+        let mut records = MemoryRecords::new(2);
+        for provider in 0..2 {
+            let record = Record { values: vec!["value-1".into()], generation: 1, ..Record::default() };
+            records.write(provider, &record, None);
+        }
+        let never = || -> i64 { panic!("the clock was read") };
+        let used = [Used { provider: 0, generation: 1 }];
+        for status in [200, 403, 500] {
+            assert!(p.upstream_status(status, &used, &never, &mut records).is_empty(), "{status}");
+        }
+        assert!(p.upstream_status(401, &[], &never, &mut records).is_empty());
+        let dropped = p.upstream_status(401, &used, &|| 7, &mut records);
+        assert_eq!(
+            dropped.iter().map(|r| r.provider.path.as_str()).collect::<Vec<_>>(),
+            ["routes[0].inject[0].value.fetch"]
+        );
+        let usable =
+            |records: &MemoryRecords, provider| records.read(provider).is_some_and(|(r, _)| r.usable(8).is_some());
+        assert!(!usable(&records, 0), "the rejected value is not sent again");
+        assert!(usable(&records, 1), "another route's value is untouched");
     }
 
     #[test]

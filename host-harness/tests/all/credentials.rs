@@ -117,3 +117,53 @@ fn static_routes_make_no_credential_host_calls_and_denials_are_counted() {
     // Static routes have no such series.
     assert!(!metrics.keys().any(|k| k.contains("route=static") && k.contains("credential_unavailable")));
 }
+
+/// A 401 from the upstream: one line naming the route and the credential's
+/// path (never the token), one count, no host call on a 200, and a static
+/// route reads neither the clock nor shared data for its response.
+#[test]
+fn a_rejected_token_is_logged_by_path_and_counted() {
+    let (shared, clock) = (SharedData::default(), Clock::real());
+    at(&clock, 0);
+    let mut w = worker(&shared, &clock);
+    w.tick().unwrap();
+    answer(&mut w, 200, r#"{"access_token":"tok-secret-1","expires_in":300}"#);
+    let status = |code: &str| -> HeaderList { vec![(":status".into(), code.as_bytes().to_vec())] };
+    let series = "keyswap_credential_rejected_total;route=orders";
+    assert_eq!(w.metrics().get(series).map(|(_, v)| *v), Some(0));
+    assert!(!w.metrics().keys().any(|k| k.contains("rejected") && k.contains("route=static")));
+
+    // A 200 reads nothing more than the reflections do.
+    assert!(matches!(request(&mut w, "orders", "/v1"), Handled::Forwarded { .. }));
+    w.response(&status("200")).unwrap();
+    let calls = w.last_request_host_calls().unwrap();
+    assert_eq!(calls.get("proxy_set_shared_data"), 0);
+    // A static route's 401 touches no record.
+    assert!(matches!(request(&mut w, "static", "/static/x"), Handled::Forwarded { .. }));
+    w.response(&status("401")).unwrap();
+    let calls = w.last_request_host_calls().unwrap();
+    assert_eq!((calls.get("proxy_get_shared_data"), calls.get("proxy_set_shared_data")), (0, 0));
+
+    at(&clock, 1000);
+    assert!(matches!(request(&mut w, "orders", "/v1"), Handled::Forwarded { .. }));
+    w.response(&status("401")).unwrap();
+    assert_eq!(w.metrics().get(series).map(|(_, v)| *v), Some(1));
+    let lines: Vec<(LogLevel, String)> =
+        w.log().iter().filter(|e| e.message.contains("401")).map(|e| (e.level, e.message.clone())).collect();
+    assert_eq!(
+        lines,
+        [(
+            LogLevel::Warn,
+            "keyswap: route orders: credential routes[1].inject[0].value.oauth2 (oauth2): the upstream answered 401 \
+             to it; value dropped, fetching a new one"
+                .to_string()
+        )]
+    );
+    let Handled::Local(local) = request(&mut w, "orders", "/v1") else { panic!("the rejected token was sent again") };
+    assert_eq!(local.status, 503);
+    w.tick().unwrap();
+    answer(&mut w, 200, r#"{"access_token":"tok-secret-2","expires_in":300}"#);
+    assert!(w.log_text().contains("new value fetched after the upstream rejected the last one"));
+    let everything = format!("{}\n{:?}", w.log_text(), w.metrics());
+    assert!(!everything.contains("tok-secret"), "{everything}");
+}

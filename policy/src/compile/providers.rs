@@ -648,6 +648,7 @@ mod tests {
             add_headers: vec![("authorization", "tok-secret-3".into())],
             path: Some(b"/?k=tok-secret-4".to_vec()),
             secrets: vec!["tok-secret-6".into()],
+            used: Vec::new(),
         };
         let raw: crate::raw::RawValue = serde_json::from_str(r#"{"inline": "tok-secret-5"}"#).unwrap();
         let text = format!("{record:?} {answer:?} {forward:?} {raw:?}");

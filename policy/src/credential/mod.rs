@@ -7,6 +7,7 @@
 //!  host timer ──Refresher::tick──▶ SharedRecords: lease won? ──host HTTP call──▶ Refresher::answer
 //!                                         └─ Provider::parse ──▶ Record::succeeded | failed ──CAS──▶ SharedRecords
 //!  request ──Policy::decide──▶ SharedRecords::read (once per provider of the route) ──▶ Forward | credential_unavailable
+//!  upstream 401 ──Policy::upstream_status(Forward::used)──▶ reject: Record::rejected ──CAS──▶ SharedRecords
 //! ```
 //!
 //! - `provider`: [`Provider`], the call and how its answer is read
@@ -18,7 +19,9 @@
 //! - [`refresh`]: the refresh state machine (lease, compare-and-swap,
 //!   backoff) over [`SharedRecords`], the small trait a host implements
 //!   over its shared storage (the filter over Envoy's shared data;
-//!   [`MemoryRecords`] in memory).
+//!   [`MemoryRecords`] in memory); and [`reject`], which drops values an
+//!   upstream answered 401 to (compare-and-swap on their generation, at
+//!   most one forced refresh per [`MIN_FORCED_REFRESH_MS`]).
 //!
 //! All values of one provider come from one answer, and a request is given
 //! every credential of its route or refused, never a mixed set (see
@@ -32,7 +35,9 @@ pub mod refresh;
 
 pub use provider::{
     Answer, AnswerError, Kind, Provider, DEFAULT_MARGIN_SECONDS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
-    MAX_BACKOFF_MS, MAX_VALUE_BYTES,
+    MAX_BACKOFF_MS, MAX_VALUE_BYTES, MIN_FORCED_REFRESH_MS,
 };
 pub use record::{backoff_ms, Record, Success};
-pub use refresh::{Event, MemoryRecords, NoRecords, Note, Refresher, Reply, SharedRecords, MAX_ANSWER_BYTES};
+pub use refresh::{
+    reject, Event, MemoryRecords, NoRecords, Note, Refresher, Rejection, Reply, SharedRecords, Used, MAX_ANSWER_BYTES,
+};

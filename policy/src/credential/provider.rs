@@ -10,6 +10,9 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_REFRESH_SECONDS: u64 = 300;
 /// The longest wait between retries after failed refreshes.
 pub const MAX_BACKOFF_MS: i64 = 60_000;
+/// The shortest time between two refreshes forced by an upstream's 401 for
+/// one provider ([`crate::credential::Record::rejected`]).
+pub const MIN_FORCED_REFRESH_MS: i64 = 5_000;
 /// The longest credential value accepted from a token endpoint.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024;
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::provider::{Answer, Provider, MAX_BACKOFF_MS};
+use super::provider::{Answer, Provider, MAX_BACKOFF_MS, MIN_FORCED_REFRESH_MS};
 
 /// The shared state of one provider.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,11 @@ pub struct Record {
     /// Bumped each time the values change.
     #[serde(default)]
     pub generation: u64,
+    /// Unix milliseconds of the last refresh forced by an upstream's 401
+    /// ([`Record::rejected`]); 0: never. The next forced refresh is due
+    /// [`MIN_FORCED_REFRESH_MS`] later at the earliest.
+    #[serde(default)]
+    pub forced_at: i64,
 }
 
 /// What [`Record::succeeded`] changed.
@@ -66,6 +71,7 @@ impl Record {
             refresh_at: answer.refresh_at,
             failures: 0,
             lease_until: 0,
+            forced_at: self.forced_at,
         };
         (record, Success { changed, recovered_after: self.failures })
     }
@@ -76,6 +82,23 @@ impl Record {
     pub fn failed(&self, now: i64) -> Record {
         let failures = self.failures.saturating_add(1);
         Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() }
+    }
+
+    /// This record after an upstream answered 401 at `now` to a request
+    /// that carried the values of `generation`: the values are dropped (a
+    /// value the upstream rejected is not sent again; its routes answer
+    /// `credential_unavailable` until a new one is fetched) and a refresh
+    /// is due at once, or [`MIN_FORCED_REFRESH_MS`] after the last forced
+    /// one, whichever is later, so an upstream that rejects every value
+    /// causes at most one call per that interval. `None` when there is
+    /// nothing to drop: the values of `generation` were already dropped, or
+    /// replaced by newer ones (a late 401 never drops a newer value).
+    pub fn rejected(&self, generation: u64, now: i64) -> Option<Record> {
+        if generation != self.generation || self.values.is_empty() {
+            return None;
+        }
+        let due = if self.forced_at == 0 { now } else { now.max(self.forced_at.saturating_add(MIN_FORCED_REFRESH_MS)) };
+        Some(Record { values: Vec::new(), expires_at: None, refresh_at: due, forced_at: due, ..self.clone() })
     }
 
     /// The shared-data encoding.
@@ -105,6 +128,7 @@ impl std::fmt::Debug for Record {
             .field("failures", &self.failures)
             .field("lease_until", &self.lease_until)
             .field("generation", &self.generation)
+            .field("forced_at", &self.forced_at)
             .finish()
     }
 }

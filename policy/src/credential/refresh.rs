@@ -4,6 +4,7 @@
 //! ```text
 //! tick (every worker) ──read──▶ Record::due? ──write leased (CAS)──▶ lease won? ──call──▶ call id
 //! answer(call id, reply) ──Provider::parse──▶ Record::succeeded | failed ──write (CAS, retried)──▶ Note to log
+//! upstream 401 ──reject(Used)──▶ Record::rejected (same generation only) ──write (CAS, retried)──▶ Rejection
 //! ```
 //!
 //! One worker leads each refresh: it wins the compare-and-swap that writes
@@ -11,7 +12,7 @@
 //! wait for a call; they read the last good values ([`crate::decide`]).
 //! The host makes the calls and logs the [`Note`]s; nothing here does I/O.
 
-use super::provider::{Answer, AnswerError, Provider};
+use super::provider::{Answer, AnswerError, Provider, MIN_FORCED_REFRESH_MS};
 use super::record::Record;
 
 /// The largest answer a host reads from a token endpoint or credential
@@ -107,6 +108,8 @@ pub struct Note<'p> {
 pub enum Event {
     /// The provider's first value was stored.
     FirstValue,
+    /// A value was stored after an upstream rejected the last one.
+    Replaced,
     /// A refresh succeeded after this many failed ones.
     Recovered { after: u32 },
     /// The first failed refresh of a streak: why, and whether the last good
@@ -128,6 +131,9 @@ impl std::fmt::Display for Note<'_> {
         let (path, kind) = (&self.provider.path, self.provider.kind.name());
         match &self.event {
             Event::FirstValue => write!(f, "credential {path} ({kind}): first value fetched"),
+            Event::Replaced => {
+                write!(f, "credential {path} ({kind}): new value fetched after the upstream rejected the last one")
+            }
             Event::Recovered { after } => {
                 write!(f, "credential {path} ({kind}): refreshed again after {after} failed attempts")
             }
@@ -229,6 +235,69 @@ impl Refresher {
     }
 }
 
+/// A dynamic credential a forwarded request carried: its provider's
+/// number and the generation of the values sent ([`Record::generation`]).
+/// A host keeps these with the request ([`crate::Forward`]'s `used`, which
+/// holds no value) and hands them back with the upstream's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Used {
+    pub provider: usize,
+    pub generation: u64,
+}
+
+/// A provider's values dropped because an upstream rejected them
+/// ([`reject`]): what a host logs (never a value) and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection<'p> {
+    pub provider: &'p Provider,
+    /// Unix milliseconds at which the new value's call is due: the time of
+    /// the 401, or later when the last forced refresh was under
+    /// [`MIN_FORCED_REFRESH_MS`] before.
+    pub refresh_at: i64,
+    /// When the 401 arrived (Unix milliseconds).
+    pub now: i64,
+}
+
+impl std::fmt::Display for Rejection<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, kind) = (&self.provider.path, self.provider.kind.name());
+        write!(f, "credential {path} ({kind}): the upstream answered 401 to it; value dropped, ")?;
+        let wait = self.refresh_at.saturating_sub(self.now);
+        if wait <= 0 {
+            write!(f, "fetching a new one")
+        } else {
+            write!(
+                f,
+                "fetching a new one in {} ms (at most one forced refresh per {} s)",
+                wait,
+                MIN_FORCED_REFRESH_MS / 1000
+            )
+        }
+    }
+}
+
+/// Drops provider `used.provider`'s values after an upstream answered 401
+/// at `now` to a request that carried them ([`Record::rejected`]), by
+/// compare-and-swap: of two workers that saw 401s for the same values one
+/// drops them, and a 401 for values already replaced drops nothing.
+/// `None` when nothing was dropped.
+pub fn reject<'p>(
+    providers: &'p [Provider],
+    records: &mut dyn SharedRecords,
+    used: Used,
+    now: i64,
+) -> Option<Rejection<'p>> {
+    let provider = providers.get(used.provider)?;
+    for _ in 0..WRITE_ATTEMPTS {
+        let (record, version) = records.read(used.provider)?;
+        let next = record.rejected(used.generation, now)?;
+        if records.write(used.provider, &next, version) {
+            return Some(Rejection { provider, refresh_at: next.refresh_at, now });
+        }
+    }
+    None
+}
+
 /// Writes a refresh's outcome into the provider's record (compare-and-swap,
 /// retried on a concurrent write); the start and end of a failure streak,
 /// and a first value, are noted.
@@ -246,6 +315,8 @@ fn finish<'p>(
                 let (next, success) = record.succeeded(answer.clone());
                 let event = if success.recovered_after > 0 {
                     Some(Event::Recovered { after: success.recovered_after })
+                } else if record.values.is_empty() && record.forced_at != 0 {
+                    Some(Event::Replaced)
                 } else if record.values.is_empty() {
                     Some(Event::FirstValue)
                 } else {
@@ -332,6 +403,61 @@ mod tests {
         assert!(a.tick(&providers, &mut store, due + 1000, &mut refused).is_empty(), "second failure, not noted");
         let record = store.read(0).map(|(r, _)| r).unwrap_or_default();
         assert_eq!(record.failures, 2);
+    }
+
+    /// A 401 drops the values it was sent with, once, and forces one
+    /// refresh at once; a 401 for values already dropped or replaced drops
+    /// nothing; forced refreshes are at least MIN_FORCED_REFRESH_MS apart.
+    #[test]
+    fn a_rejected_value_is_dropped_once_and_refetched_with_a_bound() {
+        let providers = [provider()];
+        let mut store = MemoryRecords::new(1);
+        let mut a = Refresher::default();
+        a.restart(&providers, &mut store);
+        let mut ids = 0;
+        let mut call = |_: usize, _: &Provider| {
+            ids += 1;
+            Ok(ids)
+        };
+        let token = |t: &str| format!(r#"{{"access_token":"{t}","expires_in":3600}}"#);
+        let generation = |store: &MemoryRecords| store.read(0).map(|(r, _)| r.generation).unwrap_or_default();
+        fn answered(body: &str) -> Reply<'_> {
+            Reply::Answered { status: 200, body: body.as_bytes() }
+        }
+        a.tick(&providers, &mut store, 0, &mut call);
+        let body = token("tok-1");
+        a.answer(&providers, &mut store, 1, answered(&body), 0);
+        let first = Used { provider: 0, generation: generation(&store) };
+
+        // Two workers saw a 401 for tok-1: one drop.
+        let dropped = reject(&providers, &mut store, first, 1000);
+        assert_eq!(dropped.as_ref().map(|r| r.refresh_at), Some(1000));
+        assert_eq!(
+            dropped.map(|r| r.to_string()).as_deref(),
+            Some("credential routes[0].inject[0].value.oauth2 (oauth2): the upstream answered 401 to it; value dropped, fetching a new one")
+        );
+        assert_eq!(reject(&providers, &mut store, first, 1000), None, "already dropped");
+        let record = store.read(0).map(|(r, _)| r).unwrap_or_default();
+        assert_eq!((record.usable(1000), record.due(1000)), (None, true), "not sent again; due at once");
+
+        // The next tick fetches tok-2; a late 401 for tok-1 leaves it.
+        assert!(a.tick(&providers, &mut store, 1500, &mut call).is_empty());
+        let body = token("tok-2");
+        let note = a.answer(&providers, &mut store, 2, answered(&body), 1600);
+        assert_eq!(note.map(|n| n.event), Some(Event::Replaced));
+        assert_eq!(reject(&providers, &mut store, first, 1700), None, "a stale 401 drops no newer value");
+        let second = Used { provider: 0, generation: generation(&store) };
+        assert_ne!(first, second);
+
+        // tok-2 rejected too, 1.7 s after the last forced refresh: dropped,
+        // but the next call waits until 5 s after it.
+        let dropped = reject(&providers, &mut store, second, 1700).map(|r| r.refresh_at);
+        assert_eq!(dropped, Some(1000 + MIN_FORCED_REFRESH_MS));
+        assert!(a.tick(&providers, &mut store, 2000, &mut call).is_empty());
+        assert!(a.tick(&providers, &mut store, 5999, &mut call).is_empty());
+        assert_eq!(a.in_flight(), 0, "no call before the bound");
+        a.tick(&providers, &mut store, 6000, &mut call);
+        assert_eq!(a.in_flight(), 1);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Runner `native`: the conformance suite through the policy itself, no
 //! wasm, so `cargo test -p keyswap-policy` runs every case in seconds.
 
-use keyswap_conformance::{default_dir, Observed, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START};
-use keyswap_policy::credential::{MemoryRecords, Provider, Refresher, Reply};
+use keyswap_conformance::{
+    default_dir, step_worker, Observed, Request, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START,
+};
+use keyswap_policy::credential::{MemoryRecords, Provider, Refresher, Reply, Used};
 use keyswap_policy::{Decision, DenialReason, Policy, RequestView};
 
 /// The policy's refresh state machine, run natively over records in
@@ -16,10 +18,13 @@ struct Engine<'p> {
     /// Calls out (id, provider number), oldest first.
     pending: Vec<(u32, usize)>,
     calls: u32,
+    /// Per worker, the request forwarded and waiting for its upstream's
+    /// answer (`send`): the dynamic credentials it carried.
+    open: Vec<Option<Vec<Used>>>,
 }
 
 impl Engine<'_> {
-    fn step(&mut self, step: &Step, now: &mut i64) -> Result<(), String> {
+    fn step(&mut self, case: &SuiteCase, step: &Step, now: &mut i64) -> Result<(), String> {
         let start = STEPS_START.as_millis() as i64;
         let providers = self.policy.credential_providers();
         let take = |pending: &mut Vec<(u32, usize)>, cluster: &str| {
@@ -57,9 +62,50 @@ impl Engine<'_> {
                 return Err(format!("{} calls are pending, not {n}", self.pending.len()));
             }
             Step::Pending(_) => {}
+            Step::Send(send) => {
+                let w = step_worker(send.worker, self.open.len())?;
+                if self.open[w].is_some() {
+                    return Err(format!("worker {w} has a request open"));
+                }
+                let (decision, mut headers) = decide(self.policy, &send.request(&case.request), *now, &self.records);
+                match decision {
+                    Decision::Forward(forward) => {
+                        forward.apply(&mut headers);
+                        send.check(&headers)?;
+                        self.open[w] = Some(forward.used);
+                    }
+                    Decision::Deny(denial) => return Err(format!("the request was denied: {:?}", denial.reason)),
+                }
+            }
+            Step::Respond(respond) => {
+                let w = step_worker(respond.worker, self.open.len())?;
+                let used = self.open[w].take().ok_or_else(|| format!("worker {w} has no request open"))?;
+                let at = *now;
+                self.policy.upstream_status(respond.status, &used, &|| at, &mut self.records);
+            }
         }
         Ok(())
     }
+}
+
+/// The two stages as in Envoy: the key is read and removed first, then the
+/// request, as edited, is decided on its route and cluster at `now_ms`.
+/// Returns the decision and the admitted headers it applies to.
+fn decide<'p>(
+    policy: &'p Policy,
+    request: &Request,
+    now_ms: i64,
+    records: &MemoryRecords,
+) -> (Decision<'p>, Vec<(String, Vec<u8>)>) {
+    let mut headers = request.header_list();
+    let key = policy.key_check(&RequestView::from_headers(None, &headers));
+    policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
+    let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
+    view.cluster = request.cluster();
+    view.key = Some(&key);
+    // The harness's clock: stopped at STEPS_START, moved by the steps.
+    let decision = policy.decide(&view, &|| now_ms, records);
+    (decision, headers)
 }
 
 fn denied(reason: DenialReason) -> Observed {
@@ -79,26 +125,17 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
         refresher: Refresher::default(),
         pending: Vec::new(),
         calls: 0,
+        open: vec![None; case.workers],
     };
     engine.refresher.restart(policy.credential_providers(), &mut engine.records);
     let mut now_ms = STEPS_START.as_millis() as i64;
     for (i, step) in case.steps.iter().enumerate() {
-        engine.step(step, &mut now_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))?;
+        engine.step(case, step, &mut now_ms).map_err(|e| format!("step {i} ({step:?}): {e}"))?;
     }
     if let Some(at) = case.request_at_ms {
         now_ms = STEPS_START.as_millis() as i64 + at as i64;
     }
-    // The two stages as in Envoy: the key is read and removed first, then
-    // the request, as edited, is decided on its route and cluster.
-    let mut headers = case.request.header_list();
-    let key = policy.key_check(&RequestView::from_headers(None, &headers));
-    policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
-    let admitted = headers.clone();
-    let mut view = RequestView::from_headers(case.request.route_name.as_deref(), &admitted);
-    view.cluster = case.request.cluster();
-    view.key = Some(&key);
-    // The harness's clock: stopped at STEPS_START, moved by the steps.
-    let decision = policy.decide(&view, &|| now_ms, &engine.records);
+    let (decision, mut headers) = decide(&policy, &case.request, now_ms, &engine.records);
     predicted(&policy, &decision)?;
     match decision {
         Decision::Deny(denial) => Ok(denied(denial.reason)),
