@@ -7,7 +7,7 @@
 //! on_tick (every worker) ──Refresher::tick(EnvoyRecords)──▶ dispatch_http_call(cluster) for each lease won
 //! on_http_call_response ──Reply──▶ Refresher::answer(EnvoyRecords) ──▶ Note ──▶ log
 //! request ──Policy::decide(EnvoyRecords)──▶ get_shared_data, once per provider of the route
-//! response :status ──Policy::upstream_status(EnvoyRecords)──▶ on a 401, the values sent dropped (CAS) ──▶ log, count
+//! response :status ──Policy::upstream_status(EnvoyRecords)──▶ on a 401, the values sent marked rejected (CAS), refreshed at once ──▶ log, count
 //! ```
 //!
 //! Every worker of a VM sees the same shared data, so the compare-and-swap

@@ -50,7 +50,7 @@ pub struct Metrics {
     /// Requests that matched no route: passed, or denied `no_route`.
     unmatched: [Option<u32>; SLOTS],
     per_client: bool,
-    /// Per route with dynamic credentials: values dropped after an
+    /// Per route with dynamic credentials: values marked rejected after an
     /// upstream's 401 (`keyswap_credential_rejected_total;route=…`).
     rejected: Vec<(String, Option<u32>)>,
     /// Per client, per route: defined on the client's first request there.
@@ -106,7 +106,7 @@ impl Metrics {
         Metrics { routes, unmatched, per_client: policy.per_client_metrics(), rejected, clients: RefCell::default() }
     }
 
-    /// Counts dynamic values of `route` dropped after an upstream's 401.
+    /// Counts dynamic values of `route` marked rejected after an upstream's 401.
     pub fn count_rejected(&self, route: &str) {
         if let Some((_, Some(id))) = self.rejected.iter().find(|(name, _)| name == route) {
             let _ = hostcalls::increment_metric(*id, 1);

@@ -9,20 +9,22 @@ use crate::model::Policy;
 use crate::query;
 
 /// The status by which an upstream rejects the credentials it was given
-/// (RFC 9110 15.5.2): their values are dropped and fetched again.
+/// (RFC 9110 15.5.2): their values are replaced by a refresh at once.
 pub const REJECTED_STATUS: u16 = 401;
 
 impl Policy {
     /// What the upstream's answer `status` to a request means for the
     /// dynamic credentials it carried (`used`, from the request's
-    /// [`crate::Forward`]). On a 401 every one of them is dropped from
-    /// `records` and fetched again ([`credential::reject`]): the answer
-    /// does not say which credential was refused, so none of those the
-    /// request carried is sent again. A value already dropped or replaced
-    /// (another worker saw a 401 first, or a refresh came in between) is
-    /// left alone, and a refresh forced by a 401 follows the last one by
-    /// [`credential::MIN_FORCED_REFRESH_MS`] at least. Returns the values
-    /// dropped here, for a log line and a counter; empty for any other
+    /// [`crate::Forward`]). On a 401 every one of them is marked rejected
+    /// in `records` and fetched again at once ([`credential::reject`]; the
+    /// answer does not say which credential was refused): the value is
+    /// kept until the new one arrives, so one client's 401 never cuts the
+    /// route's other clients off, and dropped if that refresh fails. A
+    /// value already marked or replaced (another worker saw a 401 first,
+    /// or a refresh came in between) is left alone, and a refresh forced by
+    /// a 401 follows the last one by [`credential::MIN_FORCED_REFRESH_MS`]
+    /// at least. Returns the values marked here, for a log line and a
+    /// counter; empty for any other
     /// status or a request without dynamic credentials, which read neither
     /// `now_ms` nor `records`.
     pub fn upstream_status<'p>(
@@ -164,7 +166,7 @@ mod tests {
     /// Only a 401 to a request that carried dynamic values reads the clock
     /// or the records, and it drops exactly the providers it was given.
     #[test]
-    fn only_a_401_with_dynamic_values_drops_anything() {
+    fn only_a_401_with_dynamic_values_marks_anything() {
         use crate::credential::{MemoryRecords, Record};
         let json = r#"{"clients": [{"id": "c", "key": "k1", "routes": ["*"]}],
             "routes": [{"name": "a", "match": {"clusters": ["ca"]},
@@ -188,10 +190,9 @@ mod tests {
             dropped.iter().map(|r| r.provider.path.as_str()).collect::<Vec<_>>(),
             ["routes[0].inject[0].value.fetch"]
         );
-        let usable =
-            |records: &MemoryRecords, provider| records.read(provider).is_some_and(|(r, _)| r.usable(8).is_some());
-        assert!(!usable(&records, 0), "the rejected value is not sent again");
-        assert!(usable(&records, 1), "another route's value is untouched");
+        let record = |provider| records.read(provider).map(|(r, _)| r).unwrap_or_default();
+        assert_eq!((record(0).rejected, record(0).due(8)), (Some(1), true), "marked, refreshed at once");
+        assert_eq!(record(1).rejected, None, "another route's value is untouched");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Record {
     /// [`MIN_FORCED_REFRESH_MS`] later at the earliest.
     #[serde(default)]
     pub forced_at: i64,
+    /// The generation whose values an upstream answered 401 to, while
+    /// their replacement is being fetched ([`Record::rejected`]).
+    #[serde(default)]
+    pub rejected: Option<u64>,
 }
 
 /// What [`Record::succeeded`] changed.
@@ -72,33 +76,43 @@ impl Record {
             failures: 0,
             lease_until: 0,
             forced_at: self.forced_at,
+            rejected: None,
         };
         (record, Success { changed, recovered_after: self.failures })
     }
 
     /// This record after a failed call at `now`: the last good values are
-    /// kept (until they expire), and the next try waits 1 s, 2 s, 4 s, …
-    /// up to [`MAX_BACKOFF_MS`].
+    /// kept (until they expire), unless an upstream rejected them (a
+    /// rejected value is not kept past a failed refetch), and the next try
+    /// waits 1 s, 2 s, 4 s, … up to [`MAX_BACKOFF_MS`].
     pub fn failed(&self, now: i64) -> Record {
         let failures = self.failures.saturating_add(1);
-        Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() }
+        let next =
+            Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() };
+        if self.rejected.is_some() {
+            Record { values: Vec::new(), expires_at: None, rejected: None, ..next }
+        } else {
+            next
+        }
     }
 
     /// This record after an upstream answered 401 at `now` to a request
-    /// that carried the values of `generation`: the values are dropped (a
-    /// value the upstream rejected is not sent again; its routes answer
-    /// `credential_unavailable` until a new one is fetched) and a refresh
-    /// is due at once, or [`MIN_FORCED_REFRESH_MS`] after the last forced
-    /// one, whichever is later, so an upstream that rejects every value
-    /// causes at most one call per that interval. `None` when there is
-    /// nothing to drop: the values of `generation` were already dropped, or
-    /// replaced by newer ones (a late 401 never drops a newer value).
+    /// that carried the values of `generation`: a refresh is due at once,
+    /// or [`MIN_FORCED_REFRESH_MS`] after the last forced one, whichever is
+    /// later, so an upstream that rejects every value causes at most one
+    /// call per that interval. The values are kept until that refresh
+    /// replaces them, and dropped if it fails: a route's values are shared
+    /// by all its clients, and dropping them at once would let any one
+    /// client that can draw a 401 from the upstream turn the route into
+    /// `credential_unavailable` for every other client. `None` when there
+    /// is nothing to do: the values of `generation` were already rejected,
+    /// or replaced by newer ones (a late 401 never touches a newer value).
     pub fn rejected(&self, generation: u64, now: i64) -> Option<Record> {
-        if generation != self.generation || self.values.is_empty() {
+        if generation != self.generation || self.values.is_empty() || self.rejected == Some(generation) {
             return None;
         }
         let due = if self.forced_at == 0 { now } else { now.max(self.forced_at.saturating_add(MIN_FORCED_REFRESH_MS)) };
-        Some(Record { values: Vec::new(), expires_at: None, refresh_at: due, forced_at: due, ..self.clone() })
+        Some(Record { refresh_at: due, forced_at: due, rejected: Some(generation), ..self.clone() })
     }
 
     /// The shared-data encoding.
@@ -129,6 +143,7 @@ impl std::fmt::Debug for Record {
             .field("lease_until", &self.lease_until)
             .field("generation", &self.generation)
             .field("forced_at", &self.forced_at)
+            .field("rejected", &self.rejected)
             .finish()
     }
 }

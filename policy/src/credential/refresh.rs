@@ -245,7 +245,7 @@ pub struct Used {
     pub generation: u64,
 }
 
-/// A provider's values dropped because an upstream rejected them
+/// A provider's values rejected by an upstream and being replaced
 /// ([`reject`]): what a host logs (never a value) and counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection<'p> {
@@ -261,7 +261,7 @@ pub struct Rejection<'p> {
 impl std::fmt::Display for Rejection<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (path, kind) = (&self.provider.path, self.provider.kind.name());
-        write!(f, "credential {path} ({kind}): the upstream answered 401 to it; value dropped, ")?;
+        write!(f, "credential {path} ({kind}): the upstream answered 401 to it; replacing it, ")?;
         let wait = self.refresh_at.saturating_sub(self.now);
         if wait <= 0 {
             write!(f, "fetching a new one")
@@ -276,11 +276,12 @@ impl std::fmt::Display for Rejection<'_> {
     }
 }
 
-/// Drops provider `used.provider`'s values after an upstream answered 401
-/// at `now` to a request that carried them ([`Record::rejected`]), by
-/// compare-and-swap: of two workers that saw 401s for the same values one
-/// drops them, and a 401 for values already replaced drops nothing.
-/// `None` when nothing was dropped.
+/// Marks provider `used.provider`'s values rejected after an upstream
+/// answered 401 at `now` to a request that carried them
+/// ([`Record::rejected`]: refreshed at once, within the bound; kept until
+/// replaced, dropped if the refresh fails), by compare-and-swap: of two
+/// workers that saw 401s for the same values one marks them, and a 401 for
+/// values already replaced does nothing. `None` when nothing was marked.
 pub fn reject<'p>(
     providers: &'p [Provider],
     records: &mut dyn SharedRecords,
@@ -315,7 +316,7 @@ fn finish<'p>(
                 let (next, success) = record.succeeded(answer.clone());
                 let event = if success.recovered_after > 0 {
                     Some(Event::Recovered { after: success.recovered_after })
-                } else if record.values.is_empty() && record.forced_at != 0 {
+                } else if record.rejected.is_some() {
                     Some(Event::Replaced)
                 } else if record.values.is_empty() {
                     Some(Event::FirstValue)
@@ -405,11 +406,13 @@ mod tests {
         assert_eq!(record.failures, 2);
     }
 
-    /// A 401 drops the values it was sent with, once, and forces one
-    /// refresh at once; a 401 for values already dropped or replaced drops
-    /// nothing; forced refreshes are at least MIN_FORCED_REFRESH_MS apart.
+    /// A 401 marks the values it was sent with, once, and forces one
+    /// refresh at once; the values are kept until replaced (so one client's
+    /// 401 never cuts the others off) and dropped if the refresh fails; a
+    /// 401 for values already marked or replaced does nothing; forced
+    /// refreshes are at least MIN_FORCED_REFRESH_MS apart.
     #[test]
-    fn a_rejected_value_is_dropped_once_and_refetched_with_a_bound() {
+    fn a_rejected_value_is_replaced_once_with_a_bound() {
         let providers = [provider()];
         let mut store = MemoryRecords::new(1);
         let mut a = Refresher::default();
@@ -420,44 +423,51 @@ mod tests {
             Ok(ids)
         };
         let token = |t: &str| format!(r#"{{"access_token":"{t}","expires_in":3600}}"#);
-        let generation = |store: &MemoryRecords| store.read(0).map(|(r, _)| r.generation).unwrap_or_default();
+        let record = |store: &MemoryRecords| store.read(0).map(|(r, _)| r).unwrap_or_default();
         fn answered(body: &str) -> Reply<'_> {
             Reply::Answered { status: 200, body: body.as_bytes() }
         }
         a.tick(&providers, &mut store, 0, &mut call);
         let body = token("tok-1");
         a.answer(&providers, &mut store, 1, answered(&body), 0);
-        let first = Used { provider: 0, generation: generation(&store) };
+        let first = Used { provider: 0, generation: record(&store).generation };
 
-        // Two workers saw a 401 for tok-1: one drop.
-        let dropped = reject(&providers, &mut store, first, 1000);
-        assert_eq!(dropped.as_ref().map(|r| r.refresh_at), Some(1000));
+        // Two workers saw a 401 for tok-1: one mark.
+        let marked = reject(&providers, &mut store, first, 1000);
+        assert_eq!(marked.as_ref().map(|r| r.refresh_at), Some(1000));
         assert_eq!(
-            dropped.map(|r| r.to_string()).as_deref(),
-            Some("credential routes[0].inject[0].value.oauth2 (oauth2): the upstream answered 401 to it; value dropped, fetching a new one")
+            marked.map(|r| r.to_string()).as_deref(),
+            Some("credential routes[0].inject[0].value.oauth2 (oauth2): the upstream answered 401 to it; replacing it, fetching a new one")
         );
-        assert_eq!(reject(&providers, &mut store, first, 1000), None, "already dropped");
-        let record = store.read(0).map(|(r, _)| r).unwrap_or_default();
-        assert_eq!((record.usable(1000), record.due(1000)), (None, true), "not sent again; due at once");
+        assert_eq!(reject(&providers, &mut store, first, 1000), None, "already marked");
+        let now = record(&store);
+        assert_eq!(now.usable(1000).map(<[String]>::len), Some(1), "kept until replaced");
+        assert!(now.due(1000), "due at once");
 
         // The next tick fetches tok-2; a late 401 for tok-1 leaves it.
         assert!(a.tick(&providers, &mut store, 1500, &mut call).is_empty());
         let body = token("tok-2");
         let note = a.answer(&providers, &mut store, 2, answered(&body), 1600);
         assert_eq!(note.map(|n| n.event), Some(Event::Replaced));
-        assert_eq!(reject(&providers, &mut store, first, 1700), None, "a stale 401 drops no newer value");
-        let second = Used { provider: 0, generation: generation(&store) };
+        assert_eq!(record(&store).values, ["tok-2"]);
+        assert_eq!(reject(&providers, &mut store, first, 1700), None, "a stale 401 touches no newer value");
+        let second = Used { provider: 0, generation: record(&store).generation };
         assert_ne!(first, second);
 
-        // tok-2 rejected too, 1.7 s after the last forced refresh: dropped,
-        // but the next call waits until 5 s after it.
-        let dropped = reject(&providers, &mut store, second, 1700).map(|r| r.refresh_at);
-        assert_eq!(dropped, Some(1000 + MIN_FORCED_REFRESH_MS));
+        // tok-2 rejected too, 1.7 s after the last forced refresh: kept,
+        // and the next call waits until 5 s after the last one.
+        let marked = reject(&providers, &mut store, second, 1700).map(|r| r.refresh_at);
+        assert_eq!(marked, Some(1000 + MIN_FORCED_REFRESH_MS));
         assert!(a.tick(&providers, &mut store, 2000, &mut call).is_empty());
         assert!(a.tick(&providers, &mut store, 5999, &mut call).is_empty());
         assert_eq!(a.in_flight(), 0, "no call before the bound");
+        assert_eq!(record(&store).usable(5999).map(<[String]>::len), Some(1));
         a.tick(&providers, &mut store, 6000, &mut call);
         assert_eq!(a.in_flight(), 1);
+
+        // That refresh fails: a rejected value is not kept past it.
+        a.answer(&providers, &mut store, 3, Reply::Lost, 6100);
+        assert_eq!(record(&store).usable(6100), None, "dropped after a failed refetch");
     }
 
     #[test]
