@@ -84,11 +84,9 @@ impl Metrics {
             .map(|r| (r.to_string(), counter(&format!("keyswap_credential_rejected_total;route={r}"))))
             .collect();
         let mut unmatched = [None; SLOTS];
+        // In Envoy no route matches on `host` (refused at load), so
+        // `invalid_authority` is not among these.
         for outcome in policy.unrouted_outcomes() {
-            // Envoy answers a malformed authority itself, before any filter.
-            if outcome == Some(DenialReason::InvalidAuthority) {
-                continue;
-            }
             let outcome = outcome.map_or(Outcome::Passed, Outcome::Denied);
             unmatched[outcome.slot()] = counter(&requests_name("", outcome));
         }

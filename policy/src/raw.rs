@@ -39,7 +39,7 @@ pub struct RawMetrics {
 }
 
 /// One client holding one gateway key.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClient {
     pub id: String,
@@ -163,6 +163,21 @@ pub enum RawSecret {
     Inline(String),
 }
 
+/// A plaintext `key` shows as `Some(..)`: never the key.
+impl std::fmt::Debug for RawClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawClient")
+            .field("id", &self.id)
+            .field("key_sha256", &self.key_sha256)
+            .field("key", &self.key.as_ref().map(|_| ".."))
+            .field("routes", &self.routes)
+            .field("expires", &self.expires)
+            .field("disabled", &self.disabled)
+            .field("inject", &self.inject)
+            .finish()
+    }
+}
+
 /// An `inline` secret shows as `Inline(..)`: never its value.
 impl std::fmt::Debug for RawValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,4 +276,22 @@ pub enum UnmatchedRoute {
     Deny,
     /// Forward without a key check, still removing keys and stripped headers.
     Pass,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawConfig;
+
+    #[test]
+    fn debug_never_shows_a_key_or_an_inline_secret() {
+        let json = r#"{"clients": [{"id": "c", "key": "plain-client-key-1", "routes": ["r"],
+            "inject": {"r": [{"header": "x-k", "value": {"inline": "inline-secret-2"}}]}}],
+            "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-k", "value": {"inline": "inline-secret-3"}}]}]}"#;
+        let raw: RawConfig = serde_json::from_str(json).expect("a configuration");
+        let shown = format!("{raw:?}");
+        assert!(shown.contains("\"c\""), "{shown}");
+        for secret in ["plain-client-key-1", "inline-secret-2", "inline-secret-3"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
 }

@@ -187,7 +187,29 @@ pub fn bootstrap(listeners: Vec<serde_json::Value>, clusters: Vec<serde_json::Va
 /// A cluster reaching `upstream` over HTTP/1.1; with `filter` (keyswap's
 /// final stage), that as its upstream HTTP filter.
 pub fn cluster(name: &str, upstream: SocketAddr, filter: Option<&serde_json::Value>) -> serde_json::Value {
-    let mut cluster = json!({
+    cluster_speaking(name, upstream, json!({"http_protocol_options": {}}), filter)
+}
+
+/// A cluster reaching `upstream` with Envoy's `explicit_http_config`
+/// `protocol` (e.g. `{"http2_protocol_options": {}}`); with `filter`, that
+/// as its upstream HTTP filter.
+pub fn cluster_speaking(
+    name: &str,
+    upstream: SocketAddr,
+    protocol: serde_json::Value,
+    filter: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut options = json!({
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": protocol,
+    });
+    if let Some(filter) = filter {
+        options["http_filters"] = json!([filter, {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        }]);
+    }
+    json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
@@ -198,18 +220,8 @@ pub fn cluster(name: &str, upstream: SocketAddr, filter: Option<&serde_json::Val
                 "port_value": upstream.port(),
             }}}}]}],
         },
-    });
-    if let Some(filter) = filter {
-        cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": [filter, {
-                "name": "envoy.filters.http.upstream_codec",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
-            }],
-        }});
-    }
-    cluster
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options},
+    })
 }
 
 fn loopback(port: u16) -> serde_json::Value {
@@ -284,27 +296,37 @@ fn listener(l: &Listener, wasm: &Path) -> serde_json::Value {
 pub fn http_listener(
     name: &str,
     routes: Vec<serde_json::Value>,
+    http_filters: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let hosts = json!([{"name": "all", "domains": ["*"], "routes": routes}]);
+    http_listener_hosts(name, hosts, http_filters, serde_json::Map::new())
+}
+
+/// [`http_listener`] over Envoy's `virtual_hosts` as given, with `options`
+/// added to its connection manager (`normalize_path`, …).
+pub fn http_listener_hosts(
+    name: &str,
+    virtual_hosts: serde_json::Value,
     mut http_filters: Vec<serde_json::Value>,
+    options: serde_json::Map<String, serde_json::Value>,
 ) -> serde_json::Value {
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }));
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "route_config": {"name": name, "virtual_hosts": virtual_hosts},
+        "http_filters": http_filters,
+    });
+    if let Some(hcm) = hcm.as_object_mut() {
+        hcm.extend(options);
+    }
     json!({
         "name": name,
         "address": loopback(0),
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": name,
-                "route_config": {
-                    "name": name,
-                    "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
-                },
-                "http_filters": http_filters,
-            },
-        }]}],
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     })
 }
 

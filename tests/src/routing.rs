@@ -28,7 +28,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::envoy::{keyswap_filter, Listener};
+use crate::envoy::{self, keyswap_filter, Listener};
 pub use crate::raw::upstream::{
     send_h1, Received, Recorder, Reply, BASIC_DECODED_HEADER, EARLY_HINTS_HEADER, REDIRECT_HEADER, RESPONSE_TRAILERS,
     TRAILERS_HEADER,
@@ -48,6 +48,14 @@ pub struct H2Request {
 /// Sends `requests` over HTTP/2 with prior knowledge to `addr` with curl,
 /// one process for all of them (each a connection of its own), and
 /// returns an answer for each: status 0 when curl got none.
+///
+/// curl and not the crate's hyper client (`crate::http`), on purpose: these
+/// are an attacker's requests, and curl sends each `:path` and
+/// `:authority` byte for byte (`--path-as-is`, `--request-target`, a
+/// `host` header as `:authority`), where hyper builds both from an
+/// `http::Uri` that validates and normalises them first. The setup
+/// installs curl (Debian's, with HTTP/2; the routing tests fail without
+/// it, see [`curl_has_http2`]).
 ///
 /// # Errors
 /// curl cannot be run.
@@ -184,67 +192,32 @@ impl Placement {
     }
 }
 
-fn loopback(port: u16) -> serde_json::Value {
-    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
-}
-
-fn router() -> serde_json::Value {
-    json!({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-    })
-}
-
 fn cluster_json(c: &ClusterSpec, filter: Option<&serde_json::Value>) -> serde_json::Value {
     let protocol = match c.protocol {
         Protocol::Http1 => json!({"http_protocol_options": {}}),
         Protocol::Http1Trailers => json!({"http_protocol_options": {"enable_trailers": true}}),
         Protocol::Http2 => json!({"http2_protocol_options": {}}),
     };
-    let mut options = json!({
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": protocol,
-    });
-    if let Some(filter) = filter {
-        options["http_filters"] = json!([filter, {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
-        }]);
-    }
-    json!({
-        "name": c.name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": c.upstream.ip().to_string(), "port_value": c.upstream.port()},
-        }}}]}]},
-        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options},
-    })
+    envoy::cluster_speaking(&c.name, c.upstream, protocol, filter)
 }
 
 fn hcm(l: &ListenerSpec, virtual_hosts: &serde_json::Value, filters: Vec<serde_json::Value>) -> serde_json::Value {
-    let mut hcm = json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": l.name,
-        "codec_type": "AUTO",
-        "route_config": {"name": l.name, "virtual_hosts": virtual_hosts},
-        "http_filters": filters,
-    });
+    let mut options = serde_json::Map::new();
+    options.insert("codec_type".into(), json!("AUTO"));
     if l.normalize {
-        hcm["normalize_path"] = json!(true);
-        hcm["merge_slashes"] = json!(true);
+        options.insert("normalize_path".into(), json!(true));
+        options.insert("merge_slashes".into(), json!(true));
     }
     if l.reject_underscores {
-        hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "REJECT_REQUEST"});
+        options.insert(
+            "common_http_protocol_options".into(),
+            json!({"headers_with_underscores_action": "REJECT_REQUEST"}),
+        );
     }
     if l.trailers {
-        hcm["http_protocol_options"] = json!({"enable_trailers": true});
+        options.insert("http_protocol_options".into(), json!({"enable_trailers": true}));
     }
-    json!({
-        "name": l.name,
-        "address": loopback(0),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    })
+    envoy::http_listener_hosts(&l.name, virtual_hosts.clone(), filters, options)
 }
 
 /// A gateway: `listeners` all serving `virtual_hosts` (Envoy's
@@ -261,14 +234,10 @@ pub fn bootstrap(
     let filter =
         keyswap_filter(&Listener { name: "gateway".into(), config: config.into(), ..Listener::default() }, wasm);
     let upstream_filter = (placement == Placement::TwoStages).then_some(&filter);
-    let listeners: Vec<_> = listeners.iter().map(|l| hcm(l, virtual_hosts, vec![filter.clone(), router()])).collect();
+    let listeners: Vec<_> = listeners.iter().map(|l| hcm(l, virtual_hosts, vec![filter.clone()])).collect();
     let clusters: Vec<_> =
         clusters.iter().map(|c| cluster_json(c, if c.bare { None } else { upstream_filter })).collect();
-    json!({
-        "node": {"id": "keyswap-routing", "cluster": "keyswap-routing"},
-        "admin": {"address": loopback(0)},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    })
+    envoy::bootstrap(listeners, clusters)
 }
 
 /// An Envoy without keyswap: for each `(name, upstream)` a listener `name`
@@ -281,13 +250,9 @@ pub fn relay(targets: &[(String, SocketAddr)]) -> serde_json::Value {
         let spec = ListenerSpec { name: name.clone(), trailers: true, ..ListenerSpec::default() };
         let hosts = json!([{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": name}}]}]);
-        listeners.push(hcm(&spec, &hosts, vec![router()]));
+        listeners.push(hcm(&spec, &hosts, Vec::new()));
         let c = ClusterSpec { name: name.clone(), upstream: *upstream, protocol: Protocol::Http1Trailers, bare: true };
         clusters.push(cluster_json(&c, None));
     }
-    json!({
-        "node": {"id": "keyswap-relay", "cluster": "keyswap-relay"},
-        "admin": {"address": loopback(0)},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    })
+    envoy::bootstrap(listeners, clusters)
 }

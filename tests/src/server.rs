@@ -9,7 +9,8 @@
 //! ```
 //!
 //! A handler is a plain closure from the whole request (body collected) to
-//! the whole answer; hyper does the framing, keep-alive and chunking.
+//! the whole answer, run on tokio's blocking pool (it may sleep or wait);
+//! hyper does the framing, keep-alive and chunking.
 
 use std::convert::Infallible;
 use std::io;
@@ -137,7 +138,7 @@ async fn accept(listener: tokio::net::TcpListener, handler: Arc<Handler>, mut st
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let handler = Arc::clone(&handler);
-                async move { Ok::<_, Infallible>(respond(&*handler, request).await) }
+                async move { Ok::<_, Infallible>(respond(handler, request).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -149,7 +150,7 @@ async fn accept(listener: tokio::net::TcpListener, handler: Arc<Handler>, mut st
     }
 }
 
-async fn respond(handler: &Handler, request: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+async fn respond(handler: Arc<Handler>, request: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {
         Ok(body) => body.to_bytes(),
@@ -169,7 +170,13 @@ async fn respond(handler: &Handler, request: hyper::Request<Incoming>) -> hyper:
     };
     let received =
         Received { method: parts.method.to_string(), target, version: format!("{:?}", parts.version), headers, body };
-    let reply = handler(received);
+    // On the blocking pool: a handler may sleep or wait (a slow token
+    // server, an upstream holding requests) without stalling the runtime's
+    // two workers, which every server and client of the tests share.
+    let reply = match tokio::task::spawn_blocking(move || handler(received)).await {
+        Ok(reply) => reply,
+        Err(e) => return plain(500, &format!("the handler failed: {e}")),
+    };
     let mut response = hyper::Response::builder().status(reply.status);
     for (name, value) in &reply.headers {
         response = response.header(name.as_str(), value.as_str());

@@ -90,7 +90,7 @@ impl HostCalls<'_> {
     ///
     /// # Errors
     /// A definition wasmtime refuses.
-    pub fn wrap<Params, Args>(
+    pub(crate) fn wrap<Params, Args>(
         &mut self,
         name: &'static str,
         func: impl wasmtime::IntoFunc<HostState, Params, Args>,
