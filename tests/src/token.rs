@@ -2,7 +2,9 @@
 //! [`crate::server::Server`] (HTTP/1.1 and h2c) that answers every request
 //! with the JSON the test set (an OAuth2 token answer, or a credential
 //! service's document), counts the calls, and can be taken down (it then
-//! answers 503) and brought back.
+//! answers 503) and brought back. [`TokenServer::start_numbered`] issues a
+//! new token each call (`{n}` in the answer is the call's number), so a
+//! test tells apart the tokens of separate calls.
 //!
 //! ```text
 //! Envoy (keyswap root context) ──POST /oauth/token──▶ TokenServer ── {"access_token": …, "expires_in": …}
@@ -29,6 +31,8 @@ pub struct TokenCall {
 struct State {
     /// The answer body; `None`: down (503).
     answer: Option<String>,
+    /// `{n}` in the answer is replaced by the call's number (from 1).
+    numbered: bool,
     calls: Vec<TokenCall>,
 }
 
@@ -44,7 +48,20 @@ impl TokenServer {
     /// # Errors
     /// The port cannot be bound.
     pub fn start(answer: &str) -> io::Result<Self> {
-        let state = Arc::new(Mutex::new(State { answer: Some(answer.to_string()), calls: Vec::new() }));
+        Self::serve(answer, false)
+    }
+
+    /// [`Self::start`], answering each call with `answer` where every
+    /// `{n}` is the call's number: `tok-{n}` issues `tok-1`, `tok-2`, ….
+    ///
+    /// # Errors
+    /// The port cannot be bound.
+    pub fn start_numbered(answer: &str) -> io::Result<Self> {
+        Self::serve(answer, true)
+    }
+
+    fn serve(answer: &str, numbered: bool) -> io::Result<Self> {
+        let state = Arc::new(Mutex::new(State { answer: Some(answer.to_string()), numbered, calls: Vec::new() }));
         let shared = Arc::clone(&state);
         let server = Server::start("127.0.0.1:0", move |request| respond(&shared, request))?;
         Ok(Self { server, state })
@@ -85,7 +102,8 @@ fn respond(state: &Mutex<State>, request: Received) -> Reply {
     let body = String::from_utf8_lossy(&body).into_owned();
     let answer = state.lock().ok().and_then(|mut s| {
         s.calls.push(TokenCall { at: Instant::now(), method, path, headers, body });
-        s.answer.clone()
+        let n = s.calls.len().to_string();
+        s.answer.as_ref().map(|a| if s.numbered { a.replace("{n}", &n) } else { a.clone() })
     });
     match answer {
         Some(body) => Reply::json(200, body),

@@ -1,17 +1,22 @@
 //! Dynamic credentials in the real Envoy: an `oauth2` route whose token
 //! comes from a local token server (loopback, `keyswap_tests::token`)
 //! through an Envoy cluster, refreshed by the filter's root context on its
-//! timer. Times are bounded by polling, never by a fixed sleep before an
+//! timer; and an upstream that answers 401 to a token
+//! (`keyswap_tests::rejecting`), which keyswap drops and fetches again.
+//! Times are bounded by polling, never by a fixed sleep before an
 //! assertion, and timing bounds leave room for a loaded 2-core CI machine
 //! (Envoy's ticks and answers run late there) while staying well inside
 //! what a wrong behaviour would give (a refresh period, a token's life).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
+use keyswap_tests::rejecting::Rejecting;
+use keyswap_tests::revocation::{main_thread, parse_log};
 use keyswap_tests::token::TokenServer;
 
 const KEY: &str = "dyn-client-key";
@@ -60,11 +65,24 @@ pub fn start_with(
     clusters: &[(&str, &TokenServer)],
     workers: u32,
 ) -> (Echo, Envoy) {
-    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let envoy = start_at(config, env, clusters, echo.addr(), workers);
+    (echo, envoy)
+}
+
+/// Envoy running `config` with its routes' clusters reaching `upstream`
+/// and a cluster per `(name, server)`.
+pub fn start_at(
+    config: String,
+    env: BTreeMap<String, String>,
+    clusters: &[(&str, &TokenServer)],
+    upstream: SocketAddr,
+    workers: u32,
+) -> Envoy {
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let route_names = ROUTES.iter().map(|r| r.to_string()).collect();
     let listener = Listener { name: "dyn".into(), config, env, route_names, ..Listener::default() };
-    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), upstream, &wasm);
     for (name, server) in clusters {
         bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
     }
@@ -74,8 +92,7 @@ pub fn start_with(
         expect_configs: vec![listener.config],
         ..Launch::default()
     };
-    let envoy = Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
-    (echo, envoy)
+    Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"))
 }
 
 /// The Envoy cluster `name`, pointing at `server`.
@@ -107,11 +124,11 @@ pub fn send_to(envoy: &Envoy, path: &str) -> Result<Echoed, Response> {
 /// What keyswap itself logged (Envoy's own debug lines print headers and
 /// the configuration, the test's secrets included: that is Envoy's `-l
 /// debug`, not keyswap).
-fn keyswap_lines(log: &str) -> String {
+pub fn keyswap_lines(log: &str) -> String {
     log.lines().filter(|l| l.contains("wasm log")).collect::<Vec<_>>().join("\n")
 }
 
-fn unavailable(response: &Response) -> bool {
+pub fn unavailable(response: &Response) -> bool {
     response.status == 503 && String::from_utf8_lossy(&response.body).contains("\"credential_unavailable\"")
 }
 
@@ -347,5 +364,161 @@ fn figures() {
             first.saturating_duration_since(ready).as_millis(),
             rotated.saturating_duration_since(rotation_call).as_millis()
         );
+    }
+}
+
+/// keyswap's counter `keyswap_credential_rejected_total;route=ROUTE` in
+/// Envoy's `/stats` (which names it `wasmcustom.…`; one value for all
+/// workers); `None` when absent.
+pub fn rejected_total(envoy: &Envoy, route: &str) -> Option<u64> {
+    let stats = Request::get("/stats?filter=keyswap_credential_rejected_total")
+        .header("host", "admin")
+        .send(envoy.admin())
+        .expect("/stats");
+    let series = format!("keyswap_credential_rejected_total;route={route}");
+    let text = stats.text();
+    let found = text.lines().find_map(|l| l.rsplit_once(": ").filter(|(name, _)| name.ends_with(&series)));
+    found.and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// The worker threads that opened a downstream stream (Envoy's debug line
+/// `new stream`; the admin's run on the main thread).
+pub fn serving_workers(envoy: &Envoy) -> std::collections::BTreeSet<u64> {
+    let lines = parse_log(&envoy.log());
+    let main = main_thread(&lines);
+    lines.iter().filter(|l| l.text.ends_with("] new stream") && Some(l.thread) != main).map(|l| l.thread).collect()
+}
+
+/// The upstream's own 401 (not one of keyswap's denials).
+pub fn upstream_401(response: &Response) -> bool {
+    response.status == 401 && response.text().contains("\"invalid_token\"") && !response.text().contains("\"message\"")
+}
+
+/// Polls requests every 50 ms until one is forwarded with `bearer`; every
+/// other answer must be a 503 `credential_unavailable` with
+/// `retry-after: 1`. Returns when it was seen and how many 503s came first.
+fn wait_after_401(envoy: &Envoy, bearer: &str, within: Duration) -> (Instant, usize) {
+    let deadline = Instant::now() + within;
+    let mut refused = 0;
+    loop {
+        match send(envoy) {
+            Ok(seen) => {
+                assert_eq!(seen, bearer, "after a 401, only a new token");
+                return (Instant::now(), refused);
+            }
+            Err(r) => {
+                assert!(unavailable(&r), "after a 401: {} {}", r.status, r.text());
+                assert_eq!(r.header("retry-after"), Some("1"));
+                refused += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "no {bearer:?} within {within:?} of the 401\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_token_the_upstream_answers_401_to_is_dropped_and_fetched_once_again() {
+    // Twelve requests carrying tok-1, held by the upstream until all are in
+    // flight on Envoy's two workers, then all answered 401.
+    const BURST: usize = 12;
+    let token = TokenServer::start_numbered(&answer("tok-{n}", 3600)).expect("token server");
+    let upstream = Rejecting::start().expect("upstream");
+    upstream.reject("Bearer tok-1", BURST);
+    let env = BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]);
+    let envoy = start_at(config(), env, &[("idp", &token)], upstream.addr(), 2);
+    assert_eq!(rejected_total(&envoy, "orders"), Some(0), "the counter is defined at 0");
+
+    // Each sender polls through the first 503s until its first other answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let burst: Vec<Result<String, Response>> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..BURST)
+            .map(|_| {
+                s.spawn(|| loop {
+                    match send(&envoy) {
+                        Err(r) if unavailable(&r) && Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        other => return other,
+                    }
+                })
+            })
+            .collect();
+        senders.into_iter().map(|t| t.join().expect("sender")).collect()
+    });
+    let answered: Vec<u16> = burst.iter().map(|r| r.as_ref().map_or_else(|r| r.status, |_| 200)).collect();
+    assert!(
+        burst.iter().all(|r| r.as_ref().is_err_and(upstream_401)),
+        "every sender's tok-1 answered 401: {answered:?}"
+    );
+    assert_eq!(upstream.rejected(), BURST, "tok-1 reached the upstream once per sender");
+    let first_401 = upstream.first_rejected_at().expect("a 401 answered");
+    assert_eq!(serving_workers(&envoy).len(), 2, "both workers served the burst");
+
+    // Dropped at once on every worker (tok-1 is never sent again: the
+    // upstream would answer 401): 503 until the refresh, at the next tick
+    // (the first forced refresh of this credential), then tok-2.
+    let (renewed, _) = wait_after_401(&envoy, "Bearer tok-2", Duration::from_secs(15));
+    while renewed.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(send(&envoy).map_err(|r| r.status), Ok("Bearer tok-2".to_string()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = token.calls();
+    assert_eq!(calls.len(), 2, "twelve 401s on two workers: one token call, not one per 401 or per worker");
+    assert_eq!(calls[1].body, calls[0].body, "the same grant again");
+    // Due at once: made at the next tick (500 ms; bound for a loaded machine).
+    let forced = calls[1].at.saturating_duration_since(first_401);
+    assert!(forced <= Duration::from_secs(3), "first forced refresh {forced:?} after the 401");
+    assert_eq!(rejected_total(&envoy, "orders"), Some(1), "twelve 401s for one value: one drop");
+
+    // The bound: tok-2 rejected too, and the next forced refresh waits
+    // until 5 s after the last one. Meanwhile every request, on either
+    // worker, is answered 503 and tok-2 is not sent again.
+    upstream.reject("Bearer tok-2", 1);
+    let rejected = send(&envoy).expect_err("tok-2 rejected");
+    assert!(upstream_401(&rejected), "{} {}", rejected.status, rejected.text());
+    let dropped_at = Instant::now();
+    let refusals: Vec<u16> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut statuses = Vec::new();
+                    while dropped_at.elapsed() < Duration::from_millis(2000) {
+                        statuses
+                            .push(send(&envoy).map_or_else(|r| if unavailable(&r) { 503 } else { r.status }, |_| 200));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        senders.into_iter().flat_map(|t| t.join().expect("sender")).collect()
+    });
+    assert!(refusals.iter().all(|s| *s == 503), "503 credential_unavailable until the refresh: {refusals:?}");
+    assert_eq!(upstream.rejected(), 1, "tok-2 is not sent again after its 401");
+    let (_, refused) = wait_after_401(&envoy, "Bearer tok-3", Duration::from_secs(20));
+    let calls = token.calls();
+    assert_eq!(calls.len(), 3, "one call for each rejected value");
+    // The first forced refresh is due when tok-1 is dropped (after its
+    // first 401 was answered); the next no sooner than 5 s after that.
+    let bound = calls[2].at.saturating_duration_since(first_401);
+    assert!(bound >= Duration::from_millis(4900), "second forced refresh {bound:?} after the first 401, want >= 5 s");
+    let gap = calls[2].at.saturating_duration_since(calls[1].at);
+    assert!(gap <= Duration::from_secs(10), "forced refreshes {gap:?} apart, want ~5 s");
+    assert!(refusals.len() + refused >= 10, "{} 503s before tok-3", refusals.len() + refused);
+    assert_eq!(rejected_total(&envoy, "orders"), Some(2), "two values dropped");
+
+    // Each drop logged at most once, by the worker that dropped it, and no
+    // value. The drop line shares the 10 lines a second of the denial
+    // lines (docs/operations.md), so the burst's 503s can shed the first
+    // drop's line; the second came after a quiet while and is logged.
+    let ours = keyswap_lines(&envoy.log());
+    let dropped = "route orders: credential routes[0].inject[0].value.oauth2 (oauth2): the upstream answered 401 to it; value dropped, fetching a new one";
+    assert!((1..=2).contains(&ours.matches(dropped).count()), "{ours}");
+    assert_eq!(ours.matches("(at most one forced refresh per 5 s)").count(), 1, "{ours}");
+    let fetched = "new value fetched after the upstream rejected the last one";
+    assert_eq!(ours.matches(fetched).count(), 2, "{ours}");
+    for secret in ["tok-1", "tok-2", "tok-3", CLIENT_SECRET, "Z3c6"] {
+        assert!(!ours.contains(secret), "{secret} in keyswap's log:\n{ours}");
     }
 }
