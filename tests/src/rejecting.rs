@@ -13,8 +13,8 @@
 //! held until all `hold` have arrived (at most [`HOLD_TIMEOUT`]), so that
 //! many requests carrying the value are in flight on Envoy's workers at
 //! once and their 401s arrive together, as when a token is revoked under
-//! load. A held request waits in `block_in_place`, so the runtime's other
-//! connections go on being served.
+//! load. Handlers run on the blocking pool ([`crate::server`]), so a held
+//! request stalls no other connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -93,15 +93,17 @@ fn respond(state: &(Mutex<State>, Condvar), request: Received) -> Reply {
     }
     s.arrived += 1;
     if s.arrived < s.hold {
-        // Wait for the rest of the burst without stalling the runtime.
+        // Wait for the rest of the burst.
         let hold = s.hold;
-        drop(tokio::task::block_in_place(|| arrived.wait_timeout_while(s, HOLD_TIMEOUT, |s| s.arrived < hold)));
+        s = match arrived.wait_timeout_while(s, HOLD_TIMEOUT, |s| s.arrived < hold) {
+            Ok((s, _)) => s,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
     } else {
         arrived.notify_all();
     }
-    if let Ok(mut s) = lock.lock() {
-        s.first_answered.get_or_insert_with(Instant::now);
-    }
+    s.first_answered.get_or_insert_with(Instant::now);
+    drop(s);
     let mut reply = Reply::json(401, r#"{"error":"invalid_token"}"#);
     reply.headers.push(("www-authenticate".into(), r#"Bearer error="invalid_token""#.into()));
     reply

@@ -7,8 +7,8 @@
 //! query parameter, in any case, with `_` for `-`, repeated, padded), nor
 //! use a route another client brings its own credential for; a client's
 //! own OAuth2 token is fetched by its own call and reaches only its
-//! requests, and an upstream's 401 to it drops and refetches that one
-//! token alone.
+//! requests, and an upstream's 401 to it refetches that one token alone
+//! (the old one still sent to that client until the new one arrives).
 //!
 //! The oracle is the echo upstream's view of each request: for every name
 //! any client or route injects, the values the upstream got must be the
@@ -17,16 +17,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use keyswap_tests::echo::{Echo, Echoed};
-use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, ROUTE_HEADER};
+use keyswap_tests::envoy::{Envoy, Listener, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::raw;
 use keyswap_tests::rejecting::Rejecting;
 use keyswap_tests::token::TokenServer;
 
-use crate::credentials::{keyswap_lines, rejected_total, serving_workers, token_cluster, unavailable, upstream_401};
+use crate::credentials::{keyswap_lines, rejected_total, serving_workers, start_listener, unavailable, upstream_401};
 
 const LISTENER: &str = "pc";
 /// The Envoy routes (each to the cluster of its name), selected by
@@ -198,20 +198,9 @@ fn start(
     upstream: SocketAddr,
     tokens: &[(&str, &TokenServer)],
 ) -> Envoy {
-    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let route_names = ROUTES.iter().map(|r| r.to_string()).collect();
     let listener = Listener { name: LISTENER.into(), config, env, route_names, ..Listener::default() };
-    let mut bootstrap = gateway(std::slice::from_ref(&listener), upstream, &wasm);
-    for (name, server) in tokens {
-        bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
-    }
-    let launch = Launch {
-        file_name: "envoy.json".into(),
-        text: bootstrap.to_string(),
-        expect_configs: vec![listener.config],
-        ..Launch::default()
-    };
-    Envoy::start_workers(&launch, 2).unwrap_or_else(|e| panic!("Envoy starts: {e}"))
+    start_listener(listener, tokens, upstream, 2)
 }
 
 fn start_static(echo: &Echo) -> Envoy {
@@ -273,7 +262,7 @@ fn every_request_carries_its_own_clients_credentials_over_interleaved_requests_o
         &wrong[..wrong.len().min(5)]
     );
     assert_eq!(results.len(), SENDERS * EACH);
-    assert_eq!(serving_workers(&envoy).len(), 2, "both workers served");
+    assert_eq!(serving_workers(&envoy, SystemTime::UNIX_EPOCH).len(), 2, "both workers served");
     eprintln!("{} interleaved requests judged in {took:?}, zero mix-ups", results.len());
 }
 
@@ -520,7 +509,7 @@ fn oauth2(secret_var: &str) -> serde_json::Value {
     serde_json::json!({"header": "authorization", "prefix": "Bearer ",
                        "value": {"oauth2": {"cluster": "idp", "token_path": "/oauth/token",
                                             "client_id": {"inline": "keyswap-gw"},
-                                            "client_secret": {"env": secret_var}, "timeout_ms": 1000}}})
+                                            "client_secret": {"env": secret_var}, "timeout_ms": 5000}}})
 }
 
 /// The route `orders` and two clients' own lists make the same OAuth2
@@ -570,7 +559,7 @@ fn first_token(envoy: &Envoy, client: &str, within: Duration) -> String {
 }
 
 #[test]
-fn a_clients_own_oauth2_token_is_its_own_call_reaches_only_it_and_is_dropped_alone_on_401() {
+fn a_clients_own_oauth2_token_is_its_own_call_reaches_only_it_and_is_refetched_alone_on_401() {
     const CLIENT_SECRET: &str = "idp-client-secret-pc";
     let token =
         TokenServer::start_numbered(r#"{"access_token":"tok-{n}-issued","token_type":"Bearer","expires_in":3600}"#)
@@ -578,6 +567,13 @@ fn a_clients_own_oauth2_token_is_its_own_call_reaches_only_it_and_is_dropped_alo
     let upstream = Rejecting::start().expect("upstream");
     let env = BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]);
     let envoy = start(dynamic_config(), env, upstream.addr(), &[("idp", &token)]);
+    // The three calls first, so that few requests are refused meanwhile
+    // (keyswap's 401 line below shares the denial lines' rate limit).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while token.count() < 3 {
+        assert!(Instant::now() < deadline, "{} token calls within 15 s\n{}", token.count(), envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let clients = ["batch", "team-a", "team-b"];
     let mut tokens = BTreeMap::new();
     for client in clients {
@@ -614,31 +610,66 @@ fn a_clients_own_oauth2_token_is_its_own_call_reaches_only_it_and_is_dropped_alo
         senders.into_iter().flat_map(|t| t.join().expect("sender")).collect()
     });
     assert!(wrong.is_empty(), "{} mix-ups: {wrong:?}", wrong.len());
-    assert_eq!(serving_workers(&envoy).len(), 2, "both workers served");
+    assert_eq!(serving_workers(&envoy, SystemTime::UNIX_EPOCH).len(), 2, "both workers served");
 
-    // The upstream rejects team-a's token: team-a's alone is dropped and
-    // fetched again; team-b and batch keep theirs, never a 503.
+    // The upstream rejects team-a's token. team-a's record alone is
+    // refetched; while that call is in flight (the token server holds it)
+    // team-a's old token is still sent (the upstream answers 401, keyswap
+    // never 503), and team-b and batch keep theirs throughout.
+    token.hold();
     upstream.reject(&tokens["team-a"], 1);
     let rejected = send_orders(&envoy, "team-a").expect_err("team-a's token rejected");
     assert!(upstream_401(&rejected), "{} {}", rejected.status, rejected.text());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let renewed = loop {
+    let mut team_a_401s = 1;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while token.count() < 4 {
+        assert!(Instant::now() < deadline, "no refresh for team-a within 5 s of its 401\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let others = |tokens: &BTreeMap<&str, String>| {
         for other in ["team-b", "batch"] {
-            judge(other, &tokens).unwrap_or_else(|e| panic!("after team-a's 401: {e}"));
+            judge(other, tokens).unwrap_or_else(|e| panic!("after team-a's 401: {e}"));
         }
+    };
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_millis(800) {
+        others(&tokens);
+        let r = send_orders(&envoy, "team-a").expect_err("team-a's old token, until replaced");
+        assert!(upstream_401(&r), "team-a while its refresh is in flight: {} {}", r.status, r.text());
+        team_a_401s += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    token.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let renewed = loop {
+        others(&tokens);
         match send_orders(&envoy, "team-a") {
             Ok((bearer, _)) => break bearer,
-            Err(r) => assert!(unavailable(&r), "team-a after its 401: {} {}", r.status, r.text()),
+            Err(r) => assert!(upstream_401(&r), "team-a after its 401: {} {}", r.status, r.text()),
         }
-        assert!(Instant::now() < deadline, "team-a: no new token within 20 s\n{}", envoy.log());
-        std::thread::sleep(Duration::from_millis(50));
+        team_a_401s += 1;
+        assert!(Instant::now() < deadline, "team-a: no new token within 10 s\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(!tokens.values().any(|t| *t == renewed), "team-a's new token {renewed:?} is a new one");
-    assert_eq!(upstream.rejected(), 1, "team-a's old token not sent again");
-    assert_eq!(token.count(), 4, "one more call, for team-a's record only");
+    assert_eq!(renewed, "Bearer tok-4-issued", "team-a's new token is the fourth call's");
+    assert_eq!(upstream.rejected(), team_a_401s, "every 401 was team-a's old token");
+    assert_eq!(token.count(), 4, "{team_a_401s} 401s: one more call, for team-a's record only");
     assert_eq!(rejected_total(&envoy, "orders"), Some(1));
+    tokens.insert("team-a", renewed);
+    for client in clients {
+        judge(client, &tokens).unwrap_or_else(|e| panic!("afterwards: {e}"));
+    }
     let ours = keyswap_lines(&envoy.log());
-    assert!(ours.contains("credential clients[1].inject.orders[0].value.oauth2 (oauth2): new value fetched after the upstream rejected the last one"), "{ours}");
+    let line = |path: &str, text: &str| ours.matches(&format!("credential {path} (oauth2): {text}")).count();
+    let (a, b, route) = (
+        "clients[1].inject.orders[0].value.oauth2",
+        "clients[2].inject.orders[0].value.oauth2",
+        "routes[0].inject[0].value.oauth2",
+    );
+    let marked = "the upstream answered 401 to it; replacing it, fetching a new one";
+    let replaced = "new value fetched after the upstream rejected the last one";
+    assert_eq!((line(a, marked), line(a, replaced)), (1, 1), "{ours}");
+    assert_eq!([b, route].map(|p| line(p, marked) + line(p, replaced)), [0, 0], "{ours}");
     for secret in ["-issued", CLIENT_SECRET] {
         assert!(!ours.contains(secret), "{secret} in keyswap's log:\n{ours}");
     }
