@@ -119,9 +119,10 @@ pub fn answer(
 }
 
 /// The upstream's answer `status` to a request on `route` that carried the
-/// dynamic values `used`: the policy drops the values of a 401 from the
-/// shared records; each drop is counted and logged (rate-limited with the
-/// denial lines, by credential path, never a value).
+/// dynamic values `used`: on a 401 the policy marks those values rejected
+/// in the shared records (refreshed at once, kept until replaced); each
+/// mark is counted and logged (rate-limited with the denial lines, by
+/// credential path, never a value).
 pub(crate) fn upstream_status(shared: &Shared, route: &str, status: u16, used: &[Used], now_ms: &dyn Fn() -> i64) {
     let keys = &shared.record_keys;
     for rejection in shared.policy.upstream_status(status, used, now_ms, &mut EnvoyRecords { keys }) {

@@ -95,7 +95,9 @@ impl Echo {
 /// The response to one request: 200 with the echo JSON, plus the headers
 /// asked for (which replace the echo's `content-type`; never ask for
 /// `content-length`); 400 when [`RESPOND_HEADER`] is not a list of pairs.
-fn answer(request: Received) -> Reply {
+/// Other upstreams answer with it what they do not answer themselves
+/// ([`crate::rejecting`]).
+pub fn answer(request: Received) -> Reply {
     let Received { method, target, version, headers, .. } = request;
     let body = serde_json::json!({"method": method, "path": target, "version": version, "headers": headers});
     let extra: Result<Vec<(String, String)>, String> = match headers.iter().find(|(n, _)| n == RESPOND_HEADER) {

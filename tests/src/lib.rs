@@ -29,6 +29,8 @@
 //! - [`load`]: bounded background load over keep-alive connections.
 //! - [`revocation`]: an Envoy fed by an ECDS file, pushes, and which worker
 //!   did what when (from Envoy's log).
+//! - [`rejecting`]: an echo upstream that answers 401 to one credential
+//!   value, holding a burst of such requests until all are in flight.
 //! - [`routing`]: recording upstreams (a cluster each, trailers included),
 //!   gateways of several virtual hosts with keyswap in both stages, an
 //!   HTTP/2 relay, and raw HTTP/1.1 and curl HTTP/2 clients: what reached
@@ -47,6 +49,7 @@ pub mod envoy;
 pub mod http;
 pub mod load;
 pub mod raw;
+pub mod rejecting;
 pub mod revocation;
 pub mod routing;
 pub mod server;

@@ -327,7 +327,9 @@ fn finish<'p>(
             }
             Err(why) => {
                 let next = record.failed(now);
-                let keeping = record.usable(now).is_some();
+                // What the next request finds: a rejected value is dropped
+                // by a failed refetch, so it is not "kept".
+                let keeping = next.usable(now).is_some();
                 let event = (next.failures == 1).then(|| Event::Failing { why: why.clone(), keeping });
                 (next, event)
             }
@@ -465,9 +467,18 @@ mod tests {
         a.tick(&providers, &mut store, 6000, &mut call);
         assert_eq!(a.in_flight(), 1);
 
-        // That refresh fails: a rejected value is not kept past it.
-        a.answer(&providers, &mut store, 3, Reply::Lost, 6100);
+        // That refresh fails: a rejected value is not kept past it, and
+        // the warning says so (not "keeping the last good value").
+        let note = a.answer(&providers, &mut store, 3, Reply::Lost, 6100);
         assert_eq!(record(&store).usable(6100), None, "dropped after a failed refetch");
+        assert_eq!(
+            note.map(|n| n.to_string()).as_deref(),
+            Some(
+                "credential routes[0].inject[0].value.oauth2 (oauth2): refresh failed: no answer from cluster `idp` \
+                 (timeout or connection failure); its routes answer 503 credential_unavailable until one arrives; \
+                 retrying with backoff"
+            )
+        );
     }
 
     #[test]

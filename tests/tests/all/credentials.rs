@@ -1,17 +1,24 @@
 //! Dynamic credentials in the real Envoy: an `oauth2` route whose token
 //! comes from a local token server (loopback, `keyswap_tests::token`)
 //! through an Envoy cluster, refreshed by the filter's root context on its
-//! timer. Times are bounded by polling, never by a fixed sleep before an
+//! timer; and an upstream that answers 401 to a token
+//! (`keyswap_tests::rejecting`), which keyswap goes on sending until it has
+//! fetched a new one (and drops if that fetch fails).
+//! Times are bounded by polling, never by a fixed sleep before an
 //! assertion, and timing bounds leave room for a loaded 2-core CI machine
 //! (Envoy's ticks and answers run late there) while staying well inside
 //! what a wrong behaviour would give (a refresh period, a token's life).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
+use keyswap_tests::rejecting::Rejecting;
+use keyswap_tests::revocation::{main_thread, parse_log};
 use keyswap_tests::token::TokenServer;
 
 const KEY: &str = "dyn-client-key";
@@ -28,6 +35,11 @@ fn route_of(path: &str) -> &'static str {
 }
 
 fn config() -> String {
+    config_with_timeout(1000)
+}
+
+/// [`config`] with the token call's `timeout_ms`.
+fn config_with_timeout(timeout_ms: u64) -> String {
     serde_json::json!({
         "clients": [{"id": "app", "key": KEY, "routes": ["*"]}],
         "key_sources": [{"header": "x-api-key"}],
@@ -36,7 +48,7 @@ fn config() -> String {
                                 "value": {"oauth2": {"cluster": "idp", "token_path": "/oauth/token",
                                                      "authority": "idp.test", "client_id": {"inline": "gw"},
                                                      "client_secret": {"env": "IDP_SECRET"},
-                                                     "scopes": ["orders"], "timeout_ms": 1000}}}]}]
+                                                     "scopes": ["orders"], "timeout_ms": timeout_ms}}}]}]
     })
     .to_string()
 }
@@ -60,11 +72,35 @@ pub fn start_with(
     clusters: &[(&str, &TokenServer)],
     workers: u32,
 ) -> (Echo, Envoy) {
-    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let envoy = start_at(config, env, clusters, echo.addr(), workers);
+    (echo, envoy)
+}
+
+/// Envoy running `config` with its routes' clusters reaching `upstream`
+/// and a cluster per `(name, server)`.
+pub fn start_at(
+    config: String,
+    env: BTreeMap<String, String>,
+    clusters: &[(&str, &TokenServer)],
+    upstream: SocketAddr,
+    workers: u32,
+) -> Envoy {
     let route_names = ROUTES.iter().map(|r| r.to_string()).collect();
     let listener = Listener { name: "dyn".into(), config, env, route_names, ..Listener::default() };
-    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    start_listener(listener, clusters, upstream, workers)
+}
+
+/// Envoy (`workers` workers) serving `listener`, its routes' clusters
+/// reaching `upstream`, and a cluster per `(name, server)`.
+pub fn start_listener(
+    listener: Listener,
+    clusters: &[(&str, &TokenServer)],
+    upstream: SocketAddr,
+    workers: u32,
+) -> Envoy {
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), upstream, &wasm);
     for (name, server) in clusters {
         bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters").push(token_cluster(name, server));
     }
@@ -74,8 +110,7 @@ pub fn start_with(
         expect_configs: vec![listener.config],
         ..Launch::default()
     };
-    let envoy = Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
-    (echo, envoy)
+    Envoy::start_workers(&launch, workers).unwrap_or_else(|e| panic!("Envoy starts: {e}"))
 }
 
 /// The Envoy cluster `name`, pointing at `server`.
@@ -107,11 +142,11 @@ pub fn send_to(envoy: &Envoy, path: &str) -> Result<Echoed, Response> {
 /// What keyswap itself logged (Envoy's own debug lines print headers and
 /// the configuration, the test's secrets included: that is Envoy's `-l
 /// debug`, not keyswap).
-fn keyswap_lines(log: &str) -> String {
+pub fn keyswap_lines(log: &str) -> String {
     log.lines().filter(|l| l.contains("wasm log")).collect::<Vec<_>>().join("\n")
 }
 
-fn unavailable(response: &Response) -> bool {
+pub fn unavailable(response: &Response) -> bool {
     response.status == 503 && String::from_utf8_lossy(&response.body).contains("\"credential_unavailable\"")
 }
 
@@ -347,5 +382,230 @@ fn figures() {
             first.saturating_duration_since(ready).as_millis(),
             rotated.saturating_duration_since(rotation_call).as_millis()
         );
+    }
+}
+
+/// keyswap's counter `keyswap_credential_rejected_total;route=ROUTE` in
+/// Envoy's `/stats` (which names it `wasmcustom.…`; one value for all
+/// workers); `None` when absent.
+pub fn rejected_total(envoy: &Envoy, route: &str) -> Option<u64> {
+    let stats = Request::get("/stats?filter=keyswap_credential_rejected_total")
+        .header("host", "admin")
+        .send(envoy.admin())
+        .expect("/stats");
+    let series = format!("keyswap_credential_rejected_total;route={route}");
+    let text = stats.text();
+    let found = text.lines().find_map(|l| l.rsplit_once(": ").filter(|(name, _)| name.ends_with(&series)));
+    found.and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// The worker threads that opened a downstream stream (Envoy's debug line
+/// `new stream`; the admin's run on the main thread) at or after `since`.
+pub fn serving_workers(envoy: &Envoy, since: SystemTime) -> std::collections::BTreeSet<u64> {
+    let lines = parse_log(&envoy.log());
+    let main = main_thread(&lines);
+    let streams = lines.iter().filter(|l| l.time >= since && l.text.ends_with("] new stream"));
+    streams.filter(|l| Some(l.thread) != main).map(|l| l.thread).collect()
+}
+
+/// The upstream's own 401 (not one of keyswap's denials): the request was
+/// forwarded with a value the upstream refuses.
+pub fn upstream_401(response: &Response) -> bool {
+    response.status == 401 && response.text().contains("\"invalid_token\"") && !response.text().contains("\"message\"")
+}
+
+/// What became of one request on `orders` while the upstream rejects a
+/// token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Forwarded with this `authorization`, and echoed.
+    Forwarded(String),
+    /// Forwarded with the value the upstream rejects: its 401.
+    Rejected,
+    /// keyswap's `503 credential_unavailable`, `retry-after: 1`: nothing
+    /// sent.
+    Unavailable,
+    /// Anything else (always a failure).
+    Other(u16, String),
+}
+
+fn outcome(envoy: &Envoy) -> Outcome {
+    match send(envoy) {
+        Ok(bearer) => Outcome::Forwarded(bearer),
+        Err(r) if upstream_401(&r) => Outcome::Rejected,
+        Err(r) if unavailable(&r) && r.header("retry-after") == Some("1") => Outcome::Unavailable,
+        Err(r) => Outcome::Other(r.status, r.text()),
+    }
+}
+
+/// One request of [`poll`]: when it was sent, when answered, and how.
+#[derive(Debug, Clone)]
+struct Try {
+    sent: Instant,
+    answered: Instant,
+    outcome: Outcome,
+}
+
+/// `senders` threads send one request after another (20 ms apart, a new
+/// connection each, so either worker) until `done` holds for what all have
+/// seen, or `within` passes (which fails the test). Returns every try, in
+/// the order they were sent.
+fn poll(envoy: &Envoy, senders: usize, within: Duration, done: impl Fn(&[Try]) -> bool + Sync) -> Vec<Try> {
+    let tries = Mutex::new(Vec::new());
+    let deadline = Instant::now() + within;
+    std::thread::scope(|s| {
+        for _ in 0..senders {
+            s.spawn(|| loop {
+                let sent = Instant::now();
+                let got = outcome(envoy);
+                let answered = Instant::now();
+                let mut all = tries.lock().expect("tries");
+                all.push(Try { sent, answered, outcome: got });
+                if done(&all) || Instant::now() > deadline {
+                    return;
+                }
+                drop(all);
+                std::thread::sleep(Duration::from_millis(20));
+            });
+        }
+    });
+    let mut tries = tries.into_inner().expect("tries");
+    assert!(done(&tries), "not done within {within:?}: {:?}\n{}", outcomes(&tries), envoy.log());
+    tries.sort_by_key(|t| t.sent);
+    tries
+}
+
+fn outcomes(tries: &[Try]) -> Vec<&Outcome> {
+    tries.iter().map(|t| &t.outcome).collect()
+}
+
+fn count(tries: &[Try], outcome: &Outcome) -> usize {
+    tries.iter().filter(|t| t.outcome == *outcome).count()
+}
+
+#[test]
+fn a_token_the_upstream_answers_401_to_is_sent_until_replaced_refetched_once_and_dropped_if_that_fails() {
+    const BURST: usize = 12;
+    let token = TokenServer::start_numbered(&answer("tok-{n}", 3600)).expect("token server");
+    let upstream = Rejecting::start().expect("upstream");
+    let env = BTreeMap::from([("IDP_SECRET".to_string(), CLIENT_SECRET.to_string())]);
+    // A token call may take 5 s: the token server holds one below.
+    let envoy = start_at(config_with_timeout(5000), env, &[("idp", &token)], upstream.addr(), 2);
+    assert_eq!(rejected_total(&envoy, "orders"), Some(0), "the counter is defined at 0");
+    wait_for(&envoy, "Bearer tok-1", &[], Duration::from_secs(15));
+    // A second of tok-1 on both workers: the 503s before it fall in an
+    // earlier second of the rate limit keyswap's 401 line shares with the
+    // denial lines, so that line is written below.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(1100) {
+        assert_eq!(outcome(&envoy), Outcome::Forwarded("Bearer tok-1".into()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 1. tok-1 revoked under load: twelve requests carrying it, held by
+    // the upstream until all are in flight on Envoy's two workers, all
+    // answered 401. The next token call is held by the token server.
+    token.hold();
+    upstream.reject("Bearer tok-1", BURST);
+    let burst_at = SystemTime::now();
+    let burst: Vec<Outcome> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..BURST).map(|_| s.spawn(|| outcome(&envoy))).collect();
+        senders.into_iter().map(|t| t.join().expect("sender")).collect()
+    });
+    assert!(burst.iter().all(|o| *o == Outcome::Rejected), "every burst request answered 401: {burst:?}");
+    assert_eq!(upstream.rejected(), BURST, "tok-1 reached the upstream once per request");
+    let first_401 = upstream.first_rejected_at().expect("a 401 answered");
+    assert_eq!(serving_workers(&envoy, burst_at).len(), 2, "both workers served the burst");
+
+    // 2. The refresh is due at once: the next tick (500 ms; bounds for a
+    // loaded machine) makes one call for all those 401s on both workers.
+    // While it is in flight tok-1 is kept, and sent, on either worker
+    // (the upstream answers 401 to each; keyswap never answers 503).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while token.count() < 2 {
+        assert!(Instant::now() < deadline, "no forced refresh within 5 s of the 401s\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held_at = Instant::now();
+    let kept =
+        poll(&envoy, 3, Duration::from_secs(10), |t| t.len() >= 15 && held_at.elapsed() >= Duration::from_secs(1));
+    assert!(kept.iter().all(|t| t.outcome == Outcome::Rejected), "tok-1 sent until replaced: {:?}", outcomes(&kept));
+    token.release();
+    let replaced = poll(&envoy, 1, Duration::from_secs(10), |t| {
+        t.last().is_some_and(|t| t.outcome == Outcome::Forwarded("Bearer tok-2".into()))
+    });
+    let before = &replaced[..replaced.len() - 1];
+    assert!(before.iter().all(|t| t.outcome == Outcome::Rejected), "then tok-2: {:?}", outcomes(&replaced));
+    let calls = token.calls();
+    assert_eq!(calls.len(), 2, "{} 401s for tok-1 on two workers: one token call", upstream.rejected());
+    assert_eq!(calls[1].body, calls[0].body, "the same grant again");
+    let forced = calls[1].at.saturating_duration_since(first_401);
+    assert!(forced <= Duration::from_secs(3), "forced refresh {forced:?} after the first 401, want the next tick");
+    let tok1_401s = BURST + kept.len() + before.len();
+    assert_eq!(upstream.rejected(), tok1_401s, "every 401 a client saw was tok-1's");
+    assert_eq!(rejected_total(&envoy, "orders"), Some(1), "{tok1_401s} 401s for one value: one count");
+
+    // 3. tok-2 rejected too, under 5 s after tok-1's forced refresh: the
+    // next one waits for the bound, and tok-2 goes on being sent until
+    // then. That call fails (the token endpoint is down): tok-2 is not
+    // kept past it, and every request is answered 503 from then on.
+    let since_first = first_401.elapsed();
+    assert!(since_first < Duration::from_secs(4), "{since_first:?} after the first 401: too late to see the bound");
+    token.take_down();
+    upstream.reject("Bearer tok-2", 1);
+    assert_eq!(outcome(&envoy), Outcome::Rejected, "tok-2 answered 401");
+    let dropped = poll(&envoy, 3, Duration::from_secs(20), |tries| {
+        let first = tries.iter().find(|t| t.outcome == Outcome::Unavailable).map(|t| t.answered);
+        first.is_some_and(|f| f.elapsed() >= Duration::from_millis(800))
+    });
+    let calls = token.calls();
+    let bound = calls[2].at;
+    let after_first = bound.saturating_duration_since(first_401);
+    assert!(after_first >= Duration::from_millis(4900), "second forced refresh {after_first:?} after the first 401");
+    let gap = bound.saturating_duration_since(calls[1].at);
+    assert!(gap <= Duration::from_secs(10), "forced refreshes {gap:?} apart, want ~5 s");
+    let first_503 = dropped.iter().filter(|t| t.outcome == Outcome::Unavailable).map(|t| t.answered).min();
+    let first_503 = first_503.expect("a 503");
+    for t in &dropped {
+        match t.outcome {
+            Outcome::Rejected => assert!(t.sent <= first_503, "tok-2 sent after it was dropped: {t:?}"),
+            Outcome::Unavailable => assert!(t.answered >= bound, "503 before the refresh failed: {t:?}"),
+            _ => panic!("after tok-2's 401: {:?}", outcomes(&dropped)),
+        }
+    }
+    let last_sent = dropped.iter().filter(|t| t.outcome == Outcome::Rejected).map(|t| t.sent).max();
+    let last_sent = last_sent.expect("tok-2 kept while the refresh waited");
+    assert!(last_sent + Duration::from_secs(1) >= bound, "tok-2 sent until the refresh at the bound: {last_sent:?}");
+    assert_eq!(upstream.rejected(), 1 + count(&dropped, &Outcome::Rejected), "every 401 was tok-2's");
+    assert!(count(&dropped, &Outcome::Unavailable) >= 5);
+    assert_eq!(rejected_total(&envoy, "orders"), Some(2), "two values marked");
+
+    // 4. Back up: the next retry (backoff 1 s, 2 s, …) brings a new token.
+    token.set_answer(&answer("tok-{n}", 3600));
+    let back =
+        poll(&envoy, 1, Duration::from_secs(15), |t| t.last().is_some_and(|t| t.outcome != Outcome::Unavailable));
+    let last = token.count();
+    assert_eq!(back.last().map(|t| &t.outcome), Some(&Outcome::Forwarded(format!("Bearer tok-{last}"))));
+    assert!((4..=6).contains(&last), "{last} calls: two forced, failures retried with backoff, one success");
+
+    // Each mark logged once across the workers, with the bound's wait for
+    // the second; the failed refetch says the value is gone. No value in
+    // any of keyswap's lines.
+    let ours = keyswap_lines(&envoy.log());
+    let path = "credential routes[0].inject[0].value.oauth2 (oauth2)";
+    let lines = |text: &str| ours.matches(&format!("{path}: {text}")).count();
+    assert_eq!(lines("the upstream answered 401 to it; replacing it, fetching a new one"), 2, "{ours}");
+    assert_eq!(ours.matches("fetching a new one in ").count(), 1, "{ours}");
+    assert_eq!(ours.matches("(at most one forced refresh per 5 s)").count(), 1, "{ours}");
+    assert_eq!(lines("new value fetched after the upstream rejected the last one"), 1, "{ours}");
+    let failed = "refresh failed: the token endpoint answered status 503; its routes answer 503 \
+                  credential_unavailable until one arrives; retrying with backoff";
+    assert_eq!(lines(failed), 1, "{ours}");
+    assert_eq!(lines("refreshed again after"), 1, "{ours}");
+    for n in 1..=last {
+        assert!(!ours.contains(&format!("tok-{n}")), "tok-{n} in keyswap's log:\n{ours}");
+    }
+    for secret in [CLIENT_SECRET, "Z3c6"] {
+        assert!(!ours.contains(secret), "{secret} in keyswap's log:\n{ours}");
     }
 }

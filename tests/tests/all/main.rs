@@ -3,10 +3,14 @@
 //! - [`conformance`]: runner `envoy`, the whole conformance suite through Envoy.
 //! - [`credentials`]: dynamic credentials (oauth2, token exchange, fetch)
 //!   with a local token server: first token, rotation, outage and expiry,
-//!   two workers.
+//!   two workers, a token the upstream answers 401 to.
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`per_client`]: per-client credentials (`clients[].inject`) attacked
+//!   from outside: hundreds of interleaved requests each carrying exactly
+//!   its own client's credentials, smuggling under any injected name,
+//!   another client's route, each client's own OAuth2 token and its 401.
 //! - [`revocation`]: configuration pushed through ECDS while Envoy serves:
 //!   a revoked key stops on every worker under load, a bad resource changes
 //!   nothing, `keyswap push` confirms with Envoy.
@@ -39,6 +43,7 @@ mod gateway;
 mod image;
 mod leaks;
 mod operations;
+mod per_client;
 mod platforms;
 mod revocation;
 mod routing;
