@@ -26,6 +26,7 @@
 //!   runs the credential refresh.
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
+//! - [`edits`]: a decision's header edits, one call or one per edit.
 //! - [`credentials`]: dynamic credentials: the policy's refresh state
 //!   machine over Envoy's shared data, run by the root context on a timer;
 //!   the policy reads the shared values when it decides.
@@ -41,6 +42,7 @@
 
 pub mod audit;
 pub mod credentials;
+pub mod edits;
 pub mod metrics;
 mod root;
 
@@ -179,9 +181,7 @@ impl KeyswapHttp {
                 let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
                 self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets, used };
                 if !forward.is_noop() {
-                    // One call replaces the whole map, borrowing every
-                    // header rather than copying it.
-                    self.set_http_request_headers_bytes(forward.edited(&headers));
+                    edits::apply(self, &forward, &headers);
                 }
                 Action::Continue
             }

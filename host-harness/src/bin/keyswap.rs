@@ -327,7 +327,10 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     let noop = match FilterModule::load(&noop_path) {
         Ok(noop) => Some(noop),
         Err(HarnessError::Artifact(ArtifactError::Missing { .. })) if args.noop.is_none() => {
-            eprintln!("bench: no no-op module at {}: no floor (build it: cargo build --release --target wasm32-wasip1 -p keyswap-bench-noop)", noop_path.display());
+            eprintln!(
+                "bench: no no-op module at {}: no floor (build it: scripts/build-filter keyswap-bench-noop)",
+                noop_path.display()
+            );
             None
         }
         Err(e) => return Err(e.to_string()),
