@@ -67,6 +67,43 @@ pub enum Step {
     /// The upstream answers the request open on a worker (there must be
     /// one) with this status, headers only; the stream ends.
     Respond(RespondStep),
+    /// The request a `send` with `waits` left held on a worker has been
+    /// let go since, forwarded: it must carry `carries` and lack `lacks`;
+    /// its stream stays open for `respond`. Only `worker`, `carries` and
+    /// `lacks` are read (a case giving `headers` or `waits` is refused).
+    Resumed(SendStep),
+    /// The request a `send` with `waits` left held on a worker has been
+    /// answered locally since, with this status and error code.
+    Refused(RefusedStep),
+}
+
+/// See [`Step::Refused`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusedStep {
+    /// The worker (0-based); the last by default.
+    #[serde(default)]
+    pub worker: Option<usize>,
+    pub status: u16,
+    /// The `error` of the JSON body.
+    pub error: String,
+}
+
+impl RefusedStep {
+    /// Compares a local answer with this step.
+    ///
+    /// # Errors
+    /// The difference.
+    pub fn check(&self, status: u16, body: &[u8]) -> Result<(), String> {
+        let error = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|json| json["error"].as_str().map(str::to_string));
+        if status == self.status && error.as_deref() == Some(self.error.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("want {} {:?}, got {status} {error:?}", self.status, self.error))
+        }
+    }
 }
 
 /// See [`Step::Send`].
@@ -83,6 +120,13 @@ pub struct SendStep {
     /// Headers the forwarded request must carry with exactly these values.
     #[serde(default)]
     pub carries: Vec<(String, String)>,
+    /// Header names the forwarded request must not carry.
+    #[serde(default)]
+    pub lacks: Vec<String>,
+    /// The request must be held (waiting for a per-client credential)
+    /// instead of forwarded; `resumed` or `refused` says what came of it.
+    #[serde(default)]
+    pub waits: bool,
 }
 
 /// See [`Step::Respond`].
@@ -120,6 +164,12 @@ impl SendStep {
                 .collect();
             if got != [want.clone()] {
                 let _ = writeln!(diff, "forwarded header {name}: want {want:?}, got {got:?}");
+            }
+        }
+        for name in &self.lacks {
+            let name = name.to_ascii_lowercase();
+            if forwarded.iter().any(|(n, _)| *n == name) {
+                let _ = writeln!(diff, "forwarded header {name}: must be absent, is present");
             }
         }
         if diff.is_empty() {
@@ -412,6 +462,13 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
     }
     if !raw.steps.is_empty() {
         needs.insert(Capability::Timeline);
+    }
+    for (i, step) in raw.steps.iter().enumerate() {
+        if let Step::Resumed(resumed) = step {
+            if resumed.headers.is_some() || resumed.waits {
+                return Err(format!("steps[{i}]: `resumed` takes only `worker`, `carries` and `lacks`"));
+            }
+        }
     }
     let config = match raw.config {
         ConfigRef::File(name) => {

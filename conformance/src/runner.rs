@@ -139,7 +139,8 @@ impl Runner {
                     Capability::Timeline,
                     "steps drive a controlled clock and answer token calls by hand, which a real Envoy cannot do; \
                      tests/tests/all/credentials.rs covers refresh, rotation, outage, expiry and two workers in \
-                     Envoy with a real token server",
+                     Envoy with a real token server, and tests/tests/all/broker.rs the per-client fetch (held \
+                     first requests, isolation, one call per client) with a real credential service",
                 ),
             ],
         }

@@ -11,13 +11,16 @@
 //! removals first, then the additions appended in order, `:path` in place.
 
 use keyswap_policy::Forward;
-use proxy_wasm::traits::HttpContext;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
 
 /// The most edits made one call each; above it, one whole-map write.
 pub const MAX_TARGETED: usize = 3;
 
-/// Applies `forward`'s edits to the request `headers` were read from.
-pub fn apply(http: &dyn HttpContext, forward: &Forward<'_>, headers: &[(String, Vec<u8>)]) {
+/// Applies `forward`'s edits to the effective context's request, whose
+/// headers `headers` were read from.
+pub fn apply(forward: &Forward<'_>, headers: &[(String, Vec<u8>)]) {
+    const MAP: MapType = MapType::HttpRequestHeaders;
     let edits = forward.remove_headers.len()
         + forward.remove_look_alikes.len()
         + forward.add_headers.len()
@@ -25,19 +28,19 @@ pub fn apply(http: &dyn HttpContext, forward: &Forward<'_>, headers: &[(String, 
     if edits > MAX_TARGETED {
         // One call replaces the whole map, borrowing every header rather
         // than copying it.
-        http.set_http_request_headers_bytes(forward.edited(headers));
+        let _ = hostcalls::set_map_bytes(MAP, forward.edited(headers));
         return;
     }
     for name in &forward.remove_headers {
-        http.set_http_request_header_bytes(name, None);
+        let _ = hostcalls::set_map_value_bytes(MAP, name, None);
     }
     for name in &forward.remove_look_alikes {
-        http.set_http_request_header_bytes(name, None);
+        let _ = hostcalls::set_map_value_bytes(MAP, name, None);
     }
     if let Some(path) = &forward.path {
-        http.set_http_request_header_bytes(":path", Some(path));
+        let _ = hostcalls::set_map_value_bytes(MAP, ":path", Some(path));
     }
     for (name, value) in &forward.add_headers {
-        http.add_http_request_header_bytes(name, value.as_bytes());
+        let _ = hostcalls::add_map_value_bytes(MAP, name, value.as_bytes());
     }
 }

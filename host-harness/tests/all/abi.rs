@@ -350,9 +350,9 @@ fn unimplemented_imports_answer_12_and_are_counted() {
 #[should_panic(expected = "does not implement")]
 fn a_call_to_an_unimplemented_import_fails_the_runner() {
     let module = wat(
-        r#"(import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))"#,
+        r#"(import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))"#,
         r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $continue (i32.const 0))) (i32.const 0))"#,
+    (drop (call $enqueue (i32.const 1) (i32.const 0) (i32.const 0))) (i32.const 0))"#,
     );
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
