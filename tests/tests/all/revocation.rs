@@ -356,6 +356,10 @@ fn push_reports_the_version_once_envoy_has_it_and_a_rejection_with_envoys_reason
     assert_eq!(view.accepted.as_deref(), Some(v2.as_str()), "push returned before Envoy ran {v2}: {view:?}");
     assert!(pushed.stdout.contains(&format!("wrote {}: version {v2} (2 clients, 1 routes)", gw.ecds.display())));
     assert!(pushed.stdout.contains(&format!("active: Envoy runs version {v2} (")), "{}", pushed.stdout);
+    // The time Envoy took to apply it: from the rename to its ECDS stats.
+    let took = pushed.stdout.split_once(&format!("active: Envoy runs version {v2} (")).map(|(_, rest)| rest);
+    let ms = took.and_then(|rest| rest.strip_suffix(" ms from the rename to Envoy applying it, by its ECDS stats)\n"));
+    assert!(ms.is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n < 10_000)), "{}", pushed.stdout);
     let denied = wait_for(Duration::from_secs(1), || is_invalid_key(&keyed(K1).send(gw.addr).ok()?).then_some(()));
     assert!(denied.is_some(), "K1 still forwarded a second after push said active");
     for _ in 0..20 {
