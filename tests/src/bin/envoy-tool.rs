@@ -12,13 +12,16 @@
 //!   has logged loading version `V` (`envoy::wait_loaded`, reading
 //!   `Summary::from_log_line`); prints that line's summary. With `--pid`,
 //!   fails as soon as that process is gone.
+//! - `bench-config CLIENTS`: prints the benchmark job's keyswap
+//!   configuration with CLIENTS clients (`keyswap_envoy_config::bench`),
+//!   for `scripts/bench-configure`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keyswap_envoy_config::ecds;
+use keyswap_envoy_config::{bench as job, ecds};
 use keyswap_tests::envoy::{tail, wait_loaded, wait_ready, LOADED_TIMEOUT, READY_TIMEOUT};
 
 #[derive(Parser)]
@@ -48,6 +51,8 @@ enum Command {
         #[arg(long)]
         version: String,
     },
+    /// Print the benchmark job's keyswap configuration with CLIENTS clients.
+    BenchConfig { clients: usize },
 }
 
 fn ecds_resource(config: &Path, ecds_file: &Path) -> Result<(), String> {
@@ -84,6 +89,10 @@ fn main() -> ExitCode {
     let done = match &cli.command {
         Command::EcdsResource { config, ecds_file } => ecds_resource(config, ecds_file),
         Command::Wait { admin, log, pid, version } => wait(*admin, log, *pid, version),
+        Command::BenchConfig { clients } => {
+            println!("{}", job::config(*clients, job::Binding::Cluster(job::ROUTE)));
+            Ok(())
+        }
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
