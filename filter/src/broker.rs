@@ -44,6 +44,8 @@ pub(crate) struct Request {
     pub route_name: Option<String>,
     /// The caller's own token for the credential service: never logged.
     pub caller: Option<String>,
+    /// The subject token of an on-behalf-of exchange: never logged.
+    pub subject: Option<String>,
 }
 
 /// What came of a decision on the effective context's stream.
@@ -76,13 +78,14 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster.as_deref();
     view.key = Some(&request.key);
+    view.subject = request.subject.as_deref().map(str::as_bytes);
     let mut records = EnvoyRecords::new(shared);
     match policy.decide(&view, &now_millis, &records) {
         Decision::Forward(mut forward) => {
             let outcome = if forward.route.is_some() { Counted::Allowed } else { Counted::Passed };
             record(shared, forward.route, forward.client, outcome);
             let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
-            credentials::used(shared, &mut records, &used, request.caller.as_deref());
+            credentials::used(shared, &mut records, &used, request);
             if !forward.is_noop() {
                 edits::apply(&forward, &headers);
             }
@@ -99,10 +102,10 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
         Decision::Wait(wait) => {
             let now = now_millis();
             let providers = policy.credential_providers();
-            for &(p, key) in &wait.slots {
-                if let Err(full) = credential::admit(providers, &mut records, p, key, now) {
+            for (p, key) in &wait.slots {
+                if let Err(full) = credential::admit(providers, &mut records, *p, key, now) {
                     if let Some(suppressed) = shared.audit.borrow_mut().admit(now.div_euclid(1000)) {
-                        let path = providers.get(p).map_or("?", |p| p.path.as_str());
+                        let path = providers.get(*p).map_or("?", |p| p.path.as_str());
                         log(
                             LogLevel::Warn,
                             &format!(
@@ -116,12 +119,11 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
                     return Outcome::Answered;
                 }
             }
-            let slots: Vec<(usize, String)> = wait.slots.iter().map(|&(p, key)| (p, key.to_string())).collect();
             let mut refresher = shared.refresher.borrow_mut();
-            for (p, key) in &slots {
-                refresher.demand(*p, key, request.caller.as_deref());
+            for (p, key) in &wait.slots {
+                refresher.demand(*p, key, request.caller.as_deref(), request.subject.as_deref());
             }
-            Outcome::Hold { slots, timeout_ms: wait.timeout_ms }
+            Outcome::Hold { slots: wait.slots, timeout_ms: wait.timeout_ms }
         }
     }
 }

@@ -111,10 +111,10 @@ pub(crate) fn pace(shared: &Shared, period: Option<Duration>) {
 
 /// One tick: a call for each record due whose lease this worker won.
 pub(crate) fn tick(shared: &Shared, now_ms: i64) {
-    let mut call = |provider: &Provider, headers: &[(String, String)]| {
+    let mut call = |provider: &Provider, headers: &[(String, String)], body: Option<&[u8]>| {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let timeout = Duration::from_millis(provider.timeout_ms);
-        hostcalls::dispatch_http_call(&provider.cluster, headers, provider.body.as_deref(), vec![], timeout).map_err(
+        hostcalls::dispatch_http_call(&provider.cluster, headers, body, vec![], timeout).map_err(
             |status| match status {
                 Status::BadArgument => "the call was refused (is the cluster defined?)".to_string(),
                 other => format!("the call could not be made ({other:?})"),
@@ -154,14 +154,21 @@ pub(crate) fn answer(shared: &Shared, (token, num_headers, body_size): (u32, usi
 
 /// What a forwarded request asks of the keyed records it used: marked
 /// used (at most once per `touch_ms` per worker), and a due refresh asked
-/// for with the caller's token. Nothing for unkeyed values.
-pub(crate) fn used(shared: &Shared, records: &mut EnvoyRecords<'_>, used: &[Used], caller: Option<&str>) {
+/// for with the caller's token (and subject token). Nothing for unkeyed
+/// values.
+pub(crate) fn used(shared: &Shared, records: &mut EnvoyRecords<'_>, used: &[Used], request: &crate::broker::Request) {
+    let providers = shared.policy.credential_providers();
     for u in used.iter().filter(|u| u.touch || u.due) {
         if u.touch {
-            credential::touch(records, u, crate::now_millis());
+            credential::touch(providers, records, u, crate::now_millis());
         }
         if let (true, Some(key)) = (u.due, &u.key) {
-            shared.refresher.borrow_mut().demand(u.provider, key, caller);
+            shared.refresher.borrow_mut().demand(
+                u.provider,
+                key,
+                request.caller.as_deref(),
+                request.subject.as_deref(),
+            );
         }
     }
 }
