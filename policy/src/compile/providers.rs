@@ -747,9 +747,16 @@ mod tests {
             kinds.extend(p.credential_providers().iter().map(|s| (s.kind, s.pointers.len(), s.keyed.clone())));
         }
         let broker = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000, evicts: false });
+        let on_behalf = Some(Keyed { idle_ms: 3_600_000, max_keys: 10_000, evicts: true });
         assert_eq!(
             kinds,
-            [(Kind::Oauth2, 0, None), (Kind::TokenExchange, 0, None), (Kind::Fetch, 2, None), (Kind::Fetch, 2, broker)]
+            [
+                (Kind::Oauth2, 0, None),
+                (Kind::TokenExchange, 0, None),
+                (Kind::Fetch, 2, None),
+                (Kind::Fetch, 2, broker),
+                (Kind::TokenExchange, 0, on_behalf)
+            ]
         );
     }
 
