@@ -439,3 +439,84 @@ fn expired_refused_and_missing_subjects_and_an_sts_outage() {
     }
     carries(&send(Some(&fresh)), &fresh);
 }
+
+/// Envoy's `/memory`: (allocated, heap size) in bytes.
+fn memory(envoy: &Envoy) -> (u64, u64) {
+    let json: serde_json::Value = serde_json::from_str(&admin_text(envoy, "/memory")).expect("/memory JSON");
+    let number = |name: &str| json.get(name).and_then(|v| v.as_str()?.parse().ok()).unwrap_or(0);
+    (number("allocated"), number("heap_size"))
+}
+
+const BOUND: u64 = 1000;
+const MANY: usize = 10_000;
+
+/// The bound: 10,000 distinct subjects against `max_subjects` 1,000, from 8
+/// threads on both workers. Every request carries its own subject's
+/// token; one exchange each; afterwards the most recent subjects are still
+/// cached (no call) and the oldest were evicted (a new exchange each).
+/// Envoy's `/memory` before and after is printed: tokens are held for at
+/// most 1,000 subjects, and each subject ever seen leaves a small record in
+/// shared data (docs/config.md).
+#[test]
+fn ten_thousand_subjects_against_a_cache_of_a_thousand() {
+    let sts = Sts::start();
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let envoy = start(&config(1, false, 5000, BOUND), &[("sts", sts.server.addr())], &echo);
+    let addr = envoy.listener("obo").expect("listener");
+    let one = |s: usize| {
+        let subject = format!("bulk-subject-{s:05}");
+        let response = request("mcp", 0, Some(&subject)).send(addr).expect("request");
+        assert_eq!(response.status, 200, "subject {s}: {}", response.text());
+        let echoed = Echoed::parse(&response.body).expect("echo JSON");
+        let want = format!("Bearer {}", token_for("mcp", &subject));
+        assert_eq!(echoed.header_all("authorization"), [want.as_str()], "subject {s}");
+    };
+    // Warm up (the first requests allocate Envoy's and the VM's pools).
+    for s in 0..200 {
+        one(s + MANY);
+    }
+    let before = memory(&envoy);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for s in (t..MANY).step_by(THREADS) {
+                    let subject = format!("bulk-subject-{s:05}");
+                    let response = request("mcp", 0, Some(&subject)).send(addr).expect("request");
+                    assert_eq!(response.status, 200, "subject {s}: {}", response.text());
+                    let echoed = Echoed::parse(&response.body).expect("echo JSON");
+                    let want = format!("Bearer {}", token_for("mcp", &subject));
+                    assert_eq!(echoed.header_all("authorization"), [want.as_str()], "subject {s}");
+                    assert!(started.elapsed() < Duration::from_secs(300), "the load is bounded in time");
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().expect("thread"));
+    let elapsed = started.elapsed();
+    let after = memory(&envoy);
+    assert_eq!(sts.total(), MANY + 200, "one exchange per subject");
+
+    // The most recent subjects are cached; the oldest were evicted.
+    let calls = sts.total();
+    for s in MANY - 400..MANY {
+        one(s);
+    }
+    assert_eq!(sts.total(), calls, "the 400 most recent subjects are still cached");
+    for s in 0..100 {
+        one(s);
+    }
+    assert_eq!(sts.total(), calls + 100, "the 100 oldest subjects were evicted and are exchanged again");
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "bounds: {MANY} subjects (8 threads, 2 workers) against max_subjects {BOUND} in {:.1} s; /memory allocated \
+         {:.1} -> {:.1} MiB (+{:.0} bytes a subject), heap_size {:.1} -> {:.1} MiB; every request carried its own \
+         subject's token",
+        elapsed.as_secs_f64(),
+        mib(before.0),
+        mib(after.0),
+        after.0.saturating_sub(before.0) as f64 / MANY as f64,
+        mib(before.1),
+        mib(after.1)
+    );
+}
