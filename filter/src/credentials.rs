@@ -73,11 +73,20 @@ impl SharedRecords for EnvoyRecords<'_> {
     }
 }
 
-fn note(note: Option<keyswap_policy::credential::Note<'_>>) {
-    if let Some(note) = note {
-        let level = if note.is_warning() { LogLevel::Warn } else { LogLevel::Info };
-        log(level, &format!("keyswap: {note}"));
+fn note(shared: &Shared, note: Option<keyswap_policy::credential::Note<'_>>) {
+    let Some(note) = note else { return };
+    let level = if note.is_warning() { LogLevel::Warn } else { LogLevel::Info };
+    if note.key.is_some() && note.provider.subject.is_some() {
+        // Subjects are as many as callers send: their lines share the
+        // denial lines' limit, so a flood of new subjects (or an STS
+        // outage meeting one) cannot flood the log.
+        if let Some(suppressed) = shared.audit.borrow_mut().admit(crate::now_millis().div_euclid(1000)) {
+            let tail = if suppressed > 0 { format!(" ({suppressed} earlier lines suppressed)") } else { String::new() };
+            log(level, &format!("keyswap: {note}{tail}"));
+        }
+        return;
     }
+    log(level, &format!("keyswap: {note}"));
 }
 
 /// Starts refreshing a newly loaded configuration's credentials: creates
@@ -123,7 +132,7 @@ pub(crate) fn tick(shared: &Shared, now_ms: i64) {
     };
     let providers = shared.policy.credential_providers();
     let notes = shared.refresher.borrow_mut().tick(providers, &mut EnvoyRecords::new(shared), now_ms, &mut call);
-    notes.into_iter().for_each(|n| note(Some(n)));
+    notes.into_iter().for_each(|n| note(shared, Some(n)));
 }
 
 /// A call's answer (`num_headers` 0: no answer, the call failed or timed
@@ -149,7 +158,8 @@ pub(crate) fn answer(shared: &Shared, (token, num_headers, body_size): (u32, usi
     };
     let providers = shared.policy.credential_providers();
     let mut records = EnvoyRecords::new(shared);
-    note(shared.refresher.borrow_mut().answer(providers, &mut records, token, reply, now_ms));
+    let answered = shared.refresher.borrow_mut().answer(providers, &mut records, token, reply, now_ms);
+    note(shared, answered);
 }
 
 /// What a forwarded request asks of the keyed records it used: marked
