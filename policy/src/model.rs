@@ -338,8 +338,9 @@ impl Policy {
     }
 
     /// True when some provider keeps one record per client (a `{client}`
-    /// fetch): a host able to hold a request until its first value arrives
-    /// runs the broker then ([`crate::Decision::Wait`]).
+    /// fetch) or per subject (an on-behalf-of exchange): a host able to
+    /// hold a request until its first value arrives runs the broker then
+    /// ([`crate::Decision::Wait`]).
     pub fn has_keyed_credentials(&self) -> bool {
         self.providers.iter().any(|p| p.keyed.is_some())
     }

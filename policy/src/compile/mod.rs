@@ -312,7 +312,7 @@ fn caller_token_header(
 ) -> Result<String, ConfigError> {
     const FIELD: &str = "caller_token_header";
     let name = header_name(name, FIELD)?;
-    if !providers.iter().any(|p| p.keyed.is_some()) {
+    if !providers.iter().any(|p| p.keyed.is_some() && p.subject.is_none()) {
         return Err(ConfigError::new(
             FIELD,
             "is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one",

@@ -884,6 +884,12 @@ mod tests {
         ] {
             assert_eq!(err(te, ""), want, "{te}");
         }
+        // The caller's token authenticates a per-client fetch only: an
+        // exchange sends the subject, never it.
+        assert_eq!(
+            err(r#""subject_token": {"env": "S"}"#, r#""caller_token_header": "x-caller-token","#),
+            "caller_token_header: is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one"
+        );
     }
 
     #[test]
