@@ -418,7 +418,7 @@ fn subject_source(raw: &RawSubjectToken, path: &str) -> Result<Option<SubjectSou
 }
 
 /// The most `max_subjects`.
-const MAX_SUBJECTS: u64 = 1_000_000;
+const MAX_SUBJECTS: u64 = 100_000;
 
 /// An on-behalf-of exchange is one record per subject: `idle_seconds` and
 /// `max_subjects` belong to it only.
@@ -747,7 +747,7 @@ mod tests {
             kinds.extend(p.credential_providers().iter().map(|s| (s.kind, s.pointers.len(), s.keyed.clone())));
         }
         let broker = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000, evicts: false });
-        let on_behalf = Some(Keyed { idle_ms: 3_600_000, max_keys: 10_000, evicts: true });
+        let on_behalf = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000, evicts: true });
         assert_eq!(
             kinds,
             [
@@ -863,7 +863,7 @@ mod tests {
             ),
             (
                 r#""subject_token": {"header": "x-user-token"}, "max_subjects": 0"#,
-                format!("{path}.max_subjects: must be between 1 and 1000000"),
+                format!("{path}.max_subjects: must be between 1 and 100000"),
             ),
             (
                 r#""subject_token": {"header": "x-user-token"}, "idle_seconds": 0"#,

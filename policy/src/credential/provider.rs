@@ -22,7 +22,7 @@ pub const DEFAULT_IDLE_SECONDS: u64 = 3600;
 /// How many keys (clients) a keyed provider caches at once, unless configured.
 pub const DEFAULT_MAX_KEYS: usize = 1000;
 /// How many subjects an on-behalf-of exchange caches at once, unless configured.
-pub const DEFAULT_MAX_SUBJECTS: usize = 10_000;
+pub const DEFAULT_MAX_SUBJECTS: usize = 1000;
 /// The longest subject token read from a request.
 pub const MAX_SUBJECT_BYTES: usize = 8192;
 
