@@ -6,6 +6,7 @@
 //! final stage ──decide──▶ Go (edits applied) | Answered (denied) | Hold
 //!   Hold: credential::admit (max_clients) ──▶ Refresher::demand(client, caller token) ──▶ paused,
 //!         listed in Shared::waiters, the root's timer hurried
+//! root: on_tick: ask_again (each waiter's demands: a failed first call is retried after its backoff) ──▶ tick
 //! root: on_tick / on_http_call_response ──credential::ready or deadline──▶ set_effective_context(stream)
 //!         ──decide again──▶ edits + resume_http_request | local 503 ──▶ set_effective_context(root)
 //! ```
@@ -144,6 +145,20 @@ pub(crate) fn hold(
     shared.waiters.borrow_mut().push(waiter);
     credentials::pace(shared, Some(HURRY_TICK));
     cell
+}
+
+/// Asks again for what every held request waits for, before the root's
+/// tick: a first call that failed is made again once its backoff ends,
+/// while the request still waits (a demand for a record with a value, a
+/// call in flight or leased by another worker is a no-op).
+pub(crate) fn ask_again(shared: &Shared) {
+    let waiters = shared.waiters.borrow();
+    let mut refresher = shared.refresher.borrow_mut();
+    for waiter in waiters.iter().filter(|w| w.stage.strong_count() > 0) {
+        for (p, key) in &waiter.slots {
+            refresher.demand(*p, key, waiter.request.caller.as_deref(), waiter.request.subject.as_deref());
+        }
+    }
 }
 
 /// Lets go every held request whose records arrived or whose time ran out

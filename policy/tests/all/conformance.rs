@@ -37,6 +37,7 @@ struct Held {
     request: Request,
     deadline: i64,
     slots: Vec<(usize, String)>,
+    caller: Caller,
 }
 
 enum Settled {
@@ -55,6 +56,14 @@ impl Engine<'_> {
         match step {
             Step::TickAt(ms) => {
                 *now = start + *ms as i64;
+                // Held requests ask again, as the filter's release does: a
+                // first call that failed is tried again after its backoff.
+                for held in self.held.iter().flatten() {
+                    for (p, key) in &held.slots {
+                        let caller = &held.caller;
+                        self.refresher.demand(*p, key, caller.token.as_deref(), caller.subject.as_deref());
+                    }
+                }
                 let (pending, calls) = (&mut self.pending, &mut self.calls);
                 let mut call = |provider: &Provider, headers: &[(String, String)], body: Option<&[u8]>| {
                     *calls += 1;
@@ -103,7 +112,7 @@ impl Engine<'_> {
                             return Err(format!("the request was denied: {reason:?}"));
                         }
                         let deadline = *now + wait.timeout_ms as i64;
-                        self.held[w] = Some(Held { request, deadline, slots });
+                        self.held[w] = Some(Held { request, deadline, slots, caller: token });
                     }
                     Decision::Wait(_) => return Err("the request was held, not forwarded".into()),
                 }
