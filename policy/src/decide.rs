@@ -168,8 +168,10 @@ impl Policy {
 
     /// The denials [`Self::decide`] can give a request on `route`, in
     /// [`DenialReason::ALL`]'s order (a host defines a counter for each):
-    /// every reason but those given to no route, and
-    /// `credential_unavailable` only on a route with dynamic credentials.
+    /// every reason but those given to no route, `credential_unavailable`
+    /// only on a route with dynamic credentials, and `missing_subject_token`
+    /// and `invalid_subject_token` only on a route with an on-behalf-of
+    /// exchange.
     pub fn route_denials(&self, route: &str) -> impl Iterator<Item = DenialReason> {
         let providers = self.route_providers(route);
         let dynamic = !providers.is_empty();

@@ -188,8 +188,8 @@ pub enum Decision<'p> {
 }
 
 /// A refusal: the reason, and what was known when it was made.
-/// A request that needs keyed credentials (a `{client}` fetch) with no
-/// value yet. A host that can hold a request admits each key
+/// A request that needs keyed credentials (a `{client}` fetch, or an
+/// on-behalf-of exchange for its subject) with no value yet. A host that can hold a request admits each key
 /// ([`crate::credential::admit`]: refused `credential_unavailable` past
 /// `max_clients`), asks for it ([`crate::credential::Refresher::demand`],
 /// with the caller's token), holds the request, and decides it again once
