@@ -41,6 +41,7 @@ impl wit::Guest for crate::Component {
             authority: request.authority.as_bytes(),
             headers: &request.headers,
             key: None,
+            subject: None,
         };
         // No records: a component keeps no dynamic credentials, so a route
         // with them is refused (`credential_unavailable`), never forwarded

@@ -6,6 +6,7 @@
 //! final stage ──decide──▶ Go (edits applied) | Answered (denied) | Hold
 //!   Hold: credential::admit (max_clients) ──▶ Refresher::demand(client, caller token) ──▶ paused,
 //!         listed in Shared::waiters, the root's timer hurried
+//! root: on_tick: ask_again (each waiter's demands: a failed first call is retried after its backoff) ──▶ tick
 //! root: on_tick / on_http_call_response ──credential::ready or deadline──▶ set_effective_context(stream)
 //!         ──decide again──▶ edits + resume_http_request | local 503 ──▶ set_effective_context(root)
 //! ```
@@ -44,6 +45,8 @@ pub(crate) struct Request {
     pub route_name: Option<String>,
     /// The caller's own token for the credential service: never logged.
     pub caller: Option<String>,
+    /// The subject token of an on-behalf-of exchange: never logged.
+    pub subject: Option<String>,
 }
 
 /// What came of a decision on the effective context's stream.
@@ -76,13 +79,14 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster.as_deref();
     view.key = Some(&request.key);
+    view.subject = request.subject.as_deref().map(str::as_bytes);
     let mut records = EnvoyRecords::new(shared);
     match policy.decide(&view, &now_millis, &records) {
         Decision::Forward(mut forward) => {
             let outcome = if forward.route.is_some() { Counted::Allowed } else { Counted::Passed };
             record(shared, forward.route, forward.client, outcome);
             let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
-            credentials::used(shared, &mut records, &used, request.caller.as_deref());
+            credentials::used(shared, &mut records, &used, request);
             if !forward.is_noop() {
                 edits::apply(&forward, &headers);
             }
@@ -99,10 +103,10 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
         Decision::Wait(wait) => {
             let now = now_millis();
             let providers = policy.credential_providers();
-            for &(p, key) in &wait.slots {
-                if let Err(full) = credential::admit(providers, &mut records, p, key, now) {
+            for (p, key) in &wait.slots {
+                if let Err(full) = credential::admit(providers, &mut records, *p, key, now) {
                     if let Some(suppressed) = shared.audit.borrow_mut().admit(now.div_euclid(1000)) {
-                        let path = providers.get(p).map_or("?", |p| p.path.as_str());
+                        let path = providers.get(*p).map_or("?", |p| p.path.as_str());
                         log(
                             LogLevel::Warn,
                             &format!(
@@ -116,12 +120,11 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
                     return Outcome::Answered;
                 }
             }
-            let slots: Vec<(usize, String)> = wait.slots.iter().map(|&(p, key)| (p, key.to_string())).collect();
             let mut refresher = shared.refresher.borrow_mut();
-            for (p, key) in &slots {
-                refresher.demand(*p, key, request.caller.as_deref());
+            for (p, key) in &wait.slots {
+                refresher.demand(*p, key, request.caller.as_deref(), request.subject.as_deref());
             }
-            Outcome::Hold { slots, timeout_ms: wait.timeout_ms }
+            Outcome::Hold { slots: wait.slots, timeout_ms: wait.timeout_ms }
         }
     }
 }
@@ -142,6 +145,20 @@ pub(crate) fn hold(
     shared.waiters.borrow_mut().push(waiter);
     credentials::pace(shared, Some(HURRY_TICK));
     cell
+}
+
+/// Asks again for what every held request waits for, before the root's
+/// tick: a first call that failed is made again once its backoff ends,
+/// while the request still waits (a demand for a record with a value, a
+/// call in flight or leased by another worker is a no-op).
+pub(crate) fn ask_again(shared: &Shared) {
+    let waiters = shared.waiters.borrow();
+    let mut refresher = shared.refresher.borrow_mut();
+    for waiter in waiters.iter().filter(|w| w.stage.strong_count() > 0) {
+        for (p, key) in &waiter.slots {
+            refresher.demand(*p, key, waiter.request.caller.as_deref(), waiter.request.subject.as_deref());
+        }
+    }
 }
 
 /// Lets go every held request whose records arrived or whose time ran out

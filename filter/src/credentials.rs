@@ -73,11 +73,20 @@ impl SharedRecords for EnvoyRecords<'_> {
     }
 }
 
-fn note(note: Option<keyswap_policy::credential::Note<'_>>) {
-    if let Some(note) = note {
-        let level = if note.is_warning() { LogLevel::Warn } else { LogLevel::Info };
-        log(level, &format!("keyswap: {note}"));
+fn note(shared: &Shared, note: Option<keyswap_policy::credential::Note<'_>>) {
+    let Some(note) = note else { return };
+    let level = if note.is_warning() { LogLevel::Warn } else { LogLevel::Info };
+    if note.key.is_some() && note.provider.subject.is_some() {
+        // Subjects are as many as callers send: their lines share the
+        // denial lines' limit, so a flood of new subjects (or an STS
+        // outage meeting one) cannot flood the log.
+        if let Some(suppressed) = shared.audit.borrow_mut().admit(crate::now_millis().div_euclid(1000)) {
+            let tail = if suppressed > 0 { format!(" ({suppressed} earlier lines suppressed)") } else { String::new() };
+            log(level, &format!("keyswap: {note}{tail}"));
+        }
+        return;
     }
+    log(level, &format!("keyswap: {note}"));
 }
 
 /// Starts refreshing a newly loaded configuration's credentials: creates
@@ -111,10 +120,10 @@ pub(crate) fn pace(shared: &Shared, period: Option<Duration>) {
 
 /// One tick: a call for each record due whose lease this worker won.
 pub(crate) fn tick(shared: &Shared, now_ms: i64) {
-    let mut call = |provider: &Provider, headers: &[(String, String)]| {
+    let mut call = |provider: &Provider, headers: &[(String, String)], body: Option<&[u8]>| {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let timeout = Duration::from_millis(provider.timeout_ms);
-        hostcalls::dispatch_http_call(&provider.cluster, headers, provider.body.as_deref(), vec![], timeout).map_err(
+        hostcalls::dispatch_http_call(&provider.cluster, headers, body, vec![], timeout).map_err(
             |status| match status {
                 Status::BadArgument => "the call was refused (is the cluster defined?)".to_string(),
                 other => format!("the call could not be made ({other:?})"),
@@ -123,7 +132,7 @@ pub(crate) fn tick(shared: &Shared, now_ms: i64) {
     };
     let providers = shared.policy.credential_providers();
     let notes = shared.refresher.borrow_mut().tick(providers, &mut EnvoyRecords::new(shared), now_ms, &mut call);
-    notes.into_iter().for_each(|n| note(Some(n)));
+    notes.into_iter().for_each(|n| note(shared, Some(n)));
 }
 
 /// A call's answer (`num_headers` 0: no answer, the call failed or timed
@@ -149,19 +158,27 @@ pub(crate) fn answer(shared: &Shared, (token, num_headers, body_size): (u32, usi
     };
     let providers = shared.policy.credential_providers();
     let mut records = EnvoyRecords::new(shared);
-    note(shared.refresher.borrow_mut().answer(providers, &mut records, token, reply, now_ms));
+    let answered = shared.refresher.borrow_mut().answer(providers, &mut records, token, reply, now_ms);
+    note(shared, answered);
 }
 
 /// What a forwarded request asks of the keyed records it used: marked
 /// used (at most once per `touch_ms` per worker), and a due refresh asked
-/// for with the caller's token. Nothing for unkeyed values.
-pub(crate) fn used(shared: &Shared, records: &mut EnvoyRecords<'_>, used: &[Used], caller: Option<&str>) {
+/// for with the caller's token (and subject token). Nothing for unkeyed
+/// values.
+pub(crate) fn used(shared: &Shared, records: &mut EnvoyRecords<'_>, used: &[Used], request: &crate::broker::Request) {
+    let providers = shared.policy.credential_providers();
     for u in used.iter().filter(|u| u.touch || u.due) {
         if u.touch {
-            credential::touch(records, u, crate::now_millis());
+            credential::touch(providers, records, u, crate::now_millis());
         }
         if let (true, Some(key)) = (u.due, &u.key) {
-            shared.refresher.borrow_mut().demand(u.provider, key, caller);
+            shared.refresher.borrow_mut().demand(
+                u.provider,
+                key,
+                request.caller.as_deref(),
+                request.subject.as_deref(),
+            );
         }
     }
 }

@@ -41,9 +41,10 @@
 //! when the client has `expires` or the route dynamic credentials), the
 //! shared data (only for dynamic credentials), writes the edited headers,
 //! the counter and the access-log field. Only a configuration with a
-//! per-client fetch adds anything: the first stage reads the caller-token
-//! header from the headers it already has (a filter-state write when one
-//! is present), the final stage one filter-state read. No decision is taken here; no key
+//! per-client fetch or an on-behalf-of exchange adds anything: the first
+//! stage reads the caller-token and subject headers from the headers it
+//! already has (a filter-state write for each one present), the final
+//! stage a filter-state read for each. No decision is taken here; no key
 //! or credential is ever logged.
 
 pub mod audit;
@@ -102,6 +103,13 @@ pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
 /// token for the credential service, read only by keyswap's final stage;
 /// the header itself is removed with every protected name.
 pub const CALLER_TOKEN_PROPERTY: &str = "keyswap_caller";
+
+/// The filter-state entry (`wasm.keyswap_subject`) the first stage leaves
+/// for the final one when the request carries a subject token and some
+/// credential is an on-behalf-of exchange: the token for the STS, read only
+/// by keyswap's final stage; the header itself is removed with every
+/// protected name.
+pub const SUBJECT_TOKEN_PROPERTY: &str = "keyswap_subject";
 
 /// Where this stream's context runs, once its request headers are seen.
 pub(crate) enum Stage {
@@ -190,6 +198,9 @@ impl KeyswapHttp {
             if let Some(token) = policy.caller_token(&view) {
                 self.set_property(vec![CALLER_TOKEN_PROPERTY], Some(token));
             }
+            if let Some(subject) = policy.subject_token(&view) {
+                self.set_property(vec![SUBJECT_TOKEN_PROPERTY], Some(subject));
+            }
         }
         if !admit.is_noop() {
             self.set_http_request_headers_bytes(admit.edited(&headers));
@@ -207,12 +218,17 @@ impl KeyswapHttp {
         let cluster = self.get_property(vec!["xds", "cluster_name"]).and_then(text);
         let route_name =
             if policy.needs_route_name() { self.get_property(vec!["xds", "route_name"]).and_then(text) } else { None };
-        let caller = if policy.has_keyed_credentials() {
-            self.get_property(vec![CALLER_TOKEN_PROPERTY]).and_then(text)
+        let (caller, subject) = if policy.has_keyed_credentials() {
+            let subject = if policy.has_subject_credentials() {
+                self.get_property(vec![SUBJECT_TOKEN_PROPERTY]).and_then(text)
+            } else {
+                None
+            };
+            (self.get_property(vec![CALLER_TOKEN_PROPERTY]).and_then(text), subject)
         } else {
-            None
+            (None, None)
         };
-        let request = broker::Request { key, cluster, route_name, caller };
+        let request = broker::Request { key, cluster, route_name, caller, subject };
         match broker::decide(shared, &request, false) {
             broker::Outcome::Go(stage) => {
                 self.stage = stage;

@@ -85,6 +85,7 @@ impl RootContext for KeyswapRoot {
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
             let now = unix_millis(self.get_current_time());
+            broker::ask_again(shared);
             credentials::tick(shared, now);
             broker::release(shared, self.context_id, now);
             credentials::pace(shared, None);

@@ -1,6 +1,8 @@
 //! Any bytes as a token endpoint's or credential service's answer
 //! (`Provider::parse`) to each kind of provider (`oauth2`,
-//! `token_exchange`, `fetch` with one and with two JSON pointers), and as a
+//! `token_exchange`, an on-behalf-of `token_exchange`, `fetch` with one
+//! and with two JSON pointers), as a subject token (`jwt_exp_ms`, and the
+//! answer capped at what it reads), and as a
 //! shared-data record (`Record::decode`, what another worker or a stale
 //! VM left). Never a panic; an accepted answer holds exactly the values
 //! asked for, each fit for a header, with times that move forward; a
@@ -11,15 +13,16 @@
 
 use std::sync::OnceLock;
 
-use keyswap_policy::credential::{Provider, Record, MAX_VALUE_BYTES};
+use keyswap_policy::credential::{jwt_exp_ms, Provider, Record, MAX_VALUE_BYTES};
 use keyswap_policy::Policy;
 use libfuzzer_sys::fuzz_target;
 
 /// The conformance suite's configurations with dynamic credentials.
-const CONFIGS: [&str; 3] = [
+const CONFIGS: [&str; 4] = [
     include_str!("../../tests/conformance/configs/credentials-oauth2.json"),
     include_str!("../../tests/conformance/configs/credentials-exchange.json"),
     include_str!("../../tests/conformance/configs/credentials-fetch.json"),
+    include_str!("../../tests/conformance/configs/credentials-obo.json"),
 ];
 
 /// When every answer is received (Unix milliseconds).
@@ -104,11 +107,23 @@ fuzz_target!(|data: &[u8]| {
             if let Some(expires_at) = answer.expires_at {
                 assert!(expires_at > NOW && answer.refresh_at <= expires_at, "refreshed after it expires");
             }
+            // The same bytes as a subject token: whatever `exp` it has (or
+            // none) caps the answer, never lengthens it.
+            let cap = std::str::from_utf8(body).ok().and_then(jwt_exp_ms);
+            let capped = answer.clone().capped(cap);
+            assert!(capped.expires_at.is_some() || cap.is_none(), "a capped answer that never expires");
+            if let (Some(cap), Some(at)) = (cap, capped.expires_at) {
+                assert!(at <= cap && capped.refresh_at <= at, "kept past the subject's exp");
+            }
             // The record it becomes survives the shared-data encoding.
             let (record, _) = Record::default().succeeded(answer);
             assert_eq!(Record::decode(&record.encode()).encode(), record.encode(), "a record's round trip");
         }
         Err(refused) => {
+            // A refusal of the subject is a 401, or a 400 `invalid_grant`.
+            if provider.refuses_subject(status, body) {
+                assert!(provider.subject.is_some() && matches!(status, 400 | 401), "refused a subject at {status}");
+            }
             let text = refused.to_string();
             let shaped = shape(&text, provider);
             assert!(shaped.as_deref().is_some_and(|s| REFUSALS.contains(&s)), "a refusal of unknown shape: {text}");

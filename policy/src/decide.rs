@@ -75,11 +75,11 @@ impl Policy {
         records: &dyn SharedRecords,
     ) -> Decision<'p> {
         let read;
-        let key = match req.key {
-            Some(key) => key,
+        let (key, subject) = match req.key {
+            Some(key) => (key, req.subject),
             None => {
                 read = self.key_check(req);
-                &read
+                (&read, self.subject_token(req))
             }
         };
         let now = Now::new(now_ms);
@@ -101,7 +101,7 @@ impl Policy {
             let bound =
                 req.cluster.is_some_and(|c| self.bound_clusters.binary_search_by(|b| b.as_str().cmp(c)).is_ok());
             return match self.unmatched {
-                UnmatchedRoute::Pass if !bound => match self.forward(req, None, None, &now, records) {
+                UnmatchedRoute::Pass if !bound => match self.forward(req, None, None, None, &now, records) {
                     Ok(forward) => Decision::Forward(forward),
                     Err(Refusal::Deny(reason)) => deny_unrouted(reason),
                     // Only a route's list has credentials to wait for.
@@ -150,7 +150,7 @@ impl Policy {
             },
         };
         // Dynamic credentials come all, or none.
-        match self.forward(req, Some(inject), Some(client), &now, records) {
+        match self.forward(req, Some(inject), Some(client), subject, &now, records) {
             Ok(forward) => Decision::Forward(forward),
             Err(Refusal::Deny(reason)) => deny(reason, Some(client)),
             Err(Refusal::Wait(slots, timeout_ms)) => {
@@ -168,13 +168,18 @@ impl Policy {
 
     /// The denials [`Self::decide`] can give a request on `route`, in
     /// [`DenialReason::ALL`]'s order (a host defines a counter for each):
-    /// every reason but those given to no route, and
-    /// `credential_unavailable` only on a route with dynamic credentials.
+    /// every reason but those given to no route, `credential_unavailable`
+    /// only on a route with dynamic credentials, and `missing_subject_token`
+    /// and `invalid_subject_token` only on a route with an on-behalf-of
+    /// exchange.
     pub fn route_denials(&self, route: &str) -> impl Iterator<Item = DenialReason> {
-        let dynamic = !self.route_providers(route).is_empty();
+        let providers = self.route_providers(route);
+        let dynamic = !providers.is_empty();
+        let on_behalf = providers.iter().any(|&p| self.providers.get(p).is_some_and(|p| p.subject.is_some()));
         DenialReason::ALL.into_iter().filter(move |reason| match reason {
             DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
             DenialReason::CredentialUnavailable => dynamic,
+            DenialReason::MissingSubjectToken | DenialReason::InvalidSubjectToken => on_behalf,
             _ => true,
         })
     }
@@ -291,7 +296,7 @@ impl Policy {
     }
 
     /// The forward for a request with `inject` (`None`: a passed request)
-    /// by `client`.
+    /// by `client`, with the caller's `subject` token when it has one.
     ///
     /// # Errors
     /// [`DenialReason::CredentialUnavailable`] when one of the list's
@@ -303,9 +308,10 @@ impl Policy {
         req: &RequestView<'_>,
         inject: Option<Injection<'p>>,
         client: Option<&'p Client>,
+        subject: Option<&[u8]>,
         now: &Now<'_>,
         records: &dyn SharedRecords,
-    ) -> Result<Forward<'p>, Refusal<'p>> {
+    ) -> Result<Forward<'p>, Refusal> {
         let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut remove_headers: Vec<&str> = Vec::new();
         for name in self.protected.iter().map(String::as_str) {
@@ -332,7 +338,7 @@ impl Policy {
             // Static configurations pay nothing more: no clock, no read.
             Some(credentials) if !credentials.dynamic.is_empty() => {
                 let key = client.map(|c| c.id.as_str());
-                let dynamic = dynamic_values(credentials, &self.providers, key, now, records)?;
+                let dynamic = dynamic_values(credentials, &self.providers, (key, subject), now, records)?;
                 add_headers.extend(dynamic.headers);
                 (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets, dynamic.used)
             }
@@ -405,55 +411,72 @@ struct Injection<'p> {
 }
 
 /// Why [`Policy::forward`] gives no forward.
-enum Refusal<'p> {
+enum Refusal {
     Deny(DenialReason),
     /// Keyed records (provider, key) to wait for, and the longest timeout.
-    Wait(Vec<(usize, &'p str)>, u64),
+    Wait(Vec<(usize, String)>, u64),
 }
 
-impl From<DenialReason> for Refusal<'_> {
+impl From<DenialReason> for Refusal {
     fn from(reason: DenialReason) -> Self {
         Refusal::Deny(reason)
     }
 }
 
 /// An inject list's dynamic credentials at `now`, every one or none: each
-/// of the list's providers is read once (a keyed one at the record of
-/// `key`, the client's id), so all values of a provider come from one
+/// of the list's providers is read once (a keyed one at the record of its
+/// key: the client's id, or for an on-behalf-of exchange the digest of the
+/// request's subject token), so all values of a provider come from one
 /// record, written whole by one refresh. Client-sent copies of the
 /// injected headers are among the protected names, removed by
 /// [`Policy::forward`].
 fn dynamic_values<'p>(
     list: &'p Credentials,
     providers: &'p [Provider],
-    key: Option<&'p str>,
+    (client, subject): (Option<&'p str>, Option<&[u8]>),
     now: &Now<'_>,
     records: &dyn SharedRecords,
-) -> Result<DynamicValues<'p>, Refusal<'p>> {
+) -> Result<DynamicValues<'p>, Refusal> {
     let now = now.millis();
-    let mut read: Vec<(usize, Option<&'p str>, Option<crate::credential::Record>)> =
+    let mut read: Vec<(usize, Option<String>, Option<crate::credential::Record>)> =
         Vec::with_capacity(list.providers.len());
     let (mut waits, mut timeout_ms) = (Vec::new(), 0);
     for &p in &list.providers {
         let Some(provider) = providers.get(p) else { return Err(DenialReason::CredentialUnavailable.into()) };
-        let (slot_key, slot) = match (&provider.keyed, key) {
-            (None, _) => (None, Slot::Provider(p)),
-            (Some(_), Some(key)) => (Some(key), Slot::Keyed(p, key)),
-            // A keyed value is a client's: nothing to read without one.
-            (Some(_), None) => return Err(DenialReason::CredentialUnavailable.into()),
+        let key = match (&provider.keyed, &provider.subject) {
+            (None, _) => None,
+            (Some(_), Some(_)) => match subject {
+                Some(subject) => Some(provider.subject_key(subject)),
+                None => return Err(DenialReason::MissingSubjectToken.into()),
+            },
+            (Some(_), None) => match client {
+                Some(client) => Some(client.to_string()),
+                // A keyed value is a client's: nothing to read without one.
+                None => return Err(DenialReason::CredentialUnavailable.into()),
+            },
+        };
+        let slot = match &key {
+            Some(key) => Slot::Keyed(p, key),
+            None => Slot::Provider(p),
         };
         let record = records.read(slot).map(|(record, _)| record);
-        if let (Some(key), false) = (slot_key, record.as_ref().is_some_and(|r| r.usable(now).is_some())) {
+        let usable = record.as_ref().is_some_and(|r| r.usable(now).is_some());
+        if let (Some(key), false) = (&key, usable) {
+            // The STS refused this subject: refused too until its backoff
+            // ends (then one request may try it again).
+            if record.as_ref().is_some_and(|r| r.refused && r.refresh_at > now) {
+                return Err(DenialReason::InvalidSubjectToken.into());
+            }
             // A first fetch that failed, with its next try after this
             // request could wait: refused now, no call storm.
             let deadline = now.saturating_add(i64::try_from(provider.timeout_ms).unwrap_or(i64::MAX));
-            if record.as_ref().is_some_and(|r| r.failures > 0 && r.refresh_at > deadline) {
+            if record.as_ref().is_some_and(|r| r.failures > 0 && !r.refused && r.refresh_at > deadline) {
                 return Err(DenialReason::CredentialUnavailable.into());
             }
-            waits.push((p, key));
+            waits.push((p, key.clone()));
             timeout_ms = timeout_ms.max(provider.timeout_ms);
         }
-        read.push((p, slot_key, record));
+        read.push((p, key, record));
     }
     let unkeyed_ready = read.iter().all(|(_, k, r)| k.is_some() || r.as_ref().is_some_and(|r| r.usable(now).is_some()));
     if !waits.is_empty() {
@@ -477,7 +500,7 @@ fn dynamic_values<'p>(
                 let keyed = providers.get(*provider).and_then(|p| p.keyed.as_ref());
                 Some(Used {
                     provider: *provider,
-                    key: key.map(str::to_string),
+                    key: key.clone(),
                     generation: record.generation,
                     touch: keyed.is_some_and(|k| now.saturating_sub(record.used_at) >= k.touch_ms()),
                     due: keyed.is_some() && record.due(now),

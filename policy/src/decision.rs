@@ -32,6 +32,12 @@ pub enum DenialReason {
     /// The configuration is the fail-closed one (`"refuse_all": true`):
     /// Envoy had no usable configuration to serve, so nothing is let through.
     ConfigurationUnavailable,
+    /// An on-behalf-of exchange needs the caller's subject token, and the
+    /// request carries none (or none fit to be one).
+    MissingSubjectToken,
+    /// The STS refused the request's subject token (`invalid_grant`, 401),
+    /// or it expired.
+    InvalidSubjectToken,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -43,7 +49,7 @@ const INVALID_TOKEN: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 10] = [
+    pub const ALL: [DenialReason; 12] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -54,12 +60,19 @@ impl DenialReason {
         DenialReason::MethodNotAllowed,
         DenialReason::InvalidAuthority,
         DenialReason::ConfigurationUnavailable,
+        DenialReason::MissingSubjectToken,
+        DenialReason::InvalidSubjectToken,
     ];
 
     /// The HTTP status the client receives.
     pub fn status(self) -> u16 {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => 401,
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::ExpiredKey
+            | Self::AmbiguousKey
+            | Self::MissingSubjectToken
+            | Self::InvalidSubjectToken => 401,
             Self::RouteForbidden => 403,
             Self::NoRoute => 404,
             Self::MethodNotAllowed => 405,
@@ -81,6 +94,8 @@ impl DenialReason {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::InvalidAuthority => "invalid_authority",
             Self::ConfigurationUnavailable => "configuration_unavailable",
+            Self::MissingSubjectToken => "missing_subject_token",
+            Self::InvalidSubjectToken => "invalid_subject_token",
         }
     }
 
@@ -99,14 +114,18 @@ impl DenialReason {
             Self::MethodNotAllowed => "This method is not allowed on a route with upstream credentials.",
             Self::InvalidAuthority => "The request's authority (Host) is malformed.",
             Self::ConfigurationUnavailable => "The gateway has no usable configuration; every request is refused.",
+            Self::MissingSubjectToken => "This route acts on behalf of a user and no user token was presented.",
+            Self::InvalidSubjectToken => "The user token was refused by the token service.",
         }
     }
 
     /// The response headers, besides those the host adds itself.
     pub fn headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Self::MissingKey => &[JSON, NO_STORE, CHALLENGE],
-            Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => &[JSON, NO_STORE, INVALID_TOKEN],
+            Self::MissingKey | Self::MissingSubjectToken => &[JSON, NO_STORE, CHALLENGE],
+            Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey | Self::InvalidSubjectToken => {
+                &[JSON, NO_STORE, INVALID_TOKEN]
+            }
             Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority | Self::ConfigurationUnavailable => {
                 &[JSON, NO_STORE]
             }
@@ -169,8 +188,8 @@ pub enum Decision<'p> {
 }
 
 /// A refusal: the reason, and what was known when it was made.
-/// A request that needs keyed credentials (a `{client}` fetch) with no
-/// value yet. A host that can hold a request admits each key
+/// A request that needs keyed credentials (a `{client}` fetch, or an
+/// on-behalf-of exchange for its subject) with no value yet. A host that can hold a request admits each key
 /// ([`crate::credential::admit`]: refused `credential_unavailable` past
 /// `max_clients`), asks for it ([`crate::credential::Refresher::demand`],
 /// with the caller's token), holds the request, and decides it again once
@@ -181,8 +200,9 @@ pub enum Decision<'p> {
 pub struct Wait<'p> {
     pub route: &'p str,
     pub client: &'p str,
-    /// (provider, key) of each record waited for.
-    pub slots: Vec<(usize, &'p str)>,
+    /// (provider, key) of each record waited for: a client id, or the
+    /// digest of a subject ([`crate::credential::Provider::subject_key`]).
+    pub slots: Vec<(usize, String)>,
     /// The longest `timeout_ms` of the providers waited for.
     pub timeout_ms: u64,
 }
@@ -316,6 +336,8 @@ mod tests {
             (DenialReason::MethodNotAllowed, 405),
             (DenialReason::InvalidAuthority, 400),
             (DenialReason::ConfigurationUnavailable, 503),
+            (DenialReason::MissingSubjectToken, 401),
+            (DenialReason::InvalidSubjectToken, 401),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

@@ -49,6 +49,9 @@ pub struct Policy {
     /// The request header with the caller's own token for the credential
     /// service of a per-client fetch; among `protected`.
     pub(crate) caller_token_header: Option<String>,
+    /// Where on-behalf-of exchanges read the subject token (one header for
+    /// the configuration); the header is among `protected`.
+    pub(crate) subject_source: Option<crate::credential::SubjectSource>,
 }
 
 #[derive(Debug)]
@@ -335,8 +338,9 @@ impl Policy {
     }
 
     /// True when some provider keeps one record per client (a `{client}`
-    /// fetch): a host able to hold a request until its first value arrives
-    /// runs the broker then ([`crate::Decision::Wait`]).
+    /// fetch) or per subject (an on-behalf-of exchange): a host able to
+    /// hold a request until its first value arrives runs the broker then
+    /// ([`crate::Decision::Wait`]).
     pub fn has_keyed_credentials(&self) -> bool {
         self.providers.iter().any(|p| p.keyed.is_some())
     }
@@ -355,6 +359,43 @@ impl Policy {
             && value.len() <= crate::MAX_KEY_BYTES * 2
             && value.iter().all(|&b| b == b' ' || b.is_ascii_graphic());
         (found.next().is_none() && fit).then_some(value.as_slice())
+    }
+
+    /// True when some provider is an on-behalf-of exchange, reading the
+    /// caller's subject token from the request ([`Self::subject_token`]).
+    pub fn has_subject_credentials(&self) -> bool {
+        self.subject_source.is_some()
+    }
+
+    /// The subject token of an on-behalf-of exchange: the configured
+    /// header's value after its prefix (compared case-insensitively),
+    /// trimmed, when present once, non-empty, at most
+    /// [`crate::credential::MAX_SUBJECT_BYTES`] and visible ASCII; else
+    /// `None` (answered `missing_subject_token` on a route that needs it).
+    /// The first stage reads it before removing the header with every
+    /// other protected name; it never reaches an upstream.
+    pub fn subject_token<'r>(&self, req: &crate::RequestView<'r>) -> Option<&'r [u8]> {
+        let source = self.subject_source.as_ref()?;
+        let mut found = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(&source.header));
+        let (_, value) = found.next()?;
+        if found.next().is_some() {
+            return None;
+        }
+        let value = value.trim_ascii();
+        let token = match &source.prefix {
+            Some(prefix) => {
+                let head = value.get(..prefix.len())?;
+                if !head.eq_ignore_ascii_case(prefix) {
+                    return None;
+                }
+                value[prefix.len()..].trim_ascii()
+            }
+            None => value,
+        };
+        let fit = !token.is_empty()
+            && token.len() <= crate::credential::MAX_SUBJECT_BYTES
+            && token.iter().all(u8::is_ascii_graphic);
+        fit.then_some(token)
     }
 
     /// The providers a route's requests may need, by number: the route's

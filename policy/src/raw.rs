@@ -241,7 +241,7 @@ pub struct RawTokenExchange {
     pub cluster: String,
     pub token_path: String,
     pub authority: Option<String>,
-    pub subject_token: RawSecret,
+    pub subject_token: RawSubjectToken,
     pub subject_token_type: Option<String>,
     pub audience: String,
     #[serde(default)]
@@ -254,6 +254,36 @@ pub struct RawTokenExchange {
     pub client_auth: ClientAuth,
     pub refresh_margin_seconds: Option<u64>,
     pub timeout_ms: Option<u64>,
+    /// With a subject from the request: drop a subject's token after this
+    /// long unused.
+    pub idle_seconds: Option<u64>,
+    /// With a subject from the request: the most subjects cached at once.
+    pub max_subjects: Option<u64>,
+}
+
+/// A token exchange's subject token: the gateway's own (`env` or `inline`,
+/// exactly one), or the caller's, read from a request `header` with an
+/// optional `prefix` (on-behalf-of). Which one is checked at compile, with
+/// the field path.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object with `env`, `inline` or `header` (and `prefix`)")]
+pub struct RawSubjectToken {
+    pub env: Option<String>,
+    pub inline: Option<String>,
+    pub header: Option<String>,
+    pub prefix: Option<String>,
+}
+
+/// An `inline` subject shows as `..`: never its value.
+impl std::fmt::Debug for RawSubjectToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSubjectToken")
+            .field("env", &self.env)
+            .field("inline", &self.inline.as_ref().map(|_| ".."))
+            .field("header", &self.header)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 /// A credential service answering JSON to a GET.

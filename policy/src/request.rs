@@ -24,6 +24,11 @@ pub struct RequestView<'a> {
     /// request decided on its final cluster); `None` for a host that decides
     /// in one pass: the key is read from `headers` then.
     pub key: Option<&'a KeyCheck>,
+    /// The subject token of an on-behalf-of exchange as the first stage
+    /// read it ([`crate::Policy::subject_token`]), where a host decides in
+    /// two stages (the header is gone by the final one); with `key`
+    /// `None` it is read from `headers` instead.
+    pub subject: Option<&'a [u8]>,
 }
 
 impl<'a> RequestView<'a> {
@@ -35,7 +40,16 @@ impl<'a> RequestView<'a> {
         if authority.is_empty() {
             authority = get("host");
         }
-        Self { route_name, cluster: None, method: get(":method"), path: get(":path"), authority, headers, key: None }
+        Self {
+            route_name,
+            cluster: None,
+            method: get(":method"),
+            path: get(":path"),
+            authority,
+            headers,
+            key: None,
+            subject: None,
+        }
     }
 
     /// The query string, without `?` (empty when there is none).

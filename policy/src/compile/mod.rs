@@ -216,7 +216,12 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         }
         None => None,
     };
-    for name in key_headers.chain(&strip_request).chain(&client_id_header).chain(&caller_token_header) {
+    let subject_source =
+        subject_source(&providers, &key_sources, client_id_header.as_deref(), caller_token_header.as_deref())?;
+    let subject_header = subject_source.as_ref().map(|s| s.header.clone());
+    for name in
+        key_headers.chain(&strip_request).chain(&client_id_header).chain(&caller_token_header).chain(&subject_header)
+    {
         if !protected.contains(name) {
             protected.push(name.clone());
         }
@@ -261,7 +266,43 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         providers,
         refuse_all: raw.refuse_all,
         caller_token_header,
+        subject_source,
     })
+}
+
+/// Where on-behalf-of exchanges read the caller's subject token: one
+/// header (and prefix) for the whole configuration, since the listener's
+/// stage reads it before the route is known; a header no key source, the
+/// client id or the caller's token is read from. It may be a header an
+/// exchanged token is injected into (`authorization`): every request loses
+/// it before any upstream either way.
+fn subject_source(
+    providers: &[crate::credential::Provider],
+    key_sources: &[KeySource],
+    client_id_header: Option<&str>,
+    caller_token_header: Option<&str>,
+) -> Result<Option<crate::credential::SubjectSource>, ConfigError> {
+    let mut found: Option<&crate::credential::SubjectSource> = None;
+    for provider in providers {
+        let Some(source) = &provider.subject else { continue };
+        let field = format!("{}.subject_token.header", provider.path);
+        if found.is_some_and(|first| first != source) {
+            return Err(ConfigError::new(
+                field,
+                "differs from another on-behalf-of exchange's subject header or prefix; every one reads the same",
+            ));
+        }
+        let name = source.header.as_str();
+        let key_header = key_sources.iter().any(|s| matches!(s, KeySource::Header { name: k, .. } if k == name));
+        if key_header || client_id_header == Some(name) || caller_token_header == Some(name) {
+            return Err(ConfigError::new(
+                field,
+                "is a key source, the client_id_header or the caller_token_header; name a header of its own",
+            ));
+        }
+        found = Some(source);
+    }
+    Ok(found.cloned())
 }
 
 /// `caller_token_header`: a header name no other part of the
@@ -276,7 +317,7 @@ fn caller_token_header(
 ) -> Result<String, ConfigError> {
     const FIELD: &str = "caller_token_header";
     let name = header_name(name, FIELD)?;
-    if !providers.iter().any(|p| p.keyed.is_some()) {
+    if !providers.iter().any(|p| p.keyed.is_some() && p.subject.is_none()) {
         return Err(ConfigError::new(
             FIELD,
             "is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one",

@@ -7,11 +7,11 @@ use sha2::{Digest as _, Sha256};
 
 use super::env::{secret, ConfigError, Environment};
 use crate::credential::{
-    Keyed, Kind, Provider, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS, DEFAULT_MARGIN_SECONDS, DEFAULT_MAX_KEYS,
-    DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
+    Keyed, Kind, Provider, SubjectSource, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS, DEFAULT_MARGIN_SECONDS,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_SUBJECTS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
 };
 use crate::query::encode_component;
-use crate::raw::{ClientAuth, RawFetch, RawOauth2, RawSecret, RawTokenExchange};
+use crate::raw::{ClientAuth, RawFetch, RawOauth2, RawSecret, RawSubjectToken, RawTokenExchange};
 
 const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -147,6 +147,11 @@ fn call_digest(source: &Provider, owner: Owner<'_>) -> String {
     if let Some(keyed) = &source.keyed {
         part(&keyed.idle_ms.to_le_bytes());
         part(&(keyed.max_keys as u64).to_le_bytes());
+    }
+    if let Some(subject) = &source.subject {
+        part(b"subject from the request");
+        part(subject.header.as_bytes());
+        part(subject.prefix.as_deref().unwrap_or(b"\xff"));
     }
     hex12(&digest.finalize())
 }
@@ -309,6 +314,7 @@ fn token_source(
         margin_ms,
         refresh_ms: DEFAULT_REFRESH_SECONDS as i64 * 1000,
         keyed: None,
+        subject: None,
     })
 }
 
@@ -341,8 +347,17 @@ fn token_exchange(raw: &RawTokenExchange, path: &str, env: &dyn Environment) -> 
     form.push("grant_type", TOKEN_EXCHANGE_GRANT);
     form_text(&raw.audience, &format!("{path}.audience"))?;
     form.push("audience", &raw.audience);
-    let subject = static_secret(&raw.subject_token, &format!("{path}.subject_token"), env)?;
-    form.push("subject_token", &subject);
+    let subject_path = format!("{path}.subject_token");
+    let from_request = subject_source(&raw.subject_token, &subject_path)?;
+    if from_request.is_none() {
+        let secret_raw = match (&raw.subject_token.env, &raw.subject_token.inline) {
+            (Some(name), None) => RawSecret::Env(name.clone()),
+            (None, Some(value)) => RawSecret::Inline(value.clone()),
+            _ => return Err(ConfigError::new(subject_path, "needs exactly one of `env`, `inline` or `header`")),
+        };
+        let subject = static_secret(&secret_raw, &subject_path, env)?;
+        form.push("subject_token", &subject);
+    }
     let subject_type = raw.subject_token_type.as_deref().unwrap_or(ACCESS_TOKEN_TYPE);
     form_text(subject_type, &format!("{path}.subject_token_type"))?;
     form.push("subject_token_type", subject_type);
@@ -365,14 +380,82 @@ fn token_exchange(raw: &RawTokenExchange, path: &str, env: &dyn Environment) -> 
     };
     let mut headers = Vec::new();
     client_auth(client, raw.client_auth, path, env, &mut headers, &mut form)?;
-    token_source(
+    let keyed = subject_keyed(raw, from_request.is_some(), path)?;
+    let mut provider = token_source(
         Kind::TokenExchange,
         (&raw.cluster, &raw.token_path, raw.authority.as_deref()),
         path,
         (margin_ms, timeout_ms),
         headers,
         form,
-    )
+    )?;
+    provider.keyed = keyed;
+    provider.subject = from_request;
+    Ok(provider)
+}
+
+/// A subject token read from the request (`{"header": …, "prefix": …}`):
+/// where, or `None` for the gateway's own (`env` or `inline`).
+fn subject_source(raw: &RawSubjectToken, path: &str) -> Result<Option<SubjectSource>, ConfigError> {
+    let Some(header) = &raw.header else {
+        if raw.prefix.is_some() {
+            return Err(ConfigError::new(format!("{path}.prefix"), "applies only with `header`"));
+        }
+        return Ok(None);
+    };
+    if raw.env.is_some() || raw.inline.is_some() {
+        return Err(ConfigError::new(path, "needs exactly one of `env`, `inline` or `header`"));
+    }
+    let header = super::header_name(header, &format!("{path}.header"))?;
+    let prefix = match &raw.prefix {
+        Some(p) if p.trim().is_empty() || p.bytes().any(|b| b.is_ascii_control()) => {
+            return Err(ConfigError::new(format!("{path}.prefix"), "must be non-empty text without control characters"))
+        }
+        Some(p) => Some(p.to_ascii_lowercase().into_bytes()),
+        None => None,
+    };
+    Ok(Some(SubjectSource { header, prefix }))
+}
+
+/// The most `max_subjects`.
+const MAX_SUBJECTS: u64 = 100_000;
+
+/// An on-behalf-of exchange is one record per subject: `idle_seconds` and
+/// `max_subjects` belong to it only.
+fn subject_keyed(raw: &RawTokenExchange, from_request: bool, path: &str) -> Result<Option<Keyed>, ConfigError> {
+    if !from_request {
+        for (name, given) in
+            [("idle_seconds", raw.idle_seconds.is_some()), ("max_subjects", raw.max_subjects.is_some())]
+        {
+            if given {
+                return Err(ConfigError::new(
+                    format!("{path}.{name}"),
+                    "applies only to an on-behalf-of exchange: a `subject_token` read from a request `header`",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let bound = ("max_subjects", raw.max_subjects, DEFAULT_MAX_SUBJECTS as u64, MAX_SUBJECTS);
+    keyed_bounds(raw.idle_seconds, bound, path).map(|keyed| Some(Keyed { evicts: true, ..keyed }))
+}
+
+/// A keyed provider's `idle_seconds` and its bound on keys (`name`,
+/// given, default, most), within their ranges.
+fn keyed_bounds(
+    idle: Option<u64>,
+    (name, max, default, most): (&str, Option<u64>, u64, u64),
+    path: &str,
+) -> Result<Keyed, ConfigError> {
+    let idle = idle.unwrap_or(DEFAULT_IDLE_SECONDS);
+    if !(1..=MAX_IDLE_SECONDS).contains(&idle) {
+        return Err(ConfigError::new(format!("{path}.idle_seconds"), "must be between 1 and 604800 (a week)"));
+    }
+    let max = max.unwrap_or(default);
+    if !(1..=most).contains(&max) {
+        return Err(ConfigError::new(format!("{path}.{name}"), format!("must be between 1 and {most}")));
+    }
+    Ok(Keyed { idle_ms: idle as i64 * 1000, max_keys: max as usize, evicts: false })
 }
 
 fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Provider, ConfigError> {
@@ -409,6 +492,7 @@ fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Provider, 
         margin_ms: 0,
         refresh_ms: refresh as i64 * 1000,
         keyed,
+        subject: None,
     })
 }
 
@@ -445,15 +529,8 @@ fn keyed(raw: &RawFetch, target: &str, path: &str) -> Result<Option<Keyed>, Conf
     if target.split('?').next().is_none_or(|p| !p.contains(CLIENT_PLACEHOLDER)) {
         return Err(ConfigError::new(field, "names `{client}` in the query; it belongs in the path"));
     }
-    let idle = raw.idle_seconds.unwrap_or(DEFAULT_IDLE_SECONDS);
-    if !(1..=MAX_IDLE_SECONDS).contains(&idle) {
-        return Err(ConfigError::new(format!("{path}.idle_seconds"), "must be between 1 and 604800 (a week)"));
-    }
-    let max = raw.max_clients.unwrap_or(DEFAULT_MAX_KEYS as u64);
-    if !(1..=MAX_CLIENTS).contains(&max) {
-        return Err(ConfigError::new(format!("{path}.max_clients"), "must be between 1 and 100000"));
-    }
-    Ok(Some(Keyed { idle_ms: idle as i64 * 1000, max_keys: max as usize }))
+    keyed_bounds(raw.idle_seconds, ("max_clients", raw.max_clients, DEFAULT_MAX_KEYS as u64, MAX_CLIENTS), path)
+        .map(Some)
 }
 
 #[cfg(test)]
@@ -669,10 +746,17 @@ mod tests {
             let p = Policy::from_json(json.as_bytes(), &ENV).unwrap_or_else(|e| panic!("{e}\n{json}"));
             kinds.extend(p.credential_providers().iter().map(|s| (s.kind, s.pointers.len(), s.keyed.clone())));
         }
-        let broker = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000 });
+        let broker = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000, evicts: false });
+        let on_behalf = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000, evicts: true });
         assert_eq!(
             kinds,
-            [(Kind::Oauth2, 0, None), (Kind::TokenExchange, 0, None), (Kind::Fetch, 2, None), (Kind::Fetch, 2, broker)]
+            [
+                (Kind::Oauth2, 0, None),
+                (Kind::TokenExchange, 0, None),
+                (Kind::Fetch, 2, None),
+                (Kind::Fetch, 2, broker),
+                (Kind::TokenExchange, 0, on_behalf)
+            ]
         );
     }
 
@@ -730,6 +814,101 @@ mod tests {
             err(&keyed, r#""caller_token_header": ":path","#),
             "caller_token_header: must not be a pseudo-header"
         );
+    }
+
+    /// An on-behalf-of exchange: the subject from a request header, one
+    /// record per subject (evicting, bounded), its fields checked with
+    /// their path; one subject header for the configuration.
+    #[test]
+    fn on_behalf_of_fields_are_checked_with_their_path() {
+        let load = |te: &str, top: &str| {
+            let json = format!(
+                r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["*"]}}], "key_sources": [{{"header": "x-api-key"}}],
+                    {top} "routes": [{{"name": "r", "match": {{"clusters": ["r"]}}, "inject": [{{"header": "authorization",
+                    "value": {{"token_exchange": {{"cluster": "sts", "token_path": "/t", "audience": "a", {te}}}}}}}]}},
+                    {{"name": "s", "match": {{"clusters": ["s"]}}, "inject": [{{"header": "authorization",
+                    "value": {{"token_exchange": {{"cluster": "sts", "token_path": "/t", "audience": "b",
+                    "subject_token": {{"header": "x-user-token", "prefix": "Bearer "}}}}}}}}]}}]}}"#
+            );
+            Policy::from_json(json.as_bytes(), &|_: &str| Some("gw".to_string()))
+        };
+        let err = |te: &str, top: &str| load(te, top).map(|_| ()).unwrap_err().to_string();
+        let p = load(r#""subject_token": {"header": "X-User-Token", "prefix": "bearer "}, "max_subjects": 5"#, "")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.has_subject_credentials() && p.has_keyed_credentials());
+        let providers = p.credential_providers();
+        assert_eq!(providers[0].keyed, Some(Keyed { idle_ms: 3_600_000, max_keys: 5, evicts: true }));
+        assert_eq!(providers[1].keyed.as_ref().map(|k| k.max_keys), Some(DEFAULT_MAX_SUBJECTS));
+        assert!(!String::from_utf8_lossy(providers[0].body.as_deref().unwrap_or_default()).contains("subject_token="));
+        let body = providers[0].call_body(Some("a.b/c")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&body).ends_with("&subject_token=a%2Eb%2Fc"));
+        // One subject, two audiences: unrelated keys; never the subject.
+        let (a, b) = (providers[0].subject_key(b"user-1"), providers[1].subject_key(b"user-1"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert!(!a.contains("user-1"));
+        assert_ne!(a, providers[0].subject_key(b"user-2"));
+        let path = "routes[0].inject[0].value.token_exchange";
+        for (te, want) in [
+            (
+                r#""subject_token": {"header": "x-user-token", "env": "S"}"#,
+                format!("{path}.subject_token: needs exactly one of `env`, `inline` or `header`"),
+            ),
+            (r#""subject_token": {}"#, format!("{path}.subject_token: needs exactly one of `env`, `inline` or `header`")),
+            (r#""subject_token": {"env": "S", "prefix": "Bearer "}"#, format!("{path}.subject_token.prefix: applies only with `header`")),
+            (r#""subject_token": {"header": ":path"}"#, format!("{path}.subject_token.header: must not be a pseudo-header")),
+            (
+                r#""subject_token": {"header": "x-user-token", "prefix": " "}"#,
+                format!("{path}.subject_token.prefix: must be non-empty text without control characters"),
+            ),
+            (
+                r#""subject_token": {"header": "x-user-token"}, "max_subjects": 0"#,
+                format!("{path}.max_subjects: must be between 1 and 100000"),
+            ),
+            (
+                r#""subject_token": {"header": "x-user-token"}, "idle_seconds": 0"#,
+                format!("{path}.idle_seconds: must be between 1 and 604800 (a week)"),
+            ),
+            (
+                r#""subject_token": {"env": "S"}, "max_subjects": 10"#,
+                format!("{path}.max_subjects: applies only to an on-behalf-of exchange: a `subject_token` read from a request `header`"),
+            ),
+            (
+                r#""subject_token": {"header": "x-api-key"}"#,
+                format!("{path}.subject_token.header: is a key source, the client_id_header or the caller_token_header; name a header of its own"),
+            ),
+            (
+                r#""subject_token": {"header": "x-user-token"}"#,
+                "routes[1].inject[0].value.token_exchange.subject_token.header: differs from another on-behalf-of exchange's subject header or prefix; every one reads the same".to_string(),
+            ),
+        ] {
+            assert_eq!(err(te, ""), want, "{te}");
+        }
+        // The caller's token authenticates a per-client fetch only: an
+        // exchange sends the subject, never it.
+        assert_eq!(
+            err(r#""subject_token": {"env": "S"}"#, r#""caller_token_header": "x-caller-token","#),
+            "caller_token_header: is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one"
+        );
+    }
+
+    #[test]
+    fn a_subjects_jwt_exp_caps_the_exchanged_token() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = |payload: &str| format!("{}.{}.sig", b64(r#"{"alg":"none"}"#), b64(payload));
+        assert_eq!(crate::credential::jwt_exp_ms(&jwt(r#"{"exp":1800000030}"#)), Some(1_800_000_030_000));
+        for not_one in
+            [jwt(r#"{"sub":"a"}"#), jwt(r#"{"exp":"soon"}"#), jwt("not json"), "opaque-token".into(), "a.b".into()]
+        {
+            assert_eq!(crate::credential::jwt_exp_ms(&not_one), None, "{not_one}");
+        }
+        let answer =
+            crate::credential::Answer { values: vec!["t".into()], expires_at: Some(3_600_000), refresh_at: 3_540_000 };
+        let capped = answer.clone().capped(Some(30_000));
+        assert_eq!((capped.expires_at, capped.refresh_at), (Some(30_000), 30_000), "kept to exp, not refreshed before");
+        assert_eq!(answer.clone().capped(Some(7_200_000)), answer, "a later exp changes nothing");
+        assert_eq!(answer.clone().capped(None), answer, "a subject that is no JWT has no cap");
     }
 
     #[test]

@@ -9,17 +9,19 @@
 //!  request ──Policy::decide──▶ SharedRecords::read (once per provider of the route) ──▶ Forward | credential_unavailable
 //!  upstream 401 ──Policy::upstream_status(Forward::used)──▶ reject: Record::rejected ──CAS──▶ SharedRecords
 //!
-//!  keyed (a `{client}` fetch): one record per (provider, key) — Slot::Keyed
-//!  first request ──decide──▶ Decision::Wait ──admit (Index, CAS, max_keys)──▶ Refresher::demand(key, caller token)
+//!  keyed (a `{client}` fetch, an on-behalf-of exchange): one record per (provider, key) — Slot::Keyed
+//!  first request ──decide──▶ Decision::Wait ──admit (Index, CAS, max_keys)──▶ Refresher::demand(key, caller token, subject)
 //!      ──next tick: lease, call──▶ answer ──▶ the host decides the waiting request again
 //!  later requests ──decide──▶ cached value; Used { touch, due } ──▶ touch (used_at) | demand (refresh)
 //!  tick ──idle for idle_ms──▶ Record::dropped, unlisted from the Index
 //! ```
 //!
 //! A record is named by a [`Slot`]: one per unkeyed provider, one per
-//! (provider, key) for a keyed one (the key is the client id; an
-//! on-behalf-of exchange would key by a subject's digest), plus the keyed
-//! provider's [`Index`] of keys, which bounds their count.
+//! (provider, key) for a keyed one (the key is the client id, or for an
+//! on-behalf-of exchange a digest of the subject token,
+//! [`Provider::subject_key`]), plus the keyed provider's [`Index`] of
+//! keys, which bounds their count (a new client is refused past it; a new
+//! subject evicts the least recently used one).
 //!
 //! - `provider`: [`Provider`], the call and how its answer is read
 //!   ([`Answer`], [`AnswerError`]).
@@ -45,9 +47,9 @@ pub mod record;
 pub mod refresh;
 
 pub use provider::{
-    Answer, AnswerError, Keyed, Kind, Provider, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS, DEFAULT_MARGIN_SECONDS,
-    DEFAULT_MAX_KEYS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS, MAX_BACKOFF_MS, MAX_VALUE_BYTES,
-    MIN_FORCED_REFRESH_MS,
+    jwt_exp_ms, Answer, AnswerError, Keyed, Kind, Provider, SubjectSource, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS,
+    DEFAULT_MARGIN_SECONDS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SUBJECTS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
+    MAX_BACKOFF_MS, MAX_SUBJECT_BYTES, MAX_VALUE_BYTES, MIN_FORCED_REFRESH_MS,
 };
 pub use record::{backoff_ms, Index, Record, Success};
 pub use refresh::{

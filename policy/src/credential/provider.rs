@@ -21,6 +21,10 @@ pub const CLIENT_PLACEHOLDER: &str = "{client}";
 pub const DEFAULT_IDLE_SECONDS: u64 = 3600;
 /// How many keys (clients) a keyed provider caches at once, unless configured.
 pub const DEFAULT_MAX_KEYS: usize = 1000;
+/// How many subjects an on-behalf-of exchange caches at once, unless configured.
+pub const DEFAULT_MAX_SUBJECTS: usize = 1000;
+/// The longest subject token read from a request.
+pub const MAX_SUBJECT_BYTES: usize = 8192;
 
 /// Which kind of dynamic value a provider gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +72,22 @@ pub struct Provider {
     /// Refresh this often when the answer gives no lifetime.
     pub(crate) refresh_ms: i64,
     /// `Some` for a provider with one record per key (a `fetch` whose path
-    /// names `{client}`: one per client), `None` for one record in all.
+    /// names `{client}`: one per client; an on-behalf-of exchange: one per
+    /// subject), `None` for one record in all.
     pub keyed: Option<Keyed>,
+    /// An on-behalf-of exchange: where the subject token is read from the
+    /// request. Its records are keyed by [`Provider::subject_key`], and the
+    /// call's form gets the request's subject ([`Provider::call_body`]).
+    pub subject: Option<SubjectSource>,
+}
+
+/// Where an on-behalf-of exchange reads its subject token: a request
+/// header, with an optional scheme prefix (lower case, compared
+/// case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectSource {
+    pub header: String,
+    pub prefix: Option<Vec<u8>>,
 }
 
 /// How a keyed provider's records live: one per key (a client id), made
@@ -79,9 +97,13 @@ pub struct Provider {
 pub struct Keyed {
     /// A record unused this long is dropped.
     pub idle_ms: i64,
-    /// The most keys holding a record at once; a new key past it is
-    /// refused (`credential_unavailable`) until one is dropped.
+    /// The most keys holding a record at once. Past it, a new key is
+    /// refused (`credential_unavailable`) until one is dropped, or, with
+    /// `evicts`, the least recently used key is dropped to make room.
     pub max_keys: usize,
+    /// True for subjects (an on-behalf-of exchange): a new subject evicts
+    /// the least recently used one rather than being refused.
+    pub evicts: bool,
 }
 
 impl Keyed {
@@ -101,6 +123,7 @@ impl std::fmt::Debug for Provider {
             .field("cluster", &self.cluster)
             .field("pointers", &self.pointers)
             .field("keyed", &self.keyed)
+            .field("subject", &self.subject)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +136,21 @@ pub struct Answer {
     pub expires_at: Option<i64>,
     /// Unix milliseconds at which to refresh.
     pub refresh_at: i64,
+}
+
+impl Answer {
+    /// This answer for a subject token whose own `exp` is `cap` (Unix
+    /// milliseconds; see [`jwt_exp_ms`]): never valid past it, and not
+    /// refreshed before it when it is the binding limit (an exchange of the
+    /// same subject could not last longer).
+    pub fn capped(self, cap: Option<i64>) -> Answer {
+        match cap {
+            Some(cap) if self.expires_at.is_none_or(|at| cap < at) => {
+                Answer { expires_at: Some(cap), refresh_at: cap, ..self }
+            }
+            _ => self,
+        }
+    }
 }
 
 /// Why an answer was not taken; the message never holds a value from it.
@@ -144,6 +182,47 @@ impl Provider {
             headers.push(("authorization".to_string(), authorization.to_string()));
         }
         headers
+    }
+
+    /// The call's form body: for an on-behalf-of exchange, the configured
+    /// form with the request's `subject_token` appended. May hold a
+    /// secret: never log it.
+    pub fn call_body(&self, subject: Option<&str>) -> Option<Vec<u8>> {
+        let mut body = self.body.clone()?;
+        if let (Some(subject), Some(_)) = (subject, &self.subject) {
+            body.extend_from_slice(b"&subject_token=");
+            body.extend_from_slice(form_encoded(subject).as_bytes());
+        }
+        Some(body)
+    }
+
+    /// The key of an on-behalf-of exchange's record for `subject`: the hex
+    /// SHA-256 of the provider's identity (its call: route, audience, STS)
+    /// and the subject, so the subject itself is never a key, and the same
+    /// subject has unrelated keys for two audiences.
+    pub fn subject_key(&self, subject: &[u8]) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut digest = Sha256::new();
+        digest.update((self.id.len() as u64).to_le_bytes());
+        digest.update(self.id.as_bytes());
+        digest.update(subject);
+        digest.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// True when an answer refuses the subject of an on-behalf-of exchange
+    /// (RFC 6749 5.2: `400` with `invalid_grant`, or `401`): the caller is
+    /// answered `invalid_subject_token` rather than `credential_unavailable`.
+    pub fn refuses_subject(&self, status: u16, body: &[u8]) -> bool {
+        if self.subject.is_none() {
+            return false;
+        }
+        match status {
+            401 => true,
+            400 => serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .is_some_and(|json| json.get("error").and_then(serde_json::Value::as_str) == Some("invalid_grant")),
+            _ => false,
+        }
     }
 
     /// Reads an answer received at `now` (Unix milliseconds).
@@ -233,6 +312,29 @@ pub(super) fn percent_encoded(key: &str) -> String {
         }
     }
     out
+}
+
+/// A form value (`application/x-www-form-urlencoded`): every byte but
+/// RFC 3986's unreserved ones percent-encoded.
+fn form_encoded(value: &str) -> String {
+    percent_encoded(value)
+}
+
+/// The `exp` of a subject token that is a JWT (three base64url parts, the
+/// middle one a JSON object with a numeric `exp`), in Unix milliseconds;
+/// `None` for anything else. Read without verifying the token: the STS
+/// verifies it; keyswap only never keeps an exchanged token past it.
+pub fn jwt_exp_ms(token: &str) -> Option<i64> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = json.get("exp")?.as_f64()?;
+    (exp.is_finite() && exp > 0.0).then(|| (exp.min(i64::MAX as f64 / 4000.0) * 1000.0) as i64)
 }
 
 fn check_value(value: &str, what: &str) -> Result<(), AnswerError> {

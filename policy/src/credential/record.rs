@@ -40,6 +40,11 @@ pub struct Record {
     /// worker); it is dropped once unused for the provider's idle time.
     #[serde(default)]
     pub used_at: i64,
+    /// An on-behalf-of exchange's record: the STS refused its subject
+    /// (`invalid_grant`); requests with that subject are answered
+    /// `invalid_subject_token` until `refresh_at`, when one may try again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// What [`Record::succeeded`] changed.
@@ -83,6 +88,7 @@ impl Record {
             forced_at: self.forced_at,
             rejected: None,
             used_at: self.used_at,
+            refused: false,
         };
         (record, Success { changed, recovered_after: self.failures })
     }
@@ -93,12 +99,35 @@ impl Record {
     /// waits 1 s, 2 s, 4 s, … up to [`MAX_BACKOFF_MS`].
     pub fn failed(&self, now: i64) -> Record {
         let failures = self.failures.saturating_add(1);
-        let next =
-            Record { failures, refresh_at: now.saturating_add(backoff_ms(failures)), lease_until: 0, ..self.clone() };
+        let next = Record {
+            failures,
+            refresh_at: now.saturating_add(backoff_ms(failures)),
+            lease_until: 0,
+            refused: false,
+            ..self.clone()
+        };
         if self.rejected.is_some() {
             Record { values: Vec::new(), expires_at: None, rejected: None, ..next }
         } else {
             next
+        }
+    }
+
+    /// An on-behalf-of exchange's record after the STS refused its subject
+    /// at `now`: no value, marked refused until the backoff ends (1 s, 2 s,
+    /// … up to [`MAX_BACKOFF_MS`]), so a refused token costs at most one
+    /// call per that interval however often it is presented.
+    pub fn refused_subject(&self, now: i64) -> Record {
+        let failures = self.failures.saturating_add(1);
+        Record {
+            values: Vec::new(),
+            expires_at: None,
+            failures,
+            refresh_at: now.saturating_add(backoff_ms(failures)),
+            lease_until: 0,
+            rejected: None,
+            refused: true,
+            ..self.clone()
         }
     }
 
@@ -163,6 +192,7 @@ impl std::fmt::Debug for Record {
             .field("forced_at", &self.forced_at)
             .field("rejected", &self.rejected)
             .field("used_at", &self.used_at)
+            .field("refused", &self.refused)
             .finish()
     }
 }

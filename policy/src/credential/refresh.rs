@@ -12,7 +12,7 @@
 //! wait for a call; they read the last good values ([`crate::decide`]).
 //! The host makes the calls and logs the [`Note`]s; nothing here does I/O.
 
-use super::provider::{percent_encoded, Answer, AnswerError, Provider, MIN_FORCED_REFRESH_MS};
+use super::provider::{jwt_exp_ms, percent_encoded, Answer, AnswerError, Provider, MIN_FORCED_REFRESH_MS};
 use super::record::{Index, Record};
 
 /// The largest answer a host reads from a token endpoint or credential
@@ -25,8 +25,9 @@ const WRITE_ATTEMPTS: usize = 8;
 
 /// Which shared record: one per provider, or, for a keyed provider (a
 /// `{client}` fetch), one per (provider, key) plus the provider's index of
-/// the keys it holds. The key is a client id today; the next keyed
-/// provider (an on-behalf-of exchange) keys by a subject's digest.
+/// the keys it holds. The key is a client id (a `{client}` fetch) or the
+/// digest of a subject token (an on-behalf-of exchange,
+/// [`Provider::subject_key`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Slot<'k> {
     /// The one record of an unkeyed provider.
@@ -156,10 +157,10 @@ impl SharedRecords for MemoryRecords {
     }
 }
 
-/// How a host makes a call: the provider (cluster, body, timeout) and the
-/// call's headers ([`Provider::call_headers`]); the call's id, or why it
-/// could not be made.
-pub type Call<'c> = dyn FnMut(&Provider, &[(String, String)]) -> Result<u32, String> + 'c;
+/// How a host makes a call: the provider (cluster, timeout), the call's
+/// headers ([`Provider::call_headers`]) and body ([`Provider::call_body`]);
+/// the call's id, or why it could not be made.
+pub type Call<'c> = dyn FnMut(&Provider, &[(String, String)], Option<&[u8]>) -> Result<u32, String> + 'c;
 
 /// What came back for a call.
 #[derive(Debug, Clone, Copy)]
@@ -212,8 +213,11 @@ impl std::fmt::Display for Note<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (path, kind) = (&self.provider.path, self.provider.kind.name());
         write!(f, "credential {path} ({kind})")?;
-        if let Some(key) = &self.key {
-            write!(f, " for client {key}")?;
+        match &self.key {
+            // A subject's key is a digest: named by nothing.
+            Some(_) if self.provider.subject.is_some() => write!(f, " for a subject")?,
+            Some(key) => write!(f, " for client {key}")?,
+            None => {}
         }
         match &self.event {
             Event::FirstValue => write!(f, ": first value fetched"),
@@ -240,6 +244,8 @@ struct Demand {
     provider: usize,
     key: String,
     authorization: Option<String>,
+    /// The subject token of an on-behalf-of exchange.
+    subject: Option<String>,
 }
 
 /// One worker's side of the refresh: the calls it has in flight, the keyed
@@ -247,8 +253,9 @@ struct Demand {
 /// watches for idleness.
 #[derive(Debug, Default)]
 pub struct Refresher {
-    /// (call id, provider number, key of a keyed record).
-    in_flight: Vec<(u32, usize, Option<String>)>,
+    /// (call id, provider number, key of a keyed record, the subject
+    /// token's own expiry: the exchanged token is never kept past it).
+    in_flight: Vec<(u32, usize, Option<String>, Option<i64>)>,
     demands: Vec<Demand>,
     /// (provider, key, when to look at it next): keyed records this worker
     /// asked for, dropped when unused for their idle time.
@@ -262,6 +269,7 @@ impl std::fmt::Debug for Demand {
             .field("provider", &self.provider)
             .field("key", &self.key)
             .field("authorization", &self.authorization.as_ref().map(|_| ".."))
+            .field("subject", &self.subject.as_ref().map(|_| ".."))
             .finish()
     }
 }
@@ -297,18 +305,24 @@ impl Refresher {
     /// Keyed provider `provider`'s record for `key` is wanted by a request:
     /// called for on the next tick if due and this worker wins its lease,
     /// with `authorization` (the caller's own token) instead of the
-    /// configured one when given. The record is then watched for idleness.
-    pub fn demand(&mut self, provider: usize, key: &str, authorization: Option<&str>) {
+    /// configured one when given, and for an on-behalf-of exchange with the
+    /// request's `subject` token (whose digest `key` is). The record is then
+    /// watched for idleness.
+    pub fn demand(&mut self, provider: usize, key: &str, authorization: Option<&str>, subject: Option<&str>) {
         match self.demands.iter_mut().find(|d| d.provider == provider && d.key == key) {
             Some(known) => {
                 if known.authorization.is_none() {
                     known.authorization = authorization.map(str::to_string);
+                }
+                if known.subject.is_none() {
+                    known.subject = subject.map(str::to_string);
                 }
             }
             None => self.demands.push(Demand {
                 provider,
                 key: key.to_string(),
                 authorization: authorization.map(str::to_string),
+                subject: subject.map(str::to_string),
             }),
         }
         if !self.tracked.iter().any(|(p, k, _)| *p == provider && k == key) {
@@ -331,11 +345,12 @@ impl Refresher {
     ) -> Vec<Note<'p>> {
         let mut notes = Vec::new();
         for (p, provider) in providers.iter().enumerate() {
-            if provider.keyed.is_some() || self.in_flight.iter().any(|(_, f, _)| *f == p) {
+            if provider.keyed.is_some() || self.in_flight.iter().any(|(_, f, _, _)| *f == p) {
                 continue;
             }
             let headers = provider.call_headers(None, None);
-            self.lead(provider, Slot::Provider(p), records, now, &headers, call, &mut notes);
+            let request = (&headers[..], provider.body.as_deref(), None);
+            self.lead(provider, Slot::Provider(p), records, now, request, call, &mut notes);
         }
         let mut waiting = Vec::new();
         for demand in std::mem::take(&mut self.demands) {
@@ -344,8 +359,16 @@ impl Refresher {
             if self.calling(slot) {
                 continue;
             }
-            let headers = provider.call_headers(Some(&demand.key), demand.authorization.as_deref());
-            if self.lead(provider, slot, records, now, &headers, call, &mut notes) == Lead::Later {
+            // An exchange authenticates as configured (its client), never
+            // with a caller's token, and needs the request's subject.
+            let (authorization, body, cap) = match (&provider.subject, &demand.subject) {
+                (None, _) => (demand.authorization.as_deref(), provider.body.clone(), None),
+                (Some(_), Some(subject)) => (None, provider.call_body(Some(subject)), jwt_exp_ms(subject)),
+                (Some(_), None) => continue,
+            };
+            let headers = provider.call_headers(Some(&demand.key), authorization);
+            let request = (&headers[..], body.as_deref(), cap);
+            if self.lead(provider, slot, records, now, request, call, &mut notes) == Lead::Later {
                 waiting.push(demand);
             }
         }
@@ -358,7 +381,7 @@ impl Refresher {
     }
 
     fn calling(&self, slot: Slot<'_>) -> bool {
-        self.in_flight.iter().any(|(_, p, key)| *p == slot.provider() && key.as_deref() == slot.key())
+        self.in_flight.iter().any(|(_, p, key, _)| *p == slot.provider() && key.as_deref() == slot.key())
     }
 
     /// Takes `slot`'s lease if its refresh is due and makes the call.
@@ -369,7 +392,7 @@ impl Refresher {
         slot: Slot<'_>,
         records: &mut dyn SharedRecords,
         now: i64,
-        headers: &[(String, String)],
+        (headers, body, cap): Request<'_>,
         call: &mut Call<'_>,
         notes: &mut Vec<Note<'p>>,
     ) -> Lead {
@@ -382,8 +405,8 @@ impl Refresher {
             // Another worker took it first.
             return Lead::Done;
         }
-        match call(provider, headers) {
-            Ok(id) => self.in_flight.push((id, slot.provider(), slot.key().map(str::to_string))),
+        match call(provider, headers, body) {
+            Ok(id) => self.in_flight.push((id, slot.provider(), slot.key().map(str::to_string), cap)),
             Err(why) => notes.extend(finish(provider, slot, records, now, Err(why))),
         }
         Lead::Done
@@ -435,23 +458,35 @@ impl Refresher {
         reply: Reply<'_>,
         now: i64,
     ) -> Option<Note<'p>> {
-        let at = self.in_flight.iter().position(|(call, _, _)| *call == id)?;
-        let (_, p, key) = self.in_flight.swap_remove(at);
+        let at = self.in_flight.iter().position(|(call, _, _, _)| *call == id)?;
+        let (_, p, key, cap) = self.in_flight.swap_remove(at);
         let provider = providers.get(p)?;
+        let slot = match &key {
+            Some(key) => Slot::Keyed(p, key),
+            None => Slot::Provider(p),
+        };
         let result = match reply {
             Reply::Lost => {
                 Err(format!("no answer from cluster `{}` (timeout or connection failure)", provider.cluster))
             }
             Reply::TooLarge => Err(format!("the answer is larger than {MAX_ANSWER_BYTES} bytes")),
-            Reply::Answered { status, body } => provider.parse(status, body, now).map_err(|AnswerError(why)| why),
-        };
-        let slot = match &key {
-            Some(key) => Slot::Keyed(p, key),
-            None => Slot::Provider(p),
+            // The STS refused the subject (or it expired before the
+            // answer): the caller's token is bad, not the STS.
+            Reply::Answered { status, body } if provider.refuses_subject(status, body) => {
+                return refuse(provider, slot, records, now);
+            }
+            Reply::Answered { .. } if cap.is_some_and(|cap| cap <= now) => return refuse(provider, slot, records, now),
+            Reply::Answered { status, body } => {
+                provider.parse(status, body, now).map(|a| a.capped(cap)).map_err(|AnswerError(why)| why)
+            }
         };
         finish(provider, slot, records, now, result)
     }
 }
+
+/// One call's headers and body, and the subject token's own expiry (an
+/// on-behalf-of exchange's token is never kept past it).
+type Request<'r> = (&'r [(String, String)], Option<&'r [u8]>, Option<i64>);
 
 /// What [`Refresher::lead`] made of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,6 +495,19 @@ enum Lead {
     Done,
     /// No value and in backoff after a failed call: ask again later.
     Later,
+}
+
+/// Writes the STS's refusal of a subject into `slot`'s record
+/// ([`Record::refused_subject`]). Nothing to log: the caller is answered
+/// `invalid_subject_token`, and a refused token is the caller's doing.
+fn refuse<'p>(provider: &'p Provider, slot: Slot<'_>, records: &mut dyn SharedRecords, now: i64) -> Option<Note<'p>> {
+    for _ in 0..WRITE_ATTEMPTS {
+        let (record, version) = records.read(slot).unwrap_or_default();
+        if records.write(slot, &record.refused_subject(now), version) {
+            return None;
+        }
+    }
+    Some(Note { provider, key: slot.key().map(str::to_string), event: Event::NotStored })
 }
 
 /// A keyed record past its provider's `max_keys` keys ([`admit`]).
@@ -498,11 +546,19 @@ pub fn admit(
         if index.keys.iter().any(|k| k == key) {
             break;
         }
+        let mut evicted = None;
         if index.keys.len() >= keyed.max_keys {
-            return Err(Full { max_keys: keyed.max_keys });
+            if !keyed.evicts || index.keys.is_empty() {
+                return Err(Full { max_keys: keyed.max_keys });
+            }
+            // Subjects: the least recently used (listed first) makes room.
+            evicted = Some(index.keys.remove(0));
         }
         index.keys.push(key.to_string());
         if records.write_bytes(Slot::Index(provider), &index.encode(), version) {
+            if let Some(old) = evicted {
+                evict(records, provider, &old);
+            }
             break;
         }
     }
@@ -522,11 +578,39 @@ pub fn admit(
 }
 
 /// True when every keyed record `slots` (provider, key) holds a usable
-/// value at `now`: a request waiting for them can be decided again.
+/// value at `now`, or one was refused by the STS: a request waiting for
+/// them can be decided again.
 pub fn ready(records: &dyn SharedRecords, slots: &[(usize, String)], now: i64) -> bool {
-    slots
-        .iter()
-        .all(|(p, key)| records.read(Slot::Keyed(*p, key)).is_some_and(|(record, _)| record.usable(now).is_some()))
+    let settled = |(record, _): (Record, Option<u32>)| record.usable(now).is_some() || record.refused;
+    slots.iter().all(|(p, key)| records.read(Slot::Keyed(*p, key)).is_some_and(settled))
+}
+
+/// Drops the record of `key`, evicted from keyed provider `p`'s index to
+/// make room for a new one (compare-and-swap, retried): its next request
+/// waits for a new call.
+fn evict(records: &mut dyn SharedRecords, p: usize, key: &str) {
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some((record, version)) = records.read(Slot::Keyed(p, key)) else { return };
+        if records.write(Slot::Keyed(p, key), &record.dropped(), version) {
+            return;
+        }
+    }
+}
+
+/// Moves `key` to the end of keyed provider `p`'s index (most recently
+/// used), for a provider that evicts its least recently used key: done on
+/// a touch, so at most once per [`super::Keyed::touch_ms`] per worker.
+fn relist(records: &mut dyn SharedRecords, p: usize, key: &str) {
+    let Some((bytes, version)) = records.read_bytes(Slot::Index(p)) else { return };
+    let mut index = Index::decode(&bytes);
+    let Some(at) = index.keys.iter().position(|k| k == key) else { return };
+    if at + 1 == index.keys.len() {
+        return;
+    }
+    let moved = index.keys.remove(at);
+    index.keys.push(moved);
+    // One try: a lost race leaves the order a little stale, nothing more.
+    records.write_bytes(Slot::Index(p), &index.encode(), version);
 }
 
 /// Removes `key` from keyed provider `p`'s index (compare-and-swap, retried).
@@ -546,13 +630,16 @@ fn unlist(records: &mut dyn SharedRecords, p: usize, key: &str) {
 /// a lost write is made by the next request). Hosts call it only for a
 /// [`Used`] with `touch` set, so at most once per
 /// [`super::Keyed::touch_ms`] per worker.
-pub fn touch(records: &mut dyn SharedRecords, used: &Used, now: i64) {
+pub fn touch(providers: &[Provider], records: &mut dyn SharedRecords, used: &Used, now: i64) {
     let Some(key) = &used.key else { return };
     let slot = Slot::Keyed(used.provider, key);
     if let Some((record, version)) = records.read(slot) {
         if record.used_at < now {
             records.write(slot, &Record { used_at: now, ..record }, version);
         }
+    }
+    if providers.get(used.provider).and_then(|p| p.keyed.as_ref()).is_some_and(|k| k.evicts) {
+        relist(records, used.provider, key);
     }
 }
 
@@ -697,6 +784,7 @@ mod tests {
             margin_ms: 60_000,
             refresh_ms: 300_000,
             keyed: None,
+            subject: None,
         }
     }
 
@@ -710,7 +798,7 @@ mod tests {
         a.restart(&providers, &mut store);
         b.restart(&providers, &mut store);
         let mut ids = 0;
-        let mut call = |_: &Provider, _: &[(String, String)]| {
+        let mut call = |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| {
             ids += 1;
             Ok(ids)
         };
@@ -741,7 +829,8 @@ mod tests {
                     .to_string()
             ))
         );
-        let mut refused = |_: &Provider, _: &[(String, String)]| Err("the call was refused".to_string());
+        let mut refused =
+            |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| Err("the call was refused".to_string());
         assert!(a.tick(&providers, &mut store, due + 1000, &mut refused).is_empty(), "second failure, not noted");
         let record = store.read(Slot::Provider(0)).map(|(r, _)| r).unwrap_or_default();
         assert_eq!(record.failures, 2);
@@ -759,7 +848,7 @@ mod tests {
         let mut a = Refresher::default();
         a.restart(&providers, &mut store);
         let mut ids = 0;
-        let mut call = |_: &Provider, _: &[(String, String)]| {
+        let mut call = |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| {
             ids += 1;
             Ok(ids)
         };
@@ -832,7 +921,7 @@ mod tests {
             ],
             pointers: vec!["/key".into()],
             refresh_ms: 60_000,
-            keyed: Some(crate::credential::Keyed { idle_ms: 120_000, max_keys }),
+            keyed: Some(crate::credential::Keyed { idle_ms: 120_000, max_keys, evicts: false }),
             ..provider()
         }
     }
@@ -848,7 +937,7 @@ mod tests {
         a.restart(&providers, &mut store);
         assert!(store.is_empty(), "keyed records are made on demand, not at start");
         let calls: std::cell::RefCell<Vec<Vec<(String, String)>>> = std::cell::RefCell::default();
-        let mut call = |_: &Provider, headers: &[(String, String)]| {
+        let mut call = |_: &Provider, headers: &[(String, String)], _: Option<&[u8]>| {
             calls.borrow_mut().push(headers.to_vec());
             Ok(u32::try_from(calls.borrow().len()).unwrap_or(0))
         };
@@ -861,9 +950,9 @@ mod tests {
 
         // Both workers are asked for team/a: one call, with the caller's
         // token on one and the gateway's identity never mixed in.
-        a.demand(0, "team/a", Some("Bearer user-1"));
-        b.demand(0, "team/a", None);
-        a.demand(0, "team-b", None);
+        a.demand(0, "team/a", Some("Bearer user-1"), None);
+        b.demand(0, "team/a", None, None);
+        a.demand(0, "team-b", None, None);
         assert!(a.has_demands());
         a.tick(&providers, &mut store, 0, &mut call);
         b.tick(&providers, &mut store, 0, &mut call);
@@ -894,7 +983,7 @@ mod tests {
         // team-b is used at 100 s; team/a is not: at 120 s team/a is
         // dropped (and unlisted, which frees a place), team-b kept.
         let used = Used { provider: 0, key: Some("team-b".into()), generation: 1, touch: true, due: false };
-        touch(&mut store, &used, 100_000);
+        touch(&providers, &mut store, &used, 100_000);
         let notes = a.tick(&providers, &mut store, 120_000, &mut call);
         let notes: Vec<String> = notes.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -907,6 +996,69 @@ mod tests {
         assert_eq!(calls.borrow().len(), 2, "no call without a demand");
     }
 
+    fn subject_provider(max_keys: usize) -> Provider {
+        Provider {
+            kind: Kind::TokenExchange,
+            path: "routes[0].inject[0].value.token_exchange".into(),
+            body: Some(b"grant_type=x&audience=a".to_vec()),
+            keyed: Some(crate::credential::Keyed { idle_ms: 120_000, max_keys, evicts: true }),
+            subject: Some(crate::credential::SubjectSource { header: "x-user-token".into(), prefix: None }),
+            ..provider()
+        }
+    }
+
+    /// Subjects: past `max_keys` the least recently used one is evicted
+    /// (its record dropped), never a refusal; a touch makes a key the most
+    /// recently used; the call carries the subject in its form and never a
+    /// caller's token; an STS refusal marks the record refused (no value,
+    /// nothing logged), an answer for a subject already expired too.
+    #[test]
+    fn subjects_evict_the_least_recently_used_and_refusals_are_kept() {
+        let providers = [subject_provider(2)];
+        let mut store = MemoryRecords::new(1);
+        let mut a = Refresher::default();
+        let bodies: std::cell::RefCell<Vec<Vec<u8>>> = std::cell::RefCell::default();
+        let mut call = |_: &Provider, headers: &[(String, String)], body: Option<&[u8]>| {
+            assert!(!headers.iter().any(|(n, v)| n == "authorization" && v.contains("caller")));
+            bodies.borrow_mut().push(body.unwrap_or_default().to_vec());
+            Ok(u32::try_from(bodies.borrow().len()).unwrap_or(0))
+        };
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k1, k2, k3) = (key("s1"), key("s2"), key("s3"));
+        for k in [&k1, &k2] {
+            assert_eq!(admit(&providers, &mut store, 0, k, 0), Ok(()));
+        }
+        a.demand(0, &k1, Some("Bearer caller"), Some("s1"));
+        a.tick(&providers, &mut store, 0, &mut call);
+        assert_eq!(bodies.borrow()[0], b"grant_type=x&audience=a&subject_token=s1");
+        let token = Reply::Answered { status: 200, body: br#"{"access_token":"t1","expires_in":60}"# };
+        assert_eq!(a.answer(&providers, &mut store, 1, token, 10).map(|n| n.to_string()).as_deref(),
+            Some("credential routes[0].inject[0].value.token_exchange (token_exchange) for a subject: first value fetched"));
+        // k1 used since k2 was listed: k2 is the least recently used.
+        let used = Used { provider: 0, key: Some(k1.clone()), generation: 1, touch: true, due: false };
+        touch(&providers, &mut store, &used, 20);
+        assert_eq!(admit(&providers, &mut store, 0, &k3, 30), Ok(()), "a new subject is never refused");
+        let index = Index::decode(&store.read_bytes(Slot::Index(0)).map(|(b, _)| b).unwrap_or_default());
+        assert_eq!(index.keys, [k1.clone(), k3.clone()]);
+        let value = |store: &MemoryRecords, k: &str| {
+            store.read(Slot::Keyed(0, k)).and_then(|(r, _)| r.usable(40).map(<[String]>::to_vec))
+        };
+        assert_eq!(value(&store, &k1), Some(vec!["t1".to_string()]), "the recently used one is kept");
+
+        // The STS refuses s3: refused, no value, nothing to log; ready.
+        a.demand(0, &k3, None, Some("s3"));
+        a.tick(&providers, &mut store, 40, &mut call);
+        let refusal = Reply::Answered { status: 400, body: br#"{"error":"invalid_grant"}"# };
+        assert_eq!(a.answer(&providers, &mut store, 2, refusal, 50), None);
+        let record = store.read(Slot::Keyed(0, &k3)).map(|(r, _)| r).unwrap_or_default();
+        assert!(record.refused && record.values.is_empty() && record.refresh_at == 1050);
+        assert!(ready(&store, &[(0, k3.clone())], 50));
+        // Other statuses are the STS's trouble, not the subject's.
+        assert!(!providers[0].refuses_subject(400, br#"{"error":"invalid_request"}"#));
+        assert!(!providers[0].refuses_subject(503, b""));
+        assert!(providers[0].refuses_subject(401, b""));
+    }
+
     /// A first value whose call failed is asked for again once the backoff
     /// ends (the waiting request is still there), not before.
     #[test]
@@ -915,15 +1067,15 @@ mod tests {
         let mut store = MemoryRecords::new(1);
         let mut a = Refresher::default();
         let mut n = 0;
-        let mut call = |_: &Provider, _: &[(String, String)]| {
+        let mut call = |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| {
             n += 1;
             Ok(n)
         };
         assert_eq!(admit(&providers, &mut store, 0, "c", 0), Ok(()));
-        a.demand(0, "c", None);
+        a.demand(0, "c", None, None);
         a.tick(&providers, &mut store, 0, &mut call);
         a.answer(&providers, &mut store, 1, Reply::Lost, 100);
-        a.demand(0, "c", None);
+        a.demand(0, "c", None, None);
         a.tick(&providers, &mut store, 500, &mut call);
         assert_eq!(a.in_flight(), 0, "in backoff");
         assert!(a.has_demands(), "kept for after the backoff");

@@ -37,6 +37,7 @@ struct Held {
     request: Request,
     deadline: i64,
     slots: Vec<(usize, String)>,
+    caller: Caller,
 }
 
 enum Settled {
@@ -55,16 +56,19 @@ impl Engine<'_> {
         match step {
             Step::TickAt(ms) => {
                 *now = start + *ms as i64;
+                // Held requests ask again, as the filter's release does: a
+                // first call that failed is tried again after its backoff.
+                for held in self.held.iter().flatten() {
+                    for (p, key) in &held.slots {
+                        let caller = &held.caller;
+                        self.refresher.demand(*p, key, caller.token.as_deref(), caller.subject.as_deref());
+                    }
+                }
                 let (pending, calls) = (&mut self.pending, &mut self.calls);
-                let mut call = |provider: &Provider, headers: &[(String, String)]| {
+                let mut call = |provider: &Provider, headers: &[(String, String)], body: Option<&[u8]>| {
                     *calls += 1;
                     let headers = headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
-                    pending.push((
-                        *calls,
-                        provider.cluster.clone(),
-                        headers,
-                        provider.body.clone().unwrap_or_default(),
-                    ));
+                    pending.push((*calls, provider.cluster.clone(), headers, body.unwrap_or_default().to_vec()));
                     Ok(*calls)
                 };
                 self.refresher.tick(providers, &mut self.records, *now, &mut call);
@@ -97,18 +101,18 @@ impl Engine<'_> {
                     Decision::Forward(forward) if !send.waits => {
                         forward.apply(&mut headers);
                         send.check(&headers)?;
-                        self.used(&forward.used, token.as_deref(), *now);
+                        self.used(&forward.used, &token, *now);
                         self.open[w] = Some(forward.used);
                     }
                     Decision::Forward(_) => return Err("the request was forwarded, not held".into()),
                     Decision::Deny(denial) => return Err(format!("the request was denied: {:?}", denial.reason)),
                     Decision::Wait(wait) if send.waits => {
-                        let slots: Vec<(usize, String)> = wait.slots.iter().map(|(p, k)| (*p, k.to_string())).collect();
-                        if let Some(reason) = self.hold(&slots, token.as_deref(), *now) {
+                        let slots = wait.slots.clone();
+                        if let Some(reason) = self.hold(&slots, &token, *now) {
                             return Err(format!("the request was denied: {reason:?}"));
                         }
                         let deadline = *now + wait.timeout_ms as i64;
-                        self.held[w] = Some(Held { request, deadline, slots });
+                        self.held[w] = Some(Held { request, deadline, slots, caller: token });
                     }
                     Decision::Wait(_) => return Err("the request was held, not forwarded".into()),
                 }
@@ -145,7 +149,7 @@ impl Engine<'_> {
 
     /// Admits and asks for the keyed records a held request waits for, as
     /// the filter does; the denial when one is past its `max_clients`.
-    fn hold(&mut self, slots: &[(usize, String)], token: Option<&str>, now: i64) -> Option<DenialReason> {
+    fn hold(&mut self, slots: &[(usize, String)], caller: &Caller, now: i64) -> Option<DenialReason> {
         let providers = self.policy.credential_providers();
         for (p, key) in slots {
             if credential::admit(providers, &mut self.records, *p, key, now).is_err() {
@@ -153,19 +157,19 @@ impl Engine<'_> {
             }
         }
         for (p, key) in slots {
-            self.refresher.demand(*p, key, token);
+            self.refresher.demand(*p, key, caller.token.as_deref(), caller.subject.as_deref());
         }
         None
     }
 
     /// What a forwarded request asks of its keyed records.
-    fn used(&mut self, used: &[Used], token: Option<&str>, now: i64) {
+    fn used(&mut self, used: &[Used], caller: &Caller, now: i64) {
         for u in used {
             if u.touch {
-                credential::touch(&mut self.records, u, now);
+                credential::touch(self.policy.credential_providers(), &mut self.records, u, now);
             }
             if let (true, Some(key)) = (u.due, &u.key) {
-                self.refresher.demand(u.provider, key, token);
+                self.refresher.demand(u.provider, key, caller.token.as_deref(), caller.subject.as_deref());
             }
         }
     }
@@ -192,28 +196,38 @@ impl Engine<'_> {
     }
 }
 
-/// The two stages as in Envoy: the key is read and removed first, then the
-/// request, as edited, is decided on its route and cluster at `now_ms`.
-/// Returns the decision, the admitted headers it applies to, and the
-/// caller's token the first stage read.
+/// What the first stage hands the final one for the calls a request may
+/// ask for: the caller's own token (`caller_token_header`) and the subject
+/// token of an on-behalf-of exchange.
+struct Caller {
+    token: Option<String>,
+    subject: Option<String>,
+}
+
+/// The two stages as in Envoy: the key (and the caller's and subject
+/// tokens) are read and removed first, then the request, as edited, is
+/// decided on its route and cluster at `now_ms`. Returns the decision, the
+/// admitted headers it applies to, and what the first stage read.
 fn decide<'p>(
     policy: &'p Policy,
     request: &Request,
     now_ms: i64,
     records: &MemoryRecords,
-) -> (Decision<'p>, Headers, Option<String>) {
+) -> (Decision<'p>, Headers, Caller) {
     let mut headers = request.header_list();
     let key = policy.key_check(&RequestView::from_headers(None, &headers));
-    let token = policy
-        .caller_token(&RequestView::from_headers(None, &headers))
-        .map(|t| String::from_utf8_lossy(t).into_owned());
+    let text = |t: &[u8]| String::from_utf8_lossy(t).into_owned();
+    let first = RequestView::from_headers(None, &headers);
+    let caller =
+        Caller { token: policy.caller_token(&first).map(text), subject: policy.subject_token(&first).map(text) };
     policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster();
     view.key = Some(&key);
+    view.subject = caller.subject.as_deref().map(str::as_bytes);
     // The harness's clock: stopped at STEPS_START, moved by the steps.
     let decision = policy.decide(&view, &|| now_ms, records);
-    (decision, headers, token)
+    (decision, headers, caller)
 }
 
 fn denied(reason: DenialReason) -> Observed {
@@ -252,8 +266,8 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
         // The case's own request is never held: it is refused at once when
         // its client cannot be admitted, and a failure otherwise.
         Decision::Wait(wait) => {
-            let slots: Vec<(usize, String)> = wait.slots.iter().map(|(p, k)| (*p, k.to_string())).collect();
-            match engine.hold(&slots, token.as_deref(), now_ms) {
+            let slots = wait.slots.clone();
+            match engine.hold(&slots, &token, now_ms) {
                 Some(reason) => Ok(denied(reason)),
                 None => Err("the request was held for its credentials (use a `send` with `waits`)".into()),
             }

@@ -3,11 +3,14 @@
 //! `keyswap push` (ECDS: a revocation, and a push Envoy rejects), and
 //! dynamic credentials (`oauth2` with Basic and with body client
 //! authentication, `token_exchange`, `fetch`, against loopback token
-//! servers: a refused answer, first values, a rotation), then every inbound
+//! servers: a refused answer, first values, a rotation; an on-behalf-of
+//! exchange and a per-client fetch, with a caller's subject token and
+//! caller token, allowed and denied), then every inbound
 //! key, every upstream credential that came from Envoy's environment, every
 //! secret the filter sends its token endpoints (client secrets, also as
 //! base64 of `client_id:client_secret`, the subject token, the credential
-//! service's `authorization`) and every token or value they answered is
+//! service's `authorization`, a caller's subject and caller tokens) and
+//! every token or value they answered is
 //! searched for in Envoy's whole log (with the shipped access log), in
 //! every local response, and in the admin's `/config_dump` and `/stats`,
 //! and in what `keyswap push` prints. None may appear.
@@ -81,7 +84,7 @@ const CLIENT_ID_BASIC: &str = "gw-basic";
 const CLIENT_ID_BODY: &str = "gw-body";
 const VAULT_TOKEN: &str = "vault-token-a94c1e6b2d38";
 // ... and what those answer.
-const ISSUED: [(&str, &str); 8] = [
+const ISSUED: [(&str, &str); 9] = [
     ("token rejected", "at-rejected-8e2b4d6f1a03"), // an answer the filter refuses (bad expires_in)
     ("token basic", "at-basic-5d9e2c7b10f4"),
     ("token body", "at-body-b37a0e9c6d21"),
@@ -90,7 +93,13 @@ const ISSUED: [(&str, &str); 8] = [
     ("fetched secret 1", "fk-secret-one-c4e81f0a7b36"),
     ("fetched id 2", "fk-id-two-93e0b6d1a7f4"),
     ("fetched secret 2", "fk-secret-two-6b0d3a9e2f48"),
+    ("token on behalf", "te-obo-7b2e9c4a1d63f805"), // an on-behalf-of exchange's token
 ];
+// What callers send for the filter's calls only: an on-behalf-of
+// exchange's subject token (`x-user-token`) and a per-client fetch's
+// caller token (`caller_token_header`).
+const SUBJECT_TOKEN_USER: &str = "user-subject-5e1a9c3f7b20";
+const CALLER_TOKEN: &str = "caller-token-2d8f4b6e0a91";
 const KEY_DYNAMIC: &str = "ksk-dynamic-4c9a2e7f1b60"; // the dynamic-credential listener
 
 fn issued(name: &str) -> &'static str {
@@ -147,6 +156,8 @@ fn secrets() -> Vec<(&'static str, &'static str)> {
         DYNAMIC_ENV.iter().filter(|(name, _)| *name != "VAULT_AUTHORIZATION").map(|(name, value)| (*name, *value)),
     );
     all.push(("VAULT_AUTHORIZATION's token", VAULT_TOKEN));
+    all.push(("a caller's subject token", SUBJECT_TOKEN_USER));
+    all.push(("a caller's token", CALLER_TOKEN));
     all.extend(ISSUED);
     all
 }
@@ -595,8 +606,16 @@ fn dynamic_config() -> String {
                  "subject_token": {"env": "SUBJECT_TOKEN"}, "audience": "https://billing.internal", "timeout_ms": 2000}}))},
             {"name": "fetch", "match": {"route_name": "fetch", "clusters": ["fetch"]},
              "inject": [{"header": "x-key-id", "value": fetch("/data/key_id")},
-                        {"query": "sig", "value": fetch("/data/secret")}]}
-        ]
+                        {"query": "sig", "value": fetch("/data/secret")}]},
+            {"name": "obo", "match": {"route_name": "obo", "clusters": ["obo"]},
+             "inject": bearer(serde_json::json!({"token_exchange": {"cluster": "sts_obo", "token_path": "/token",
+                 "subject_token": {"header": "x-user-token", "prefix": "Bearer "},
+                 "audience": "https://mcp.internal", "timeout_ms": 2000}}))},
+            {"name": "broker", "match": {"route_name": "broker", "clusters": ["broker"]},
+             "inject": [{"header": "x-key-id", "value": {"fetch": {"cluster": "vault", "path": "/v1/creds/{client}",
+                 "authorization": {"env": "VAULT_AUTHORIZATION"}, "json_pointer": "/data/key_id", "timeout_ms": 2000}}}]}
+        ],
+        "caller_token_header": "x-caller-token"
     })
     .to_string()
 }
@@ -677,17 +696,20 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     let idp_body = TokenServer::start(&token_answer(issued("token body"), "3600")).expect("idp_body");
     let sts = TokenServer::start(&token_answer(issued("token exchanged"), "3600")).expect("sts");
     let vault = TokenServer::start(&vault_answer(1)).expect("vault");
+    let sts_obo = TokenServer::start(&token_answer(issued("token on behalf"), "3600")).expect("sts_obo");
 
     let listener = Listener {
         name: "dynamic".into(),
         config: dynamic_config(),
         host_env_keys: DYNAMIC_ENV.iter().map(|(name, _)| name.to_string()).collect(),
-        route_names: ["basic", "body", "exchange", "fetch"].iter().map(|r| r.to_string()).collect(),
+        route_names: ["basic", "body", "exchange", "fetch", "obo", "broker"].iter().map(|r| r.to_string()).collect(),
         ..Listener::default()
     };
     let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
     let clusters = bootstrap["static_resources"]["clusters"].as_array_mut().expect("clusters");
-    for (name, server) in [("idp_basic", &idp_basic), ("idp_body", &idp_body), ("sts", &sts), ("vault", &vault)] {
+    let servers =
+        [("idp_basic", &idp_basic), ("idp_body", &idp_body), ("sts", &sts), ("vault", &vault), ("sts_obo", &sts_obo)];
+    for (name, server) in servers {
         clusters.push(token_cluster(name, server));
     }
     bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] =
@@ -734,6 +756,39 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     vault.set_answer(&vault_answer(2));
     until_injected(addr, "/fetch/v1", fetched(2), fetched(1), &mut seen);
 
+    // On behalf of a caller: the subject token goes to the STS only, the
+    // caller's token to the credential service only; the first request of
+    // each waits for its call, and is forwarded with what was issued.
+    let on_behalf = |path: &str, route: &str| {
+        Request::get(path)
+            .header("host", "gateway.test")
+            .header(ROUTE_HEADER, route)
+            .header("x-user-token", format!("Bearer {SUBJECT_TOKEN_USER}"))
+            .header("x-caller-token", format!("Bearer {CALLER_TOKEN}"))
+    };
+    for _ in 0..2 {
+        let response = on_behalf("/obo/v1", "obo").header("x-api-key", KEY_DYNAMIC).send(addr).expect("obo");
+        let echoed = seen.forward(&response, "the on-behalf-of route");
+        assert_eq!(echoed.header("authorization"), Some(format!("Bearer {}", issued("token on behalf")).as_str()));
+        assert_eq!((echoed.header("x-user-token"), echoed.header("x-caller-token")), (None, None));
+        let response = on_behalf("/broker/v1", "broker").header("x-api-key", KEY_DYNAMIC).send(addr).expect("broker");
+        let echoed = seen.forward(&response, "the per-client fetch");
+        assert!(echoed.header("x-key-id").is_some_and(|v| v.starts_with("fk-id-")), "{:?}", echoed.headers);
+        assert_eq!((echoed.header("x-user-token"), echoed.header("x-caller-token")), (None, None));
+    }
+    // Denied with both tokens: a wrong key, and none.
+    let response = on_behalf("/obo/v1", "obo").header("x-api-key", KEY_UNKNOWN).send(addr).expect("denied");
+    seen.deny(&response, 401, "invalid_key", "the on-behalf-of route, unknown key");
+    let response = on_behalf("/broker/v1", "broker").send(addr).expect("denied");
+    seen.deny(&response, 401, "missing_key", "the per-client fetch, no key");
+    let response = Request::get("/obo/v1")
+        .header("host", "gateway.test")
+        .header(ROUTE_HEADER, "obo")
+        .header("x-api-key", KEY_DYNAMIC)
+        .send(addr)
+        .expect("no subject");
+    seen.deny(&response, 401, "missing_subject_token", "the on-behalf-of route, no subject");
+
     // The secrets really went out, each the way its route says.
     let header = |call: &TokenCall, name: &str| {
         call.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
@@ -748,9 +803,16 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
     assert!(call.body.contains(&form) && header(call, "authorization").is_none(), "{call:?}");
     let call = &sts.calls()[0];
     assert!(call.body.contains(&format!("subject_token={}", dynamic_env("SUBJECT_TOKEN"))), "{call:?}");
-    let calls = vault.calls();
-    assert!(calls.len() >= 2, "a first answer and a rotation: {calls:?}");
-    assert!(calls.iter().all(|c| header(c, "authorization").as_deref() == Some(dynamic_env("VAULT_AUTHORIZATION"))));
+    let calls = sts_obo.calls();
+    assert_eq!(calls.len(), 1, "one exchange for the subject: {calls:?}");
+    assert!(calls[0].body.ends_with(&format!("&subject_token={SUBJECT_TOKEN_USER}")), "{calls:?}");
+    let (route_calls, client_calls): (Vec<_>, Vec<_>) = vault.calls().into_iter().partition(|c| c.path == "/v1/creds");
+    assert!(route_calls.len() >= 2, "a first answer and a rotation: {route_calls:?}");
+    let gateway_identity = Some(dynamic_env("VAULT_AUTHORIZATION"));
+    assert!(route_calls.iter().all(|c| header(c, "authorization").as_deref() == gateway_identity));
+    assert_eq!(client_calls.len(), 1, "one fetch for the client: {client_calls:?}");
+    let caller = format!("Bearer {CALLER_TOKEN}");
+    assert_eq!(header(&client_calls[0], "authorization").as_deref(), Some(caller.as_str()));
 
     let searched = searched(&envoy, &seen);
     let Searched { config_dump, stats, log, .. } = &searched;
@@ -766,6 +828,8 @@ fn no_dynamic_credential_secret_or_token_leaks_at_trace() {
         "routes[1].inject[0].value.oauth2 (oauth2): first value fetched",
         "routes[2].inject[0].value.token_exchange (token_exchange): first value fetched",
         "routes[3].inject[0].value.fetch (fetch): first value fetched",
+        "routes[4].inject[0].value.token_exchange (token_exchange) for a subject: first value fetched",
+        "routes[5].inject[0].value.fetch (fetch) for client dynamic: first value fetched",
     ] {
         assert!(log.contains(&format!("keyswap: credential {line}")), "not logged: {line}");
     }

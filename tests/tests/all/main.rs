@@ -9,6 +9,10 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`obo`]: on-behalf-of token exchange with two workers and a loopback
+//!   STS: 50 subjects and 50 broker clients interleaved, each request
+//!   carrying its own subject's token, one exchange per (subject,
+//!   audience); laziness; JWT expiry, refusals, an STS outage.
 //! - [`per_client`]: per-client credentials (`clients[].inject`) attacked
 //!   from outside: hundreds of interleaved requests each carrying exactly
 //!   its own client's credentials, smuggling under any injected name,
@@ -45,6 +49,7 @@ mod credentials;
 mod gateway;
 mod image;
 mod leaks;
+mod obo;
 mod operations;
 mod per_client;
 mod platforms;
