@@ -9,6 +9,10 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`keys`]: several keys per client: `keyswap rotate` under load (both
+//!   keys in the grace, the old one refused after it), `keyswap revoke
+//!   --key` of one key; client metadata sent upstream, client-sent copies
+//!   never, key ids and metadata in Envoy's access log.
 //! - [`per_client`]: per-client credentials (`clients[].inject`) attacked
 //!   from outside: hundreds of interleaved requests each carrying exactly
 //!   its own client's credentials, smuggling under any injected name,
@@ -44,6 +48,7 @@ mod conformance;
 mod credentials;
 mod gateway;
 mod image;
+mod keys;
 mod leaks;
 mod operations;
 mod per_client;
