@@ -20,7 +20,7 @@ use keyswap_tests::echo::{Echo, Echoed};
 use keyswap_tests::envoy::{filter_wasm, gateway, repo_root, Envoy, Launch, Listener, LogLevels, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::load::{Bounds, Load};
-use keyswap_tests::revocation::{keyswap_cli, EcdsGateway};
+use keyswap_tests::revocation::EcdsGateway;
 
 const ROUTE: &str = "all";
 const CREDENTIAL: &str = "keys-upstream-credential";
@@ -80,21 +80,8 @@ fn config_file(test: &str, text: &str) -> PathBuf {
 /// `keyswap SUBCOMMAND FILE ARGS… --ecds … --envoy-admin … --envoy-log …`
 /// against `gw`; its stdout, after checking it succeeded.
 fn cli(gw: &EcdsGateway, subcommand: &str, file: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(keyswap_cli().unwrap_or_else(|e| panic!("{e}")))
-        .arg(subcommand)
-        .arg(file)
-        .args(args)
-        .arg("--ecds")
-        .arg(&gw.ecds)
-        .arg("--envoy-admin")
-        .arg(format!("http://{}", gw.envoy.admin()))
-        .arg("--envoy-log")
-        .arg(gw.envoy.log_path())
-        .arg("--filter")
-        .arg(filter_wasm().unwrap_or_else(|e| panic!("{e}")))
-        .env_remove("KEYSWAP_FILTER")
-        .output()
-        .expect("keyswap runs");
+    let mut command = gw.cli_command(subcommand, file, args).unwrap_or_else(|e| panic!("{e}"));
+    let out = command.output().expect("keyswap runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "keyswap {subcommand}:\n{stdout}{stderr}\nEnvoy:\n{}", gw.envoy.log());
     assert!(stdout.contains("active: Envoy runs version"), "{stdout}");
