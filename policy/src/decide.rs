@@ -117,8 +117,8 @@ impl Policy {
                 reason,
                 route: Some(route.name.as_str()),
                 client: known.map(|(c, _)| c.id.as_str()),
-                key: known.and_then(|(_, k)| k.id.as_deref()),
-                metadata: known.map(|(c, _)| &c.metadata),
+                key: known.and_then(|(_, k)| k.id()),
+                metadata: known.and_then(|(c, _)| c.metadata.as_deref()),
             })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
@@ -136,21 +136,22 @@ impl Policy {
         let Some(key) = self.index.find(&self.keys, digest).map(|k| &self.keys[k]) else {
             return deny(DenialReason::InvalidKey, None);
         };
-        let Some(client) = self.clients.get(key.client) else {
+        let Some(client) = self.clients.get(key.client()) else {
             return deny(DenialReason::InvalidKey, None);
         };
         let known = Some((client, key));
         // A disabled client or key, or a key before its `not_before`, is
         // answered like an unknown key; a passed `expires` (the client's
         // or the key's) as expired.
-        if client.disabled || key.disabled {
+        let listed = key.listed.as_deref();
+        if client.disabled || listed.is_some_and(|l| l.disabled) {
             return deny(DenialReason::InvalidKey, known);
         }
-        if key.not_before.is_some_and(|at| now.seconds() < at) {
+        if listed.and_then(|l| l.not_before).is_some_and(|at| now.seconds() < at) {
             return deny(DenialReason::InvalidKey, known);
         }
         let passed = |at: Option<i64>| at.is_some_and(|at| now.seconds() >= at);
-        if passed(client.expires) || passed(key.expires) {
+        if passed(client.expires) || passed(listed.and_then(|l| l.expires)) {
             return deny(DenialReason::ExpiredKey, known);
         }
         if !client.allowed.allows(r) {
@@ -172,8 +173,8 @@ impl Policy {
             Ok(forward) => Decision::Forward(forward),
             Err(Refusal::Deny(reason)) => deny(reason, known),
             Err(Refusal::Wait(slots, timeout_ms)) => {
-                let metadata = Some(&client.metadata);
-                let (route, client, key) = (route.name.as_str(), client.id.as_str(), key.id.as_deref());
+                let metadata = client.metadata.as_deref();
+                let (route, client, key) = (route.name.as_str(), client.id.as_str(), key.id());
                 Decision::Wait(Wait { route, client, key, metadata, slots, timeout_ms })
             }
         }
@@ -359,9 +360,9 @@ impl Policy {
         // The client's metadata fields `metadata_headers` names: a length
         // check for a client without metadata. Client-sent copies of these
         // headers are among the protected names, removed above.
-        if let Some(client) = client.filter(|c| !c.metadata.is_empty()) {
+        if let Some(metadata) = client.and_then(|c| c.metadata.as_deref()) {
             for (field, header) in &self.metadata_headers {
-                if let Some(value) = client.metadata.get(field) {
+                if let Some(value) = metadata.get(field) {
                     add_headers.push((header.as_str(), Cow::Borrowed(value)));
                 }
             }
@@ -385,8 +386,8 @@ impl Policy {
         Ok(Forward {
             route: inject.map(|i| i.route.name.as_str()),
             client: client.map(|c| c.id.as_str()),
-            key: caller.and_then(|(_, k)| k.id.as_deref()),
-            metadata: client.map(|c| &c.metadata),
+            key: caller.and_then(|(_, k)| k.id()),
+            metadata: client.and_then(|c| c.metadata.as_deref()),
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
             add_headers,

@@ -66,9 +66,9 @@ pub(crate) struct Client {
     /// The client's own credentials (`inject` on the client), by route
     /// index, sorted; empty (no allocation) for almost every client.
     pub own: Box<[(usize, Credentials)]>,
-    /// `metadata`, sorted by field name; empty (no allocation) for a
-    /// client without any.
-    pub metadata: Metadata,
+    /// `metadata`, sorted by field name; `None` (8 bytes, no allocation)
+    /// for a client without any.
+    pub metadata: Option<Box<Metadata>>,
 }
 
 /// A client's metadata (`clients[].metadata`): non-secret
@@ -105,14 +105,23 @@ impl Client {
 }
 
 /// One key: the client's only one (`key_sha256` or `key` on the client,
-/// no id, no window of its own), or one of its `keys`.
+/// no id, no window of its own), or one of its `keys`. 48 bytes: what a
+/// key of `keys` adds lives behind one pointer, absent for the single-key
+/// form.
 #[derive(Debug)]
 pub(crate) struct Key {
     pub digest: [u8; 32],
     /// Index into [`Policy::clients`].
-    pub client: usize,
-    /// The non-secret id of a key in `keys` (given, or [`crate::key_id`]).
-    pub id: Option<Box<str>>,
+    pub client: u32,
+    /// `None` for a client's single key.
+    pub listed: Option<Box<Listed>>,
+}
+
+/// What a key of a client's `keys` has of its own.
+#[derive(Debug)]
+pub(crate) struct Listed {
+    /// The non-secret id (given, or [`crate::key_id`]).
+    pub id: Box<str>,
     /// Unix seconds; the key is refused before this instant.
     pub not_before: Option<i64>,
     /// Unix seconds; the key is refused from this instant on.
@@ -369,7 +378,9 @@ impl Policy {
     pub fn active_clients(&self, now: i64) -> usize {
         let mut active = vec![false; self.clients.len()];
         for key in self.keys.iter().filter(|k| k.accepts_at(now)) {
-            active[key.client] = true;
+            if let Some(slot) = active.get_mut(key.client()) {
+                *slot = true;
+            }
         }
         let live =
             |(c, client): (usize, &Client)| active[c] && !client.disabled && client.expires.is_none_or(|at| now < at);
@@ -441,9 +452,21 @@ impl Policy {
 }
 
 impl Key {
+    /// The key's id, when it is one of its client's `keys`.
+    pub fn id(&self) -> Option<&str> {
+        self.listed.as_deref().map(|l| &*l.id)
+    }
+
+    /// The client's index in [`Policy::clients`].
+    pub fn client(&self) -> usize {
+        self.client as usize
+    }
+
     /// True when the key itself (not its client) is accepted at `now`.
     pub fn accepts_at(&self, now: i64) -> bool {
-        !self.disabled && self.not_before.is_none_or(|at| now >= at) && self.expires.is_none_or(|at| now < at)
+        self.listed.as_deref().is_none_or(|l| {
+            !l.disabled && l.not_before.is_none_or(|at| now >= at) && l.expires.is_none_or(|at| now < at)
+        })
     }
 }
 
@@ -523,5 +546,13 @@ mod key_id_tests {
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         assert!(!hex.contains(&key_id(&digest)[2..]), "the id is no part of the digest");
         assert_ne!(key_id(&[0; 32]), key_id(&[1; 32]));
+    }
+
+    /// 100,000 single-key clients pay for the digest, the client number
+    /// and one absent pointer; a client without metadata for one more.
+    #[test]
+    fn a_key_and_absent_metadata_stay_small() {
+        assert!(std::mem::size_of::<super::Key>() <= 48, "{}", std::mem::size_of::<super::Key>());
+        assert_eq!(std::mem::size_of::<Option<Box<super::Metadata>>>(), std::mem::size_of::<usize>());
     }
 }

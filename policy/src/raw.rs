@@ -53,8 +53,9 @@ pub struct RawClient {
     pub id: String,
     pub key_sha256: Option<String>,
     pub key: Option<String>,
-    /// Several keys, each with its own id and validity.
-    pub keys: Option<Vec<RawKey>>,
+    /// Several keys, each with its own id and validity (boxed: one
+    /// pointer in each of 100,000 single-key clients).
+    pub keys: Option<Box<Vec<RawKey>>>,
     #[serde(default)]
     pub routes: Vec<String>,
     pub expires: Option<String>,
@@ -64,9 +65,9 @@ pub struct RawClient {
     /// of those routes' `inject`.
     #[serde(default)]
     pub inject: RawClientInject,
-    /// Non-secret metadata (`{"team": "search", "tier": "gold"}`).
-    #[serde(default)]
-    pub metadata: RawNamedStrings,
+    /// Non-secret metadata (`{"team": "search", "tier": "gold"}`), boxed
+    /// like `keys`.
+    pub metadata: Option<Box<RawNamedStrings>>,
 }
 
 /// One of a client's `keys`.

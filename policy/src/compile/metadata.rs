@@ -14,10 +14,13 @@ pub const MAX_FIELDS: usize = 16;
 pub const MAX_VALUE_BYTES: usize = 256;
 
 /// A client's metadata at `path` (`clients[3]`), sorted by field name;
-/// nothing allocated for a client without any.
-pub(super) fn client_metadata(raw: &RawNamedStrings, path: impl std::fmt::Display) -> Result<Metadata, ConfigError> {
+/// `None` (nothing allocated) for a client without any.
+pub(super) fn client_metadata(
+    raw: &RawNamedStrings,
+    path: impl std::fmt::Display,
+) -> Result<Option<Box<Metadata>>, ConfigError> {
     if raw.0.is_empty() {
-        return Ok(Metadata::default());
+        return Ok(None);
     }
     if raw.0.len() > MAX_FIELDS {
         return Err(ConfigError::new(format!("{path}.metadata"), format!("must hold at most {MAX_FIELDS} fields")));
@@ -34,7 +37,7 @@ pub(super) fn client_metadata(raw: &RawNamedStrings, path: impl std::fmt::Displa
         fields.push((name.as_str().into(), value.as_str().into()));
     }
     fields.sort_unstable();
-    Ok(Metadata(fields.into_boxed_slice()))
+    Ok(Some(Box::new(Metadata(fields.into_boxed_slice()))))
 }
 
 /// `metadata_headers`: (field, header) pairs, each header a valid name

@@ -26,7 +26,7 @@ pub use env::{ConfigError, Environment};
 
 use crate::model::{
     Allowed, Client, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, Key, KeySource,
-    Policy, QueryInject, Route, RouteMatch,
+    Listed, Policy, QueryInject, Route, RouteMatch,
 };
 use crate::query::encode_component;
 use crate::raw::{
@@ -666,7 +666,7 @@ fn compile_clients(
     builder: &mut ProviderBuilder,
 ) -> Result<(Vec<Client>, Vec<Key>, ClientIndex), ConfigError> {
     let mut clients = Vec::with_capacity(raw.len());
-    let key_count = raw.iter().map(|c| c.keys.as_ref().map_or(1, Vec::len)).sum();
+    let key_count = raw.iter().map(|c| c.keys.as_ref().map_or(1, |k| k.len())).sum();
     let mut keys = Vec::with_capacity(key_count);
     let mut index = ClientIndex::with_capacity(key_count);
     let mut ids: HashSet<&str> = HashSet::with_capacity(raw.len());
@@ -706,7 +706,10 @@ fn compile_clients(
             ));
         }
         compile_keys(client, path, c, &mut keys, &mut index)?;
-        let metadata = metadata::client_metadata(&client.metadata, path)?;
+        let metadata = match &client.metadata {
+            Some(raw) => metadata::client_metadata(raw, path)?,
+            None => None,
+        };
         clients.push(Client { id: client.id.clone(), allowed, expires, disabled: client.disabled, own, metadata });
     }
     Ok((clients, keys, index))
@@ -722,6 +725,7 @@ fn compile_keys(
     index: &mut ClientIndex,
 ) -> Result<(), ConfigError> {
     let first = keys.len();
+    let owner = u32::try_from(c).map_err(|_| ConfigError::new(path.to_string(), "is one client too many"))?;
     let add = |index: &mut ClientIndex, keys: &mut Vec<Key>, key: Key, at: &dyn Fn() -> String| {
         if let Some(earlier) = index.insert(keys, &key.digest, keys.len()) {
             let earlier = KeyAt(keys, earlier);
@@ -731,9 +735,9 @@ fn compile_keys(
         Ok(())
     };
     let Some(list) = &client.keys else {
-        let digest = key_digest(client.key_sha256.as_deref(), client.key.as_deref(), &path.to_string())?
+        let digest = key_digest(client.key_sha256.as_deref(), client.key.as_deref(), &path)?
             .ok_or_else(|| ConfigError::new(path.to_string(), "needs exactly one of `key_sha256`, `key` or `keys`"))?;
-        let key = Key { digest, client: c, id: None, not_before: None, expires: None, disabled: false };
+        let key = Key { digest, client: owner, listed: None };
         let what = if client.key.is_some() { "key" } else { "key_sha256" };
         return add(index, keys, key, &|| format!("{path}.{what}"));
     };
@@ -762,7 +766,7 @@ fn compile_keys(
             }
             None => crate::model::key_id(&digest),
         };
-        if let Some(other) = keys[first..].iter().position(|o| o.id.as_deref() == Some(id.as_str())) {
+        if let Some(other) = keys[first..].iter().position(|o| o.id() == Some(id.as_str())) {
             let field = if raw.id.is_some() { format!("{at}.id") } else { at.clone() };
             return Err(ConfigError::new(field, format!("`{id}` is already the id of {path}.keys[{other}]")));
         }
@@ -786,7 +790,8 @@ fn compile_keys(
                 return Err(ConfigError::new(format!("{at}.not_before"), "must be before `expires`"));
             }
         }
-        let key = Key { digest, client: c, id: Some(id.into()), not_before, expires, disabled: raw.disabled };
+        let listed = Listed { id: id.into(), not_before, expires, disabled: raw.disabled };
+        let key = Key { digest, client: owner, listed: Some(Box::new(listed)) };
         add(index, keys, key, &|| format!("{at}.{what}"))?;
     }
     Ok(())
@@ -798,20 +803,26 @@ struct KeyAt<'k>(&'k [Key], usize);
 impl std::fmt::Display for KeyAt<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Some(key) = self.0.get(self.1) else { return f.write_str("an earlier key") };
-        match key.id {
+        match key.listed {
             // A key in a `keys` list: its place in that list.
             Some(_) => {
                 let first = self.0.iter().position(|o| o.client == key.client).unwrap_or(self.1);
-                write!(f, "{}.keys[{}]", ClientPath(key.client), self.1 - first)
+                write!(f, "{}.keys[{}]", ClientPath(key.client()), self.1 - first)
             }
-            None => write!(f, "{}", ClientPath(key.client)),
+            None => write!(f, "{}", ClientPath(key.client())),
         }
     }
 }
 
 /// The digest of `key_sha256` (64 hex digits) or of a plaintext `key`;
 /// `None` when neither is given, an error when both are or one is bad.
-fn key_digest(sha256: Option<&str>, key: Option<&str>, path: &str) -> Result<Option<[u8; 32]>, ConfigError> {
+/// `path` is formatted only on an error (100,000 clients must not mean
+/// 100,000 strings).
+fn key_digest(
+    sha256: Option<&str>,
+    key: Option<&str>,
+    path: &dyn std::fmt::Display,
+) -> Result<Option<[u8; 32]>, ConfigError> {
     match (sha256, key) {
         (Some(hex), None) => decode_digest(hex)
             .map(Some)
@@ -827,7 +838,7 @@ fn key_digest(sha256: Option<&str>, key: Option<&str>, path: &str) -> Result<Opt
             Ok(Some(Sha256::digest(key.as_bytes()).into()))
         }
         (None, None) => Ok(None),
-        (Some(_), Some(_)) => Err(ConfigError::new(path, "needs exactly one of `key_sha256` or `key`")),
+        (Some(_), Some(_)) => Err(ConfigError::new(path.to_string(), "needs exactly one of `key_sha256` or `key`")),
     }
 }
 
