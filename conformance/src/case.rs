@@ -357,6 +357,10 @@ pub struct ExpectForward {
     /// Exactly the headers the upstream receives (any order), besides the
     /// pseudo-headers and what the host itself adds.
     pub headers: Vec<(String, String)>,
+    /// Exactly the access-log field keyswap sets (needs
+    /// [`Capability::AccessLog`], implied).
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +372,10 @@ pub struct ExpectDeny {
     /// Headers the response must carry with exactly these values.
     #[serde(default)]
     pub headers: Vec<(String, String)>,
+    /// Exactly the access-log field keyswap sets (needs
+    /// [`Capability::AccessLog`], implied).
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 /// The upstream's response headers and what the client must see of them.
@@ -448,6 +456,9 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
             Capability::Timeline => {
                 return Err(format!("needs: `{}` is implied by `steps`; do not write it", need.name()))
             }
+            Capability::AccessLog => {
+                return Err(format!("needs: `{}` is implied by `expect`'s `access_log`; do not write it", need.name()))
+            }
             Capability::RouteAndCluster if raw.request.route_name.is_none() && raw.request.cluster.is_none() => {
                 return Err(format!("needs: `{}`, but the request has no route_name or cluster", need.name()))
             }
@@ -462,6 +473,9 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
     }
     if !raw.steps.is_empty() {
         needs.insert(Capability::Timeline);
+    }
+    if access_log(&raw.expect).is_some() {
+        needs.insert(Capability::AccessLog);
     }
     for (i, step) in raw.steps.iter().enumerate() {
         if let Step::Resumed(resumed) = step {
@@ -499,7 +513,32 @@ fn sorted(headers: &[(String, String)]) -> Vec<(String, String)> {
     out
 }
 
+fn access_log(expect: &Expect) -> Option<&str> {
+    match expect {
+        Expect::Forward(f) => f.access_log.as_deref(),
+        Expect::Deny(d) => d.access_log.as_deref(),
+        Expect::ConfigError(_) => None,
+    }
+}
+
 impl SuiteCase {
+    /// The access-log field the case expects, if it says.
+    pub fn access_log(&self) -> Option<&str> {
+        access_log(&self.expect)
+    }
+
+    /// Compares the access-log field a host shows (`None`: none set) with
+    /// the one the case expects; Ok when it expects none.
+    ///
+    /// # Errors
+    /// The difference.
+    pub fn check_access_log(&self, field: Option<&str>) -> Result<(), String> {
+        match self.access_log() {
+            Some(want) if field != Some(want) => Err(format!("access log: want {want:?}, got {field:?}")),
+            _ => Ok(()),
+        }
+    }
+
     /// Compares what a host observed with what this case expects.
     ///
     /// # Errors

@@ -30,16 +30,21 @@ pub enum Capability {
     /// removed, a `location` losing the injected parameter), besides
     /// removing `strip_response_headers`.
     EchoRemoval,
+    /// The host shows the access-log field keyswap set for the request
+    /// (`outcome=… route=… client=… key=…`): implied by an `access_log`
+    /// in the case's `expect`, not written in `needs`.
+    AccessLog,
 }
 
 impl Capability {
     /// Every capability, in the order a skip names the first one lacking.
-    pub const ALL: [Capability; 5] = [
+    pub const ALL: [Capability; 6] = [
         Capability::OwnRouting,
         Capability::EnvoyRouting,
         Capability::RouteAndCluster,
         Capability::Timeline,
         Capability::EchoRemoval,
+        Capability::AccessLog,
     ];
 
     /// The name a case's `needs` uses.
@@ -50,6 +55,7 @@ impl Capability {
             Capability::RouteAndCluster => "route-and-cluster",
             Capability::Timeline => "timeline",
             Capability::EchoRemoval => "echo-removal",
+            Capability::AccessLog => "access-log",
         }
     }
 }
@@ -62,6 +68,11 @@ const FILTER_ROUTES_IN_ENVOY: &str = "host and path_prefix are keyswap's own rou
 const COMPONENT_ROUTES_ITSELF: &str = "the component is keyswap's own router (Routing::Own): host and path_prefix are \
      its routing and clusters are optional there, so a configuration the Envoy filter refuses for them loads; the \
      refusal is the Envoy filter's, where Envoy routes";
+
+/// Why the component's hosts show no access-log field.
+const COMPONENT_HAS_NO_ACCESS_LOG: &str = "world `filter` hands the host the route and client of a decision, not the \
+     access-log field (no key id): the field is the proxy-wasm filter's filter state, shown by the harness and by \
+     Envoy's access log";
 
 /// A host that runs the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -118,6 +129,7 @@ impl Runner {
                      forwards and answers itself, and the WIT has no call that finds a credential echoed in a \
                      response (the gateway world, run by `serve`, does it)",
                 ),
+                (Capability::AccessLog, COMPONENT_HAS_NO_ACCESS_LOG),
             ],
             Runner::Serve => &[
                 (Capability::EnvoyRouting, COMPONENT_ROUTES_ITSELF),
@@ -132,6 +144,7 @@ impl Runner {
                     "keyswap serve runs the component, which refuses oauth2, token_exchange and fetch values (it \
                      cannot fetch in the background)",
                 ),
+                (Capability::AccessLog, COMPONENT_HAS_NO_ACCESS_LOG),
             ],
             Runner::Envoy => &[
                 (Capability::OwnRouting, FILTER_ROUTES_IN_ENVOY),
@@ -141,6 +154,12 @@ impl Runner {
                      tests/tests/all/credentials.rs covers refresh, rotation, outage, expiry and two workers in \
                      Envoy with a real token server, and tests/tests/all/broker.rs the per-client fetch (held \
                      first requests, isolation, one call per client) with a real credential service",
+                ),
+                (
+                    Capability::AccessLog,
+                    "the runner reads each case's answer from the client's side, and Envoy writes its access log \
+                     after the response, to a file shared by every listener; tests/tests/all/keys.rs reads the \
+                     field (key ids, metadata) from Envoy's access log",
                 ),
             ],
         }

@@ -41,7 +41,8 @@ impl Limiter {
     }
 }
 
-/// The audit line for a denial.
+/// The audit line for a denial; `key=` (the id of one of the client's
+/// `keys`, never the key) only when there is one.
 pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
     let mut line = format!(
         "keyswap: denied reason={} status={} route={} client={}",
@@ -50,6 +51,10 @@ pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
         denial.route.unwrap_or("-"),
         denial.client.unwrap_or("-"),
     );
+    if let Some(key) = denial.key {
+        line.push_str(" key=");
+        line.push_str(key);
+    }
     if suppressed > 0 {
         line.push_str(&format!(" (suppressed {suppressed} earlier denial lines)"));
     }
@@ -72,12 +77,24 @@ mod tests {
 
     #[test]
     fn lines_name_reason_route_and_client() {
-        let denial = Denial { reason: DenialReason::RouteForbidden, route: Some("openai"), client: Some("team-a") };
+        let denial = Denial {
+            reason: DenialReason::RouteForbidden,
+            route: Some("openai"),
+            client: Some("team-a"),
+            key: None,
+            metadata: None,
+        };
         assert_eq!(
             denial_line(&denial, 0),
             "keyswap: denied reason=route_forbidden status=403 route=openai client=team-a"
         );
-        let unknown = Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None };
+        let keyed = Denial { key: Some("k-2026-06"), reason: DenialReason::ExpiredKey, ..denial };
+        assert_eq!(
+            denial_line(&keyed, 0),
+            "keyswap: denied reason=expired_key status=401 route=openai client=team-a key=k-2026-06"
+        );
+        let unknown =
+            Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None, key: None, metadata: None };
         assert_eq!(
             denial_line(&unknown, 3),
             "keyswap: denied reason=invalid_key status=401 route=openai client=- (suppressed 3 earlier denial lines)"

@@ -84,7 +84,7 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
     match policy.decide(&view, &now_millis, &records) {
         Decision::Forward(mut forward) => {
             let outcome = if forward.route.is_some() { Counted::Allowed } else { Counted::Passed };
-            record(shared, forward.route, forward.client, outcome);
+            record(shared, &forward.access_log(), outcome);
             let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
             credentials::used(shared, &mut records, &used, request);
             if !forward.is_noop() {

@@ -59,7 +59,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use keyswap_policy::credential::Used;
-use keyswap_policy::{Denial, KeyCheck, Policy, RequestView, Unconfigured};
+use keyswap_policy::{AccessLog, Denial, KeyCheck, Policy, RequestView, Unconfigured};
 use metrics::Outcome;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -139,26 +139,13 @@ pub(crate) fn now_millis() -> i64 {
     proxy_wasm::hostcalls::get_current_time().map_or(0, unix_millis)
 }
 
-/// Counts `outcome` and writes the access-log field, on the effective
-/// context's stream.
-pub(crate) fn record(shared: &Shared, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
-    shared.metrics.count(route, client, outcome);
-    let (outcome, reason) = outcome.labels();
+/// Counts `outcome` and writes the access-log field (`log`, written by
+/// the policy), on the effective context's stream.
+pub(crate) fn record(shared: &Shared, log: &AccessLog<'_>, outcome: Outcome) {
+    shared.metrics.count(log.route, log.client, outcome);
     // One buffer per configuration, reused: no allocation per request.
     let mut field = shared.field.borrow_mut();
-    field.clear();
-    for part in [
-        "outcome=",
-        outcome,
-        " reason=",
-        if reason.is_empty() { "-" } else { reason },
-        " route=",
-        route.unwrap_or("-"),
-        " client=",
-        client.unwrap_or("-"),
-    ] {
-        field.push_str(part);
-    }
+    log.write(&mut field);
     let _ = proxy_wasm::hostcalls::set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
 }
 
@@ -166,7 +153,7 @@ pub(crate) fn record(shared: &Shared, route: Option<&str>, client: Option<&str>,
 /// (rate-limited) logged.
 pub(crate) fn deny(shared: &Shared, denial: &Denial<'_>) -> Action {
     let reason = denial.reason;
-    record(shared, denial.route, denial.client, Outcome::Denied(reason));
+    record(shared, &denial.access_log(), Outcome::Denied(reason));
     if let Some(suppressed) = shared.audit.borrow_mut().admit(now_millis().div_euclid(1000)) {
         log(LogLevel::Info, &audit::denial_line(denial, suppressed));
     }

@@ -12,6 +12,7 @@
 //!  runner ─────── a conformance case (keyswap-conformance) or a CLI request through an instance
 //!  push ───────── `keyswap push` (the ECDS resource and the manifests
 //!                 are keyswap-envoy-config's `ecds` and `manifest`)
+//!  lifecycle ──── `keyswap rotate` and `keyswap revoke`: edit the file, then push
 //!  error ──────── HarnessError
 //! ```
 //!
@@ -25,6 +26,7 @@ pub mod artifact;
 pub mod bench;
 pub mod component;
 pub mod error;
+pub mod lifecycle;
 pub mod model;
 pub mod module;
 pub mod push;

@@ -356,7 +356,7 @@ fn env_of(text: &str) -> Vec<String> {
 
 /// Loads `text` into a fresh VM of the filter, with a placeholder for every
 /// variable it names; returns the load line's summary.
-fn check(module: &FilterModule, text: &str) -> Result<String, String> {
+pub(crate) fn check(module: &FilterModule, text: &str) -> Result<String, String> {
     let env: BTreeMap<String, String> = env_of(text).into_iter().map(|n| (n, PLACEHOLDER.to_string())).collect();
     match module.configure(text.as_bytes(), &env) {
         Ok(instance) => Ok(instance

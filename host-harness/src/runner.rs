@@ -248,7 +248,23 @@ fn run_step(
     }
 }
 
+/// [`observe_request`], then the access-log field the filter set, when
+/// the case says what it must be.
 fn observe(instance: &mut FilterInstance, case: &SuiteCase) -> Result<Observed, String> {
+    let observed = observe_request(instance, case)?;
+    if case.access_log().is_some() {
+        let state = instance.filter_state();
+        let field = state.and_then(|s| s.get(ACCESS_LOG_STATE)).map(|v| String::from_utf8_lossy(v).into_owned());
+        case.check_access_log(field.as_deref())?;
+    }
+    Ok(observed)
+}
+
+/// The filter-state entry Envoy's access log reads
+/// (`%FILTER_STATE(wasm.keyswap:PLAIN)%`).
+const ACCESS_LOG_STATE: &str = "wasm.keyswap";
+
+fn observe_request(instance: &mut FilterInstance, case: &SuiteCase) -> Result<Observed, String> {
     let outcome = instance
         .request_to(case.request.route_name.as_deref(), case.request.cluster(), &case.request.header_list())
         .map_err(|e| e.to_string())?;

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::credential::{Provider, SharedRecords, Slot, Used};
 use crate::decision::{Decision, Denial, DenialReason, Forward, Wait};
-use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
+use crate::model::{Client, Credentials, InjectTarget, Key, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
 use crate::raw::UnmatchedRoute;
 use crate::request::{KeyCheck, RequestView, MAX_KEY_BYTES};
@@ -83,7 +83,8 @@ impl Policy {
             }
         };
         let now = Now::new(now_ms);
-        let deny_unrouted = |reason| Decision::Deny(Denial { reason, route: None, client: None });
+        let deny_unrouted =
+            |reason| Decision::Deny(Denial { reason, route: None, client: None, key: None, metadata: None });
         if let Some(denial) = self.refusal() {
             return Decision::Deny(denial);
         }
@@ -111,8 +112,14 @@ impl Policy {
             };
         };
         let route = &self.routes[r];
-        let deny = |reason, client: Option<&'p Client>| {
-            Decision::Deny(Denial { reason, route: Some(route.name.as_str()), client: client.map(|c| c.id.as_str()) })
+        let deny = |reason, known: Option<(&'p Client, &'p Key)>| {
+            Decision::Deny(Denial {
+                reason,
+                route: Some(route.name.as_str()),
+                client: known.map(|(c, _)| c.id.as_str()),
+                key: known.and_then(|(_, k)| k.id()),
+                metadata: known.and_then(|(c, _)| c.metadata.as_deref()),
+            })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
         // credential included, back to the client; so does either one asked
@@ -126,17 +133,29 @@ impl Policy {
             KeyCheck::TooLong => return deny(DenialReason::InvalidKey, None),
             KeyCheck::Digest(digest) => digest,
         };
-        let Some(client) = self.index.find(&self.clients, digest).map(|c| &self.clients[c]) else {
+        let Some(key) = self.index.find(&self.keys, digest).map(|k| &self.keys[k]) else {
             return deny(DenialReason::InvalidKey, None);
         };
-        if client.disabled {
-            return deny(DenialReason::InvalidKey, Some(client));
+        let Some(client) = self.clients.get(key.client()) else {
+            return deny(DenialReason::InvalidKey, None);
+        };
+        let known = Some((client, key));
+        // A disabled client or key, or a key before its `not_before`, is
+        // answered like an unknown key; a passed `expires` (the client's
+        // or the key's) as expired.
+        let listed = key.listed.as_deref();
+        if client.disabled || listed.is_some_and(|l| l.disabled) {
+            return deny(DenialReason::InvalidKey, known);
         }
-        if client.expires.is_some_and(|at| now.seconds() >= at) {
-            return deny(DenialReason::ExpiredKey, Some(client));
+        if listed.and_then(|l| l.not_before).is_some_and(|at| now.seconds() < at) {
+            return deny(DenialReason::InvalidKey, known);
+        }
+        let passed = |at: Option<i64>| at.is_some_and(|at| now.seconds() >= at);
+        if passed(client.expires) || passed(listed.and_then(|l| l.expires)) {
+            return deny(DenialReason::ExpiredKey, known);
         }
         if !client.allowed.allows(r) {
-            return deny(DenialReason::RouteForbidden, Some(client));
+            return deny(DenialReason::RouteForbidden, known);
         }
         // The client's own list for this route, else the route's: a
         // length check for a client without any list of its own.
@@ -146,15 +165,17 @@ impl Policy {
                 Some(credentials) => Injection { route, credentials, clients_own: false },
                 // Refused at configuration (a route with no `inject` needs a
                 // list from every client allowed on it); fail closed anyway.
-                None => return deny(DenialReason::CredentialUnavailable, Some(client)),
+                None => return deny(DenialReason::CredentialUnavailable, known),
             },
         };
         // Dynamic credentials come all, or none.
-        match self.forward(req, Some(inject), Some(client), subject, &now, records) {
+        match self.forward(req, Some(inject), Some((client, key)), subject, &now, records) {
             Ok(forward) => Decision::Forward(forward),
-            Err(Refusal::Deny(reason)) => deny(reason, Some(client)),
+            Err(Refusal::Deny(reason)) => deny(reason, known),
             Err(Refusal::Wait(slots, timeout_ms)) => {
-                Decision::Wait(Wait { route: route.name.as_str(), client: client.id.as_str(), slots, timeout_ms })
+                let metadata = client.metadata.as_deref();
+                let (route, client, key) = (route.name.as_str(), client.id.as_str(), key.id());
+                Decision::Wait(Wait { route, client, key, metadata, slots, timeout_ms })
             }
         }
     }
@@ -163,7 +184,13 @@ impl Policy {
     /// read: the fail-closed configuration (`"refuse_all": true`) lets
     /// nothing through. `None` for any other configuration.
     pub fn refusal(&self) -> Option<Denial<'static>> {
-        self.refuse_all.then_some(Denial { reason: DenialReason::ConfigurationUnavailable, route: None, client: None })
+        self.refuse_all.then_some(Denial {
+            reason: DenialReason::ConfigurationUnavailable,
+            route: None,
+            client: None,
+            key: None,
+            metadata: None,
+        })
     }
 
     /// The denials [`Self::decide`] can give a request on `route`, in
@@ -225,6 +252,8 @@ impl Policy {
         Forward {
             route: None,
             client: None,
+            key: None,
+            metadata: None,
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
             add_headers: Vec::new(),
@@ -307,11 +336,12 @@ impl Policy {
         &'p self,
         req: &RequestView<'_>,
         inject: Option<Injection<'p>>,
-        client: Option<&'p Client>,
+        caller: Option<(&'p Client, &'p Key)>,
         subject: Option<&[u8]>,
         now: &Now<'_>,
         records: &dyn SharedRecords,
     ) -> Result<Forward<'p>, Refusal> {
+        let client = caller.map(|(c, _)| c);
         let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut remove_headers: Vec<&str> = Vec::new();
         for name in self.protected.iter().map(String::as_str) {
@@ -333,6 +363,16 @@ impl Policy {
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
             add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
         }
+        // The client's metadata fields `metadata_headers` names: a length
+        // check for a client without metadata. Client-sent copies of these
+        // headers are among the protected names, removed above.
+        if let Some(metadata) = client.and_then(|c| c.metadata.as_deref()) {
+            for (field, header) in &self.metadata_headers {
+                if let Some(value) = metadata.get(field) {
+                    add_headers.push((header.as_str(), Cow::Borrowed(value)));
+                }
+            }
+        }
         let injected: &[QueryInject] = credentials.map_or(&[], |c| c.queries.as_slice());
         let (path, mut secrets, used) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
@@ -352,6 +392,8 @@ impl Policy {
         Ok(Forward {
             route: inject.map(|i| i.route.name.as_str()),
             client: client.map(|c| c.id.as_str()),
+            key: caller.and_then(|(_, k)| k.id()),
+            metadata: client.and_then(|c| c.metadata.as_deref()),
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
             add_headers,

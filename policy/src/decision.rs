@@ -141,6 +141,81 @@ impl DenialReason {
     }
 }
 
+/// What the access-log field says of one request
+/// (`%FILTER_STATE(wasm.keyswap:PLAIN)%` in Envoy), written by
+/// [`AccessLog::write`] the same way by every host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessLog<'a> {
+    /// `allowed`, `passed` or `denied`.
+    pub outcome: &'a str,
+    /// The denial's code; `None` for a forwarded request.
+    pub reason: Option<DenialReason>,
+    pub route: Option<&'a str>,
+    pub client: Option<&'a str>,
+    /// The id of one of the client's `keys` (never the key).
+    pub key: Option<&'a str>,
+    /// The client's metadata.
+    pub metadata: Option<&'a crate::model::Metadata>,
+}
+
+impl AccessLog<'_> {
+    /// `outcome=O reason=R route=N client=C`, then ` key=K` when the key
+    /// is one of the client's `keys`, then ` meta.FIELD=VALUE` for each
+    /// field of the client's metadata, by field name (values hold no
+    /// spaces); `-` for what is not known. Written
+    /// into `out` (cleared first), which a host keeps and reuses: no
+    /// allocation per request once it has grown.
+    pub fn write(&self, out: &mut String) {
+        out.clear();
+        let reason = self.reason.map_or("-", DenialReason::code);
+        for part in [
+            "outcome=",
+            self.outcome,
+            " reason=",
+            reason,
+            " route=",
+            self.route.unwrap_or("-"),
+            " client=",
+            self.client.unwrap_or("-"),
+        ] {
+            out.push_str(part);
+        }
+        if let Some(key) = self.key {
+            out.push_str(" key=");
+            out.push_str(key);
+        }
+        for (field, value) in self.metadata.into_iter().flat_map(crate::model::Metadata::fields) {
+            for part in [" meta.", field, "=", value] {
+                out.push_str(part);
+            }
+        }
+    }
+}
+
+impl<'p> Forward<'p> {
+    /// The access-log field's parts for this forward: `allowed` on a
+    /// route, `passed` without one.
+    pub fn access_log(&self) -> AccessLog<'p> {
+        let outcome = if self.route.is_some() { "allowed" } else { "passed" };
+        let (route, client, key, metadata) = (self.route, self.client, self.key, self.metadata);
+        AccessLog { outcome, reason: None, route, client, key, metadata }
+    }
+}
+
+impl<'p> Denial<'p> {
+    /// The access-log field's parts for this denial.
+    pub fn access_log(&self) -> AccessLog<'p> {
+        AccessLog {
+            outcome: "denied",
+            reason: Some(self.reason),
+            route: self.route,
+            client: self.client,
+            key: self.key,
+            metadata: self.metadata,
+        }
+    }
+}
+
 /// Why a host has no policy to decide with: answered 500 `not_configured`,
 /// the one refusal that no loaded configuration gives (so it is not a
 /// [`DenialReason`]), written here once for every host.
@@ -200,6 +275,10 @@ pub enum Decision<'p> {
 pub struct Wait<'p> {
     pub route: &'p str,
     pub client: &'p str,
+    /// The id of the client's key, when it is one of its `keys`.
+    pub key: Option<&'p str>,
+    /// The client's metadata.
+    pub metadata: Option<&'p crate::model::Metadata>,
     /// (provider, key) of each record waited for: a client id, or the
     /// digest of a subject ([`crate::credential::Provider::subject_key`]).
     pub slots: Vec<(usize, String)>,
@@ -225,7 +304,13 @@ impl<'p> Decision<'p> {
 impl<'p> Wait<'p> {
     /// The answer to a request that cannot wait (longer).
     pub fn denial(&self) -> Denial<'p> {
-        Denial { reason: DenialReason::CredentialUnavailable, route: Some(self.route), client: Some(self.client) }
+        Denial {
+            reason: DenialReason::CredentialUnavailable,
+            route: Some(self.route),
+            client: Some(self.client),
+            key: self.key,
+            metadata: self.metadata,
+        }
     }
 }
 
@@ -236,6 +321,11 @@ pub struct Denial<'p> {
     pub route: Option<&'p str>,
     /// The client, when the key was recognised.
     pub client: Option<&'p str>,
+    /// The id of the key presented, when it is one of its client's `keys`
+    /// (never the key).
+    pub key: Option<&'p str>,
+    /// The client's metadata, when the key was recognised.
+    pub metadata: Option<&'p crate::model::Metadata>,
 }
 
 /// The edits that turn the client's request into the upstream's, dynamic
@@ -251,6 +341,11 @@ pub struct Forward<'p> {
     pub route: Option<&'p str>,
     /// The authenticated client; `None` on a passed request.
     pub client: Option<&'p str>,
+    /// The id of the key presented, when it is one of the client's `keys`
+    /// (never the key).
+    pub key: Option<&'p str>,
+    /// The client's metadata; `None` on a passed request.
+    pub metadata: Option<&'p crate::model::Metadata>,
     /// Header names (lower case) present in the request to remove.
     pub remove_headers: Vec<&'p str>,
     /// Client-sent look-alikes of protected names (`x_api_key`), as sent,
@@ -309,6 +404,7 @@ impl std::fmt::Debug for Forward<'_> {
         f.debug_struct("Forward")
             .field("route", &self.route)
             .field("client", &self.client)
+            .field("key", &self.key)
             .field("remove_headers", &self.remove_headers)
             .field("remove_look_alikes", &self.remove_look_alikes)
             .field("add_headers", &added)
@@ -374,6 +470,8 @@ mod tests {
         let forward = Forward {
             route: Some("r"),
             client: Some("c"),
+            key: None,
+            metadata: None,
             remove_headers: vec!["authorization"],
             remove_look_alikes: vec!["x_api_key".to_string()],
             add_headers: vec![("authorization", "Bearer up".into()), ("x-client", "c".into())],

@@ -45,6 +45,6 @@ pub mod respond;
 pub mod time;
 
 pub use compile::{content_version, ConfigError, Environment, Routing};
-pub use decision::{Decision, Denial, DenialReason, Forward, Unconfigured};
-pub use model::{Policy, Summary};
+pub use decision::{AccessLog, Decision, Denial, DenialReason, Forward, Unconfigured};
+pub use model::{key_id, Metadata, Policy, Summary};
 pub use request::{KeyCheck, RequestView, MAX_KEY_BYTES};

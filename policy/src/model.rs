@@ -15,6 +15,8 @@ use crate::raw::UnmatchedRoute;
 #[derive(Debug)]
 pub struct Policy {
     pub(crate) clients: Vec<Client>,
+    /// Every key of every client; [`ClientIndex`] finds one by digest.
+    pub(crate) keys: Vec<Key>,
     pub(crate) index: ClientIndex,
     pub(crate) key_sources: Vec<KeySource>,
     pub(crate) routes: Vec<Route>,
@@ -52,19 +54,46 @@ pub struct Policy {
     /// Where on-behalf-of exchanges read the subject token (one header for
     /// the configuration); the header is among `protected`.
     pub(crate) subject_source: Option<crate::credential::SubjectSource>,
+    /// `metadata_headers`: (metadata field, request header), the headers
+    /// among `protected`.
+    pub(crate) metadata_headers: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Client {
     pub id: String,
-    pub digest: [u8; 32],
     pub allowed: Allowed,
-    /// Unix seconds; the key is refused from this instant on.
+    /// Unix seconds; every key of the client is refused from this instant on.
     pub expires: Option<i64>,
     pub disabled: bool,
     /// The client's own credentials (`inject` on the client), by route
     /// index, sorted; empty (no allocation) for almost every client.
     pub own: Box<[(usize, Credentials)]>,
+    /// `metadata`, sorted by field name; `None` (8 bytes, no allocation)
+    /// for a client without any.
+    pub metadata: Option<Box<Metadata>>,
+}
+
+/// A client's metadata (`clients[].metadata`): non-secret
+/// (field, value) pairs, sorted by field name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Metadata(pub(crate) Box<[(Box<str>, Box<str>)]>);
+
+impl Metadata {
+    /// The (field, value) pairs, sorted by field name.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (&**n, &**v))
+    }
+
+    /// True for a client without metadata.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value of `field`, if the client has it.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.0.binary_search_by(|(n, _)| (**n).cmp(field)).ok().map(|i| &*self.0[i].1)
+    }
 }
 
 impl Client {
@@ -76,6 +105,55 @@ impl Client {
         }
         self.own.binary_search_by_key(&r, |(route, _)| *route).ok().map(|i| &self.own[i].1)
     }
+}
+
+/// One key: the client's only one (`key_sha256` or `key` on the client,
+/// no id, no window of its own), or one of its `keys`. 48 bytes: what a
+/// key of `keys` adds lives behind one pointer, absent for the single-key
+/// form.
+#[derive(Debug)]
+pub(crate) struct Key {
+    pub digest: [u8; 32],
+    /// Index into [`Policy::clients`].
+    pub client: u32,
+    /// `None` for a client's single key.
+    pub listed: Option<Box<Listed>>,
+}
+
+/// What a key of a client's `keys` has of its own.
+#[derive(Debug)]
+pub(crate) struct Listed {
+    /// The non-secret id (given, or [`crate::key_id`]).
+    pub id: Box<str>,
+    /// Unix seconds; the key is refused before this instant.
+    pub not_before: Option<i64>,
+    /// Unix seconds; the key is refused from this instant on.
+    pub expires: Option<i64>,
+    pub disabled: bool,
+}
+
+/// The non-secret id of a key listed in `keys` without an `id`: `k-` and
+/// the first 12 hex digits of SHA-256(`keyswap key id\0` ‖ the key's
+/// digest). A digest of the digest, under a label of its own, so the id
+/// is not a prefix of the digest (nothing in the configuration can be
+/// looked up by it) and says nothing of the key beyond what the digest
+/// already would: telling a key from its id means guessing the key
+/// itself, hopeless for a random key of 256 bits (what `keyswap new-key`
+/// and `keyswap rotate` make). A weak, human-chosen key should be given
+/// an `id` instead. 48 bits keep ids short and apart within a client (a
+/// repeat is refused at load anyway).
+pub fn key_id(digest: &[u8; 32]) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"keyswap key id\0");
+    hash.update(digest);
+    let out = hash.finalize();
+    let mut id = String::with_capacity(14);
+    id.push_str("k-");
+    for b in out.iter().take(6) {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
 }
 
 #[derive(Debug)]
@@ -301,7 +379,15 @@ impl Policy {
     /// Clients whose key would be accepted at `now` (not disabled, not
     /// expired).
     pub fn active_clients(&self, now: i64) -> usize {
-        self.clients.iter().filter(|c| !c.disabled && c.expires.is_none_or(|at| now < at)).count()
+        let mut active = vec![false; self.clients.len()];
+        for key in self.keys.iter().filter(|k| k.accepts_at(now)) {
+            if let Some(slot) = active.get_mut(key.client()) {
+                *slot = true;
+            }
+        }
+        let live =
+            |(c, client): (usize, &Client)| active[c] && !client.disabled && client.expires.is_none_or(|at| now < at);
+        self.clients.iter().enumerate().filter(|&c| live(c)).count()
     }
 
     /// True when requests that match no route are forwarded
@@ -406,13 +492,32 @@ impl Policy {
     }
 }
 
-/// Finds a client by key digest in O(1): a hash map on the digest's first
+impl Key {
+    /// The key's id, when it is one of its client's `keys`.
+    pub fn id(&self) -> Option<&str> {
+        self.listed.as_deref().map(|l| &*l.id)
+    }
+
+    /// The client's index in [`Policy::clients`].
+    pub fn client(&self) -> usize {
+        self.client as usize
+    }
+
+    /// True when the key itself (not its client) is accepted at `now`.
+    pub fn accepts_at(&self, now: i64) -> bool {
+        self.listed.as_deref().is_none_or(|l| {
+            !l.disabled && l.not_before.is_none_or(|at| now >= at) && l.expires.is_none_or(|at| now < at)
+        })
+    }
+}
+
+/// Finds a key by digest in O(1): a hash map on the digest's first
 /// 64 bits (already uniformly spread, so it is used as the hash), then a
 /// constant-time comparison of the whole digest.
 #[derive(Debug, Default)]
 pub(crate) struct ClientIndex {
     first: HashMap<u64, usize, BuildHasherDefault<PrefixHasher>>,
-    /// Clients whose digest shares its first 64 bits with an earlier one.
+    /// Keys whose digest shares its first 64 bits with an earlier one.
     colliding: Vec<usize>,
 }
 
@@ -421,9 +526,9 @@ impl ClientIndex {
         Self { first: HashMap::with_capacity_and_hasher(n, Default::default()), colliding: Vec::new() }
     }
 
-    /// Adds client `index`; on a duplicate digest returns the earlier client.
-    pub fn insert(&mut self, clients: &[Client], digest: &[u8; 32], index: usize) -> Option<usize> {
-        if let Some(earlier) = self.find(clients, digest) {
+    /// Adds key `index`; on a duplicate digest returns the earlier key.
+    pub fn insert(&mut self, keys: &[Key], digest: &[u8; 32], index: usize) -> Option<usize> {
+        if let Some(earlier) = self.find(keys, digest) {
             return Some(earlier);
         }
         match self.first.entry(prefix(digest)) {
@@ -435,8 +540,8 @@ impl ClientIndex {
         None
     }
 
-    pub fn find(&self, clients: &[Client], digest: &[u8; 32]) -> Option<usize> {
-        let same = |c: &usize| clients.get(*c).is_some_and(|c| bool::from(c.digest.ct_eq(digest)));
+    pub fn find(&self, keys: &[Key], digest: &[u8; 32]) -> Option<usize> {
+        let same = |k: &usize| keys.get(*k).is_some_and(|k| bool::from(k.digest.ct_eq(digest)));
         match self.first.get(&prefix(digest)) {
             Some(c) if same(c) => Some(*c),
             _ => self.colliding.iter().copied().find(same),
@@ -465,5 +570,30 @@ impl Hasher for PrefixHasher {
     }
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod key_id_tests {
+    use super::key_id;
+
+    #[test]
+    fn a_derived_key_id_is_stable_short_and_not_the_digest() {
+        use sha2::{Digest as _, Sha256};
+        let digest: [u8; 32] = Sha256::digest(b"rotating-new-key").into();
+        // The value the conformance cases (configs/keys.json) expect.
+        assert_eq!(key_id(&digest), "k-0f3d0b098e94");
+        assert_eq!(key_id(&digest), key_id(&digest));
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!hex.contains(&key_id(&digest)[2..]), "the id is no part of the digest");
+        assert_ne!(key_id(&[0; 32]), key_id(&[1; 32]));
+    }
+
+    /// 100,000 single-key clients pay for the digest, the client number
+    /// and one absent pointer; a client without metadata for one more.
+    #[test]
+    fn a_key_and_absent_metadata_stay_small() {
+        assert!(std::mem::size_of::<super::Key>() <= 48, "{}", std::mem::size_of::<super::Key>());
+        assert_eq!(std::mem::size_of::<Option<Box<super::Metadata>>>(), std::mem::size_of::<usize>());
     }
 }

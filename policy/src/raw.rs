@@ -30,6 +30,10 @@ pub struct RawConfig {
     /// fail-closed configuration Envoy serves when it has no usable one.
     #[serde(default)]
     pub refuse_all: bool,
+    /// Client metadata fields sent upstream, by field name: the request
+    /// header each goes in (`{"team": "x-keyswap-team"}`).
+    #[serde(default)]
+    pub metadata_headers: RawNamedStrings,
 }
 
 /// What the filter counts beyond the per-route totals.
@@ -41,13 +45,17 @@ pub struct RawMetrics {
     pub per_client: bool,
 }
 
-/// One client holding one gateway key.
+/// One client holding one gateway key (`key_sha256` or `key`), or
+/// several (`keys`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClient {
     pub id: String,
     pub key_sha256: Option<String>,
     pub key: Option<String>,
+    /// Several keys, each with its own id and validity (boxed: one
+    /// pointer in each of 100,000 single-key clients).
+    pub keys: Option<Box<Vec<RawKey>>>,
     #[serde(default)]
     pub routes: Vec<String>,
     pub expires: Option<String>,
@@ -57,6 +65,26 @@ pub struct RawClient {
     /// of those routes' `inject`.
     #[serde(default)]
     pub inject: RawClientInject,
+    /// Non-secret metadata (`{"team": "search", "tier": "gold"}`), boxed
+    /// like `keys`.
+    pub metadata: Option<Box<RawNamedStrings>>,
+}
+
+/// One of a client's `keys`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// The key's non-secret id; derived from its digest when absent.
+    pub id: Option<String>,
+    pub key_sha256: Option<String>,
+    pub key: Option<String>,
+    pub not_before: Option<String>,
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Written by `keyswap rotate` on the key it adds: when the rotation
+    /// began (RFC 3339). Not read by the policy beyond its form.
+    pub rotated_at: Option<String>,
 }
 
 /// A client's own inject lists by route name (`{"openai": [...]}`), in
@@ -87,6 +115,48 @@ impl<'de> Deserialize<'de> for RawClientInject {
         }
         deserializer.deserialize_map(Lists)
     }
+}
+
+/// String values by metadata field name (`clients[].metadata`,
+/// `metadata_headers`), in document order. Every key must be a metadata
+/// field name before its value is read, and none may repeat.
+#[derive(Debug, Default)]
+pub struct RawNamedStrings(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for RawNamedStrings {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = RawNamedStrings;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of strings by metadata field name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields: Vec<(String, String)> = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if !is_metadata_name(&name) {
+                        return Err(A::Error::custom(
+                            "has a key that is not a metadata field name (1-64 lower-case letters, digits, `-` or `_`)",
+                        ));
+                    }
+                    if fields.iter().any(|(n, _)| *n == name) {
+                        return Err(A::Error::custom(format!("has the field `{name}` twice")));
+                    }
+                    let value = map.next_value::<String>()?;
+                    fields.push((name, value));
+                }
+                Ok(RawNamedStrings(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+/// What a metadata field name may be: 1-64 lower-case letters, digits,
+/// `-` or `_` (a header-safe token, and a word in a log line).
+pub fn is_metadata_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// What a route name may be: 1-64 letters, digits, `-`, `_` or `.`.
@@ -173,10 +243,27 @@ impl std::fmt::Debug for RawClient {
             .field("id", &self.id)
             .field("key_sha256", &self.key_sha256)
             .field("key", &self.key.as_ref().map(|_| ".."))
+            .field("keys", &self.keys)
             .field("routes", &self.routes)
             .field("expires", &self.expires)
             .field("disabled", &self.disabled)
             .field("inject", &self.inject)
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+/// A plaintext `key` shows as `Some(..)`: never the key.
+impl std::fmt::Debug for RawKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawKey")
+            .field("id", &self.id)
+            .field("key_sha256", &self.key_sha256)
+            .field("key", &self.key.as_ref().map(|_| ".."))
+            .field("not_before", &self.not_before)
+            .field("expires", &self.expires)
+            .field("disabled", &self.disabled)
+            .field("rotated_at", &self.rotated_at)
             .finish()
     }
 }
@@ -323,12 +410,13 @@ mod tests {
     #[test]
     fn debug_never_shows_a_key_or_an_inline_secret() {
         let json = r#"{"clients": [{"id": "c", "key": "plain-client-key-1", "routes": ["r"],
+            "keys": [{"key": "plain-client-key-4"}],
             "inject": {"r": [{"header": "x-k", "value": {"inline": "inline-secret-2"}}]}}],
             "routes": [{"name": "r", "match": {}, "inject": [{"header": "x-k", "value": {"inline": "inline-secret-3"}}]}]}"#;
         let raw: RawConfig = serde_json::from_str(json).expect("a configuration");
         let shown = format!("{raw:?}");
         assert!(shown.contains("\"c\""), "{shown}");
-        for secret in ["plain-client-key-1", "inline-secret-2", "inline-secret-3"] {
+        for secret in ["plain-client-key-1", "inline-secret-2", "inline-secret-3", "plain-client-key-4"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
     }

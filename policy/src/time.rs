@@ -56,6 +56,24 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
 }
 
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, what [`parse_rfc3339`] reads
+/// back (for the times `keyswap rotate` writes).
+pub fn format_rfc3339(seconds: i64) -> String {
+    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (hour, minute, second) = (second_of_day / 3600, second_of_day % 3600 / 60, second_of_day % 60);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
 fn is_leap(year: i64) -> bool {
     (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
 }
@@ -92,6 +110,16 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-12-31T23:00:00-01:00"), Some(1_798_761_600));
         assert_eq!(parse_rfc3339("2027-01-01T00:00:00.999Z"), Some(1_798_761_600));
         assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Some(1_709_164_800));
+    }
+
+    #[test]
+    fn formats_what_it_parses() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(1_798_761_600), "2027-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(1_709_164_800 + 86_399), "2024-02-29T23:59:59Z");
+        for t in [0, 951_782_400, 1_709_164_800, 1_798_761_601, 4_102_444_800, 32_503_680_000 - 1] {
+            assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t), "{t}");
+        }
     }
 
     #[test]

@@ -224,9 +224,23 @@ impl EcdsGateway {
     /// # Errors
     /// The CLI or the filter is missing.
     pub fn push_command(&self, config_file: &Path, extra: &[&str]) -> Result<std::process::Command, String> {
+        self.cli_command("push", config_file, extra)
+    }
+
+    /// `keyswap SUBCOMMAND CONFIG_FILE EXTRA…` delivering to this Envoy as
+    /// [`EcdsGateway::push_cli`] does (`push`, `rotate`, `revoke`).
+    ///
+    /// # Errors
+    /// The CLI or the filter is missing.
+    pub fn cli_command(
+        &self,
+        subcommand: &str,
+        config_file: &Path,
+        extra: &[&str],
+    ) -> Result<std::process::Command, String> {
         let mut command = std::process::Command::new(keyswap_cli()?);
         command
-            .arg("push")
+            .arg(subcommand)
             .arg(config_file)
             .arg("--ecds")
             .arg(&self.ecds)

@@ -106,6 +106,39 @@ enum Command {
     /// by its content; with --envoy-admin, confirmed by Envoy (or its
     /// rejection reported, exit 1).
     Push(PushArgs),
+    /// Rotate a client's key: add a fresh key (printed once; only its
+    /// SHA-256 is stored), and make the client's other keys expire after
+    /// the grace period; the file is rewritten atomically (pretty JSON).
+    /// Rerun inside the grace period with the same arguments, it reports
+    /// the rotation in progress and makes no key. With --ecds, pushes as
+    /// `keyswap push` does.
+    Rotate {
+        /// The plugin configuration (JSON), edited in place.
+        config: PathBuf,
+        /// The client's id.
+        #[arg(long)]
+        client: String,
+        /// How long the client's current keys keep working: 90s, 15m, 24h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        grace: String,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    },
+    /// Revoke a client (every key), or one of its keys by id: `disabled:
+    /// true` written atomically; with --ecds, pushed as `keyswap push`
+    /// does.
+    Revoke {
+        /// The plugin configuration (JSON), edited in place.
+        config: PathBuf,
+        /// The client's id.
+        #[arg(long)]
+        client: String,
+        /// Only this key of the client (its id, as logs show it).
+        #[arg(long, value_name = "KEY_ID")]
+        key: Option<String>,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    },
     /// Measure the filter module: per-request cost and host calls (allowed
     /// request and each denial), configuration time and VM memory, for
     /// 10, 1,000 and 100,000 clients; and the .wasm size. A benchmark, not
@@ -210,6 +243,34 @@ impl From<PushArgs> for keyswap_harness::push::PushOptions {
     }
 }
 
+/// Where `rotate` and `revoke` push the edited configuration (as `push`).
+#[derive(Args)]
+struct DeliveryArgs {
+    /// The ECDS file Envoy watches: push the edited configuration there.
+    #[arg(long, value_name = "PATH")]
+    ecds: Option<PathBuf>,
+    /// Envoy's admin: wait until Envoy runs the pushed version.
+    #[arg(long, value_name = "URL", requires = "ecds")]
+    envoy_admin: Option<String>,
+    /// Envoy's log file, for the reason of a rejection.
+    #[arg(long, value_name = "PATH", requires = "ecds")]
+    envoy_log: Option<PathBuf>,
+    /// The longest to wait, in seconds, for the file's lock (another rotate
+    /// or revoke) and then for the push.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+    /// The filter module that checks the edited configuration.
+    #[arg(long, value_name = "PATH")]
+    filter: Option<PathBuf>,
+}
+
+impl From<DeliveryArgs> for keyswap_harness::lifecycle::Delivery {
+    fn from(args: DeliveryArgs) -> Self {
+        let DeliveryArgs { ecds, envoy_admin, envoy_log, timeout, filter } = args;
+        Self { ecds, envoy_admin, envoy_log, timeout, filter }
+    }
+}
+
 /// `keyswap serve`'s arguments.
 #[derive(Args)]
 struct ServeArgs {
@@ -300,6 +361,12 @@ fn main() -> ExitCode {
         Command::Run { config, request, vm } => run(&config, &request, &vm),
         Command::Conformance { dir, filter } => conformance(dir, &filter),
         Command::Push(args) => keyswap_harness::push::main(&args.into()),
+        Command::Rotate { config, client, grace, delivery } => {
+            keyswap_harness::lifecycle::rotate_main(&config, &client, &grace, &delivery.into())
+        }
+        Command::Revoke { config, client, key, delivery } => {
+            keyswap_harness::lifecycle::revoke_main(&config, &client, key.as_deref(), &delivery.into())
+        }
         Command::Bench(args) => bench(&args),
         Command::Serve(args) => {
             keyswap_harness::serve::main(args.component.as_deref(), &args.config, args.listen, &args.env)

@@ -990,3 +990,175 @@ fn help_examples_run() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A configuration for `rotate` and `revoke`: `team` holds one plaintext
+/// key, `other` one digest; the credential is inline, so `run` needs no
+/// environment.
+const LIFECYCLE_CONFIG: &str = r#"{"clients": [
+  {"id": "team", "key": "rotate-old-key-1", "routes": ["api"]},
+  {"id": "other", "key_sha256": "OTHER_DIGEST", "routes": ["api"]}
+],
+"routes": [{"name": "api", "match": {"route_name": "api", "clusters": ["api"]},
+            "inject": [{"header": "x-up", "value": {"inline": "up-credential-value"}}]}],
+"client_id_header": "x-keyswap-client"}"#;
+
+/// What `keyswap run` decides for `key` on route `api` with `config`:
+/// the decision line, and the access-log line.
+fn decision_for(config: &str, key: &str) -> (String, String) {
+    let request = format!(r#"{{"route_name": "api", "headers": [["authorization", "Bearer {key}"]]}}"#);
+    let out = keyswap(&["run", config, &request], None);
+    let stdout = text(&out.stdout);
+    let line = |start: &str| stdout.lines().find(|l| l.starts_with(start)).unwrap_or_default().to_string();
+    (line("decision: "), line("access log: "))
+}
+
+/// The one line of `keyswap rotate`'s output that is a key (`ks_…`).
+fn minted(stdout: &str) -> Vec<String> {
+    stdout.lines().filter(|l| l.starts_with("ks_")).map(str::to_string).collect()
+}
+
+#[test]
+fn rotate_and_revoke_edit_the_file_once_and_print_only_the_new_key() {
+    let config = LIFECYCLE_CONFIG.replace("OTHER_DIGEST", &sha256_hex("rotate-other-key"));
+    let path = temp_file("lifecycle", "config.json", &config);
+    let file = path.display().to_string();
+    let read = || std::fs::read_to_string(&path).expect("the configuration");
+    let old_id = {
+        use sha2::Digest as _;
+        keyswap_policy::key_id(&sha2::Sha256::digest(b"rotate-old-key-1").into())
+    };
+    let mut printed = String::new();
+
+    // The first rotation mints one key, stores only its digest, and gives
+    // the old key an expiry; both keys work, and `run` names each by id.
+    let out = keyswap(&["rotate", &file, "--client", "team", "--grace", "1h"], None);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    printed += &(text(&out.stdout) + &text(&out.stderr));
+    let keys = minted(&text(&out.stdout));
+    assert_eq!(keys.len(), 1, "one new key printed: {printed}");
+    let new_key = keys[0].clone();
+    let new_id = {
+        use sha2::Digest as _;
+        keyswap_policy::key_id(&sha2::Sha256::digest(new_key.as_bytes()).into())
+    };
+    assert!(printed.contains(&format!("new key {new_id}")), "{printed}");
+    let stored = read();
+    assert!(stored.contains(&sha256_hex(&new_key)), "the new key's digest is stored");
+    for absent in [new_key.as_str(), "rotate-old-key-1"] {
+        assert!(!stored.contains(absent), "the file holds no key in plain text");
+    }
+    let allowed = |id: &str| {
+        format!(
+            "access log: %FILTER_STATE(wasm.keyswap:PLAIN)% = outcome=allowed reason=- route=api client=team key={id}"
+        )
+    };
+    assert_eq!(decision_for(&file, &new_key), ("decision: forward".into(), allowed(&new_id)));
+    assert_eq!(decision_for(&file, "rotate-old-key-1"), ("decision: forward".into(), allowed(&old_id)));
+
+    // Rerun with the same arguments inside the grace: reported, no key,
+    // the file byte for byte as it was.
+    let out = keyswap(&["rotate", &file, "--client", "team", "--grace", "1h"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rerun = text(&out.stdout);
+    printed += &(rerun.clone() + &text(&out.stderr));
+    assert!(minted(&rerun).is_empty(), "{rerun}");
+    assert!(rerun.contains("already in progress") && rerun.contains(&new_id), "{rerun}");
+    assert_eq!(read(), stored);
+    // Another grace while it runs: refused, unchanged.
+    let out = keyswap(&["rotate", &file, "--client", "team", "--grace", "2h"], None);
+    assert_eq!(out.status.code(), Some(1));
+    printed += &(text(&out.stdout) + &text(&out.stderr));
+    assert!(minted(&text(&out.stdout)).is_empty());
+    assert_eq!(read(), stored);
+
+    // Revoking the old key leaves the new one working.
+    let out = keyswap(&["revoke", &file, "--client", "team", "--key", &old_id], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    printed += &(text(&out.stdout) + &text(&out.stderr));
+    assert_eq!(decision_for(&file, "rotate-old-key-1").0, "decision: deny 401");
+    assert_eq!(decision_for(&file, &new_key).0, "decision: forward");
+    let revoked = read();
+    let out = keyswap(&["revoke", &file, "--client", "team", "--key", &old_id], None);
+    assert!(out.status.success() && text(&out.stdout).contains("revoked already"), "{}", text(&out.stdout));
+    printed += &text(&out.stdout);
+    assert_eq!(read(), revoked, "a second revoke writes nothing");
+
+    // Unknown clients and keys, and a single-key client's key: refused,
+    // nothing written; then the whole client.
+    for args in [
+        vec!["revoke", &file, "--client", "nobody"],
+        vec!["revoke", &file, "--client", "team", "--key", "k-000000000000"],
+        vec!["revoke", &file, "--client", "other", "--key", "k-000000000000"],
+        vec!["rotate", &file, "--client", "nobody", "--grace", "1h"],
+        vec!["rotate", &file, "--client", "team", "--grace", "soon"],
+    ] {
+        let out = keyswap(&args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        printed += &(text(&out.stdout) + &text(&out.stderr));
+        assert_eq!(read(), revoked, "{args:?}");
+    }
+    let out = keyswap(&["revoke", &file, "--client", "team"], None);
+    assert!(out.status.success());
+    printed += &text(&out.stdout);
+    assert_eq!(decision_for(&file, &new_key).0, "decision: deny 401");
+    assert_eq!(decision_for(&file, "rotate-other-key").0, "decision: forward", "other clients are untouched");
+
+    // Nothing printed holds a key or a digest, but the new key once.
+    assert_eq!(printed.matches(new_key.as_str()).count(), 1, "{printed}");
+    for secret in [
+        sha256_hex(&new_key),
+        sha256_hex("rotate-old-key-1"),
+        "rotate-old-key-1".to_string(),
+        sha256_hex("rotate-other-key"),
+        "up-credential-value".to_string(),
+    ] {
+        assert!(!printed.contains(&secret), "{secret} printed:\n{printed}");
+    }
+    assert_whole_lines("rotate and revoke", printed.as_bytes());
+}
+
+#[test]
+fn rotate_refuses_a_broken_file_and_two_at_once_mint_one_key() {
+    let config = LIFECYCLE_CONFIG.replace("OTHER_DIGEST", &sha256_hex("rotate-other-key"));
+    // A file that does not parse is refused and left as it is.
+    let broken = temp_file("lifecycle-broken", "config.json", &config[..config.len() - 2]);
+    let before = std::fs::read(&broken).unwrap();
+    let out = keyswap(&["rotate", &broken.display().to_string(), "--client", "team", "--grace", "1h"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("nothing written"), "{}", text(&out.stderr));
+    assert!(minted(&text(&out.stdout)).is_empty());
+    assert_eq!(std::fs::read(&broken).unwrap(), before);
+    // A configuration the filter refuses after the edit: nothing written.
+    let refused = temp_file(
+        "lifecycle-refused",
+        "config.json",
+        &config.replace(r#""routes": ["api"]}"#, r#""routes": ["nowhere"]}"#),
+    );
+    let before = std::fs::read(&refused).unwrap();
+    let out = keyswap(&["revoke", &refused.display().to_string(), "--client", "team"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("routes[0]: names no route"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&refused).unwrap(), before);
+
+    // Two rotates at once take turns on the file's lock: one mints a key,
+    // the other reports the rotation in progress.
+    let path = temp_file("lifecycle-race", "config.json", &config);
+    let file = path.display().to_string();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_keyswap"))
+            .args(["rotate", &file, "--client", "team", "--grace", "1h"])
+            .env("KEYSWAP_FILTER", Artifact::Filter.default_path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("keyswap starts")
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    assert!(outs.iter().all(|o| o.status.success()), "{outs:?}");
+    let keys: Vec<String> = outs.iter().flat_map(|o| minted(&text(&o.stdout))).collect();
+    assert_eq!(keys.len(), 1, "{outs:?}");
+    assert_eq!(outs.iter().filter(|o| text(&o.stdout).contains("already in progress")).count(), 1);
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(stored["clients"][0]["keys"].as_array().map(Vec::len), Some(2), "{stored}");
+}

@@ -14,6 +14,7 @@
 //!   static credentials.
 
 pub mod env;
+pub mod metadata;
 mod providers;
 
 use std::collections::{HashMap, HashSet};
@@ -24,8 +25,8 @@ use sha2::{Digest as _, Sha256};
 pub use env::{ConfigError, Environment};
 
 use crate::model::{
-    Allowed, Client, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, KeySource, Policy,
-    QueryInject, Route, RouteMatch,
+    Allowed, Client, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, Key, KeySource,
+    Listed, Policy, QueryInject, Route, RouteMatch,
 };
 use crate::query::encode_component;
 use crate::raw::{
@@ -190,7 +191,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         }
     }
 
-    let (clients, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
+    let (clients, keys, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
     let providers = builder.finish();
     finish_routes(&mut routes, &clients);
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
@@ -219,8 +220,36 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     let subject_source =
         subject_source(&providers, &key_sources, client_id_header.as_deref(), caller_token_header.as_deref())?;
     let subject_header = subject_source.as_ref().map(|s| s.header.clone());
-    for name in
-        key_headers.chain(&strip_request).chain(&client_id_header).chain(&caller_token_header).chain(&subject_header)
+    let metadata_headers = {
+        // Every header name something else already reads, removes or sets.
+        let mut taken: Vec<(&str, &str)> = Vec::new();
+        for source in &key_sources {
+            if let KeySource::Header { name, .. } = source {
+                taken.push((name, "a key source"));
+            }
+        }
+        taken.extend(strip_request.iter().map(|n| (n.as_str(), "in strip_request_headers")));
+        taken.extend(client_id_header.iter().map(|n| (n.as_str(), "the client_id_header")));
+        taken.extend(caller_token_header.iter().map(|n| (n.as_str(), "the caller_token_header")));
+        taken.extend(
+            subject_header
+                .iter()
+                .map(|n| (n.as_str(), "the header an on-behalf-of exchange reads its subject token from")),
+        );
+        taken.extend(
+            every_list()
+                .flat_map(Credentials::header_names)
+                .map(|n| (n.as_str(), "a header a credential is injected into")),
+        );
+        metadata::metadata_headers(&raw.metadata_headers, &taken)?
+    };
+    let metadata_header_names = metadata_headers.iter().map(|(_, header)| header);
+    for name in key_headers
+        .chain(&strip_request)
+        .chain(&client_id_header)
+        .chain(&caller_token_header)
+        .chain(&subject_header)
+        .chain(metadata_header_names)
     {
         if !protected.contains(name) {
             protected.push(name.clone());
@@ -250,6 +279,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
 
     Ok(Policy {
         clients,
+        keys,
         index,
         key_sources,
         routes,
@@ -267,6 +297,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         refuse_all: raw.refuse_all,
         caller_token_header,
         subject_source,
+        metadata_headers,
     })
 }
 
@@ -683,9 +714,11 @@ fn compile_clients(
     route_index: &HashMap<&str, usize>,
     env: &dyn Environment,
     builder: &mut ProviderBuilder,
-) -> Result<(Vec<Client>, ClientIndex), ConfigError> {
+) -> Result<(Vec<Client>, Vec<Key>, ClientIndex), ConfigError> {
     let mut clients = Vec::with_capacity(raw.len());
-    let mut index = ClientIndex::with_capacity(raw.len());
+    let key_count = raw.iter().map(|c| c.keys.as_ref().map_or(1, |k| k.len())).sum();
+    let mut keys = Vec::with_capacity(key_count);
+    let mut index = ClientIndex::with_capacity(key_count);
     let mut ids: HashSet<&str> = HashSet::with_capacity(raw.len());
     let bare: Vec<usize> = (0..routes.len()).filter(|&r| routes[r].credentials.is_none()).collect();
     for (c, client) in raw.iter().enumerate() {
@@ -704,27 +737,6 @@ fn compile_clients(
                 format!("`{}` is already the id of an earlier client", client.id),
             ));
         }
-        let digest = match (&client.key_sha256, &client.key) {
-            (Some(hex), None) => decode_digest(hex)
-                .ok_or_else(|| ConfigError::new(format!("{path}.key_sha256"), "must be 64 hexadecimal digits"))?,
-            (None, Some(key)) => {
-                let trimmed = key.trim_matches([' ', '\t']);
-                if trimmed.is_empty() || trimmed.len() != key.len() {
-                    return Err(ConfigError::new(
-                        format!("{path}.key"),
-                        "must be non-empty with no surrounding spaces",
-                    ));
-                }
-                if key.len() > MAX_KEY_BYTES {
-                    return Err(ConfigError::new(
-                        format!("{path}.key"),
-                        format!("must be at most {MAX_KEY_BYTES} bytes"),
-                    ));
-                }
-                Sha256::digest(key.as_bytes()).into()
-            }
-            _ => return Err(ConfigError::new(path.to_string(), "needs exactly one of `key_sha256` or `key`")),
-        };
         let allowed = compile_client_routes(&client.routes, path, route_index)?;
         let expires = match &client.expires {
             Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
@@ -743,13 +755,141 @@ fn compile_clients(
                 ),
             ));
         }
-        if let Some(earlier) = index.insert(&clients, &digest, c) {
-            let what = if client.key.is_some() { "key" } else { "key_sha256" };
-            return Err(ConfigError::new(format!("{path}.{what}"), format!("is the same key as clients[{earlier}]")));
-        }
-        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled: client.disabled, own });
+        compile_keys(client, path, c, &mut keys, &mut index)?;
+        let metadata = match &client.metadata {
+            Some(raw) => metadata::client_metadata(raw, path)?,
+            None => None,
+        };
+        clients.push(Client { id: client.id.clone(), allowed, expires, disabled: client.disabled, own, metadata });
     }
-    Ok((clients, index))
+    Ok((clients, keys, index))
+}
+
+/// A client's keys: its one `key_sha256`/`key`, or its `keys` list, each
+/// indexed by digest (a digest anywhere else already is refused).
+fn compile_keys(
+    client: &RawClient,
+    path: ClientPath,
+    c: usize,
+    keys: &mut Vec<Key>,
+    index: &mut ClientIndex,
+) -> Result<(), ConfigError> {
+    let first = keys.len();
+    let owner = u32::try_from(c).map_err(|_| ConfigError::new(path.to_string(), "is one client too many"))?;
+    let add = |index: &mut ClientIndex, keys: &mut Vec<Key>, key: Key, at: &dyn Fn() -> String| {
+        if let Some(earlier) = index.insert(keys, &key.digest, keys.len()) {
+            let earlier = KeyAt(keys, earlier);
+            return Err(ConfigError::new(at(), format!("is the same key as {earlier}")));
+        }
+        keys.push(key);
+        Ok(())
+    };
+    let Some(list) = &client.keys else {
+        let digest = key_digest(client.key_sha256.as_deref(), client.key.as_deref(), &path)?
+            .ok_or_else(|| ConfigError::new(path.to_string(), "needs exactly one of `key_sha256`, `key` or `keys`"))?;
+        let key = Key { digest, client: owner, listed: None };
+        let what = if client.key.is_some() { "key" } else { "key_sha256" };
+        return add(index, keys, key, &|| format!("{path}.{what}"));
+    };
+    if client.key_sha256.is_some() || client.key.is_some() {
+        return Err(ConfigError::new(path.to_string(), "needs exactly one of `key_sha256`, `key` or `keys`"));
+    }
+    if list.is_empty() {
+        return Err(ConfigError::new(format!("{path}.keys"), "must hold at least one key"));
+    }
+    for (k, raw) in list.iter().enumerate() {
+        let at = format!("{path}.keys[{k}]");
+        let digest = key_digest(raw.key_sha256.as_deref(), raw.key.as_deref(), &at)?
+            .ok_or_else(|| ConfigError::new(at.clone(), "needs exactly one of `key_sha256` or `key`"))?;
+        let what = if raw.key.is_some() { "key" } else { "key_sha256" };
+        if let Some(earlier) = index.find(keys, &digest) {
+            let earlier = KeyAt(keys, earlier);
+            return Err(ConfigError::new(format!("{at}.{what}"), format!("is the same key as {earlier}")));
+        }
+        let id = match &raw.id {
+            Some(id) if is_route_name(id) => id.clone(),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    format!("{at}.id"),
+                    "must be 1-64 characters of letters, digits, `-`, `_` or `.`",
+                ))
+            }
+            None => crate::model::key_id(&digest),
+        };
+        if let Some(other) = keys[first..].iter().position(|o| o.id() == Some(id.as_str())) {
+            let field = if raw.id.is_some() { format!("{at}.id") } else { at.clone() };
+            return Err(ConfigError::new(field, format!("`{id}` is already the id of {path}.keys[{other}]")));
+        }
+        let time = |text: &Option<String>, field: &str| -> Result<Option<i64>, ConfigError> {
+            text.as_deref()
+                .map(|t| {
+                    parse_rfc3339(t).ok_or_else(|| {
+                        ConfigError::new(
+                            format!("{at}.{field}"),
+                            "must be an RFC 3339 time such as 2027-01-01T00:00:00Z",
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let not_before = time(&raw.not_before, "not_before")?;
+        let expires = time(&raw.expires, "expires")?;
+        time(&raw.rotated_at, "rotated_at")?;
+        if let (Some(from), Some(until)) = (not_before, expires) {
+            if from >= until {
+                return Err(ConfigError::new(format!("{at}.not_before"), "must be before `expires`"));
+            }
+        }
+        let listed = Listed { id: id.into(), not_before, expires, disabled: raw.disabled };
+        let key = Key { digest, client: owner, listed: Some(Box::new(listed)) };
+        add(index, keys, key, &|| format!("{at}.{what}"))?;
+    }
+    Ok(())
+}
+
+/// Where key `.1` of `.0` is written, for an error about a repeat.
+struct KeyAt<'k>(&'k [Key], usize);
+
+impl std::fmt::Display for KeyAt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(key) = self.0.get(self.1) else { return f.write_str("an earlier key") };
+        match key.listed {
+            // A key in a `keys` list: its place in that list.
+            Some(_) => {
+                let first = self.0.iter().position(|o| o.client == key.client).unwrap_or(self.1);
+                write!(f, "{}.keys[{}]", ClientPath(key.client()), self.1 - first)
+            }
+            None => write!(f, "{}", ClientPath(key.client())),
+        }
+    }
+}
+
+/// The digest of `key_sha256` (64 hex digits) or of a plaintext `key`;
+/// `None` when neither is given, an error when both are or one is bad.
+/// `path` is formatted only on an error (100,000 clients must not mean
+/// 100,000 strings).
+fn key_digest(
+    sha256: Option<&str>,
+    key: Option<&str>,
+    path: &dyn std::fmt::Display,
+) -> Result<Option<[u8; 32]>, ConfigError> {
+    match (sha256, key) {
+        (Some(hex), None) => decode_digest(hex)
+            .map(Some)
+            .ok_or_else(|| ConfigError::new(format!("{path}.key_sha256"), "must be 64 hexadecimal digits")),
+        (None, Some(key)) => {
+            let trimmed = key.trim_matches([' ', '\t']);
+            if trimmed.is_empty() || trimmed.len() != key.len() {
+                return Err(ConfigError::new(format!("{path}.key"), "must be non-empty with no surrounding spaces"));
+            }
+            if key.len() > MAX_KEY_BYTES {
+                return Err(ConfigError::new(format!("{path}.key"), format!("must be at most {MAX_KEY_BYTES} bytes")));
+            }
+            Ok(Some(Sha256::digest(key.as_bytes()).into()))
+        }
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(ConfigError::new(path.to_string(), "needs exactly one of `key_sha256` or `key`")),
+    }
 }
 
 /// A client's own `inject` lists (`clients[N].inject`), by route index,

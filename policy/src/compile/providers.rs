@@ -952,6 +952,8 @@ mod tests {
         let forward = crate::Forward {
             route: Some("r"),
             client: Some("c"),
+            key: None,
+            metadata: None,
             remove_headers: vec!["authorization"],
             remove_look_alikes: Vec::new(),
             add_headers: vec![("authorization", "tok-secret-3".into())],

@@ -261,6 +261,14 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     }
     let (decision, mut headers, token) = decide(&policy, &case.request, now_ms, &engine.records);
     predicted(&policy, &decision)?;
+    // The access-log field, as every host writes it.
+    let mut field = String::new();
+    match &decision {
+        Decision::Deny(denial) => denial.access_log().write(&mut field),
+        Decision::Wait(wait) => wait.denial().access_log().write(&mut field),
+        Decision::Forward(forward) => forward.access_log().write(&mut field),
+    }
+    case.check_access_log(Some(&field))?;
     match decision {
         Decision::Deny(denial) => Ok(denied(denial.reason)),
         // The case's own request is never held: it is refused at once when

@@ -468,6 +468,19 @@ fn hostile_requests() -> Vec<Vec<u8>> {
     for i in 0..1000 {
         many_params.push_str(&format!("api_key=k{i}&"));
     }
+    // Client metadata's header, forged: repeated, oversized, odd bytes,
+    // with a key of a client's `keys` (live, and expired).
+    let mut many_teams = bearer("multi-live");
+    for i in 0..100 {
+        many_teams = many_teams.header("x-keyswap-team", format!("team-{i}"));
+    }
+    let metadata_forgeries = [
+        many_teams.to_bytes(),
+        bearer("multi-live").header("x-keyswap-team", "t".repeat(50_000)).to_bytes(),
+        bearer("multi-live").header("x_keyswap_team", b"\xff\xfe").header("X-KEYSWAP-TEAM", "").to_bytes(),
+        bearer("multi-old").header("x-keyswap-team", "admins").to_bytes(),
+        bearer("multi-later").header("x-keyswap-client", "multi").to_bytes(),
+    ];
     let mut cookies = Request::get("/v1/x").header("host", "gw").header(ROUTE_HEADER, "up").header("x-api-key", "k");
     for i in 0..100 {
         cookies = cookies.header("cookie", format!("c{i}=v"));
@@ -534,13 +547,19 @@ fn hostile_requests() -> Vec<Vec<u8>> {
         b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage-tls-hello\r\n\r\n".to_vec(),
         b"GET /v1/x HTTP/1.1\r\nhost: gw\r\nx-test-route: up\r\nx-api-key: k\r\n folded: continuation\r\n\r\n".to_vec(),
     ]
+    .into_iter()
+    .chain(metadata_forgeries)
+    .collect()
 }
 
 #[test]
 fn filter_survives_a_burst_of_hostile_requests() {
     let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
     let echo = Echo::start("127.0.0.1:0").expect("echo");
-    let config = r#"{"clients": [{"id": "c", "key": "k", "routes": ["*"]}],
+    let config = r#"{"clients": [{"id": "c", "key": "k", "routes": ["*"]},
+  {"id": "multi", "routes": ["*"], "metadata": {"team": "search"}, "keys": [{"id": "live", "key": "multi-live"},
+   {"key": "multi-old", "expires": "2001-01-01T00:00:00Z"}, {"key": "multi-later", "not_before": "2999-01-01T00:00:00Z"}]}],
+ "metadata_headers": {"team": "x-keyswap-team"},
  "key_sources": [{"header": "authorization", "prefix": "Bearer "}, {"header": "x-api-key"}, {"query": "api_key"}],
  "routes": [{"name": "up", "match": {"route_name": "up", "clusters": ["up"]},
   "inject": [{"header": "authorization", "prefix": "Bearer ", "value": {"inline": "sk-upstream"}},
@@ -619,6 +638,17 @@ fn filter_survives_a_burst_of_hostile_requests() {
             .send(addr)
             .expect("a bad key");
         assert_denied(&bad, 401, "invalid_key");
+        // A key of `keys`: its client's metadata, never a forged copy.
+        let multi = Request::get("/v1/models")
+            .header("host", "gw")
+            .header(ROUTE_HEADER, "up")
+            .header("authorization", "Bearer multi-live")
+            .header("x-keyswap-team", "forged")
+            .send(addr)
+            .expect("a key of keys");
+        let seen = Echoed::parse(&multi.body).unwrap_or_else(|| panic!("not forwarded: {}", multi.status));
+        assert_eq!(seen.header_all("x-keyswap-team"), ["search"]);
+        assert_eq!(seen.header_all("x-keyswap-client"), ["multi"]);
     }
     let log = envoy.log();
     for sign in ["keyswap: panic", "Wasm VM failed", "wasm log: keyswap: configuration refused"] {

@@ -1,6 +1,9 @@
 //! Secrets never leak: Envoy at `trace` through every denial, the success
-//! path of every credential form, a configuration reload (LDS) and
-//! `keyswap push` (ECDS: a revocation, and a push Envoy rejects), and
+//! path of every credential form, a client's several `keys` (live,
+//! expired, disabled, not yet valid; its metadata sent upstream), a
+//! configuration reload (LDS) and `keyswap push` (ECDS: a revocation, and
+//! a push Envoy rejects), `keyswap rotate` and `revoke --key` (the new key
+//! may show once, in rotate's output, and nowhere else), and
 //! dynamic credentials (`oauth2` with Basic and with body client
 //! authentication, `token_exchange`, `fetch`, against loopback token
 //! servers: a refused answer, first values, a rotation; an on-behalf-of
@@ -59,6 +62,11 @@ const KEY_ROTATED_1: &str = "ksk-rotated-one-7a1c5e38b2d0"; // the LDS listener,
 const KEY_ROTATED_2: &str = "ksk-rotated-two-d29b0e4f6c17"; // ... and after
 const KEY_PUSHED_1: &str = "ksk-pushed-one-5c2e8a1f93d4"; // the ECDS gateway, before `keyswap push`
 const KEY_PUSHED_2: &str = "ksk-pushed-two-b7d04f6a2e91"; // ... and after
+                                                          // One client's `keys`: live (given id), expired, disabled, not yet valid.
+const KEY_MULTI_LIVE: &str = "ksk-multi-live-0d4e7a2c9b15";
+const KEY_MULTI_OLD: &str = "ksk-multi-old-8b3f1e6d0a72";
+const KEY_MULTI_OFF: &str = "ksk-multi-off-5e9a2d7c4b01";
+const KEY_MULTI_LATER: &str = "ksk-multi-later-c7a0e3b9f264";
 
 // Upstream credentials from Envoy's environment (host_env_keys).
 const CREDENTIALS: [(&str, &str); 8] = [
@@ -149,6 +157,10 @@ fn secrets() -> Vec<(&'static str, &'static str)> {
         ("key rotated 2", KEY_ROTATED_2),
         ("key pushed 1", KEY_PUSHED_1),
         ("key pushed 2", KEY_PUSHED_2),
+        ("key multi live", KEY_MULTI_LIVE),
+        ("key multi old", KEY_MULTI_OLD),
+        ("key multi off", KEY_MULTI_OFF),
+        ("key multi later", KEY_MULTI_LATER),
         ("key dynamic", KEY_DYNAMIC),
     ];
     all.extend(CREDENTIALS.iter().map(|(name, value)| (*name, *value)));
@@ -188,8 +200,14 @@ fn main_config() -> String {
     {{"id": "beta", "key_sha256": "{beta}", "routes": ["chat"]}},
     {{"id": "gone", "key_sha256": "{expired}", "routes": ["*"], "expires": "2001-01-01T00:00:00Z"}},
     {{"id": "off", "key_sha256": "{disabled}", "routes": ["*"], "disabled": true}},
-    {{"id": "local", "key": "{PLAIN_KEY}", "routes": ["chat"]}}
+    {{"id": "local", "key": "{PLAIN_KEY}", "routes": ["chat"]}},
+    {{"id": "multi", "routes": ["*"], "metadata": {{"team": "leak-team", "tier": "gold"}}, "keys": [
+      {{"id": "m-live", "key_sha256": "{multi_live}"}},
+      {{"key_sha256": "{multi_old}", "expires": "2001-01-01T00:00:00Z"}},
+      {{"key_sha256": "{multi_off}", "disabled": true}},
+      {{"key_sha256": "{multi_later}", "not_before": "2999-01-01T00:00:00Z"}}]}}
   ],
+  "metadata_headers": {{"team": "x-keyswap-team"}},
   "key_sources": [{{"header": "authorization", "prefix": "Bearer "}}, {{"header": "x-api-key"}}, {{"query": "api_key"}}],
   "routes": [
     {{"name": "chat", "match": {{"route_name": "chat", "clusters": ["chat"]}},
@@ -211,6 +229,10 @@ fn main_config() -> String {
         beta = sha256_hex(KEY_BETA),
         expired = sha256_hex(KEY_EXPIRED),
         disabled = sha256_hex(KEY_DISABLED),
+        multi_live = sha256_hex(KEY_MULTI_LIVE),
+        multi_old = sha256_hex(KEY_MULTI_OLD),
+        multi_off = sha256_hex(KEY_MULTI_OFF),
+        multi_later = sha256_hex(KEY_MULTI_LATER),
     )
 }
 
@@ -305,9 +327,12 @@ fn main_paths(addr: SocketAddr, seen: &mut Seen) {
     for place in PLACES {
         let what = |s: &str| format!("{s} ({place:?})");
         // Every denial reason, with the key in each place.
-        let denials: [(Option<&str>, Option<&str>, u16, &str); 6] = [
+        let denials: [(Option<&str>, Option<&str>, u16, &str); 9] = [
             (Some("chat"), Some(KEY_UNKNOWN), 401, "invalid_key"),
             (Some("chat"), Some(KEY_DISABLED), 401, "invalid_key"),
+            (Some("chat"), Some(KEY_MULTI_OLD), 401, "expired_key"),
+            (Some("files"), Some(KEY_MULTI_OFF), 401, "invalid_key"),
+            (Some("maps"), Some(KEY_MULTI_LATER), 401, "invalid_key"),
             (Some("files"), Some(KEY_EXPIRED), 401, "expired_key"),
             (Some("files"), Some(KEY_BETA), 403, "route_forbidden"),
             (None, Some(KEY_ALPHA), 404, "no_route"),
@@ -345,6 +370,14 @@ fn main_paths(addr: SocketAddr, seen: &mut Seen) {
         seen.forward(&send(request(Some("chat"), Some(PLAIN_KEY), place), &w), &w);
         let w = what("allowed with beta's key");
         seen.forward(&send(request(Some("chat"), Some(KEY_BETA), place), &w), &w);
+        // A key of a client's `keys`, with metadata sent upstream and a
+        // forged copy of its header replaced.
+        for route in MAIN_ROUTES {
+            let w = what(&format!("allowed on {route} with a key of `keys`"));
+            let forged = request(Some(route), Some(KEY_MULTI_LIVE), place).header("x-keyswap-team", "forged");
+            let echoed = seen.forward(&send(forged, &w), &w);
+            assert_eq!(echoed.header_all("x-keyswap-team"), ["leak-team"], "{w}");
+        }
     }
 }
 
@@ -561,8 +594,42 @@ fn no_key_or_environment_credential_leaks_through_keyswap_push_at_trace() {
         seen.forward(&request(Some("all"), Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2"), "key 2");
     assert_eq!(still.header("authorization"), Some(bearer("PUSHED_CREDENTIAL_2").as_str()));
 
+    // `keyswap rotate` (a new key, printed once) and `keyswap revoke --key`
+    // of the old one, pushed the same way.
+    let file = gw.envoy.dir().join("rotated.json");
+    std::fs::write(&file, pushed_config(2, "PUSHED_CREDENTIAL_2")).expect("write the config");
+    let run = |subcommand: &str, args: &[&str]| {
+        let out = gw.cli_command(subcommand, &file, args).and_then(|mut c| c.output().map_err(|e| e.to_string()));
+        let out = out.unwrap_or_else(|e| panic!("keyswap {subcommand}: {e}"));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("active: Envoy runs version"), "{subcommand}: {text}");
+        text
+    };
+    let rotated = run("rotate", &["--client", "pushed-2", "--grace", "1h"]);
+    let new_key = rotated.lines().find(|l| l.starts_with("ks_")).expect("the new key").to_string();
+    printed.push_str(&rotated.replacen(&new_key, "", 1));
+    let old_id = keyswap_policy::key_id(&{
+        use sha2::Digest as _;
+        sha2::Sha256::digest(KEY_PUSHED_2.as_bytes()).into()
+    });
+    printed.push_str(&run("revoke", &["--client", "pushed-2", "--key", &old_id]));
+    let old = request(Some("all"), Some(KEY_PUSHED_2), Place::Bearer).send(gw.addr).expect("key 2 again");
+    seen.deny(&old, 401, "invalid_key", "key 2 after its revocation");
+    let echoed = request(Some("all"), Some(&new_key), Place::Bearer).send(gw.addr).expect("the new key");
+    assert_eq!(
+        seen.forward(&echoed, "the new key").header("authorization"),
+        Some(bearer("PUSHED_CREDENTIAL_2").as_str())
+    );
+
     let config_dump = gw.admin("/config_dump").expect("config dump");
     let log = gw.envoy.log();
+    for (place, text) in [("Envoy's log", &log), ("/config_dump", &config_dump), ("keyswap rotate/revoke", &printed)] {
+        for form in forms(&new_key) {
+            assert!(!text.contains(&form), "{place}: the rotated key ({form})");
+        }
+        assert!(!text.contains(&new_key[3..]), "{place}: the rotated key without its prefix");
+    }
+    assert!(log.contains(&format!("key={old_id}")), "the revoked key's denial names its id");
     assert!(log.lines().any(|l| l.contains("[trace]")), "Envoy logged no trace line");
     for n in [1, 2] {
         let version = keyswap_policy::content_version(pushed_config(n, &format!("PUSHED_CREDENTIAL_{n}")).as_bytes());

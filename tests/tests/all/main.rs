@@ -9,6 +9,10 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`keys`]: several keys per client: `keyswap rotate` under load (both
+//!   keys in the grace, the old one refused after it), `keyswap revoke
+//!   --key` of one key; client metadata sent upstream, client-sent copies
+//!   never, key ids and metadata in Envoy's access log.
 //! - [`obo`]: on-behalf-of token exchange with two workers and a loopback
 //!   STS: 50 subjects and 50 broker clients interleaved, each request
 //!   carrying its own subject's token, one exchange per (subject,
@@ -48,6 +52,7 @@ mod conformance;
 mod credentials;
 mod gateway;
 mod image;
+mod keys;
 mod leaks;
 mod obo;
 mod operations;
