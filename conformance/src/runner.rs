@@ -110,7 +110,8 @@ impl Runner {
                 (
                     Capability::Timeline,
                     "the component refuses oauth2, token_exchange and fetch values (it cannot fetch in the \
-                     background; docs/component.md), so a case with steps cannot run there",
+                     background; docs/component.md) and rate limits and quotas (it keeps no counters between \
+                     requests), so a case with steps cannot run there",
                 ),
                 (
                     Capability::EchoRemoval,
@@ -130,7 +131,7 @@ impl Runner {
                 (
                     Capability::Timeline,
                     "keyswap serve runs the component, which refuses oauth2, token_exchange and fetch values (it \
-                     cannot fetch in the background)",
+                     cannot fetch in the background) and rate limits and quotas (no counters between requests)",
                 ),
             ],
             Runner::Envoy => &[
@@ -139,7 +140,8 @@ impl Runner {
                     Capability::Timeline,
                     "steps drive a controlled clock and answer token calls by hand, which a real Envoy cannot do; \
                      tests/tests/all/credentials.rs covers refresh, rotation, outage, expiry and two workers in \
-                     Envoy with a real token server",
+                     Envoy with a real token server (rate limits and quotas: limit- cases need the stopped clock \
+                     for their exact instants)",
                 ),
             ],
         }

@@ -50,6 +50,10 @@ pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
         denial.route.unwrap_or("-"),
         denial.client.unwrap_or("-"),
     );
+    if let Some(refusal) = &denial.limit {
+        // `limit=route-rate 10/minute burst 2 retry_after=6`
+        line.push_str(&format!(" limit={} retry_after={}", refusal.limit, refusal.retry_after_seconds()));
+    }
     if suppressed > 0 {
         line.push_str(&format!(" (suppressed {suppressed} earlier denial lines)"));
     }
@@ -59,6 +63,7 @@ pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyswap_policy::limit::{Kind, Limit, Refusal, Scope, Window};
     use keyswap_policy::DenialReason;
 
     #[test]
@@ -72,15 +77,28 @@ mod tests {
 
     #[test]
     fn lines_name_reason_route_and_client() {
-        let denial = Denial { reason: DenialReason::RouteForbidden, route: Some("openai"), client: Some("team-a") };
+        let denial =
+            Denial { reason: DenialReason::RouteForbidden, route: Some("openai"), client: Some("team-a"), limit: None };
         assert_eq!(
             denial_line(&denial, 0),
             "keyswap: denied reason=route_forbidden status=403 route=openai client=team-a"
         );
-        let unknown = Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None };
+        let unknown = Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None, limit: None };
         assert_eq!(
             denial_line(&unknown, 3),
             "keyswap: denied reason=invalid_key status=401 route=openai client=- (suppressed 3 earlier denial lines)"
+        );
+        let limit = Limit::new(Kind::Rate { requests: 10, window: Window::Minute, burst: 2 }, Scope::Route);
+        let limited = Denial {
+            reason: DenialReason::RateLimited,
+            route: Some("openai"),
+            client: Some("team-a"),
+            limit: Some(Refusal { limit: &limit, retry_after_ms: 5_001 }),
+        };
+        assert_eq!(
+            denial_line(&limited, 0),
+            "keyswap: denied reason=rate_limited status=429 route=openai client=team-a \
+             limit=route-rate 10/minute burst 2 retry_after=6"
         );
     }
 }

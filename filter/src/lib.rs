@@ -26,6 +26,8 @@
 //!   runs the credential refresh.
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
+//! - [`limits`]: rate limits and quotas: the policy's buckets in Envoy's
+//!   shared data (compare-and-swap), created when a configuration loads.
 //! - [`credentials`]: dynamic credentials: the policy's refresh state
 //!   machine over Envoy's shared data, run by the root context on a timer;
 //!   the policy reads the shared values when it decides.
@@ -35,12 +37,14 @@
 //! the record; the final stage reads the record, the cluster, the route
 //! name (only when a route matches on it), the headers, the clock (only
 //! when the client has `expires` or the route dynamic credentials), the
-//! shared data (only for dynamic credentials), writes the edited headers,
+//! shared data (only for dynamic credentials, and for the buckets of a
+//! client's rate limits and quotas), writes the edited headers,
 //! the counter and the access-log field. No decision is taken here; no key
 //! or credential is ever logged.
 
 pub mod audit;
 pub mod credentials;
+pub mod limits;
 pub mod metrics;
 mod root;
 
@@ -141,7 +145,9 @@ impl KeyswapHttp {
             log(LogLevel::Info, &audit::denial_line(denial, suppressed));
         }
         let body = reason.body();
-        self.send_http_response(u32::from(reason.status()), reason.headers().to_vec(), Some(body.as_bytes()));
+        let headers = denial.headers();
+        let headers = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        self.send_http_response(u32::from(reason.status()), headers, Some(body.as_bytes()));
         Action::Pause
     }
 
@@ -172,7 +178,8 @@ impl KeyswapHttp {
         view.cluster = cluster.as_deref();
         view.key = Some(key);
         let now = || unix_millis(self.get_current_time());
-        match policy.decide(&view, &now, &EnvoyRecords { keys: &shared.record_keys }) {
+        let records = EnvoyRecords { keys: &shared.record_keys };
+        match policy.decide_limited(&view, &now, &records, &mut limits::EnvoyCounters) {
             Decision::Forward(mut forward) => {
                 let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
                 self.record(shared, forward.route, forward.client, outcome);

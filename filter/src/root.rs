@@ -55,6 +55,7 @@ impl RootContext for KeyswapRoot {
                 let record_keys: Vec<String> =
                     policy.credential_providers().iter().map(credentials::record_key).collect();
                 credentials::start(&mut self.refresher, &policy, &record_keys);
+                crate::limits::prepare(&policy);
                 let (audit, field) = (RefCell::default(), RefCell::default());
                 self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
                 true

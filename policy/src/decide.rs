@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::credential::{SharedRecords, Used};
 use crate::decision::{Decision, Denial, DenialReason, Forward};
+use crate::limit::{NoCounters, SharedCounters};
 use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
 use crate::raw::UnmatchedRoute;
@@ -68,11 +69,30 @@ impl Policy {
     /// The inject list is the client's own for the route when it brings
     /// one (`clients[].inject`), else the route's: one list, whole, never
     /// a mix of the two.
+    ///
+    /// This host keeps no counters ([`NoCounters`]): a request a rate limit
+    /// or quota applies to is refused. Hosts that count use
+    /// [`Self::decide_limited`].
     pub fn decide<'p>(
         &'p self,
         req: &RequestView<'_>,
         now_ms: &dyn Fn() -> i64,
         records: &dyn SharedRecords,
+    ) -> Decision<'p> {
+        self.decide_limited(req, now_ms, records, &mut NoCounters)
+    }
+
+    /// [`Self::decide`] with the host's rate-limit counters: once the key
+    /// is accepted and the route allowed, and before any credential is
+    /// read, the request is taken from every bucket of the client's limits
+    /// that applies (`counters`, read and written only then), or refused
+    /// `rate_limited` / `quota_exceeded` (see [`crate::limit`]).
+    pub fn decide_limited<'p>(
+        &'p self,
+        req: &RequestView<'_>,
+        now_ms: &dyn Fn() -> i64,
+        records: &dyn SharedRecords,
+        counters: &mut dyn SharedCounters,
     ) -> Decision<'p> {
         let read;
         let key = match req.key {
@@ -83,7 +103,7 @@ impl Policy {
             }
         };
         let now = Now::new(now_ms);
-        let deny_unrouted = |reason| Decision::Deny(Denial { reason, route: None, client: None });
+        let deny_unrouted = |reason| Decision::Deny(Denial { reason, route: None, client: None, limit: None });
         if let Some(denial) = self.refusal() {
             return Decision::Deny(denial);
         }
@@ -110,7 +130,8 @@ impl Policy {
         };
         let route = &self.routes[r];
         let deny = |reason, client: Option<&'p Client>| {
-            Decision::Deny(Denial { reason, route: Some(route.name.as_str()), client: client.map(|c| c.id.as_str()) })
+            let (route, client) = (Some(route.name.as_str()), client.map(|c| c.id.as_str()));
+            Decision::Deny(Denial { reason, route, client, limit: None })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
         // credential included, back to the client; so does either one asked
@@ -136,6 +157,12 @@ impl Policy {
         if !client.allowed.allows(r) {
             return deny(DenialReason::RouteForbidden, Some(client));
         }
+        // Rate limits and quotas: a request refused here reads no credential.
+        if let Err(refusal) = self.throttle(client, r, &|| now.millis(), counters) {
+            let reason = if refusal.limit.is_quota() { DenialReason::QuotaExceeded } else { DenialReason::RateLimited };
+            let (route, client) = (Some(route.name.as_str()), Some(client.id.as_str()));
+            return Decision::Deny(Denial { reason, route, client, limit: Some(refusal) });
+        }
         // The client's own list for this route, else the route's: a
         // length check for a client without any list of its own.
         let inject = match client.own_credentials(r) {
@@ -158,18 +185,24 @@ impl Policy {
     /// read: the fail-closed configuration (`"refuse_all": true`) lets
     /// nothing through. `None` for any other configuration.
     pub fn refusal(&self) -> Option<Denial<'static>> {
-        self.refuse_all.then_some(Denial { reason: DenialReason::ConfigurationUnavailable, route: None, client: None })
+        let reason = DenialReason::ConfigurationUnavailable;
+        self.refuse_all.then_some(Denial { reason, route: None, client: None, limit: None })
     }
 
     /// The denials [`Self::decide`] can give a request on `route`, in
     /// [`DenialReason::ALL`]'s order (a host defines a counter for each):
     /// every reason but those given to no route, and
-    /// `credential_unavailable` only on a route with dynamic credentials.
+    /// `credential_unavailable` only on a route with dynamic credentials,
+    /// `rate_limited` and `quota_exceeded` only where a rate or a quota can
+    /// apply.
     pub fn route_denials(&self, route: &str) -> impl Iterator<Item = DenialReason> {
         let dynamic = !self.route_providers(route).is_empty();
+        let limited = self.route_limited(route);
         DenialReason::ALL.into_iter().filter(move |reason| match reason {
             DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
             DenialReason::CredentialUnavailable => dynamic,
+            DenialReason::RateLimited => limited.0,
+            DenialReason::QuotaExceeded => limited.1,
             _ => true,
         })
     }

@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 
+use crate::limit::Refusal;
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenialReason {
@@ -32,6 +34,10 @@ pub enum DenialReason {
     /// The configuration is the fail-closed one (`"refuse_all": true`):
     /// Envoy had no usable configuration to serve, so nothing is let through.
     ConfigurationUnavailable,
+    /// The client is over one of its rates (see [`crate::limit`]).
+    RateLimited,
+    /// The client has used up one of its daily quotas.
+    QuotaExceeded,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -43,7 +49,7 @@ const INVALID_TOKEN: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 10] = [
+    pub const ALL: [DenialReason; 12] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -54,6 +60,8 @@ impl DenialReason {
         DenialReason::MethodNotAllowed,
         DenialReason::InvalidAuthority,
         DenialReason::ConfigurationUnavailable,
+        DenialReason::RateLimited,
+        DenialReason::QuotaExceeded,
     ];
 
     /// The HTTP status the client receives.
@@ -65,6 +73,7 @@ impl DenialReason {
             Self::MethodNotAllowed => 405,
             Self::InvalidAuthority => 400,
             Self::CredentialUnavailable | Self::ConfigurationUnavailable => 503,
+            Self::RateLimited | Self::QuotaExceeded => 429,
         }
     }
 
@@ -81,6 +90,8 @@ impl DenialReason {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::InvalidAuthority => "invalid_authority",
             Self::ConfigurationUnavailable => "configuration_unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 
@@ -99,6 +110,8 @@ impl DenialReason {
             Self::MethodNotAllowed => "This method is not allowed on a route with upstream credentials.",
             Self::InvalidAuthority => "The request's authority (Host) is malformed.",
             Self::ConfigurationUnavailable => "The gateway has no usable configuration; every request is refused.",
+            Self::RateLimited => "Too many requests for this API key; retry after the time given.",
+            Self::QuotaExceeded => "This API key's daily quota is used up; retry after the time given.",
         }
     }
 
@@ -107,9 +120,12 @@ impl DenialReason {
         match self {
             Self::MissingKey => &[JSON, NO_STORE, CHALLENGE],
             Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey => &[JSON, NO_STORE, INVALID_TOKEN],
-            Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority | Self::ConfigurationUnavailable => {
-                &[JSON, NO_STORE]
-            }
+            Self::RouteForbidden
+            | Self::NoRoute
+            | Self::InvalidAuthority
+            | Self::ConfigurationUnavailable
+            | Self::RateLimited
+            | Self::QuotaExceeded => &[JSON, NO_STORE],
             Self::MethodNotAllowed => &[JSON, NO_STORE, ALLOW],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
@@ -176,6 +192,30 @@ pub struct Denial<'p> {
     pub route: Option<&'p str>,
     /// The client, when the key was recognised.
     pub client: Option<&'p str>,
+    /// The limit that refused the request (`rate_limited`,
+    /// `quota_exceeded`), with the time until it would admit one more.
+    pub limit: Option<Refusal<'p>>,
+}
+
+impl Denial<'_> {
+    /// The response headers, besides those the host adds itself: the
+    /// reason's, and for a limit's refusal `retry-after` and the IETF
+    /// `RateLimit-Policy` and `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers: the limit's name, `q`
+    /// requests per `w` seconds; `r` remaining, `t` seconds until one more
+    /// is admitted).
+    pub fn headers(&self) -> Vec<(&'static str, Cow<'static, str>)> {
+        let mut out: Vec<(&'static str, Cow<'static, str>)> =
+            self.reason.headers().iter().map(|(n, v)| (*n, Cow::Borrowed(*v))).collect();
+        if let Some(refusal) = &self.limit {
+            let (name, seconds) = (refusal.limit.name(), refusal.retry_after_seconds());
+            let (q, w) = refusal.limit.policy_numbers();
+            out.push(("retry-after", Cow::Owned(seconds.to_string())));
+            out.push(("ratelimit-policy", Cow::Owned(format!("\"{name}\";q={q};w={w}"))));
+            out.push(("ratelimit", Cow::Owned(format!("\"{name}\";r=0;t={seconds}"))));
+        }
+        out
+    }
 }
 
 /// The edits that turn the client's request into the upstream's, dynamic
@@ -276,6 +316,8 @@ mod tests {
             (DenialReason::MethodNotAllowed, 405),
             (DenialReason::InvalidAuthority, 400),
             (DenialReason::ConfigurationUnavailable, 503),
+            (DenialReason::RateLimited, 429),
+            (DenialReason::QuotaExceeded, 429),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use subtle::ConstantTimeEq as _;
 
 use crate::credential::Provider;
+use crate::limit::{ClientLimits, Limit};
 use crate::raw::UnmatchedRoute;
 
 /// A configuration, compiled: everything a request needs is prepared.
@@ -46,6 +47,9 @@ pub struct Policy {
     pub(crate) providers: Vec<Provider>,
     /// `"refuse_all": true`: every request is denied `configuration_unavailable`.
     pub(crate) refuse_all: bool,
+    /// The field path of the first limit in the configuration, if any
+    /// (`clients[0].limits`): a host that keeps no counters refuses it.
+    pub(crate) first_limit: Option<String>,
 }
 
 #[derive(Debug)]
@@ -59,6 +63,9 @@ pub(crate) struct Client {
     /// The client's own credentials (`inject` on the client), by route
     /// index, sorted; empty (no allocation) for almost every client.
     pub own: Box<[(usize, Credentials)]>,
+    /// The client's rate limits and quotas (see [`crate::throttle`]);
+    /// empty (no allocation) for a client without any.
+    pub limits: ClientLimits,
 }
 
 impl Client {
@@ -114,6 +121,12 @@ pub(crate) struct Route {
     /// The providers any request on this route may read (the route's own
     /// and every client's for it), sorted, once each.
     pub any_providers: Vec<usize>,
+    /// The route's default limits, counted per client (`routes[].limits`).
+    pub limits: Box<[Limit]>,
+    /// Whether some request on this route may meet a rate, a quota (any
+    /// client's, for this route or for all): which of `rate_limited` and
+    /// `quota_exceeded` the route can answer.
+    pub limited: (bool, bool),
 }
 
 /// One `inject` list, compiled: a route's own, or a client's for a route.
@@ -329,6 +342,13 @@ impl Policy {
     /// into it is a provider number.
     pub fn credential_providers(&self) -> &[Provider] {
         &self.providers
+    }
+
+    /// The field path of the first rate limit or quota in the
+    /// configuration (`routes[1].limits`), or `None` when it has none: a
+    /// host that cannot count them refuses the configuration with it.
+    pub fn first_limit(&self) -> Option<&str> {
+        self.first_limit.as_deref()
     }
 
     /// The providers a route's requests may need, by number: the route's

@@ -54,6 +54,12 @@ pub struct RawClient {
     /// of those routes' `inject`.
     #[serde(default)]
     pub inject: RawClientInject,
+    /// The client's limits on all its routes together.
+    pub limits: Option<RawLimits>,
+    /// The client's own limits for some of its routes, used instead of
+    /// those routes' `limits`.
+    #[serde(default)]
+    pub route_limits: RawRouteLimits,
 }
 
 /// A client's own inject lists by route name (`{"openai": [...]}`), in
@@ -110,6 +116,8 @@ pub struct RawRoute {
     pub matcher: RawMatch,
     /// `None`: every client allowed on the route brings its own.
     pub inject: Option<Vec<RawInject>>,
+    /// Limits for each client on this route (a bucket per client).
+    pub limits: Option<RawLimits>,
 }
 
 /// Every given field must hold for the route to match.
@@ -174,6 +182,8 @@ impl std::fmt::Debug for RawClient {
             .field("expires", &self.expires)
             .field("disabled", &self.disabled)
             .field("inject", &self.inject)
+            .field("limits", &self.limits)
+            .field("route_limits", &self.route_limits)
             .finish()
     }
 }
@@ -265,6 +275,77 @@ pub struct RawFetch {
     pub json_pointer: String,
     pub refresh_seconds: Option<u64>,
     pub timeout_ms: Option<u64>,
+}
+
+/// A rate, a quota, or both (`{}`: none, only in `route_limits`, where it
+/// exempts the client from the route's default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub rate: Option<RawRate>,
+    pub quota: Option<RawQuota>,
+}
+
+/// `requests` per `per`, evenly spaced, plus `burst` at once.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub requests: u64,
+    pub per: RawWindow,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// A rate's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawWindow {
+    Second,
+    Minute,
+    Hour,
+}
+
+/// `requests` per UTC day.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub requests: u64,
+    pub per: RawQuotaWindow,
+}
+
+/// A quota's window: the UTC day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawQuotaWindow {
+    Day,
+}
+
+/// A client's own limits by route name (`{"openai": {...}}`), in document
+/// order; every key must be a route name before its value is read.
+#[derive(Debug, Default)]
+pub struct RawRouteLimits(pub Vec<(String, RawLimits)>);
+
+impl<'de> Deserialize<'de> for RawRouteLimits {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Limits;
+        impl<'de> Visitor<'de> for Limits {
+            type Value = RawRouteLimits;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of limits by route name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut limits = Vec::new();
+                while let Some(route) = map.next_key::<String>()? {
+                    if !is_route_name(&route) {
+                        return Err(A::Error::custom("has a key that is not a route name"));
+                    }
+                    limits.push((route, map.next_value::<RawLimits>()?));
+                }
+                Ok(RawRouteLimits(limits))
+            }
+        }
+        deserializer.deserialize_map(Limits)
+    }
 }
 
 /// What happens to a request that matches no route.

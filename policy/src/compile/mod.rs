@@ -14,6 +14,7 @@
 //!   static credentials.
 
 pub mod env;
+mod limits;
 mod providers;
 
 use std::collections::{HashMap, HashSet};
@@ -188,6 +189,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     let (clients, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
     let providers = builder.finish();
     finish_routes(&mut routes, &clients);
+    limits::finish_limits(&mut routes, &clients);
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
     // Every inject list: the routes' own, then the clients' own.
     let every_list = || {
@@ -248,6 +250,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         version: String::new(),
         providers,
         refuse_all: raw.refuse_all,
+        first_limit: limits::first_limit(raw),
     })
 }
 
@@ -373,8 +376,13 @@ fn compile_routes(
             }
             None => None,
         };
+        let limits = match &route.limits {
+            Some(raw) => limits::compile_limits(raw, &format!("{path}.limits"), crate::limit::Scope::Route, false)?,
+            None => Box::default(),
+        };
         let name = route.name.clone();
-        routes.push(Route { name, matcher, credentials, query_names: Vec::new(), any_providers: Vec::new() });
+        let (query_names, any_providers, limited) = (Vec::new(), Vec::new(), (false, false));
+        routes.push(Route { name, matcher, credentials, query_names, any_providers, limits, limited });
     }
     Ok(routes)
 }
@@ -661,13 +669,35 @@ fn compile_clients(
                 ),
             ));
         }
+        let limits = limits::compile_client_limits(client, path, &allowed, route_index)?;
         if let Some(earlier) = index.insert(&clients, &digest, c) {
             let what = if client.key.is_some() { "key" } else { "key_sha256" };
             return Err(ConfigError::new(format!("{path}.{what}"), format!("is the same key as clients[{earlier}]")));
         }
-        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled: client.disabled, own });
+        let disabled = client.disabled;
+        clients.push(Client { id: client.id.clone(), digest, allowed, expires, disabled, own, limits });
     }
     Ok((clients, index))
+}
+
+/// The index of route `name`, a key of a client's by-route map at `at`
+/// (`clients[0].inject.openai`): a route the client may use.
+fn client_route(
+    name: &str,
+    at: &str,
+    allowed: &Allowed,
+    route_index: &HashMap<&str, usize>,
+) -> Result<usize, ConfigError> {
+    let Some(&r) = route_index.get(name) else {
+        return Err(ConfigError::new(at, format!("names no route (`{name}` is not in `routes`)")));
+    };
+    if !allowed.allows(r) {
+        return Err(ConfigError::new(
+            at,
+            format!("names a route this client may not use (`{name}` is not in its `routes`)"),
+        ));
+    }
+    Ok(r)
 }
 
 /// A client's own `inject` lists (`clients[N].inject`), by route index,
@@ -689,15 +719,7 @@ fn compile_own(
         // Keys are route names (`RawClientInject` refuses anything else
         // before reading a list), so they may be quoted.
         let at = format!("{path}.inject.{name}");
-        let Some(&r) = route_index.get(name.as_str()) else {
-            return Err(ConfigError::new(at, format!("names no route (`{name}` is not in `routes`)")));
-        };
-        if !allowed.allows(r) {
-            return Err(ConfigError::new(
-                at,
-                format!("names a route this client may not use (`{name}` is not in its `routes`)"),
-            ));
-        }
+        let r = client_route(name, &at, allowed, route_index)?;
         if own.iter().any(|(o, _)| *o == r) {
             return Err(ConfigError::new(at, "is given twice"));
         }

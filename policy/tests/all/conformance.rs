@@ -5,7 +5,8 @@ use keyswap_conformance::{
     default_dir, step_worker, Observed, Request, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START,
 };
 use keyswap_policy::credential::{MemoryRecords, Provider, Refresher, Reply, Used};
-use keyswap_policy::{Decision, DenialReason, Policy, RequestView};
+use keyswap_policy::limit::MemoryCounters;
+use keyswap_policy::{Decision, Denial, Policy, RequestView};
 
 /// The policy's refresh state machine, run natively over records in
 /// memory: workers are one here (the filter's compare-and-swap makes them
@@ -14,6 +15,8 @@ use keyswap_policy::{Decision, DenialReason, Policy, RequestView};
 struct Engine<'p> {
     policy: &'p Policy,
     records: MemoryRecords,
+    /// Rate-limit buckets, shared by the workers as the records are.
+    counters: MemoryCounters,
     refresher: Refresher,
     /// Calls out (id, provider number), oldest first.
     pending: Vec<(u32, usize)>,
@@ -67,7 +70,8 @@ impl Engine<'_> {
                 if self.open[w].is_some() {
                     return Err(format!("worker {w} has a request open"));
                 }
-                let (decision, mut headers) = decide(self.policy, &send.request(&case.request), *now, &self.records);
+                let request = send.request(&case.request);
+                let (decision, mut headers) = decide(self.policy, &request, *now, &self.records, &mut self.counters);
                 match decision {
                     Decision::Forward(forward) => {
                         forward.apply(&mut headers);
@@ -75,6 +79,21 @@ impl Engine<'_> {
                         self.open[w] = Some(forward.used);
                     }
                     Decision::Deny(denial) => return Err(format!("the request was denied: {:?}", denial.reason)),
+                }
+            }
+            Step::Requests(requests) => {
+                if start + (requests.at_ms as i64) < *now {
+                    return Err("time goes back".into());
+                }
+                *now = start + requests.at_ms as i64;
+                let request = requests.request(&case.request);
+                for i in 0..requests.count {
+                    let (decision, _) = decide(self.policy, &request, *now, &self.records, &mut self.counters);
+                    let outcome = match decision {
+                        Decision::Forward(_) => None,
+                        Decision::Deny(denial) => Some((denial.reason.status(), denial.reason.body().into_bytes())),
+                    };
+                    requests.check(i, outcome.as_ref().map(|(s, b)| (*s, b.as_slice())))?;
                 }
             }
             Step::Respond(respond) => {
@@ -96,6 +115,7 @@ fn decide<'p>(
     request: &Request,
     now_ms: i64,
     records: &MemoryRecords,
+    counters: &mut MemoryCounters,
 ) -> (Decision<'p>, Vec<(String, Vec<u8>)>) {
     let mut headers = request.header_list();
     let key = policy.key_check(&RequestView::from_headers(None, &headers));
@@ -104,12 +124,13 @@ fn decide<'p>(
     view.cluster = request.cluster();
     view.key = Some(&key);
     // The harness's clock: stopped at STEPS_START, moved by the steps.
-    let decision = policy.decide(&view, &|| now_ms, records);
+    let decision = policy.decide_limited(&view, &|| now_ms, records, counters);
     (decision, headers)
 }
 
-fn denied(reason: DenialReason) -> Observed {
-    let headers = reason.headers().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+fn denied(denial: &Denial<'_>) -> Observed {
+    let reason = denial.reason;
+    let headers = denial.headers().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     Observed::Denied { status: reason.status(), headers, body: reason.body().into_bytes() }
 }
 
@@ -122,6 +143,7 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     let mut engine = Engine {
         policy: &policy,
         records: MemoryRecords::new(policy.credential_providers().len()),
+        counters: MemoryCounters::default(),
         refresher: Refresher::default(),
         pending: Vec::new(),
         calls: 0,
@@ -135,10 +157,10 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     if let Some(at) = case.request_at_ms {
         now_ms = STEPS_START.as_millis() as i64 + at as i64;
     }
-    let (decision, mut headers) = decide(&policy, &case.request, now_ms, &engine.records);
+    let (decision, mut headers) = decide(&policy, &case.request, now_ms, &engine.records, &mut engine.counters);
     predicted(&policy, &decision)?;
     match decision {
-        Decision::Deny(denial) => Ok(denied(denial.reason)),
+        Decision::Deny(denial) => Ok(denied(&denial)),
         Decision::Forward(forward) => {
             forward.apply(&mut headers);
             let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
