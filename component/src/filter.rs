@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use keyswap_policy::credential::NoRecords;
-use keyswap_policy::{Decision, Policy, RequestView, Routing};
+use keyswap_policy::{Policy, RequestView, Routing};
 
 use crate::bindings::policy as wit;
 
@@ -50,8 +50,8 @@ impl wit::Guest for crate::Component {
         // No records: a component keeps no dynamic credentials, so a route
         // with them is refused (`credential_unavailable`), never forwarded
         // without them.
-        match policy.decide(&view, &crate::now_ms, &NoRecords) {
-            Decision::Forward(f) => wit::Decision::Forward(wit::Forward {
+        match policy.decide(&view, &crate::now_ms, &NoRecords).without_waiting() {
+            Ok(f) => wit::Decision::Forward(wit::Forward {
                 route: f.route.map(str::to_string),
                 client: f.client.map(str::to_string),
                 remove_headers: f
@@ -65,7 +65,7 @@ impl wit::Guest for crate::Component {
                 // (UTF-8) path it was given, so this is never lossy.
                 path: f.path.map(|p| String::from_utf8_lossy(&p).into_owned()),
             }),
-            Decision::Deny(d) => {
+            Err(d) => {
                 let reason = d.reason;
                 wit::Decision::Deny(wit::Denial {
                     status: reason.status(),

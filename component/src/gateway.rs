@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use keyswap_policy::credential::NoRecords;
-use keyswap_policy::{Decision, RequestView};
+use keyswap_policy::RequestView;
 
 use crate::bindings::http::{IncomingRequest, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme};
 use crate::bindings::{gateway_config, outgoing_handler, policy as wit};
@@ -75,9 +75,9 @@ impl crate::bindings::exports::wasi::http::incoming_handler::Guest for crate::Co
         drop(fields);
         let view = RequestView::from_headers(None, &headers);
         // The gateway refuses dynamic credentials at configuration: no records.
-        let mut forward = match config.policy.decide(&view, &crate::now_ms, &NoRecords) {
-            Decision::Forward(forward) => forward,
-            Decision::Deny(denial) => {
+        let mut forward = match config.policy.decide(&view, &crate::now_ms, &NoRecords).without_waiting() {
+            Ok(forward) => forward,
+            Err(denial) => {
                 let reason = denial.reason;
                 return respond(out, reason.status(), reason.headers(), &reason.body());
             }

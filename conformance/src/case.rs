@@ -71,6 +71,43 @@ pub enum Step {
     /// `count` requests one after the other, each run to its end; the
     /// first `forwarded` must be forwarded, the rest denied `denied`.
     Requests(RequestsStep),
+    /// The request a `send` with `waits` left held on a worker has been
+    /// let go since, forwarded: it must carry `carries` and lack `lacks`;
+    /// its stream stays open for `respond`. Only `worker`, `carries` and
+    /// `lacks` are read (a case giving `headers` or `waits` is refused).
+    Resumed(SendStep),
+    /// The request a `send` with `waits` left held on a worker has been
+    /// answered locally since, with this status and error code.
+    Refused(RefusedStep),
+}
+
+/// See [`Step::Refused`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusedStep {
+    /// The worker (0-based); the last by default.
+    #[serde(default)]
+    pub worker: Option<usize>,
+    pub status: u16,
+    /// The `error` of the JSON body.
+    pub error: String,
+}
+
+impl RefusedStep {
+    /// Compares a local answer with this step.
+    ///
+    /// # Errors
+    /// The difference.
+    pub fn check(&self, status: u16, body: &[u8]) -> Result<(), String> {
+        let error = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|json| json["error"].as_str().map(str::to_string));
+        if status == self.status && error.as_deref() == Some(self.error.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("want {} {:?}, got {status} {error:?}", self.status, self.error))
+        }
+    }
 }
 
 /// See [`Step::Requests`].
@@ -157,6 +194,13 @@ pub struct SendStep {
     /// Headers the forwarded request must carry with exactly these values.
     #[serde(default)]
     pub carries: Vec<(String, String)>,
+    /// Header names the forwarded request must not carry.
+    #[serde(default)]
+    pub lacks: Vec<String>,
+    /// The request must be held (waiting for a per-client credential)
+    /// instead of forwarded; `resumed` or `refused` says what came of it.
+    #[serde(default)]
+    pub waits: bool,
 }
 
 /// See [`Step::Respond`].
@@ -194,6 +238,12 @@ impl SendStep {
                 .collect();
             if got != [want.clone()] {
                 let _ = writeln!(diff, "forwarded header {name}: want {want:?}, got {got:?}");
+            }
+        }
+        for name in &self.lacks {
+            let name = name.to_ascii_lowercase();
+            if forwarded.iter().any(|(n, _)| *n == name) {
+                let _ = writeln!(diff, "forwarded header {name}: must be absent, is present");
             }
         }
         if diff.is_empty() {
@@ -488,12 +538,16 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
         needs.insert(Capability::Timeline);
     }
     for (i, step) in raw.steps.iter().enumerate() {
-        if let Step::Requests(r) = step {
-            if r.forwarded > r.count || (r.forwarded < r.count && r.denied.is_none()) {
+        match step {
+            Step::Requests(r) if r.forwarded > r.count || (r.forwarded < r.count && r.denied.is_none()) => {
                 return Err(format!(
                     "steps[{i}]: `forwarded` must be at most `count`, and `denied` given for the rest"
                 ));
             }
+            Step::Resumed(resumed) if resumed.headers.is_some() || resumed.waits => {
+                return Err(format!("steps[{i}]: `resumed` takes only `worker`, `carries` and `lacks`"));
+            }
+            _ => {}
         }
     }
     let config = match raw.config {

@@ -25,8 +25,8 @@ mod runner;
 mod suite;
 
 pub use case::{
-    step_worker, CallAnswer, Expect, ExpectCall, ExpectDeny, ExpectForward, Observed, Request, RequestsStep,
-    RespondStep, Response, SendStep, Step, SuiteCase, STEPS_START,
+    step_worker, CallAnswer, Expect, ExpectCall, ExpectDeny, ExpectForward, Observed, RefusedStep, Request,
+    RequestsStep, RespondStep, Response, SendStep, Step, SuiteCase, STEPS_START,
 };
 pub use report::SuiteReport;
 pub use runner::{Capability, Runner};

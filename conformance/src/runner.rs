@@ -140,8 +140,9 @@ impl Runner {
                     Capability::Timeline,
                     "steps drive a controlled clock and answer token calls by hand, which a real Envoy cannot do; \
                      tests/tests/all/credentials.rs covers refresh, rotation, outage, expiry and two workers in \
-                     Envoy with a real token server (rate limits and quotas: limit- cases need the stopped clock \
-                     for their exact instants)",
+                     Envoy with a real token server, and tests/tests/all/broker.rs the per-client fetch (held \
+                     first requests, isolation, one call per client) with a real credential service (rate limits \
+                     and quotas: limit- cases need the stopped clock for their exact instants)",
                 ),
             ],
         }

@@ -19,12 +19,23 @@
 //! `version_info` is [`keyswap_policy::content_version`] of the keyswap
 //! JSON: the version the filter logs when it loads it and shows in
 //! `keyswap_config_info`, so one version names a configuration everywhere.
+//!
+//! The same `DiscoveryResponse` is written as binary protobuf when the
+//! file's name ends in `.pb` ([`Format`]; `envoy.yaml` uses
+//! `.run/ecds/keyswap.pb`): Envoy picks the parser by the name
+//! (`MessageUtil::loadFromFile` in `source/common/protobuf/utility.cc`),
+//! and a binary resource of 100,000 clients parses in tens of
+//! milliseconds where its JSON takes hundreds (docs/performance.md,
+//! "Revocation"). [`encode`] writes either; [`read_resource`] reads either.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use prost::Message as _;
 use serde_json::{json, Value};
+
+use crate::proto;
 
 /// The ECDS resource's name: the `name` of the HTTP filter in `envoy.yaml`
 /// (and so of its `extension_config_discovery.http_filter.<name>.*` stats).
@@ -74,6 +85,296 @@ pub fn resource_bytes(config: &str, vm_config: &Value) -> Vec<u8> {
     let mut text = serde_json::to_string_pretty(&resource(config, vm_config)).unwrap_or_default();
     text.push('\n');
     text.into_bytes()
+}
+
+/// How an ECDS file is encoded, as Envoy decides it: by the file's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON (any name but those below; `.yaml`/`.yml` too, JSON being YAML).
+    Json,
+    /// Binary protobuf: a name ending in `.pb` (any case).
+    Binary,
+}
+
+impl Format {
+    /// The format Envoy reads `path` in.
+    ///
+    /// # Errors
+    /// A `.pb_text` name: Envoy reads it as text protobuf, which keyswap
+    /// does not write.
+    pub fn of(path: &Path) -> Result<Self, String> {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        if name.ends_with(".pb") {
+            Ok(Self::Binary)
+        } else if name.ends_with(".pb_text") {
+            Err(format!(
+                "{}: Envoy reads a .pb_text file as text protobuf, which keyswap does not write; name the ECDS file \
+                 .pb (binary, fastest) or .json",
+                path.display()
+            ))
+        } else {
+            Ok(Self::Json)
+        }
+    }
+
+    /// `JSON` or `binary protobuf`, for messages.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Json => "JSON",
+            Self::Binary => "binary protobuf",
+        }
+    }
+}
+
+/// The keyswap filter's `vm_config` as an ECDS file holds it: a JSON
+/// object, or (binary file) the encoded `VmConfig` message, kept byte for
+/// byte.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmConfig {
+    Json(Value),
+    Binary(Vec<u8>),
+}
+
+impl VmConfig {
+    /// As JSON (a binary one decoded).
+    ///
+    /// # Errors
+    /// A binary `vm_config` with fields this converter does not know
+    /// (`code.remote`, `configuration`, …): it would lose them.
+    pub fn to_json(&self) -> Result<Value, String> {
+        match self {
+            Self::Json(value) => Ok(value.clone()),
+            Self::Binary(bytes) => vm_config_to_json(bytes),
+        }
+    }
+
+    /// As the encoded `VmConfig` message (a JSON one converted).
+    ///
+    /// # Errors
+    /// A JSON `vm_config` with a field the converter does not know, or a
+    /// value of the wrong type; the message names the field.
+    pub fn to_binary(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Self::Json(value) => vm_config_to_binary(value),
+            Self::Binary(bytes) => Ok(bytes.clone()),
+        }
+    }
+}
+
+/// The ECDS file's bytes in `format` for `config` (the keyswap JSON, byte
+/// for byte) with `vm_config`, versioned by the configuration's content.
+/// Binary files are encoded deterministically: the same inputs give the
+/// same bytes (so `push` can tell an unchanged file).
+///
+/// # Errors
+/// `vm_config` cannot be converted to `format` ([`VmConfig`]).
+pub fn encode(format: Format, config: &str, vm_config: &VmConfig) -> Result<Vec<u8>, String> {
+    match format {
+        Format::Json => Ok(resource_bytes(config, &vm_config.to_json()?)),
+        Format::Binary => Ok(binary_resource(config, vm_config.to_binary()?)),
+    }
+}
+
+fn binary_resource(config: &str, vm_config: Vec<u8>) -> Vec<u8> {
+    let any = |type_url: &str, value: Vec<u8>| proto::Any { type_url: type_url.to_string(), value };
+    let wasm = proto::Wasm {
+        config: Some(proto::PluginConfig {
+            name: RESOURCE_NAME.to_string(),
+            vm_config: Some(vm_config),
+            configuration: Some(any(STRING_TYPE, proto::StringValue { value: config.to_string() }.encode_to_vec())),
+        }),
+    };
+    let extension = proto::TypedExtensionConfig {
+        name: RESOURCE_NAME.to_string(),
+        typed_config: Some(any(WASM_TYPE, wasm.encode_to_vec())),
+    };
+    proto::DiscoveryResponse {
+        version_info: keyswap_policy::content_version(config.as_bytes()),
+        resources: vec![any(EXTENSION_TYPE, extension.encode_to_vec())],
+    }
+    .encode_to_vec()
+}
+
+/// What an ECDS file holds, read from either encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    /// The encoding the bytes were read in.
+    pub format: Format,
+    /// `version_info`, if not empty.
+    pub version: Option<String>,
+    /// The keyswap JSON, if the resource carries a `StringValue`.
+    pub configuration: Option<String>,
+    /// The resource's `vm_config`, if it has one.
+    pub vm_config: Option<VmConfig>,
+}
+
+/// Reads an ECDS file's bytes: a `DiscoveryResponse` (or a single
+/// `TypedExtensionConfig`, JSON only) with a keyswap resource, as JSON or
+/// as binary protobuf (whichever parses: binary protobuf never starts
+/// like JSON). `None` when neither holds one.
+pub fn read_resource(bytes: &[u8]) -> Option<Held> {
+    if let Ok(response) = serde_json::from_slice::<Value>(bytes) {
+        wasm_config(&response)?;
+        return Some(Held {
+            format: Format::Json,
+            version: response.get("version_info").and_then(Value::as_str).filter(|v| !v.is_empty()).map(str::to_string),
+            configuration: configuration_of(&response).map(str::to_string),
+            vm_config: vm_config_of(&response).map(VmConfig::Json),
+        });
+    }
+    let response = proto::DiscoveryResponse::decode(bytes).ok()?;
+    let plugin = response.resources.iter().find_map(|any| {
+        let extension = (any.type_url == EXTENSION_TYPE)
+            .then(|| proto::TypedExtensionConfig::decode(any.value.as_slice()).ok())
+            .flatten()?;
+        let typed = extension.typed_config.filter(|_| extension.name == RESOURCE_NAME)?;
+        (typed.type_url == WASM_TYPE).then(|| proto::Wasm::decode(typed.value.as_slice()).ok()).flatten()?.config
+    })?;
+    let configuration = plugin
+        .configuration
+        .filter(|any| any.type_url == STRING_TYPE)
+        .and_then(|any| proto::StringValue::decode(any.value.as_slice()).ok())
+        .map(|s| s.value);
+    Some(Held {
+        format: Format::Binary,
+        version: Some(response.version_info).filter(|v| !v.is_empty()),
+        configuration,
+        vm_config: plugin.vm_config.map(VmConfig::Binary),
+    })
+}
+
+/// A JSON `vm_config` as an encoded `VmConfig` message.
+fn vm_config_to_binary(value: &Value) -> Result<Vec<u8>, String> {
+    fn object<'a>(value: &'a Value, at: &str) -> Result<&'a serde_json::Map<String, Value>, String> {
+        value.as_object().ok_or_else(|| format!("{at}: not an object"))
+    }
+    fn string(value: &Value, at: &str) -> Result<String, String> {
+        value.as_str().map(str::to_string).ok_or_else(|| format!("{at}: not a string"))
+    }
+    fn boolean(value: &Value, at: &str) -> Result<bool, String> {
+        value.as_bool().ok_or_else(|| format!("{at}: not true or false"))
+    }
+    let unknown = |at: &str| {
+        Err(format!(
+            "{at}: keyswap cannot write it in a binary (.pb) ECDS file (it converts vm_id, runtime, \
+             code.local, allow_precompiled, nack_on_code_cache_miss and environment_variables); use a .json \
+             ECDS file for this vm_config"
+        ))
+    };
+    let mut vm = proto::VmConfig::default();
+    for (key, inner) in object(value, "vm_config")? {
+        let at = format!("vm_config.{key}");
+        match key.as_str() {
+            "vm_id" => vm.vm_id = string(inner, &at)?,
+            "runtime" => vm.runtime = string(inner, &at)?,
+            "allow_precompiled" => vm.allow_precompiled = boolean(inner, &at)?,
+            "nack_on_code_cache_miss" => vm.nack_on_code_cache_miss = boolean(inner, &at)?,
+            "code" => {
+                let mut code = proto::AsyncDataSource::default();
+                for (key, inner) in object(inner, &at)? {
+                    let at = format!("{at}.{key}");
+                    if key != "local" {
+                        return unknown(&at);
+                    }
+                    let mut local = proto::DataSource::default();
+                    for (key, inner) in object(inner, &at)? {
+                        let at = format!("{at}.{key}");
+                        match key.as_str() {
+                            "filename" => local.filename = Some(string(inner, &at)?),
+                            "inline_string" => local.inline_string = Some(string(inner, &at)?),
+                            "environment_variable" => local.environment_variable = Some(string(inner, &at)?),
+                            "inline_bytes" => {
+                                use base64::Engine as _;
+                                let text = string(inner, &at)?;
+                                let bytes = base64::engine::general_purpose::STANDARD
+                                    .decode(text)
+                                    .map_err(|e| format!("{at}: not base64: {e}"))?;
+                                local.inline_bytes = Some(bytes);
+                            }
+                            _ => return unknown(&at),
+                        }
+                    }
+                    code.local = Some(local);
+                }
+                vm.code = Some(code);
+            }
+            "environment_variables" => {
+                let mut env = proto::EnvironmentVariables::default();
+                for (key, inner) in object(inner, &at)? {
+                    let at = format!("{at}.{key}");
+                    match key.as_str() {
+                        "host_env_keys" => {
+                            let list = inner.as_array().ok_or_else(|| format!("{at}: not a list"))?;
+                            env.host_env_keys = list.iter().map(|v| string(v, &at)).collect::<Result<_, _>>()?;
+                        }
+                        "key_values" => {
+                            for (name, v) in object(inner, &at)? {
+                                env.key_values.insert(name.clone(), string(v, &format!("{at}.{name}"))?);
+                            }
+                        }
+                        _ => return unknown(&at),
+                    }
+                }
+                vm.environment_variables = Some(env);
+            }
+            _ => return unknown(&at),
+        }
+    }
+    Ok(vm.encode_to_vec())
+}
+
+/// An encoded `VmConfig` message as JSON, if it holds only the fields
+/// [`vm_config_to_binary`] writes (checked by encoding it again).
+fn vm_config_to_json(bytes: &[u8]) -> Result<Value, String> {
+    let vm = proto::VmConfig::decode(bytes).map_err(|e| format!("vm_config: not a VmConfig message: {e}"))?;
+    if vm.encode_to_vec() != bytes {
+        return Err("vm_config: the binary file's vm_config has fields keyswap cannot carry into JSON \
+                    (code.remote, configuration, …); keep the .pb ECDS file, or write its vm_config by hand"
+            .to_string());
+    }
+    let mut out = serde_json::Map::new();
+    if !vm.vm_id.is_empty() {
+        out.insert("vm_id".into(), json!(vm.vm_id));
+    }
+    if !vm.runtime.is_empty() {
+        out.insert("runtime".into(), json!(vm.runtime));
+    }
+    if let Some(code) = &vm.code {
+        let mut local = serde_json::Map::new();
+        if let Some(l) = &code.local {
+            if let Some(v) = &l.filename {
+                local.insert("filename".into(), json!(v));
+            }
+            if let Some(v) = &l.inline_string {
+                local.insert("inline_string".into(), json!(v));
+            }
+            if let Some(v) = &l.environment_variable {
+                local.insert("environment_variable".into(), json!(v));
+            }
+            if let Some(v) = &l.inline_bytes {
+                use base64::Engine as _;
+                local.insert("inline_bytes".into(), json!(base64::engine::general_purpose::STANDARD.encode(v)));
+            }
+        }
+        out.insert("code".into(), json!({"local": local}));
+    }
+    if vm.allow_precompiled {
+        out.insert("allow_precompiled".into(), json!(true));
+    }
+    if vm.nack_on_code_cache_miss {
+        out.insert("nack_on_code_cache_miss".into(), json!(true));
+    }
+    if let Some(env) = &vm.environment_variables {
+        let mut e = serde_json::Map::new();
+        if !env.host_env_keys.is_empty() {
+            e.insert("host_env_keys".into(), json!(env.host_env_keys));
+        }
+        if !env.key_values.is_empty() {
+            e.insert("key_values".into(), json!(env.key_values));
+        }
+        out.insert("environment_variables".into(), Value::Object(e));
+    }
+    Ok(Value::Object(out))
 }
 
 /// The keyswap filter in a `DiscoveryResponse` (or a single
@@ -268,12 +569,10 @@ pub fn lock(path: &Path, deadline: std::time::Instant) -> std::io::Result<(Lock,
     }
 }
 
-/// The `version_info` of an ECDS file's bytes, if they are a
-/// `DiscoveryResponse` with a keyswap resource.
+/// The `version_info` of an ECDS file's bytes (JSON or binary), if they
+/// are a `DiscoveryResponse` with a keyswap resource.
 pub fn version_of(bytes: &[u8]) -> Option<String> {
-    let response: Value = serde_json::from_slice(bytes).ok()?;
-    wasm_config(&response)?;
-    response.get("version_info")?.as_str().filter(|v| !v.is_empty()).map(str::to_string)
+    read_resource(bytes)?.version
 }
 
 /// What Envoy's admin says about the keyswap ECDS resource.
@@ -384,6 +683,62 @@ mod tests {
         assert_eq!(configuration_of(&response), Some(config));
         assert_eq!(vm_config_of(&response), Some(vm));
         assert_eq!(response["resources"][0]["typed_config"]["@type"], WASM_TYPE);
+    }
+
+    #[test]
+    fn a_binary_resource_carries_the_same_configuration_and_keeps_vm_config_bytes() {
+        let config = "{\"clients\": []}\n";
+        let vm = default_vm_config();
+        let bytes = encode(Format::Binary, config, &VmConfig::Json(vm.clone())).unwrap();
+        assert!(serde_json::from_slice::<Value>(&bytes).is_err(), "binary, not JSON");
+        let held = read_resource(&bytes).unwrap();
+        assert_eq!(held.format, Format::Binary);
+        assert_eq!(held.version.as_deref(), Some(keyswap_policy::content_version(config.as_bytes()).as_str()));
+        assert_eq!(held.configuration.as_deref(), Some(config));
+        let kept = held.vm_config.unwrap();
+        assert_eq!(kept.to_json().unwrap(), vm, "converted both ways without loss");
+        // A push keeps the encoded vm_config byte for byte, and encodes deterministically.
+        assert_eq!(encode(Format::Binary, config, &kept).unwrap(), bytes);
+        assert_eq!(version_of(&bytes), held.version);
+        // And the JSON file of the same configuration reads the same.
+        let json = encode(Format::Json, config, &kept).unwrap();
+        let held_json = read_resource(&json).unwrap();
+        assert_eq!(held_json.format, Format::Json);
+        assert_eq!((held_json.version, held_json.configuration), (held.version, held.configuration));
+    }
+
+    #[test]
+    fn env_key_values_convert_and_unknown_vm_fields_are_named() {
+        let vm = json!({"runtime": "envoy.wasm.runtime.v8", "vm_id": "k",
+            "code": {"local": {"inline_bytes": "AGFzbQ=="}}, "allow_precompiled": true,
+            "environment_variables": {"host_env_keys": ["A"], "key_values": {"B": "1", "A2": "2"}}});
+        let binary = VmConfig::Json(vm.clone()).to_binary().unwrap();
+        assert_eq!(VmConfig::Binary(binary).to_json().unwrap(), vm);
+        let remote = json!({"runtime": "v8", "code": {"remote": {"sha256": "x"}}});
+        let err = VmConfig::Json(remote).to_binary().unwrap_err();
+        assert!(err.contains("vm_config.code.remote") && err.contains(".json"), "{err}");
+        let typed = VmConfig::Json(json!({"runtime": 8})).to_binary().unwrap_err();
+        assert_eq!(typed, "vm_config.runtime: not a string");
+        // A binary vm_config with a field the converter lacks (configuration = 4) is not silently dropped.
+        let mut with_configuration = VmConfig::Json(json!({"runtime": "v8"})).to_binary().unwrap();
+        with_configuration.extend_from_slice(&[0x22, 0x00]);
+        assert!(VmConfig::Binary(with_configuration).to_json().unwrap_err().contains("code.remote, configuration"));
+    }
+
+    #[test]
+    fn the_format_follows_the_name_as_envoy_reads_it() {
+        assert_eq!(Format::of(Path::new("/x/keyswap.pb")), Ok(Format::Binary));
+        assert_eq!(Format::of(Path::new("keyswap.PB")), Ok(Format::Binary));
+        assert_eq!(Format::of(Path::new("keyswap.json")), Ok(Format::Json));
+        assert_eq!(Format::of(Path::new("keyswap.yaml")), Ok(Format::Json));
+        assert!(Format::of(Path::new("keyswap.pb_text")).unwrap_err().contains("text protobuf"));
+    }
+
+    #[test]
+    fn garbage_is_no_resource_in_either_format() {
+        for bytes in [&b""[..], b"{ this is not json\n", b"\x0a\x03abc\x12\x02\x0a\x00", &[0xff; 16]] {
+            assert_eq!(read_resource(bytes), None, "{bytes:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! on_tick (every worker) ──Refresher::tick(EnvoyRecords)──▶ dispatch_http_call(cluster) for each lease won
 //! on_http_call_response ──Reply──▶ Refresher::answer(EnvoyRecords) ──▶ Note ──▶ log
 //! request ──Policy::decide(EnvoyRecords)──▶ get_shared_data, once per provider of the route
+//!   (a per-client fetch: the client's own record; a first request is held, see `broker`)
 //! response :status ──Policy::upstream_status(EnvoyRecords)──▶ on a 401, the values sent marked rejected (CAS), refreshed at once ──▶ log, count
 //! ```
 //!
@@ -17,7 +18,7 @@
 
 use std::time::Duration;
 
-use keyswap_policy::credential::{Provider, Record, Refresher, Reply, SharedRecords, Used, MAX_ANSWER_BYTES};
+use keyswap_policy::credential::{self, Provider, Reply, SharedRecords, Slot, Used, MAX_ANSWER_BYTES};
 use keyswap_policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
@@ -28,30 +29,47 @@ use crate::root::Shared;
 /// How often every worker checks whether a refresh is due.
 pub const TICK: Duration = Duration::from_millis(500);
 
-/// The shared-data key of a provider's record.
-pub fn record_key(provider: &Provider) -> String {
-    format!("keyswap.credential.{}", provider.id)
+/// The shared-data key of each unkeyed provider's record, by number
+/// (made once per configuration; a keyed record's key is made when read).
+pub fn record_keys(policy: &Policy) -> Vec<String> {
+    let providers = policy.credential_providers();
+    (0..providers.len()).map(|p| Slot::Provider(p).storage_key(providers).unwrap_or_default()).collect()
 }
 
-/// The providers' records in Envoy's shared data, under [`record_key`]
-/// (made once per configuration, by provider number).
+/// The providers' records in Envoy's shared data, under
+/// [`Slot::storage_key`].
 pub struct EnvoyRecords<'k> {
-    pub keys: &'k [String],
+    keys: &'k [String],
+    providers: &'k [Provider],
+}
+
+impl<'k> EnvoyRecords<'k> {
+    /// The records of `shared`'s configuration.
+    pub(crate) fn new(shared: &'k Shared) -> Self {
+        Self { keys: &shared.record_keys, providers: shared.policy.credential_providers() }
+    }
+
+    fn with<T>(&self, slot: Slot<'_>, f: impl FnOnce(&str) -> T) -> Option<T> {
+        match slot {
+            // The hot path: a name made once per configuration.
+            Slot::Provider(p) => self.keys.get(p).map(|key| f(key)),
+            other => other.storage_key(self.providers).map(|key| f(&key)),
+        }
+    }
 }
 
 impl SharedRecords for EnvoyRecords<'_> {
-    fn read(&self, provider: usize) -> Option<(Record, Option<u32>)> {
-        match hostcalls::get_shared_data(self.keys.get(provider)?) {
-            Ok((Some(bytes), cas)) => Some((Record::decode(&bytes), cas)),
+    fn read_bytes(&self, slot: Slot<'_>) -> Option<(Vec<u8>, Option<u32>)> {
+        self.with(slot, |key| match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), cas)) => Some((bytes, cas)),
             Ok((None, _)) => None,
             // Unreadable: read as empty, and never created over.
-            Err(_) => Some((Record::default(), None)),
-        }
+            Err(_) => Some((Vec::new(), None)),
+        })?
     }
 
-    fn write(&mut self, provider: usize, record: &Record, version: Option<u32>) -> bool {
-        let Some(key) = self.keys.get(provider) else { return false };
-        hostcalls::set_shared_data(key, Some(&record.encode()), version).is_ok()
+    fn write_bytes(&mut self, slot: Slot<'_>, bytes: &[u8], version: Option<u32>) -> bool {
+        self.with(slot, |key| hostcalls::set_shared_data(key, Some(bytes), version).is_ok()).unwrap_or(false)
     }
 }
 
@@ -64,17 +82,37 @@ fn note(note: Option<keyswap_policy::credential::Note<'_>>) {
 
 /// Starts refreshing a newly loaded configuration's credentials: creates
 /// their records and the timer.
-pub fn start(refresher: &mut Refresher, policy: &Policy, keys: &[String]) {
-    refresher.restart(policy.credential_providers(), &mut EnvoyRecords { keys });
-    if !policy.credential_providers().is_empty() && hostcalls::set_tick_period(TICK).is_err() {
-        log(LogLevel::Error, "keyswap: could not start the credential refresh timer");
+pub(crate) fn start(shared: &Shared) {
+    shared.refresher.borrow_mut().restart(shared.policy.credential_providers(), &mut EnvoyRecords::new(shared));
+    if !shared.policy.credential_providers().is_empty() {
+        pace(shared, Some(TICK));
     }
 }
 
-/// One tick: a call for each provider due whose lease this worker won.
-pub fn tick(refresher: &mut Refresher, policy: &Policy, keys: &[String], now_ms: i64) {
-    let mut call = |_: usize, provider: &Provider| {
-        let headers: Vec<(&str, &str)> = provider.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+/// Sets the root's timer to `period`, or (`None`) to what is needed now:
+/// [`crate::broker::WAIT_TICK`] while requests are held or calls asked
+/// for, else [`TICK`]. A host call only when the period changes.
+pub(crate) fn pace(shared: &Shared, period: Option<Duration>) {
+    let period = period.unwrap_or_else(|| {
+        let busy = !shared.waiters.borrow().is_empty() || shared.refresher.borrow().has_demands();
+        if busy {
+            crate::broker::WAIT_TICK
+        } else {
+            TICK
+        }
+    });
+    if shared.tick.get() != Some(period) {
+        if hostcalls::set_tick_period(period).is_err() {
+            log(LogLevel::Error, "keyswap: could not start the credential refresh timer");
+        }
+        shared.tick.set(Some(period));
+    }
+}
+
+/// One tick: a call for each record due whose lease this worker won.
+pub(crate) fn tick(shared: &Shared, now_ms: i64) {
+    let mut call = |provider: &Provider, headers: &[(String, String)]| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let timeout = Duration::from_millis(provider.timeout_ms);
         hostcalls::dispatch_http_call(&provider.cluster, headers, provider.body.as_deref(), vec![], timeout).map_err(
             |status| match status {
@@ -83,19 +121,14 @@ pub fn tick(refresher: &mut Refresher, policy: &Policy, keys: &[String], now_ms:
             },
         )
     };
-    let notes = refresher.tick(policy.credential_providers(), &mut EnvoyRecords { keys }, now_ms, &mut call);
+    let providers = shared.policy.credential_providers();
+    let notes = shared.refresher.borrow_mut().tick(providers, &mut EnvoyRecords::new(shared), now_ms, &mut call);
     notes.into_iter().for_each(|n| note(Some(n)));
 }
 
 /// A call's answer (`num_headers` 0: no answer, the call failed or timed
 /// out), read and stored.
-pub fn answer(
-    refresher: &mut Refresher,
-    policy: &Policy,
-    keys: &[String],
-    (token, num_headers, body_size): (u32, usize, usize),
-    now_ms: i64,
-) {
+pub(crate) fn answer(shared: &Shared, (token, num_headers, body_size): (u32, usize, usize), now_ms: i64) {
     let body;
     let reply = if num_headers == 0 {
         Reply::Lost
@@ -114,8 +147,23 @@ pub fn answer(
         };
         Reply::Answered { status, body: &body }
     };
-    let providers = policy.credential_providers();
-    note(refresher.answer(providers, &mut EnvoyRecords { keys }, token, reply, now_ms));
+    let providers = shared.policy.credential_providers();
+    let mut records = EnvoyRecords::new(shared);
+    note(shared.refresher.borrow_mut().answer(providers, &mut records, token, reply, now_ms));
+}
+
+/// What a forwarded request asks of the keyed records it used: marked
+/// used (at most once per `touch_ms` per worker), and a due refresh asked
+/// for with the caller's token. Nothing for unkeyed values.
+pub(crate) fn used(shared: &Shared, records: &mut EnvoyRecords<'_>, used: &[Used], caller: Option<&str>) {
+    for u in used.iter().filter(|u| u.touch || u.due) {
+        if u.touch {
+            credential::touch(records, u, crate::now_millis());
+        }
+        if let (true, Some(key)) = (u.due, &u.key) {
+            shared.refresher.borrow_mut().demand(u.provider, key, caller);
+        }
+    }
 }
 
 /// The upstream's answer `status` to a request on `route` that carried the
@@ -124,8 +172,7 @@ pub fn answer(
 /// mark is counted and logged (rate-limited with the denial lines, by
 /// credential path, never a value).
 pub(crate) fn upstream_status(shared: &Shared, route: &str, status: u16, used: &[Used], now_ms: &dyn Fn() -> i64) {
-    let keys = &shared.record_keys;
-    for rejection in shared.policy.upstream_status(status, used, now_ms, &mut EnvoyRecords { keys }) {
+    for rejection in shared.policy.upstream_status(status, used, now_ms, &mut EnvoyRecords::new(shared)) {
         shared.metrics.count_rejected(route);
         if let Some(suppressed) = shared.audit.borrow_mut().admit(rejection.now.div_euclid(1000)) {
             let tail = if suppressed > 0 { format!(" (suppressed {suppressed} earlier lines)") } else { String::new() };

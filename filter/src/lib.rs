@@ -28,9 +28,13 @@
 //! - [`audit`]: rate-limited denial lines.
 //! - [`limits`]: rate limits and quotas: the policy's buckets in Envoy's
 //!   shared data (compare-and-swap), created when a configuration loads.
+//! - [`edits`]: a decision's header edits, one call or one per edit.
 //! - [`credentials`]: dynamic credentials: the policy's refresh state
 //!   machine over Envoy's shared data, run by the root context on a timer;
 //!   the policy reads the shared values when it decides.
+//! - `broker`: the final stage's decision, and requests held for a
+//!   client's first per-client credential (`{client}` fetch), let go by the
+//!   root context when the value arrives or the wait times out.
 //!
 //! Per allowed request, the first stage reads the record (absent), the
 //! upstream address (absent), the headers, writes the edited headers and
@@ -39,21 +43,26 @@
 //! when the client has `expires` or the route dynamic credentials), the
 //! shared data (only for dynamic credentials, and for the buckets of a
 //! client's rate limits and quotas), writes the edited headers,
-//! the counter and the access-log field. No decision is taken here; no key
+//! the counter and the access-log field. Only a configuration with a
+//! per-client fetch adds anything: the first stage reads the caller-token
+//! header from the headers it already has (a filter-state write when one
+//! is present), the final stage one filter-state read. No decision is taken here; no key
 //! or credential is ever logged.
 
 pub mod audit;
+mod broker;
 pub mod credentials;
+pub mod edits;
 pub mod limits;
 pub mod metrics;
 mod root;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use credentials::EnvoyRecords;
 use keyswap_policy::credential::Used;
-use keyswap_policy::{Decision, Denial, KeyCheck, Policy, RequestView, Unconfigured};
+use keyswap_policy::{Denial, KeyCheck, Policy, RequestView, Unconfigured};
 use metrics::Outcome;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -66,7 +75,7 @@ proxy_wasm::main! {{
         // The payload is left out: it is not ours to prove free of secrets.
         log(LogLevel::Critical, &format!("keyswap: panic{at}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(KeyswapRoot::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(KeyswapRoot::new(id)) });
 }}
 
 fn log(level: LogLevel, message: &str) {
@@ -91,73 +100,99 @@ pub const ACCESS_LOG_PROPERTY: &str = "keyswap";
 /// ([`KeyCheck::encode`]), never the key.
 pub const KEY_RECORD_PROPERTY: &str = "keyswap_key";
 
+/// The filter-state entry (`wasm.keyswap_caller`) the first stage leaves
+/// for the final one when the request carries the caller's own token
+/// (`caller_token_header`) and some credential is a per-client fetch: the
+/// token for the credential service, read only by keyswap's final stage;
+/// the header itself is removed with every protected name.
+pub const CALLER_TOKEN_PROPERTY: &str = "keyswap_caller";
+
 /// Where this stream's context runs, once its request headers are seen.
-enum Stage {
+pub(crate) enum Stage {
     /// The listener's filter, before routing is final.
     First,
     /// The cluster's upstream filter; `route` is the route the credentials
     /// were set for, `secrets` the dynamic values injected, `used` their
     /// records and generations (handed back with the upstream's status).
     Final { route: Option<String>, secrets: Vec<String>, used: Vec<Used> },
+    /// The final stage, held for a client's first per-client credential
+    /// (`broker`): the root context puts the final stage here when it lets
+    /// the request go.
+    Held(Rc<RefCell<Option<Stage>>>),
 }
 
 /// One HTTP stream.
 pub struct KeyswapHttp {
     shared: Option<Rc<Shared>>,
     stage: Stage,
+    context_id: u32,
 }
 
 impl Context for KeyswapHttp {}
 
-impl KeyswapHttp {
-    fn record(&self, shared: &Shared, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
-        shared.metrics.count(route, client, outcome);
-        let (outcome, reason) = outcome.labels();
-        // One buffer per configuration, reused: no allocation per request.
-        let mut field = shared.field.borrow_mut();
-        field.clear();
-        for part in [
-            "outcome=",
-            outcome,
-            " reason=",
-            if reason.is_empty() { "-" } else { reason },
-            " route=",
-            route.unwrap_or("-"),
-            " client=",
-            client.unwrap_or("-"),
-        ] {
-            field.push_str(part);
-        }
-        self.set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
-    }
+/// The current time, Unix milliseconds (0 if the host cannot say).
+pub(crate) fn now_millis() -> i64 {
+    proxy_wasm::hostcalls::get_current_time().map_or(0, unix_millis)
+}
 
+/// Counts `outcome` and writes the access-log field, on the effective
+/// context's stream.
+pub(crate) fn record(shared: &Shared, route: Option<&str>, client: Option<&str>, outcome: Outcome) {
+    shared.metrics.count(route, client, outcome);
+    let (outcome, reason) = outcome.labels();
+    // One buffer per configuration, reused: no allocation per request.
+    let mut field = shared.field.borrow_mut();
+    field.clear();
+    for part in [
+        "outcome=",
+        outcome,
+        " reason=",
+        if reason.is_empty() { "-" } else { reason },
+        " route=",
+        route.unwrap_or("-"),
+        " client=",
+        client.unwrap_or("-"),
+    ] {
+        field.push_str(part);
+    }
+    let _ = proxy_wasm::hostcalls::set_property(vec![ACCESS_LOG_PROPERTY], Some(field.as_bytes()));
+}
+
+/// Answers `denial` locally on the effective context's stream, counted and
+/// (rate-limited) logged.
+pub(crate) fn deny(shared: &Shared, denial: &Denial<'_>) -> Action {
+    let reason = denial.reason;
+    record(shared, denial.route, denial.client, Outcome::Denied(reason));
+    if let Some(suppressed) = shared.audit.borrow_mut().admit(now_millis().div_euclid(1000)) {
+        log(LogLevel::Info, &audit::denial_line(denial, suppressed));
+    }
+    let body = reason.body();
+    let headers = denial.headers();
+    let headers = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    let _ = proxy_wasm::hostcalls::send_http_response(u32::from(reason.status()), headers, Some(body.as_bytes()));
+    Action::Pause
+}
+
+impl KeyswapHttp {
     fn refuse_unconfigured(&self, why: Unconfigured) -> Action {
         let headers = vec![("content-type", "application/json")];
         self.send_http_response(u32::from(Unconfigured::STATUS), headers, Some(why.body().as_bytes()));
         Action::Pause
     }
 
-    /// Answers `denial` locally, counted and (rate-limited) logged.
-    fn deny(&self, shared: &Shared, denial: &Denial<'_>) -> Action {
-        let reason = denial.reason;
-        self.record(shared, denial.route, denial.client, Outcome::Denied(reason));
-        if let Some(suppressed) = shared.audit.borrow_mut().admit(unix_seconds(self.get_current_time())) {
-            log(LogLevel::Info, &audit::denial_line(denial, suppressed));
-        }
-        let body = reason.body();
-        let headers = denial.headers();
-        let headers = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-        self.send_http_response(u32::from(reason.status()), headers, Some(body.as_bytes()));
-        Action::Pause
-    }
-
     /// The first stage: read the key, remove every place a key can be, and
-    /// leave the key's digest for the final stage. Nothing is added.
+    /// leave the key's digest for the final stage (and the caller's token,
+    /// for a configuration with per-client fetches). Nothing is added.
     fn first_stage(&mut self, policy: &Policy) -> Action {
         let headers = self.get_http_request_headers_bytes();
         let view = RequestView::from_headers(None, &headers);
         let key = policy.key_check(&view);
         let admit = policy.admit(&view);
+        if policy.has_keyed_credentials() {
+            if let Some(token) = policy.caller_token(&view) {
+                self.set_property(vec![CALLER_TOKEN_PROPERTY], Some(token));
+            }
+        }
         if !admit.is_noop() {
             self.set_http_request_headers_bytes(admit.edited(&headers));
         }
@@ -166,33 +201,38 @@ impl KeyswapHttp {
     }
 
     /// The final stage: decide on Envoy's final route and cluster, with
-    /// the key the first stage read, and apply the answer.
-    fn final_stage(&mut self, shared: &Shared, key: &KeyCheck) -> Action {
+    /// the key the first stage read, and apply the answer; a request that
+    /// waits for a client's first credential is held (`broker`).
+    fn final_stage(&mut self, shared: &Rc<Shared>, key: KeyCheck) -> Action {
         let policy = &shared.policy;
-        let headers = self.get_http_request_headers_bytes();
         let text = |b: Vec<u8>| String::from_utf8(b).ok();
         let cluster = self.get_property(vec!["xds", "cluster_name"]).and_then(text);
         let route_name =
             if policy.needs_route_name() { self.get_property(vec!["xds", "route_name"]).and_then(text) } else { None };
-        let mut view = RequestView::from_headers(route_name.as_deref(), &headers);
-        view.cluster = cluster.as_deref();
-        view.key = Some(key);
-        let now = || unix_millis(self.get_current_time());
-        let records = EnvoyRecords { keys: &shared.record_keys };
-        match policy.decide_limited(&view, &now, &records, &mut limits::EnvoyCounters) {
-            Decision::Forward(mut forward) => {
-                let outcome = if forward.route.is_some() { Outcome::Allowed } else { Outcome::Passed };
-                self.record(shared, forward.route, forward.client, outcome);
-                let (secrets, used) = (std::mem::take(&mut forward.secrets), std::mem::take(&mut forward.used));
-                self.stage = Stage::Final { route: forward.route.map(str::to_string), secrets, used };
-                if !forward.is_noop() {
-                    // One call replaces the whole map, borrowing every
-                    // header rather than copying it.
-                    self.set_http_request_headers_bytes(forward.edited(&headers));
-                }
+        let caller = if policy.has_keyed_credentials() {
+            self.get_property(vec![CALLER_TOKEN_PROPERTY]).and_then(text)
+        } else {
+            None
+        };
+        let request = broker::Request { key, cluster, route_name, caller };
+        match broker::decide(shared, &request, false, &mut limits::EnvoyCounters) {
+            broker::Outcome::Go(stage) => {
+                self.stage = stage;
                 Action::Continue
             }
-            Decision::Deny(denial) => self.deny(shared, &denial),
+            broker::Outcome::Answered => Action::Pause,
+            broker::Outcome::Hold { slots, timeout_ms } => {
+                self.stage = Stage::Held(broker::hold(shared, self.context_id, request, slots, timeout_ms));
+                Action::Pause
+            }
+        }
+    }
+
+    /// A held request's final stage, once the root context let it go.
+    fn settle(&mut self) {
+        if let Stage::Held(cell) = &self.stage {
+            let settled = cell.borrow_mut().take();
+            self.stage = settled.unwrap_or(Stage::Final { route: None, secrets: Vec::new(), used: Vec::new() });
         }
     }
 }
@@ -207,10 +247,10 @@ impl HttpContext for KeyswapHttp {
         if let Some(denial) = shared.policy.refusal() {
             // The fail-closed configuration: nothing goes on, at the first
             // stage already (a cluster without the final stage included).
-            return self.deny(&shared, &denial);
+            return deny(&shared, &denial);
         }
         match self.get_property(vec![KEY_RECORD_PROPERTY]) {
-            Some(record) => self.final_stage(&shared, &KeyCheck::from_record(&record)),
+            Some(record) => self.final_stage(&shared, KeyCheck::from_record(&record)),
             None if self.get_property(vec!["upstream", "address"]).is_some() => {
                 if let Some(suppressed) = shared.audit.borrow_mut().admit(unix_seconds(self.get_current_time())) {
                     log(
@@ -241,6 +281,7 @@ impl HttpContext for KeyswapHttp {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
+        self.settle();
         match &self.stage {
             Stage::First if shared.policy.strips_responses() => {
                 let headers = self.get_http_response_headers_bytes();
@@ -248,13 +289,12 @@ impl HttpContext for KeyswapHttp {
                     self.set_http_response_header(name, None);
                 }
             }
-            Stage::First | Stage::Final { route: None, .. } => {}
+            Stage::First | Stage::Final { route: None, .. } | Stage::Held(_) => {}
             Stage::Final { route: Some(route), secrets, used } => {
                 if !used.is_empty() {
                     // A 401 drops the dynamic values this request carried.
                     let status = self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-                    let now = || unix_millis(self.get_current_time());
-                    credentials::upstream_status(&shared, route, status, used, &now);
+                    credentials::upstream_status(&shared, route, status, used, &now_millis);
                 }
                 let headers = self.get_http_response_headers_bytes();
                 let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
@@ -270,6 +310,7 @@ impl HttpContext for KeyswapHttp {
         let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
+        self.settle();
         let trailers = self.get_http_response_trailers_bytes();
         let mut removals: Vec<String> =
             shared.policy.response_removals(&trailers).into_iter().map(str::to_string).collect();

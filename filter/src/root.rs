@@ -2,14 +2,16 @@
 //! metrics, the dynamic credentials' refresh) and hands every stream what
 //! it shares.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::time::Duration;
 
 use keyswap_policy::credential::Refresher;
 use keyswap_policy::Policy;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
+use crate::broker::{self, Waiter};
 use crate::metrics::Metrics;
 use crate::{audit, credentials, log, unix_millis, unix_seconds, KeyswapHttp, Stage};
 
@@ -20,23 +22,36 @@ pub(crate) struct Shared {
     pub(crate) audit: RefCell<audit::Limiter>,
     /// The access-log field being written (see `KeyswapHttp::record`).
     pub(crate) field: RefCell<String>,
-    /// The shared-data key of each dynamic credential provider, by number.
+    /// The shared-data key of each unkeyed provider's record, by number.
     pub(crate) record_keys: Vec<String>,
+    /// This worker's side of the refresh; streams ask it for a client's
+    /// record (`broker`).
+    pub(crate) refresher: RefCell<Refresher>,
+    /// Requests held for a client's first credential (`broker`).
+    pub(crate) waiters: RefCell<Vec<Waiter>>,
+    /// The root's timer period, once set.
+    pub(crate) tick: Cell<Option<Duration>>,
 }
 
 /// The plugin's root context: owns the compiled policy.
-#[derive(Default)]
 pub struct KeyswapRoot {
     shared: Option<Rc<Shared>>,
-    refresher: Refresher,
+    context_id: u32,
+}
+
+impl KeyswapRoot {
+    /// The root context `context_id`.
+    pub fn new(context_id: u32) -> Self {
+        Self { shared: None, context_id }
+    }
 }
 
 impl Context for KeyswapRoot {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(shared) = &self.shared {
             let now = unix_millis(self.get_current_time());
-            let call = (token_id, num_headers, body_size);
-            credentials::answer(&mut self.refresher, &shared.policy, &shared.record_keys, call, now);
+            credentials::answer(shared, (token_id, num_headers, body_size), now);
+            broker::release(shared, self.context_id, now);
         }
     }
 }
@@ -52,12 +67,13 @@ impl RootContext for KeyswapRoot {
                     log(LogLevel::Error, audit::REFUSING_ALL);
                 }
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
-                let record_keys: Vec<String> =
-                    policy.credential_providers().iter().map(credentials::record_key).collect();
-                credentials::start(&mut self.refresher, &policy, &record_keys);
+                let record_keys = credentials::record_keys(&policy);
                 crate::limits::prepare(&policy);
                 let (audit, field) = (RefCell::default(), RefCell::default());
-                self.shared = Some(Rc::new(Shared { policy, metrics, audit, field, record_keys }));
+                let (refresher, waiters, tick) = (RefCell::default(), RefCell::default(), Cell::default());
+                let shared = Shared { policy, metrics, audit, field, record_keys, refresher, waiters, tick };
+                credentials::start(&shared);
+                self.shared = Some(Rc::new(shared));
                 true
             }
             Err(err) => {
@@ -70,12 +86,14 @@ impl RootContext for KeyswapRoot {
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
             let now = unix_millis(self.get_current_time());
-            credentials::tick(&mut self.refresher, &shared.policy, &shared.record_keys, now);
+            credentials::tick(shared, now);
+            broker::release(shared, self.context_id, now);
+            credentials::pace(shared, None);
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeyswapHttp { shared: self.shared.clone(), stage: Stage::First }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(KeyswapHttp { shared: self.shared.clone(), stage: Stage::First, context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {

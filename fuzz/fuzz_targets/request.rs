@@ -13,8 +13,8 @@
 //! credential is present exactly once.
 #![no_main]
 
-use keyswap_policy::query::{params, split_path};
 use keyswap_policy::credential::NoRecords;
+use keyswap_policy::query::{params, split_path};
 use keyswap_policy::{Decision, Policy, RequestView};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;

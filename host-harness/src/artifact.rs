@@ -67,9 +67,14 @@ impl Artifact {
     }
 
     /// The command that builds it into [`Self::workspace_path`], from the
-    /// workspace root.
+    /// workspace root. The filter's is `scripts/build-filter`, the one
+    /// owner of how the release filter is built (`cargo build --profile filter`,
+    /// then `wasm-opt -Oz`), so what the harness runs is what Envoy loads.
     pub fn build_command(self) -> String {
-        format!("cargo build --release --target {} -p {}", self.target(), self.package())
+        match self {
+            Self::Filter => "scripts/build-filter".to_string(),
+            Self::Component => format!("cargo build --release --target {} -p {}", self.target(), self.package()),
+        }
     }
 
     /// Its place in this workspace's `target/`.

@@ -34,7 +34,7 @@ pub mod state;
 
 /// The ECDS resource and the platform manifests, from their own crate
 /// (also used by the end-to-end tests).
-pub use keyswap_envoy_config::{ecds, manifest};
+pub use keyswap_envoy_config::{delivery, ecds, manifest};
 
 pub use artifact::{Artifact, ArtifactError};
 pub use error::HarnessError;

@@ -135,7 +135,8 @@ impl FilterModule {
             log: String::new(),
         })?;
         let callbacks = Callbacks::find(&instance, &mut store)?;
-        let mut filter = FilterInstance { store, callbacks, next_context_id: 2, first_stage: None, trapped: None };
+        let mut filter =
+            FilterInstance { store, callbacks, next_context_id: 2, first_stage: None, trapped: None, held: false };
         filter.boot()?;
         Ok(filter)
     }
@@ -241,6 +242,9 @@ pub struct FilterInstance {
     first_stage: Option<StreamState>,
     /// Set once a callback trapped: the guest's state is no longer sound.
     trapped: Option<String>,
+    /// The open request's final stage paused it (held for a credential):
+    /// a later callback may let it go ([`Self::held_outcome`]).
+    held: bool,
 }
 
 impl std::fmt::Debug for FilterInstance {
@@ -370,10 +374,41 @@ impl FilterInstance {
             headers,
             filter_state,
         ))?;
-        if !matches!(last, Handled::Forwarded { .. }) {
-            self.finish()?;
+        match last {
+            Handled::Forwarded { .. } => {}
+            // Held: both streams stay open until the filter lets it go.
+            Handled::Paused { .. } => self.held = true,
+            Handled::Local(_) => self.finish()?,
         }
         Ok(last)
+    }
+
+    /// What became of a request the filter held ([`Handled::Paused`] from
+    /// [`Self::request_to`]) since: `Some(Forwarded)` once it let it go
+    /// (`proxy_continue_stream`; the stream stays open for
+    /// [`Self::response`]), `Some(Local)` once it answered it (the streams
+    /// end), `None` while it still holds it or none is held.
+    ///
+    /// # Errors
+    /// A trap while ending the streams.
+    pub fn held_outcome(&mut self) -> Result<Option<Handled>, HarnessError> {
+        if !self.held {
+            return Ok(None);
+        }
+        let Some(stream) = self.store.data_mut().stream.as_mut() else {
+            self.held = false;
+            return Ok(None);
+        };
+        if let Some(local) = stream.local_response.take() {
+            self.held = false;
+            self.finish()?;
+            return Ok(Some(Handled::Local(local)));
+        }
+        if stream.resumed {
+            self.held = false;
+            return Ok(Some(Handled::Forwarded { headers: stream.request_headers.clone() }));
+        }
+        Ok(None)
     }
 
     /// Runs a headers-only request through one stream of the listener's
@@ -518,6 +553,7 @@ impl FilterInstance {
     /// # Errors
     /// A trap.
     pub fn finish(&mut self) -> Result<(), HarnessError> {
+        self.held = false;
         let parked = self.first_stage.take();
         let Some(active) = self.store.data_mut().stream.take() else {
             return Ok(());

@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! CONFIG.json ─▶ the real filter module (refused? stop; nothing written)
-//!             ─▶ ecds::resource (version = content_version of CONFIG.json)
+//!             ─▶ ecds::encode (version = content_version of CONFIG.json): binary
+//!                protobuf for a `.pb` file, JSON otherwise (as Envoy reads it),
+//!                the file's vm_config kept
 //!             ─▶ ecds::lock: one push at a time per file (waits, within --timeout)
 //!             ─▶ same bytes as the file already holds? "unchanged" (--force: write anyway)
 //!             ─▶ temp file (0600, random name, owner kept) + rename + fsync of the directory
-//!             ─▶ --envoy-admin: poll Envoy's admin until it runs that version
-//!                (exit 0), refused it (restore what this push replaced, if the
+//!             ─▶ --envoy-admin: poll Envoy's admin (every 5 ms) until it runs that
+//!                version (exit 0; prints the ms from the rename), refused it (restore what this push replaced, if the
 //!                file still holds this push's bytes; exit 1), or --timeout
 //!                passes (exit 1); an admin that does not answer (Envoy
 //!                restarting, paused) is waited for, within --timeout
@@ -81,6 +83,7 @@ pub fn main(args: &PushOptions) -> Result<(), String> {
         Duration::try_from_secs_f64(args.timeout).map_err(|_| "--timeout: not a number of seconds".to_string())?;
     let deadline = Instant::now() + timeout;
     let path = &args.ecds;
+    let format = ecds::Format::of(path).map_err(|e| format!("{e} (nothing written)"))?;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(format!("{} (nothing written)", ecds::symlink_error(path)));
     }
@@ -96,15 +99,30 @@ pub fn main(args: &PushOptions) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("cannot read {}: {e}; nothing written", path.display())),
     };
-    let vm_config = match existing.as_deref().map(serde_json::from_slice::<Value>) {
-        None => ecds::default_vm_config(),
-        Some(Ok(response)) => ecds::vm_config_of(&response).unwrap_or_else(ecds::default_vm_config),
-        Some(Err(_)) => {
+    let default_vm = || ecds::VmConfig::Json(ecds::default_vm_config());
+    let held = existing.as_deref().map(ecds::read_resource);
+    let vm_config = match held {
+        None => default_vm(),
+        Some(Some(held)) => {
+            if held.format != format {
+                // Envoy reads the file by its name: what it holds now it cannot parse.
+                println!(
+                    "note: {} holds {} but Envoy reads a file of that name as {}; writing {}",
+                    path.display(),
+                    held.format.name(),
+                    format.name(),
+                    format.name()
+                );
+            }
+            held.vm_config.unwrap_or_else(default_vm)
+        }
+        Some(None) => {
             println!("note: {} is not a keyswap ECDS resource; replacing it (default vm_config)", path.display());
-            ecds::default_vm_config()
+            default_vm()
         }
     };
-    let bytes = ecds::resource_bytes(&text, &vm_config);
+    let bytes =
+        ecds::encode(format, &text, &vm_config).map_err(|e| format!("{}: {e}; nothing written", path.display()))?;
     let same = existing.as_deref() == Some(bytes.as_slice());
 
     if same && !args.force {
@@ -175,6 +193,10 @@ fn confirm(
     let mut unreachable: Option<String> = None;
     let mut restarted = false;
     loop {
+        // When this poll was sent: the figure reported is within one poll
+        // interval (5 ms) of the moment Envoy's stats first showed the
+        // version, and does not include the admin's answer time.
+        let asked = renamed.elapsed();
         match admin.stats_view() {
             Err(e) => {
                 if unreachable.is_none() {
@@ -198,8 +220,8 @@ fn confirm(
                 if view.accepted.as_deref() == Some(version) {
                     let by = if restarted { " (an Envoy that restarted during the push)" } else { "" };
                     println!(
-                        "active: Envoy runs version {version}{by} ({} ms after the rename)",
-                        renamed.elapsed().as_millis()
+                        "active: Envoy runs version {version}{by} ({} ms from the rename to Envoy applying it, by its ECDS stats)",
+                        asked.as_millis()
                     );
                     return Ok(());
                 }
@@ -241,7 +263,7 @@ fn confirm(
                 view.dumped.as_deref().unwrap_or("no keyswap resource"),
             ));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -202,11 +202,13 @@ fn run_step(
                 .request_to(request.route_name.as_deref(), request.cluster(), &request.header_list())
                 .map_err(|e| e.to_string())?;
             match outcome {
+                Handled::Forwarded { .. } if send.waits => Err("the request was forwarded, not held".into()),
                 Handled::Forwarded { headers } => {
                     open[w] = true;
                     send.check(&headers)
                 }
                 Handled::Local(local) => Err(format!("the request was answered {} locally", local.status)),
+                Handled::Paused { .. } if send.waits => Ok(()),
                 Handled::Paused { .. } => Err("the filter paused the request without answering it".into()),
             }
         }
@@ -235,6 +237,28 @@ fn run_step(
                 }
             }
             workers[w].finish().map_err(|e| e.to_string())
+        }
+        Step::Resumed(resumed) => {
+            let w = step_worker(resumed.worker, workers.len())?;
+            match workers[w].held_outcome().map_err(|e| e.to_string())? {
+                Some(Handled::Forwarded { headers }) => {
+                    open[w] = true;
+                    resumed.check(&headers)
+                }
+                Some(Handled::Local(local)) => Err(format!("the held request was answered {} locally", local.status)),
+                _ => Err(format!("worker {w} holds no request let go")),
+            }
+        }
+        Step::Refused(refused) => {
+            let w = step_worker(refused.worker, workers.len())?;
+            match workers[w].held_outcome().map_err(|e| e.to_string())? {
+                Some(Handled::Local(local)) => {
+                    let status = u16::try_from(local.status).unwrap_or(0);
+                    refused.check(status, &local.body)
+                }
+                Some(Handled::Forwarded { .. }) => Err("the held request was forwarded".into()),
+                _ => Err(format!("worker {w} holds no request answered")),
+            }
         }
         Step::Respond(respond) => {
             let w = step_worker(respond.worker, workers.len())?;

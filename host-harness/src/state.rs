@@ -221,6 +221,8 @@ pub(crate) struct StreamState {
     /// Present once the upstream's response arrived.
     pub response_headers: Option<HeaderList>,
     pub local_response: Option<LocalResponse>,
+    /// The filter let a paused request go on (`proxy_continue_stream`).
+    pub resumed: bool,
     pub calls: CallCounts,
     /// `proxy_set_property` values, under Envoy's filter-state names
     /// (`wasm.<path>`).
@@ -245,6 +247,7 @@ impl StreamState {
             request_headers,
             response_headers: None,
             local_response: None,
+            resumed: false,
             calls: CallCounts::default(),
             filter_state,
         }

@@ -16,8 +16,8 @@ use std::cell::Cell;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::credential::{SharedRecords, Used};
-use crate::decision::{Decision, Denial, DenialReason, Forward};
+use crate::credential::{Provider, SharedRecords, Slot, Used};
+use crate::decision::{Decision, Denial, DenialReason, Forward, Wait};
 use crate::limit::{NoCounters, SharedCounters};
 use crate::model::{Client, Credentials, InjectTarget, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
@@ -123,7 +123,9 @@ impl Policy {
             return match self.unmatched {
                 UnmatchedRoute::Pass if !bound => match self.forward(req, None, None, &now, records) {
                     Ok(forward) => Decision::Forward(forward),
-                    Err(reason) => deny_unrouted(reason),
+                    Err(Refusal::Deny(reason)) => deny_unrouted(reason),
+                    // Only a route's list has credentials to wait for.
+                    Err(Refusal::Wait(..)) => deny_unrouted(DenialReason::CredentialUnavailable),
                 },
                 _ => deny_unrouted(DenialReason::NoRoute),
             };
@@ -177,7 +179,10 @@ impl Policy {
         // Dynamic credentials come all, or none.
         match self.forward(req, Some(inject), Some(client), &now, records) {
             Ok(forward) => Decision::Forward(forward),
-            Err(reason) => deny(reason, Some(client)),
+            Err(Refusal::Deny(reason)) => deny(reason, Some(client)),
+            Err(Refusal::Wait(slots, timeout_ms)) => {
+                Decision::Wait(Wait { route: route.name.as_str(), client: client.id.as_str(), slots, timeout_ms })
+            }
         }
     }
 
@@ -323,7 +328,9 @@ impl Policy {
     ///
     /// # Errors
     /// [`DenialReason::CredentialUnavailable`] when one of the list's
-    /// dynamic credentials has no usable value in `records` at `now`.
+    /// dynamic credentials has no usable value in `records` at `now`;
+    /// [`Refusal::Wait`] when every one missing is a client's keyed value
+    /// the request can wait for.
     fn forward<'p>(
         &'p self,
         req: &RequestView<'_>,
@@ -331,7 +338,7 @@ impl Policy {
         client: Option<&'p Client>,
         now: &Now<'_>,
         records: &dyn SharedRecords,
-    ) -> Result<Forward<'p>, DenialReason> {
+    ) -> Result<Forward<'p>, Refusal<'p>> {
         let present = |name: &str| req.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         let mut remove_headers: Vec<&str> = Vec::new();
         for name in self.protected.iter().map(String::as_str) {
@@ -357,7 +364,8 @@ impl Policy {
         let (path, mut secrets, used) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
             Some(credentials) if !credentials.dynamic.is_empty() => {
-                let dynamic = dynamic_values(credentials, now, records)?;
+                let key = client.map(|c| c.id.as_str());
+                let dynamic = dynamic_values(credentials, &self.providers, key, now, records)?;
                 add_headers.extend(dynamic.headers);
                 (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets, dynamic.used)
             }
@@ -429,19 +437,67 @@ struct Injection<'p> {
     clients_own: bool,
 }
 
+/// Why [`Policy::forward`] gives no forward.
+enum Refusal<'p> {
+    Deny(DenialReason),
+    /// Keyed records (provider, key) to wait for, and the longest timeout.
+    Wait(Vec<(usize, &'p str)>, u64),
+}
+
+impl From<DenialReason> for Refusal<'_> {
+    fn from(reason: DenialReason) -> Self {
+        Refusal::Deny(reason)
+    }
+}
+
 /// An inject list's dynamic credentials at `now`, every one or none: each
-/// of the list's providers is read once, so all values of a provider come
-/// from one record, written whole by one refresh. Client-sent copies of
-/// the injected headers are among the protected names, removed by
+/// of the list's providers is read once (a keyed one at the record of
+/// `key`, the client's id), so all values of a provider come from one
+/// record, written whole by one refresh. Client-sent copies of the
+/// injected headers are among the protected names, removed by
 /// [`Policy::forward`].
 fn dynamic_values<'p>(
     list: &'p Credentials,
+    providers: &'p [Provider],
+    key: Option<&'p str>,
     now: &Now<'_>,
     records: &dyn SharedRecords,
-) -> Result<DynamicValues<'p>, DenialReason> {
+) -> Result<DynamicValues<'p>, Refusal<'p>> {
     let now = now.millis();
-    let read: Vec<(usize, Option<crate::credential::Record>)> =
-        list.providers.iter().map(|&p| (p, records.read(p).map(|(record, _)| record))).collect();
+    let mut read: Vec<(usize, Option<&'p str>, Option<crate::credential::Record>)> =
+        Vec::with_capacity(list.providers.len());
+    let (mut waits, mut timeout_ms) = (Vec::new(), 0);
+    for &p in &list.providers {
+        let Some(provider) = providers.get(p) else { return Err(DenialReason::CredentialUnavailable.into()) };
+        let (slot_key, slot) = match (&provider.keyed, key) {
+            (None, _) => (None, Slot::Provider(p)),
+            (Some(_), Some(key)) => (Some(key), Slot::Keyed(p, key)),
+            // A keyed value is a client's: nothing to read without one.
+            (Some(_), None) => return Err(DenialReason::CredentialUnavailable.into()),
+        };
+        let record = records.read(slot).map(|(record, _)| record);
+        if let (Some(key), false) = (slot_key, record.as_ref().is_some_and(|r| r.usable(now).is_some())) {
+            // A first fetch that failed, with its next try after this
+            // request could wait: refused now, no call storm.
+            let deadline = now.saturating_add(i64::try_from(provider.timeout_ms).unwrap_or(i64::MAX));
+            if record.as_ref().is_some_and(|r| r.failures > 0 && r.refresh_at > deadline) {
+                return Err(DenialReason::CredentialUnavailable.into());
+            }
+            waits.push((p, key));
+            timeout_ms = timeout_ms.max(provider.timeout_ms);
+        }
+        read.push((p, slot_key, record));
+    }
+    let unkeyed_ready = read.iter().all(|(_, k, r)| k.is_some() || r.as_ref().is_some_and(|r| r.usable(now).is_some()));
+    if !waits.is_empty() {
+        // Only a client's keyed values are waited for; a route's shared
+        // value is refreshed in the background and never waited on.
+        return Err(if unkeyed_ready {
+            Refusal::Wait(waits, timeout_ms)
+        } else {
+            DenialReason::CredentialUnavailable.into()
+        });
+    }
     let mut out = DynamicValues {
         headers: Vec::new(),
         queries: Vec::new(),
@@ -449,16 +505,24 @@ fn dynamic_values<'p>(
         // Every provider of the list is read by some entry: all were used.
         used: read
             .iter()
-            .filter_map(|(provider, record)| {
-                record.as_ref().map(|r| Used { provider: *provider, generation: r.generation })
+            .filter_map(|(provider, key, record)| {
+                let record = record.as_ref()?;
+                let keyed = providers.get(*provider).and_then(|p| p.keyed.as_ref());
+                Some(Used {
+                    provider: *provider,
+                    key: key.map(str::to_string),
+                    generation: record.generation,
+                    touch: keyed.is_some_and(|k| now.saturating_sub(record.used_at) >= k.touch_ms()),
+                    due: keyed.is_some() && record.due(now),
+                })
             })
             .collect(),
     };
     for inject in &list.dynamic {
         let value = read
             .iter()
-            .find(|(p, _)| *p == inject.provider)
-            .and_then(|(_, record)| record.as_ref())
+            .find(|(p, _, _)| *p == inject.provider)
+            .and_then(|(_, _, record)| record.as_ref())
             .and_then(|record| record.usable(now))
             .and_then(|values| values.get(inject.value))
             .ok_or(DenialReason::CredentialUnavailable)?;
@@ -643,6 +707,7 @@ mod tests {
         match policy.decide(&RequestView::from_headers(None, headers), &|| 0, &NoRecords) {
             Decision::Deny(denial) => Some(denial.reason),
             Decision::Forward(_) => None,
+            Decision::Wait(w) => panic!("{w:?}"),
         }
     }
 
@@ -674,6 +739,7 @@ mod tests {
                     assert_eq!(f.path.as_deref(), upstream.map(str::as_bytes), "{path}");
                 }
                 Decision::Deny(d) => assert!(upstream.is_none(), "{path}: {d:?}"),
+                Decision::Wait(w) => panic!("{w:?}"),
             }
         }
         // Passed (unmatched) requests lose their fragment too.
@@ -683,6 +749,7 @@ mod tests {
         match p.decide(&view, &|| 0, &NoRecords) {
             Decision::Forward(f) => assert_eq!(f.path.as_deref(), Some(&b"/b"[..])),
             Decision::Deny(d) => panic!("{d:?}"),
+            Decision::Wait(w) => panic!("{w:?}"),
         }
     }
 
@@ -699,6 +766,7 @@ mod tests {
                 assert!(f.add_headers.is_empty());
             }
             Decision::Deny(d) => panic!("{d:?}"),
+            Decision::Wait(w) => panic!("{w:?}"),
         }
         assert_eq!(reason(&policy("deny"), &request("GET", "/", &bearer)), None);
     }
@@ -781,6 +849,7 @@ mod tests {
             match decide_on(&p, &keyed, route, cluster) {
                 Decision::Deny(d) => assert_eq!(d.reason, DenialReason::NoRoute, "{route:?} {cluster:?}"),
                 Decision::Forward(f) => panic!("{route:?} {cluster:?}: forwarded on {:?}", f.route),
+                Decision::Wait(w) => panic!("{w:?}"),
             }
         }
     }
@@ -797,6 +866,7 @@ mod tests {
         match decide_on(&p, &keyed, Some("other"), Some("elsewhere")) {
             Decision::Forward(f) => assert!(f.route.is_none() && f.add_headers.is_empty() && f.path.is_none()),
             Decision::Deny(d) => panic!("{d:?}"),
+            Decision::Wait(w) => panic!("{w:?}"),
         }
     }
 
@@ -827,6 +897,7 @@ mod tests {
                 assert_eq!(path, "/x?key.=x&keep=1&key=query%20secret%2F456");
             }
             Decision::Deny(d) => panic!("{d:?}"),
+            Decision::Wait(w) => panic!("{w:?}"),
         }
     }
 
@@ -893,10 +964,11 @@ mod tests {
                 assert_eq!((d.reason, d.route, d.client), (DenialReason::CredentialUnavailable, Some("r"), Some("c")))
             }
             Decision::Forward(f) => panic!("forwarded without its credentials: {f:?}"),
+            Decision::Wait(w) => panic!("a route's value is never waited for: {w:?}"),
         }
         let answer = p.credential_providers()[0].parse(200, br#"{"data":{"id":"k7","secret":"s/7"}}"#, 0).unwrap();
         let mut records = MemoryRecords::new(1);
-        assert!(records.write(0, &Record::default().succeeded(answer).0, None));
+        assert!(records.write(Slot::Provider(0), &Record::default().succeeded(answer).0, None));
         let Decision::Forward(forward) = p.decide(&view, &|| 1, &records) else { panic!() };
         assert_eq!(forward.secrets, ["k7", "s/7"]);
         let mut out = headers.clone();
@@ -933,6 +1005,7 @@ mod tests {
                     (added, f.path.map(|p| String::from_utf8_lossy(&p).into_owned()), f.secrets)
                 }
                 Decision::Deny(d) => panic!("{key} on {route}: {d:?}"),
+                Decision::Wait(w) => panic!("{key} on {route}: {w:?}"),
             }
         };
         let (added, path, secrets) = sent("team-a-key", "openai");

@@ -178,10 +178,51 @@ impl Unconfigured {
 /// The policy's answer for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'p> {
-    /// Send the request upstream after applying the edits.
     Forward(Forward<'p>),
-    /// Answer the client locally.
     Deny(Denial<'p>),
+    /// The request needs per-client credentials not fetched yet.
+    Wait(Wait<'p>),
+}
+
+/// A request that needs keyed credentials (a `{client}` fetch) with no
+/// value yet. A host that can hold a request admits each key
+/// ([`crate::credential::admit`]: refused `credential_unavailable` past
+/// `max_clients`), asks for it ([`crate::credential::Refresher::demand`],
+/// with the caller's token), holds the request, and decides it again once
+/// every slot holds a value ([`crate::credential::ready`]) or `timeout_ms`
+/// has passed, when a request still waiting is refused
+/// ([`Wait::denial`]). A host that cannot hold requests refuses at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait<'p> {
+    pub route: &'p str,
+    pub client: &'p str,
+    /// (provider, key) of each record waited for.
+    pub slots: Vec<(usize, &'p str)>,
+    /// The longest `timeout_ms` of the providers waited for.
+    pub timeout_ms: u64,
+}
+
+impl<'p> Decision<'p> {
+    /// The decision for a host that cannot hold a request: a forward, or
+    /// a denial (a [`Decision::Wait`] is its [`Wait::denial`]).
+    ///
+    /// # Errors
+    /// The denial.
+    pub fn without_waiting(self) -> Result<Forward<'p>, Denial<'p>> {
+        match self {
+            Decision::Forward(forward) => Ok(forward),
+            Decision::Deny(denial) => Err(denial),
+            Decision::Wait(wait) => Err(wait.denial()),
+        }
+    }
+}
+
+impl<'p> Wait<'p> {
+    /// The answer to a request that cannot wait (longer).
+    pub fn denial(&self) -> Denial<'p> {
+        let reason = DenialReason::CredentialUnavailable;
+        Denial { reason, route: Some(self.route), client: Some(self.client), limit: None }
+    }
 }
 
 /// A refusal: the reason, and what was known when it was made.

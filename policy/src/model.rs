@@ -50,6 +50,9 @@ pub struct Policy {
     /// The field path of the first limit in the configuration, if any
     /// (`clients[0].limits`): a host that keeps no counters refuses it.
     pub(crate) first_limit: Option<String>,
+    /// The request header with the caller's own token for the credential
+    /// service of a per-client fetch; among `protected`.
+    pub(crate) caller_token_header: Option<String>,
 }
 
 #[derive(Debug)]
@@ -349,6 +352,29 @@ impl Policy {
     /// host that cannot count them refuses the configuration with it.
     pub fn first_limit(&self) -> Option<&str> {
         self.first_limit.as_deref()
+    }
+
+    /// True when some provider keeps one record per client (a `{client}`
+    /// fetch): a host able to hold a request until its first value arrives
+    /// runs the broker then ([`crate::Decision::Wait`]).
+    pub fn has_keyed_credentials(&self) -> bool {
+        self.providers.iter().any(|p| p.keyed.is_some())
+    }
+
+    /// The caller's own token for a per-client fetch's credential service:
+    /// the value of `caller_token_header`, when configured and present
+    /// once with a value fit for a header (else `None`: the configured
+    /// `authorization` is used). The first stage reads it before removing
+    /// the header with every other protected name; it never reaches an
+    /// upstream.
+    pub fn caller_token<'r>(&self, req: &crate::RequestView<'r>) -> Option<&'r [u8]> {
+        let name = self.caller_token_header.as_deref()?;
+        let mut found = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
+        let (_, value) = found.next()?;
+        let fit = !value.is_empty()
+            && value.len() <= crate::MAX_KEY_BYTES * 2
+            && value.iter().all(|&b| b == b' ' || b.is_ascii_graphic());
+        (found.next().is_none() && fit).then_some(value.as_slice())
     }
 
     /// The providers a route's requests may need, by number: the route's

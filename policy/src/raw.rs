@@ -19,6 +19,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub strip_response_headers: Vec<String>,
     pub client_id_header: Option<String>,
+    /// The request header carrying the caller's own token for the
+    /// credential service of a `{client}` fetch; removed from every request.
+    pub caller_token_header: Option<String>,
     #[serde(default)]
     pub unmatched_route: UnmatchedRoute,
     #[serde(default)]
@@ -275,6 +278,11 @@ pub struct RawFetch {
     pub json_pointer: String,
     pub refresh_seconds: Option<u64>,
     pub timeout_ms: Option<u64>,
+    /// With `{client}` in `path`: drop a client's value after this long
+    /// unused.
+    pub idle_seconds: Option<u64>,
+    /// With `{client}` in `path`: the most clients cached at once.
+    pub max_clients: Option<u64>,
 }
 
 /// A rate, a quota, or both (`{}`: none, only in `route_limits`, where it

@@ -38,7 +38,7 @@ impl Policy {
             return Vec::new();
         }
         let now = now_ms();
-        used.iter().filter_map(|u| credential::reject(&self.providers, records, *u, now)).collect()
+        used.iter().filter_map(|u| credential::reject(&self.providers, records, u, now)).collect()
     }
 
     /// Response headers that would hand a credential the route injected
@@ -177,10 +177,10 @@ mod tests {
         let mut records = MemoryRecords::new(2);
         for provider in 0..2 {
             let record = Record { values: vec!["value-1".into()], generation: 1, ..Record::default() };
-            records.write(provider, &record, None);
+            records.write(crate::credential::Slot::Provider(provider), &record, None);
         }
         let never = || -> i64 { panic!("the clock was read") };
-        let used = [Used { provider: 0, generation: 1 }];
+        let used = [Used { provider: 0, key: None, generation: 1, touch: false, due: false }];
         for status in [200, 403, 500] {
             assert!(p.upstream_status(status, &used, &never, &mut records).is_empty(), "{status}");
         }
@@ -190,7 +190,8 @@ mod tests {
             dropped.iter().map(|r| r.provider.path.as_str()).collect::<Vec<_>>(),
             ["routes[0].inject[0].value.fetch"]
         );
-        let record = |provider| records.read(provider).map(|(r, _)| r).unwrap_or_default();
+        let record =
+            |provider| records.read(crate::credential::Slot::Provider(provider)).map(|(r, _)| r).unwrap_or_default();
         assert_eq!((record(0).rejected, record(0).due(8)), (Some(1), true), "marked, refreshed at once");
         assert_eq!(record(1).rejected, None, "another route's value is untouched");
     }

@@ -30,7 +30,7 @@ impl Policy {
     ) -> Result<(), Refusal<'p>> {
         let Some(route) = self.routes.get(r) else { return Ok(()) };
         let on_route: &[Limit] = client.limits.for_route(r).unwrap_or(&route.limits);
-        if on_route.is_empty() && client.limits.all.is_empty() {
+        if (on_route.is_empty() && client.limits.all.is_empty()) || counters.taken() {
             return Ok(());
         }
         let buckets: Vec<(&Limit, String)> =
@@ -70,7 +70,7 @@ impl Policy {
 mod tests {
     use std::cell::Cell;
 
-    use crate::credential::{Record, SharedRecords};
+    use crate::credential::{SharedRecords, Slot};
     use crate::limit::{Counter, MemoryCounters, SharedCounters};
     use crate::{Decision, DenialReason, Policy, RequestView};
 
@@ -93,11 +93,11 @@ mod tests {
     }
 
     impl SharedRecords for Spy {
-        fn read(&self, _provider: usize) -> Option<(Record, Option<u32>)> {
+        fn read_bytes(&self, _slot: Slot<'_>) -> Option<(Vec<u8>, Option<u32>)> {
             self.calls.set(self.calls.get() + 1);
             None
         }
-        fn write(&mut self, _provider: usize, _record: &Record, _version: Option<u32>) -> bool {
+        fn write_bytes(&mut self, _slot: Slot<'_>, _bytes: &[u8], _version: Option<u32>) -> bool {
             false
         }
     }
@@ -120,9 +120,9 @@ mod tests {
         let mut view = RequestView::from_headers(None, &headers);
         view.cluster = Some(cluster);
         let records = Spy::default();
-        match p.decide_limited(&view, &|| at, &records, counters) {
-            Decision::Forward(_) => Ok(()),
-            Decision::Deny(d) => Err(d.reason),
+        match p.decide_limited(&view, &|| at, &records, counters).without_waiting() {
+            Ok(_) => Ok(()),
+            Err(d) => Err(d.reason),
         }
     }
 
@@ -147,10 +147,10 @@ mod tests {
 
     struct NoRecordsSpy;
     impl SharedRecords for NoRecordsSpy {
-        fn read(&self, _provider: usize) -> Option<(Record, Option<u32>)> {
+        fn read_bytes(&self, _slot: Slot<'_>) -> Option<(Vec<u8>, Option<u32>)> {
             panic!("no credential is read for a static route")
         }
-        fn write(&mut self, _provider: usize, _record: &Record, _version: Option<u32>) -> bool {
+        fn write_bytes(&mut self, _slot: Slot<'_>, _bytes: &[u8], _version: Option<u32>) -> bool {
             false
         }
     }
@@ -172,7 +172,7 @@ mod tests {
         let records = Spy::default();
         match p.decide_limited(&view, &|| 1, &records, &mut spy) {
             Decision::Deny(d) => assert_eq!(d.reason, DenialReason::RateLimited),
-            Decision::Forward(f) => panic!("{f:?}"),
+            other => panic!("{other:?}"),
         }
         assert_eq!(records.calls.get(), 0, "a refused request reads no credential");
     }

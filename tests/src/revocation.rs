@@ -5,7 +5,7 @@
 //! ```text
 //! EcdsGateway::start ─▶ Envoy (--concurrency 2), its keyswap filter from
 //!                       config_discovery: a watched file in the run's dir
-//! push(config) ───────▶ ecds::write_atomically (temp file + rename) ─▶ Envoy reloads
+//! push(config) ───────▶ ecds::encode (binary .pb, or JSON) + write_atomically ─▶ Envoy reloads
 //! Envoy's log ────────▶ which worker thread loaded / denied what, and when
 //! ```
 //!
@@ -40,6 +40,9 @@ pub struct EcdsGateway {
     pub ecds: PathBuf,
     /// The filter's `vm_config` (absolute wasm path, the VM's environment).
     pub vm_config: Value,
+    /// How the ECDS file is encoded: binary (`keyswap.pb`, as `envoy.yaml`)
+    /// unless [`Options::json`].
+    pub format: ecds::Format,
     pub addr: SocketAddr,
     /// How Envoy was started, for [`EcdsGateway::restart`].
     launch: Launch,
@@ -55,6 +58,9 @@ pub struct Options {
     /// Admin and listener on ports picked once, so that a restarted Envoy
     /// answers where the first one did (a push in flight keeps its admin URL).
     pub fixed_ports: bool,
+    /// A JSON ECDS file (`keyswap.json`) instead of the binary
+    /// `keyswap.pb` `envoy.yaml` uses.
+    pub json: bool,
 }
 
 /// A loopback port free right now (the kernel's pick; released at once).
@@ -146,7 +152,9 @@ impl EcdsGateway {
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let ecds_path = dir.join("keyswap.json");
+        let (format, name) =
+            if options.json { (ecds::Format::Json, "keyswap.json") } else { (ecds::Format::Binary, "keyswap.pb") };
+        let ecds_path = dir.join(name);
         let mut bootstrap = ecds_bootstrap(&listener, echo.addr(), &wasm, &ecds_path);
         let discovery = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
             ["typed_config"]["http_filters"][0]["config_discovery"];
@@ -161,8 +169,8 @@ impl EcdsGateway {
         let filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             ["http_filters"][0];
         let vm_config = filter["config_discovery"]["default_config"]["config"]["vm_config"].clone();
-        ecds::write_atomically(&ecds_path, &ecds::resource_bytes(&config, &vm_config))
-            .map_err(|e| format!("{}: {e}", ecds_path.display()))?;
+        let first = ecds::encode(format, &config, &ecds::VmConfig::Json(vm_config.clone()))?;
+        ecds::write_atomically(&ecds_path, &first).map_err(|e| format!("{}: {e}", ecds_path.display()))?;
         let mut env = vec![("TZ".to_string(), "UTC".to_string())];
         env.extend(envoy_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let launch = Launch {
@@ -174,7 +182,7 @@ impl EcdsGateway {
         };
         let envoy = Envoy::start_logging(&launch, log)?;
         let addr = envoy.listener(LISTENER)?;
-        Ok(Self { envoy, echo, ecds: ecds_path, vm_config, addr, launch, log: log.clone() })
+        Ok(Self { envoy, echo, ecds: ecds_path, vm_config, format, addr, launch, log: log.clone() })
     }
 
     /// Kills Envoy and starts it again with the same bootstrap, environment
@@ -239,8 +247,17 @@ impl EcdsGateway {
     /// # Errors
     /// The file could not be written.
     pub fn push(&self, config: &str) -> Result<SystemTime, String> {
-        ecds::write_atomically(&self.ecds, &ecds::resource_bytes(config, &self.vm_config))
+        ecds::write_atomically(&self.ecds, &self.file_bytes(config)?)
             .map_err(|e| format!("{}: {e}", self.ecds.display()))
+    }
+
+    /// The ECDS file's bytes for `config`, in this gateway's format, with
+    /// its `vm_config`: what `keyswap push` writes there.
+    ///
+    /// # Errors
+    /// The `vm_config` cannot be encoded (not for the gateway's own).
+    pub fn file_bytes(&self, config: &str) -> Result<Vec<u8>, String> {
+        ecds::encode(self.format, config, &ecds::VmConfig::Json(self.vm_config.clone()))
     }
 
     /// GET `path` on Envoy's admin; the body.

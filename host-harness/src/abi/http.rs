@@ -1,3 +1,5 @@
+//! `proxy_continue_stream`: a held request goes on (recorded on the open
+//! stream, read by [`crate::FilterInstance::held_outcome`]).
 //! `proxy_send_local_response`: the filter answers the client itself. The
 //! response is recorded on the open stream exactly as sent (Envoy would add
 //! `content-length` and the like; the harness reports what the filter gave).
@@ -30,6 +32,18 @@ pub fn add_to_linker(calls: &mut HostCalls<'_>) -> wasmtime::Result<()> {
             status(send(&mut caller, args))
         }
     )?;
+    host_call!(calls, "proxy_continue_stream", |caller, stream_type: u32| {
+        // Only a request (0) is ever held; Envoy continues it once the
+        // callback returns.
+        let stream = caller.data_mut().stream.as_mut();
+        status(match (stream, stream_type) {
+            (Some(stream), 0) => {
+                stream.resumed = true;
+                Ok(())
+            }
+            _ => Err(Status::BadArgument.into()),
+        })
+    })?;
     Ok(())
 }
 

@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use keyswap_conformance::{default_dir, Request, Suite};
-use keyswap_harness::manifest;
 use keyswap_harness::runner::{check_unimplemented, run_suite, text_pairs};
+use keyswap_harness::{delivery, manifest};
 use keyswap_harness::{
     Artifact, ArtifactError, FilterInstance, FilterModule, Handled, HarnessError, LogLevel, MetricType,
 };
@@ -28,7 +28,7 @@ Examples (from the repository root after scripts/setup; from source, `keyswap` i
   keyswap new-key --id team-a --routes demo
   KEYSWAP_DEMO_CREDENTIAL=demo-upstream-credential keyswap check docs/examples/demo.json --env KEYSWAP_DEMO_CREDENTIAL
   keyswap run docs/examples/demo.json '{\"route_name\": \"demo\", \"cluster\": \"demo_echo\", \"headers\": [[\"authorization\", \"Bearer keyswap-demo-key\"]]}' --env KEYSWAP_DEMO_CREDENTIAL=demo-upstream-credential
-  keyswap push docs/examples/demo.json --ecds .run/ecds/keyswap.json --envoy-admin http://127.0.0.1:9901
+  keyswap push docs/examples/demo.json --ecds .run/ecds/keyswap.pb --envoy-admin http://127.0.0.1:9901
   keyswap manifest istio deploy/istio/keyswap.json --istio-version 1.29 --image oci://registry.example.com/keyswap/filter:0.1.0
 ";
 
@@ -53,7 +53,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load a configuration into the filter and print its summary, or the
-    /// error with its field path.
+    /// error with its field path; then its size, as each delivery path
+    /// carries it, and a warning for each common limit it does not fit
+    /// (a ConfigMap, a gRPC xDS message, a Kubernetes object).
     Check {
         /// The plugin configuration (JSON).
         config: PathBuf,
@@ -172,7 +174,9 @@ enum Platform {
 struct PushArgs {
     /// The keyswap configuration (JSON), sent byte for byte.
     config: PathBuf,
-    /// The ECDS file Envoy watches (envoy.yaml: .run/ecds/keyswap.json).
+    /// The ECDS file Envoy watches (envoy.yaml: .run/ecds/keyswap.pb).
+    /// Written as Envoy reads it by its name: binary protobuf for `.pb`
+    /// (fastest for Envoy to parse), JSON for any other name (`.json`).
     #[arg(long, value_name = "PATH")]
     ecds: PathBuf,
     /// Envoy's admin (http://127.0.0.1:9901): wait until Envoy runs the new
@@ -327,7 +331,10 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     let noop = match FilterModule::load(&noop_path) {
         Ok(noop) => Some(noop),
         Err(HarnessError::Artifact(ArtifactError::Missing { .. })) if args.noop.is_none() => {
-            eprintln!("bench: no no-op module at {}: no floor (build it: cargo build --release --target wasm32-wasip1 -p keyswap-bench-noop)", noop_path.display());
+            eprintln!(
+                "bench: no no-op module at {}: no floor (build it: scripts/build-filter keyswap-bench-noop)",
+                noop_path.display()
+            );
             None
         }
         Err(e) => return Err(e.to_string()),
@@ -413,7 +420,8 @@ fn check(config: &Path, vm: &VmArgs) -> Result<(), String> {
         .map_or("configuration loaded", |e| bare(&e.message));
     println!("ok: {summary}");
     let text = String::from_utf8_lossy(&read(config)?).into_owned();
-    for warning in manifest::delivery_warnings(&text) {
+    println!("{}", delivery::size_line(&delivery::sizes(&text)));
+    for warning in delivery::warnings(&text) {
         println!("warning: {warning}");
     }
     Ok(())

@@ -174,7 +174,7 @@ fn host_calls_are_counted_per_request() {
             "forwarded",
             Some("dev-key"),
             &[
-                // Both stages read the headers and write them back.
+                // Both stages read the headers.
                 ("proxy_get_header_map_pairs", 2),
                 // First: the key record (absent), upstream.address (absent);
                 // final: the key record, the cluster, the route name.
@@ -182,7 +182,12 @@ fn host_calls_are_counted_per_request() {
                 ("proxy_increment_metric", 1),
                 // The key record, the access-log field.
                 ("proxy_set_property", 2),
-                ("proxy_set_header_map_pairs", 2),
+                // The first stage's removals (more than three edits) as
+                // one map; the final stage's two additions, the
+                // credential and the client id, one call each (the
+                // filter's `edits`).
+                ("proxy_set_header_map_pairs", 1),
+                ("proxy_add_header_map_value", 2),
             ],
         ),
         (
@@ -345,9 +350,9 @@ fn unimplemented_imports_answer_12_and_are_counted() {
 #[should_panic(expected = "does not implement")]
 fn a_call_to_an_unimplemented_import_fails_the_runner() {
     let module = wat(
-        r#"(import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))"#,
+        r#"(import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))"#,
         r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $continue (i32.const 0))) (i32.const 0))"#,
+    (drop (call $enqueue (i32.const 1) (i32.const 0) (i32.const 0))) (i32.const 0))"#,
     );
     let mut instance = module.start(&BTreeMap::new()).unwrap();
     instance.request_stream(None, &headers(&[(":path", "/")])).unwrap();
@@ -398,7 +403,7 @@ fn modules_that_are_not_proxy_wasm_are_refused() {
 fn a_missing_module_says_how_to_build_it() {
     let err = FilterModule::load(std::path::Path::new("/nonexistent/keyswap_filter.wasm")).unwrap_err();
     assert!(matches!(err, HarnessError::Artifact(ArtifactError::Missing { .. })));
-    assert!(err.to_string().contains("cargo build --release --target wasm32-wasip1 -p keyswap-filter"), "{err}");
+    assert!(err.to_string().contains("scripts/build-filter"), "{err}");
 }
 
 /// Statuses and ids as letters (`a` + value), so a module can log them.

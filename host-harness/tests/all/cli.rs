@@ -200,7 +200,7 @@ fn a_missing_filter_says_how_to_build_it() {
     let out = keyswap(&["check", &gateway(), "--filter", "/nonexistent/keyswap_filter.wasm"], None);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("cargo build --release --target wasm32-wasip1 -p keyswap-filter"), "{err}");
+    assert!(err.contains("scripts/build-filter"), "{err}");
 }
 
 #[test]
@@ -531,6 +531,61 @@ fn push_writes_a_checked_versioned_resource_once_and_never_a_refused_one() {
     let _ = std::fs::remove_dir_all(ecds.parent().unwrap());
 }
 
+/// A `.pb` ECDS path gets binary protobuf (what Envoy parses by that
+/// name), a `.json` one JSON; a `.pb` file holding JSON (written by hand)
+/// is rewritten as binary keeping its vm_config, said so; `.pb_text` is
+/// refused with nothing written.
+#[test]
+fn push_writes_the_format_envoy_reads_by_the_files_name() {
+    use keyswap_harness::ecds;
+    let config = r#"{"clients": [{"id": "c", "key": "push-pb-secret-key", "routes": ["*"]}],
+ "routes": [{"name": "r", "match": {"route_name": "r", "clusters": ["r"]}, "inject": [{"header": "x-api-key", "value": {"inline": "v"}}]}]}"#;
+    let path = temp_file("push-pb", "config.json", config);
+    let version = keyswap_policy::content_version(config.as_bytes());
+    let pb = path.with_file_name("keyswap.pb");
+    let out = keyswap(&["push", &path.display().to_string(), "--ecds", &pb.display().to_string()], None);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let written = std::fs::read(&pb).unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&written).is_err(), "not JSON");
+    let held = ecds::read_resource(&written).expect("a binary keyswap resource");
+    assert_eq!(held.format, ecds::Format::Binary);
+    assert_eq!(held.version.as_deref(), Some(version.as_str()));
+    assert_eq!(held.configuration.as_deref(), Some(config), "byte for byte");
+    assert_eq!(held.vm_config.unwrap().to_json().unwrap(), ecds::default_vm_config());
+
+    // A hand-written JSON resource at a .pb path (Envoy cannot read it):
+    // rewritten as binary, its vm_config kept.
+    let vm = serde_json::json!({"runtime": "envoy.wasm.runtime.v8", "vm_id": "mine",
+        "code": {"local": {"filename": "/opt/keyswap.wasm"}}});
+    ecds::write_atomically(&pb, &ecds::resource_bytes("{}", &vm)).unwrap();
+    let out = keyswap(&["push", &path.display().to_string(), "--ecds", &pb.display().to_string()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("holds JSON but Envoy reads a file of that name as binary protobuf"));
+    let held = ecds::read_resource(&std::fs::read(&pb).unwrap()).unwrap();
+    assert_eq!((held.format, held.vm_config.unwrap().to_json().unwrap()), (ecds::Format::Binary, vm));
+
+    // A vm_config the binary file cannot carry: nothing written, the field named.
+    let remote = serde_json::json!({"runtime": "envoy.wasm.runtime.v8", "code": {"remote": {"sha256": "0"}}});
+    let other = path.with_file_name("other.pb");
+    ecds::write_atomically(&other, &ecds::resource_bytes("{}", &remote)).unwrap();
+    let before = std::fs::read(&other).unwrap();
+    let out = keyswap(&["push", &path.display().to_string(), "--ecds", &other.display().to_string()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("vm_config.code.remote") && err.contains("nothing written"), "{err}");
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+
+    let pb_text = path.with_file_name("keyswap.pb_text");
+    let out = keyswap(&["push", &path.display().to_string(), "--ecds", &pb_text.display().to_string()], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("text protobuf"), "{}", text(&out.stderr));
+    assert!(!pb_text.exists());
+    for out in [text(&out.stdout), text(&out.stderr)] {
+        assert!(!out.contains("push-pb-secret-key"));
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 /// The deploy/ manifests `keyswap manifest` makes, each with the command
 /// that makes it (run from the repository root).
 const DEPLOYED: &[(&str, &[&str])] = &[
@@ -607,18 +662,14 @@ fn manifest_refuses_what_the_filter_refuses_and_unknown_releases() {
     }
 }
 
-/// `check` warns when a configuration's manifest would not fit
-/// client-side `kubectl apply` (or Kubernetes at all).
+/// `check` prints the configuration's size and warns when it would not fit
+/// client-side `kubectl apply`, Kubernetes at all, or a ConfigMap.
 #[test]
 fn check_warns_when_a_manifest_would_be_too_large() {
-    let clients: Vec<String> = (0..3000)
-        .map(|i| {
-            format!(
-                r#"{{"id": "client-{i:05}", "key_sha256": "{}", "routes": ["a"]}}"#,
-                sha256_hex(&format!("key-{i}"))
-            )
-        })
-        .collect();
+    let client = |i: usize| {
+        format!(r#"{{"id": "client-{i:05}", "key_sha256": "{}", "routes": ["a"]}}"#, sha256_hex(&format!("key-{i}")))
+    };
+    let clients: Vec<String> = (0..3000).map(client).collect();
     let config = format!(
         r#"{{"clients": [{}], "routes": [{{"name": "a", "match": {{"clusters": ["a"]}}, "inject": [{{"header": "x-k", "value": {{"inline": "v"}}}}]}}]}}"#,
         clients.join(",")
@@ -628,6 +679,18 @@ fn check_warns_when_a_manifest_would_be_too_large() {
     assert!(out.status.success(), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("warning: WasmPlugin is"), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("--server-side"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&format!("size: {} bytes (", config.len())), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("ConfigMap"), "{}", text(&out.stdout));
+    // Over 1 MiB: a ConfigMap cannot hold it, nor Kubernetes the manifests.
+    let more: Vec<String> = (3000..13_000).map(client).collect();
+    let huge = temp_file("check-size", "huge.json", &config.replacen("[{", &format!("[{},{{", more.join(",")), 1));
+    let out = keyswap(&["check", huge.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let said = text(&out.stdout);
+    assert!(said.contains("ok: configuration loaded: 13000 clients"), "{said}");
+    assert!(said.contains("MiB); as an ECDS file: ") && said.contains("as binary protobuf (.pb)"), "{said}");
+    assert!(said.contains("warning: the configuration is 1.") && said.contains("more than a ConfigMap"), "{said}");
+    assert!(said.contains("more than Kubernetes stores in one object"), "{said}");
     let small = temp_file("check-size", "small.json", &config.replace(&clients[1..].join(","), "").replace(",]", "]"));
     let out = keyswap(&["check", small.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stdout));
@@ -781,7 +844,7 @@ fn bash(script: &str, dir: &std::path::Path, vars: &[(&str, &str)]) -> String {
 }
 
 /// A scratch copy of what the examples read: docs/ and deploy/ (linked),
-/// and `.run/ecds/keyswap.json` holding the demo configuration, as
+/// and `.run/ecds/keyswap.pb` holding the demo configuration, as
 /// `scripts/demo` leaves it.
 fn scratch_checkout(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("keyswap-cli-{}-{test}", std::process::id()));
@@ -791,7 +854,7 @@ fn scratch_checkout(test: &str) -> PathBuf {
         std::os::unix::fs::symlink(repo_root().join(linked), dir.join(linked)).unwrap();
     }
     let demo = repo_root().join("docs/examples/demo.json").display().to_string();
-    let out = keyswap(&["push", &demo, "--ecds", &dir.join(".run/ecds/keyswap.json").display().to_string()], None);
+    let out = keyswap(&["push", &demo, "--ecds", &dir.join(".run/ecds/keyswap.pb").display().to_string()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     dir
 }
@@ -861,7 +924,7 @@ fn readme_walkthrough_replays_as_shown() {
     let envoy_yaml = std::fs::read_to_string(repo_root().join("envoy.yaml")).unwrap();
     let demo_script = std::fs::read_to_string(repo_root().join("scripts/demo")).unwrap();
     assert!(envoy_yaml.contains("port_value: 9901") && envoy_yaml.contains("port_value: 10000"));
-    assert!(envoy_yaml.contains(".run/ecds/keyswap.json") && demo_script.contains(r#"logs="$root/.run/demo""#));
+    assert!(envoy_yaml.contains(".run/ecds/keyswap.pb") && demo_script.contains(r#"logs="$root/.run/demo""#));
     let edits: [(&str, &str); 3] = [
         ("keyswap() { cargo run -q -p keyswap-harness -- \"$@\"; }\n", ""),
         (" --envoy-admin http://127.0.0.1:9901 --envoy-log .run/demo/envoy.log", ""),

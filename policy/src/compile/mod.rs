@@ -206,7 +206,14 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         KeySource::Header { name, .. } => Some(name),
         KeySource::Query { .. } => None,
     });
-    for name in key_headers.chain(&strip_request).chain(&client_id_header) {
+    let caller_token_header = match &raw.caller_token_header {
+        Some(name) => {
+            let injected: Vec<&String> = every_list().flat_map(Credentials::header_names).collect();
+            Some(caller_token_header(name, &key_sources, client_id_header.as_deref(), &providers, &injected)?)
+        }
+        None => None,
+    };
+    for name in key_headers.chain(&strip_request).chain(&client_id_header).chain(&caller_token_header) {
         if !protected.contains(name) {
             protected.push(name.clone());
         }
@@ -251,7 +258,36 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         providers,
         refuse_all: raw.refuse_all,
         first_limit: limits::first_limit(raw),
+        caller_token_header,
     })
+}
+
+/// `caller_token_header`: a header name no other part of the
+/// configuration reads or sets, for a configuration with a per-client
+/// fetch (`{client}` in a `fetch` path), the only call it authenticates.
+fn caller_token_header(
+    name: &str,
+    key_sources: &[KeySource],
+    client_id_header: Option<&str>,
+    providers: &[crate::credential::Provider],
+    injected: &[&String],
+) -> Result<String, ConfigError> {
+    const FIELD: &str = "caller_token_header";
+    let name = header_name(name, FIELD)?;
+    if !providers.iter().any(|p| p.keyed.is_some()) {
+        return Err(ConfigError::new(
+            FIELD,
+            "is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one",
+        ));
+    }
+    let key_header = key_sources.iter().any(|s| matches!(s, KeySource::Header { name: k, .. } if *k == name));
+    if key_header || client_id_header == Some(name.as_str()) {
+        return Err(ConfigError::new(FIELD, "is a key source or the client_id_header; name a header of its own"));
+    }
+    if injected.iter().any(|h| **h == name) {
+        return Err(ConfigError::new(FIELD, "is a header a credential is injected into; name a header of its own"));
+    }
+    Ok(name)
 }
 
 fn compile_key_sources(raw: Option<&[RawKeySource]>) -> Result<Vec<KeySource>, ConfigError> {

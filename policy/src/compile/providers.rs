@@ -6,7 +6,10 @@ use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use super::env::{secret, ConfigError, Environment};
-use crate::credential::{Kind, Provider, DEFAULT_MARGIN_SECONDS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS};
+use crate::credential::{
+    Keyed, Kind, Provider, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS, DEFAULT_MARGIN_SECONDS, DEFAULT_MAX_KEYS,
+    DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
+};
 use crate::query::encode_component;
 use crate::raw::{ClientAuth, RawFetch, RawOauth2, RawSecret, RawTokenExchange};
 
@@ -141,6 +144,10 @@ fn call_digest(source: &Provider, owner: Owner<'_>) -> String {
     part(&source.margin_ms.to_le_bytes());
     part(&source.refresh_ms.to_le_bytes());
     part(&source.timeout_ms.to_le_bytes());
+    if let Some(keyed) = &source.keyed {
+        part(&keyed.idle_ms.to_le_bytes());
+        part(&(keyed.max_keys as u64).to_le_bytes());
+    }
     hex12(&digest.finalize())
 }
 
@@ -152,6 +159,18 @@ fn cluster_name(cluster: &str, path: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(cluster.to_string())
+}
+
+/// A field other than a `fetch` path must not name `{client}`: it would be
+/// sent as written, never filled in.
+fn no_placeholder(value: &str, field: &str) -> Result<(), ConfigError> {
+    if value.contains(CLIENT_PLACEHOLDER) {
+        return Err(ConfigError::new(
+            field,
+            "holds `{client}`, which is filled in only in a `fetch` value's `path` (one credential per client)",
+        ));
+    }
+    Ok(())
 }
 
 fn request_path(p: &str, field: &str) -> Result<String, ConfigError> {
@@ -266,6 +285,8 @@ fn token_source(
     form: Form,
 ) -> Result<Provider, ConfigError> {
     let cluster = cluster_name(cluster, path)?;
+    no_placeholder(token_path, &format!("{path}.token_path"))?;
+    no_placeholder(authority_raw.unwrap_or_default(), &format!("{path}.authority"))?;
     let target = request_path(token_path, &format!("{path}.token_path"))?;
     let authority = authority(authority_raw, &cluster, path)?;
     let mut all = vec![
@@ -287,6 +308,7 @@ fn token_source(
         pointers: Vec::new(),
         margin_ms,
         refresh_ms: DEFAULT_REFRESH_SECONDS as i64 * 1000,
+        keyed: None,
     })
 }
 
@@ -361,6 +383,9 @@ fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Provider, 
     }
     let cluster = cluster_name(&raw.cluster, path)?;
     let target = request_path(&raw.path, &format!("{path}.path"))?;
+    no_placeholder(raw.authority.as_deref().unwrap_or_default(), &format!("{path}.authority"))?;
+    no_placeholder(&raw.json_pointer, &format!("{path}.json_pointer"))?;
+    let keyed = keyed(raw, &target, path)?;
     let authority = authority(raw.authority.as_deref(), &cluster, path)?;
     let mut headers = vec![
         (":method".to_string(), "GET".to_string()),
@@ -383,7 +408,52 @@ fn fetch(raw: &RawFetch, path: &str, env: &dyn Environment) -> Result<Provider, 
         pointers: Vec::new(),
         margin_ms: 0,
         refresh_ms: refresh as i64 * 1000,
+        keyed,
     })
+}
+
+/// The most `idle_seconds`: a week.
+const MAX_IDLE_SECONDS: u64 = 7 * 86_400;
+/// The most `max_clients`.
+const MAX_CLIENTS: u64 = 100_000;
+
+/// A fetch whose path names `{client}` (once, in the path before any
+/// query) is one credential per client; `idle_seconds` and `max_clients`
+/// belong to such a fetch only.
+fn keyed(raw: &RawFetch, target: &str, path: &str) -> Result<Option<Keyed>, ConfigError> {
+    let field = format!("{path}.path");
+    let count = target.matches(CLIENT_PLACEHOLDER).count();
+    let rest = target.replace(CLIENT_PLACEHOLDER, "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(ConfigError::new(field, "holds `{` or `}` outside the one placeholder, `{client}`"));
+    }
+    if count > 1 {
+        return Err(ConfigError::new(field, "names `{client}` more than once"));
+    }
+    if count == 0 {
+        for (name, given) in [("idle_seconds", raw.idle_seconds.is_some()), ("max_clients", raw.max_clients.is_some())]
+        {
+            if given {
+                return Err(ConfigError::new(
+                    format!("{path}.{name}"),
+                    "applies only to a per-client fetch: name `{client}` in `path`",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    if target.split('?').next().is_none_or(|p| !p.contains(CLIENT_PLACEHOLDER)) {
+        return Err(ConfigError::new(field, "names `{client}` in the query; it belongs in the path"));
+    }
+    let idle = raw.idle_seconds.unwrap_or(DEFAULT_IDLE_SECONDS);
+    if !(1..=MAX_IDLE_SECONDS).contains(&idle) {
+        return Err(ConfigError::new(format!("{path}.idle_seconds"), "must be between 1 and 604800 (a week)"));
+    }
+    let max = raw.max_clients.unwrap_or(DEFAULT_MAX_KEYS as u64);
+    if !(1..=MAX_CLIENTS).contains(&max) {
+        return Err(ConfigError::new(format!("{path}.max_clients"), "must be between 1 and 100000"));
+    }
+    Ok(Some(Keyed { idle_ms: idle as i64 * 1000, max_keys: max as usize }))
 }
 
 #[cfg(test)]
@@ -597,9 +667,69 @@ mod tests {
         for block in doc[start..end].split("```json\n").skip(1) {
             let json = &block[..block.find("```").unwrap()];
             let p = Policy::from_json(json.as_bytes(), &ENV).unwrap_or_else(|e| panic!("{e}\n{json}"));
-            kinds.extend(p.credential_providers().iter().map(|s| (s.kind, s.pointers.len())));
+            kinds.extend(p.credential_providers().iter().map(|s| (s.kind, s.pointers.len(), s.keyed.clone())));
         }
-        assert_eq!(kinds, [(Kind::Oauth2, 0), (Kind::TokenExchange, 0), (Kind::Fetch, 2)]);
+        let broker = Some(Keyed { idle_ms: 3_600_000, max_keys: 1000 });
+        assert_eq!(
+            kinds,
+            [(Kind::Oauth2, 0, None), (Kind::TokenExchange, 0, None), (Kind::Fetch, 2, None), (Kind::Fetch, 2, broker)]
+        );
+    }
+
+    /// A per-client fetch: `{client}` only in a fetch path, its fields only
+    /// with it, within bounds; the caller-token header only with one.
+    #[test]
+    fn per_client_fetch_fields_are_checked_with_their_path() {
+        let load = |value: &str, top: &str| {
+            let json = format!(
+                r#"{{"clients": [{{"id": "c", "key": "k1", "routes": ["*"]}}], "key_sources": [{{"header": "x-api-key"}}],
+                    {top} "routes": [{{"name": "r", "match": {{"clusters": ["r"]}}, "inject": [{{"header": "x", "value": {value}}}]}}]}}"#
+            );
+            Policy::from_json(json.as_bytes(), &|_: &str| None).map(|p| p.has_keyed_credentials())
+        };
+        let err = |value: &str, top: &str| load(value, top).unwrap_err().to_string();
+        let fetch = |fields: &str| format!(r#"{{"fetch": {{"cluster": "v", "json_pointer": "/t", {fields}}}}}"#);
+        assert_eq!(load(&fetch(r#""path": "/c/{client}""#), ""), Ok(true));
+        assert_eq!(load(&fetch(r#""path": "/c""#), ""), Ok(false));
+        let path = "routes[0].inject[0].value.fetch";
+        for (fields, want) in [
+            (r#""path": "/c/{client}/{client}""#, format!("{path}.path: names `{{client}}` more than once")),
+            (r#""path": "/c?u={client}""#, format!("{path}.path: names `{{client}}` in the query; it belongs in the path")),
+            (r#""path": "/c/{user}""#, format!("{path}.path: holds `{{` or `}}` outside the one placeholder, `{{client}}`")),
+            (
+                r#""path": "/c", "authority": "{client}.vault""#,
+                format!("{path}.authority: holds `{{client}}`, which is filled in only in a `fetch` value's `path` (one credential per client)"),
+            ),
+            (r#""path": "/c", "idle_seconds": 60"#, format!("{path}.idle_seconds: applies only to a per-client fetch: name `{{client}}` in `path`")),
+            (r#""path": "/c", "max_clients": 5"#, format!("{path}.max_clients: applies only to a per-client fetch: name `{{client}}` in `path`")),
+            (r#""path": "/c/{client}", "idle_seconds": 0"#, format!("{path}.idle_seconds: must be between 1 and 604800 (a week)")),
+            (r#""path": "/c/{client}", "max_clients": 100001"#, format!("{path}.max_clients: must be between 1 and 100000")),
+        ] {
+            assert_eq!(err(&fetch(fields), ""), want, "{fields}");
+        }
+        let oauth = r#"{"oauth2": {"cluster": "i", "token_path": "/t/{client}", "client_id": {"inline": "a"}, "client_secret": {"inline": "b"}}}"#;
+        assert_eq!(
+            err(oauth, ""),
+            "routes[0].inject[0].value.oauth2.token_path: holds `{client}`, which is filled in only in a `fetch` value's `path` (one credential per client)"
+        );
+        let keyed = fetch(r#""path": "/c/{client}""#);
+        assert_eq!(load(&keyed, r#""caller_token_header": "X-Caller-Token","#), Ok(true));
+        assert_eq!(
+            err(&fetch(r#""path": "/c""#), r#""caller_token_header": "x-caller-token","#),
+            "caller_token_header: is read only for a per-client fetch (`{client}` in a `fetch` path), and no credential is one"
+        );
+        assert_eq!(
+            err(&keyed, r#""caller_token_header": "x-api-key","#),
+            "caller_token_header: is a key source or the client_id_header; name a header of its own"
+        );
+        assert_eq!(
+            err(&keyed, r#""caller_token_header": "x","#),
+            "caller_token_header: is a header a credential is injected into; name a header of its own"
+        );
+        assert_eq!(
+            err(&keyed, r#""caller_token_header": ":path","#),
+            "caller_token_header: must not be a pseudo-header"
+        );
     }
 
     #[test]

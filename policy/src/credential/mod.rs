@@ -8,7 +8,18 @@
 //!                                         └─ Provider::parse ──▶ Record::succeeded | failed ──CAS──▶ SharedRecords
 //!  request ──Policy::decide──▶ SharedRecords::read (once per provider of the route) ──▶ Forward | credential_unavailable
 //!  upstream 401 ──Policy::upstream_status(Forward::used)──▶ reject: Record::rejected ──CAS──▶ SharedRecords
+//!
+//!  keyed (a `{client}` fetch): one record per (provider, key) — Slot::Keyed
+//!  first request ──decide──▶ Decision::Wait ──admit (Index, CAS, max_keys)──▶ Refresher::demand(key, caller token)
+//!      ──next tick: lease, call──▶ answer ──▶ the host decides the waiting request again
+//!  later requests ──decide──▶ cached value; Used { touch, due } ──▶ touch (used_at) | demand (refresh)
+//!  tick ──idle for idle_ms──▶ Record::dropped, unlisted from the Index
 //! ```
+//!
+//! A record is named by a [`Slot`]: one per unkeyed provider, one per
+//! (provider, key) for a keyed one (the key is the client id; an
+//! on-behalf-of exchange would key by a subject's digest), plus the keyed
+//! provider's [`Index`] of keys, which bounds their count.
 //!
 //! - `provider`: [`Provider`], the call and how its answer is read
 //!   ([`Answer`], [`AnswerError`]).
@@ -34,10 +45,12 @@ pub mod record;
 pub mod refresh;
 
 pub use provider::{
-    Answer, AnswerError, Kind, Provider, DEFAULT_MARGIN_SECONDS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS,
-    MAX_BACKOFF_MS, MAX_VALUE_BYTES, MIN_FORCED_REFRESH_MS,
+    Answer, AnswerError, Keyed, Kind, Provider, CLIENT_PLACEHOLDER, DEFAULT_IDLE_SECONDS, DEFAULT_MARGIN_SECONDS,
+    DEFAULT_MAX_KEYS, DEFAULT_REFRESH_SECONDS, DEFAULT_TIMEOUT_MS, MAX_BACKOFF_MS, MAX_VALUE_BYTES,
+    MIN_FORCED_REFRESH_MS,
 };
-pub use record::{backoff_ms, Record, Success};
+pub use record::{backoff_ms, Index, Record, Success};
 pub use refresh::{
-    reject, Event, MemoryRecords, NoRecords, Note, Refresher, Rejection, Reply, SharedRecords, Used, MAX_ANSWER_BYTES,
+    admit, ready, reject, touch, Call, Event, Full, MemoryRecords, NoRecords, Note, Refresher, Rejection, Reply,
+    SharedRecords, Slot, Used, MAX_ANSWER_BYTES,
 };

@@ -15,6 +15,12 @@ pub const MAX_BACKOFF_MS: i64 = 60_000;
 pub const MIN_FORCED_REFRESH_MS: i64 = 5_000;
 /// The longest credential value accepted from a token endpoint.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+/// The placeholder a `fetch` path names its client with.
+pub const CLIENT_PLACEHOLDER: &str = "{client}";
+/// How long a keyed value (a `{client}` fetch) is kept unused, unless configured.
+pub const DEFAULT_IDLE_SECONDS: u64 = 3600;
+/// How many keys (clients) a keyed provider caches at once, unless configured.
+pub const DEFAULT_MAX_KEYS: usize = 1000;
 
 /// Which kind of dynamic value a provider gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +67,30 @@ pub struct Provider {
     pub(crate) margin_ms: i64,
     /// Refresh this often when the answer gives no lifetime.
     pub(crate) refresh_ms: i64,
+    /// `Some` for a provider with one record per key (a `fetch` whose path
+    /// names `{client}`: one per client), `None` for one record in all.
+    pub keyed: Option<Keyed>,
+}
+
+/// How a keyed provider's records live: one per key (a client id), made
+/// on the key's first request, dropped after `idle_ms` unused, at most
+/// `max_keys` at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    /// A record unused this long is dropped.
+    pub idle_ms: i64,
+    /// The most keys holding a record at once; a new key past it is
+    /// refused (`credential_unavailable`) until one is dropped.
+    pub max_keys: usize,
+}
+
+impl Keyed {
+    /// How stale a record's `used_at` may get before a request writes it
+    /// again: a quarter of the idle time, at least a second, so the write
+    /// happens at most once per that interval per worker.
+    pub fn touch_ms(&self) -> i64 {
+        (self.idle_ms / 4).max(1000)
+    }
 }
 
 impl std::fmt::Debug for Provider {
@@ -70,6 +100,7 @@ impl std::fmt::Debug for Provider {
             .field("kind", &self.kind)
             .field("cluster", &self.cluster)
             .field("pointers", &self.pointers)
+            .field("keyed", &self.keyed)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +125,27 @@ fn fail<T>(message: impl Into<String>) -> Result<T, AnswerError> {
 }
 
 impl Provider {
+    /// The call's headers for `key` (a keyed provider's `{client}` in
+    /// `:path`, percent-encoded) with `authorization` replacing the
+    /// configured one when given (the caller's own token). May hold a
+    /// secret: never log them.
+    pub fn call_headers(&self, key: Option<&str>, authorization: Option<&str>) -> Vec<(String, String)> {
+        let mut headers = self.headers.clone();
+        if let (Some(key), Some(_)) = (key, &self.keyed) {
+            let encoded = percent_encoded(key);
+            for (name, value) in &mut headers {
+                if name == ":path" {
+                    *value = value.replace(CLIENT_PLACEHOLDER, &encoded);
+                }
+            }
+        }
+        if let Some(authorization) = authorization {
+            headers.retain(|(name, _)| name != "authorization");
+            headers.push(("authorization".to_string(), authorization.to_string()));
+        }
+        headers
+    }
+
     /// Reads an answer received at `now` (Unix milliseconds).
     ///
     /// # Errors
@@ -164,6 +216,23 @@ impl Provider {
             Kind::Oauth2 | Kind::TokenExchange => "token endpoint",
         }
     }
+}
+
+/// `key` as one path segment: every byte but RFC 3986's unreserved ones
+/// percent-encoded (so a `/`, `?`, `#` or `..` in a client id stays inside
+/// its segment). The module is a leaf, so it keeps its own encoder.
+pub(super) fn percent_encoded(key: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(key.len() * 3);
+    for &b in key.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            // `.` too: a client id `..` must not become a dot segment.
+            out.extend(['%', char::from(HEX[usize::from(b >> 4)]), char::from(HEX[usize::from(b & 15)])]);
+        }
+    }
+    out
 }
 
 fn check_value(value: &str, what: &str) -> Result<(), AnswerError> {

@@ -35,6 +35,11 @@ pub struct Record {
     /// their replacement is being fetched ([`Record::rejected`]).
     #[serde(default)]
     pub rejected: Option<u64>,
+    /// A keyed record: Unix milliseconds of the last request known to have
+    /// used it (written at most once per [`super::Keyed::touch_ms`] per
+    /// worker); it is dropped once unused for the provider's idle time.
+    #[serde(default)]
+    pub used_at: i64,
 }
 
 /// What [`Record::succeeded`] changed.
@@ -77,6 +82,7 @@ impl Record {
             lease_until: 0,
             forced_at: self.forced_at,
             rejected: None,
+            used_at: self.used_at,
         };
         (record, Success { changed, recovered_after: self.failures })
     }
@@ -115,6 +121,18 @@ impl Record {
         Some(Record { refresh_at: due, forced_at: due, rejected: Some(generation), ..self.clone() })
     }
 
+    /// A keyed record after its key went unused for the idle time: no
+    /// values (a later request fetches anew), a new generation (a late 401
+    /// for the old values touches nothing), no failure streak.
+    pub fn dropped(&self) -> Record {
+        Record { generation: self.generation.saturating_add(1), used_at: self.used_at, ..Record::default() }
+    }
+
+    /// True when a keyed record has gone unused for `idle_ms` at `now`.
+    pub fn idle(&self, idle_ms: i64, now: i64) -> bool {
+        now.saturating_sub(self.used_at) >= idle_ms
+    }
+
     /// The shared-data encoding.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -144,6 +162,29 @@ impl std::fmt::Debug for Record {
             .field("generation", &self.generation)
             .field("forced_at", &self.forced_at)
             .field("rejected", &self.rejected)
+            .field("used_at", &self.used_at)
             .finish()
+    }
+}
+
+/// A keyed provider's index: the keys that hold a record with (or waiting
+/// for) values, at most the provider's `max_keys`. Written by
+/// compare-and-swap when a key is admitted and when it is dropped, never
+/// on a request that finds its value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+impl Index {
+    /// The shared-data encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads [`Index::encode`]'s output; anything else is an empty index.
+    pub fn decode(bytes: &[u8]) -> Index {
+        serde_json::from_slice(bytes).unwrap_or_default()
     }
 }

@@ -255,6 +255,33 @@ pub trait SharedCounters {
     /// `version` (`None`: whatever is stored, or nothing). False when
     /// another writer came first, or it could not be stored.
     fn write(&mut self, key: &str, counter: Counter, version: Option<u32>) -> bool;
+
+    /// True when the request was taken from its buckets already ([`Taken`]):
+    /// its limits then admit it without reading anything.
+    fn taken(&self) -> bool {
+        false
+    }
+}
+
+/// The counters of a request its limits took when it was first decided: a
+/// request held for a client's first per-client credential (a
+/// [`crate::Decision::Wait`]) is decided again once the credential arrives,
+/// and is not counted a second time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Taken;
+
+impl SharedCounters for Taken {
+    fn read(&self, _key: &str) -> Option<(Counter, Option<u32>)> {
+        None
+    }
+
+    fn write(&mut self, _key: &str, _counter: Counter, _version: Option<u32>) -> bool {
+        false
+    }
+
+    fn taken(&self) -> bool {
+        true
+    }
 }
 
 /// No storage: for a host that keeps no counters. Nothing can be counted,

@@ -4,61 +4,85 @@
 use keyswap_conformance::{
     default_dir, step_worker, Observed, Request, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START,
 };
-use keyswap_policy::credential::{MemoryRecords, Provider, Refresher, Reply, Used};
-use keyswap_policy::limit::MemoryCounters;
-use keyswap_policy::{Decision, Denial, Policy, RequestView};
+use keyswap_policy::credential::{self, MemoryRecords, Provider, Refresher, Reply, Used};
+use keyswap_policy::limit::{MemoryCounters, Taken};
+use keyswap_policy::{Decision, Denial, DenialReason, Policy, RequestView};
 
 /// The policy's refresh state machine, run natively over records in
 /// memory: workers are one here (the filter's compare-and-swap makes them
 /// behave as one, which the harness and Envoy runners check). Calls are
 /// answered in order per cluster by the case's steps.
+/// A request's headers, in order.
+type Headers = Vec<(String, Vec<u8>)>;
+/// A call out: id, cluster, headers, body.
+type Call = (u32, String, Headers, Vec<u8>);
+
 struct Engine<'p> {
     policy: &'p Policy,
     records: MemoryRecords,
     /// Rate-limit buckets, shared by the workers as the records are.
     counters: MemoryCounters,
     refresher: Refresher,
-    /// Calls out (id, provider number), oldest first.
-    pending: Vec<(u32, usize)>,
+    /// Calls out (id, cluster, headers, body), oldest first.
+    pending: Vec<Call>,
     calls: u32,
     /// Per worker, the request forwarded and waiting for its upstream's
     /// answer (`send`): the dynamic credentials it carried.
     open: Vec<Option<Vec<Used>>>,
+    /// Per worker, a request held for per-client credentials (`send` with
+    /// `waits`): its request, deadline and the records it waits for.
+    held: Vec<Option<Held>>,
+    /// Per worker, what came of a held request once let go.
+    settled: Vec<Option<Settled>>,
+}
+
+struct Held {
+    request: Request,
+    deadline: i64,
+    slots: Vec<(usize, String)>,
+}
+
+enum Settled {
+    Forwarded(Vec<(String, Vec<u8>)>, Vec<Used>),
+    Refused(DenialReason),
 }
 
 impl Engine<'_> {
     fn step(&mut self, case: &SuiteCase, step: &Step, now: &mut i64) -> Result<(), String> {
         let start = STEPS_START.as_millis() as i64;
         let providers = self.policy.credential_providers();
-        let take = |pending: &mut Vec<(u32, usize)>, cluster: &str| {
-            let at = pending.iter().position(|&(_, p)| providers[p].cluster == cluster);
+        let take = |pending: &mut Vec<Call>, cluster: &str| {
+            let at = pending.iter().position(|(_, c, _, _)| c == cluster);
             at.map(|at| pending.remove(at)).ok_or_else(|| format!("no call to cluster `{cluster}` is pending"))
         };
         match step {
             Step::TickAt(ms) => {
                 *now = start + *ms as i64;
                 let (pending, calls) = (&mut self.pending, &mut self.calls);
-                let mut call = |p: usize, _: &Provider| {
+                let mut call = |provider: &Provider, headers: &[(String, String)]| {
                     *calls += 1;
-                    pending.push((*calls, p));
+                    let headers = headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
+                    pending.push((
+                        *calls,
+                        provider.cluster.clone(),
+                        headers,
+                        provider.body.clone().unwrap_or_default(),
+                    ));
                     Ok(*calls)
                 };
                 self.refresher.tick(providers, &mut self.records, *now, &mut call);
             }
             Step::Answer(answer) => {
-                let (id, p) = take(&mut self.pending, &answer.cluster)?;
-                let provider = &providers[p];
+                let (id, _, headers, body) = take(&mut self.pending, &answer.cluster)?;
                 if let Some(want) = &answer.call {
-                    let headers: Vec<(String, Vec<u8>)> =
-                        provider.headers.iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect();
-                    want.check(&headers, provider.body.as_deref().unwrap_or_default())?;
+                    want.check(&headers, &body)?;
                 }
                 let body = answer.body_bytes();
                 let reply = Reply::Answered { status: answer.status, body: &body };
                 self.refresher.answer(providers, &mut self.records, id, reply, *now);
             }
             Step::Fail { cluster } => {
-                let (id, _) = take(&mut self.pending, cluster)?;
+                let (id, ..) = take(&mut self.pending, cluster)?;
                 self.refresher.answer(providers, &mut self.records, id, Reply::Lost, *now);
             }
             Step::Pending(n) if self.pending.len() != *n => {
@@ -67,18 +91,49 @@ impl Engine<'_> {
             Step::Pending(_) => {}
             Step::Send(send) => {
                 let w = step_worker(send.worker, self.open.len())?;
-                if self.open[w].is_some() {
+                if self.open[w].is_some() || self.held[w].is_some() || self.settled[w].is_some() {
                     return Err(format!("worker {w} has a request open"));
                 }
                 let request = send.request(&case.request);
-                let (decision, mut headers) = decide(self.policy, &request, *now, &self.records, &mut self.counters);
+                let (decision, mut headers, token) =
+                    decide(self.policy, &request, *now, &self.records, &mut self.counters, false);
                 match decision {
-                    Decision::Forward(forward) => {
+                    Decision::Forward(forward) if !send.waits => {
                         forward.apply(&mut headers);
                         send.check(&headers)?;
+                        self.used(&forward.used, token.as_deref(), *now);
                         self.open[w] = Some(forward.used);
                     }
+                    Decision::Forward(_) => return Err("the request was forwarded, not held".into()),
                     Decision::Deny(denial) => return Err(format!("the request was denied: {:?}", denial.reason)),
+                    Decision::Wait(wait) if send.waits => {
+                        let slots: Vec<(usize, String)> = wait.slots.iter().map(|(p, k)| (*p, k.to_string())).collect();
+                        if let Some(reason) = self.hold(&slots, token.as_deref(), *now) {
+                            return Err(format!("the request was denied: {reason:?}"));
+                        }
+                        let deadline = *now + wait.timeout_ms as i64;
+                        self.held[w] = Some(Held { request, deadline, slots });
+                    }
+                    Decision::Wait(_) => return Err("the request was held, not forwarded".into()),
+                }
+            }
+            Step::Resumed(resumed) => {
+                let w = step_worker(resumed.worker, self.open.len())?;
+                match self.settled[w].take() {
+                    Some(Settled::Forwarded(headers, used)) => {
+                        resumed.check(&headers)?;
+                        self.open[w] = Some(used);
+                    }
+                    Some(Settled::Refused(reason)) => return Err(format!("the held request was denied: {reason:?}")),
+                    None => return Err(format!("worker {w} has no request let go")),
+                }
+            }
+            Step::Refused(refused) => {
+                let w = step_worker(refused.worker, self.open.len())?;
+                match self.settled[w].take() {
+                    Some(Settled::Refused(reason)) => refused.check(reason.status(), reason.body().as_bytes())?,
+                    Some(Settled::Forwarded(..)) => return Err("the held request was forwarded".into()),
+                    None => return Err(format!("worker {w} has no request let go")),
                 }
             }
             Step::Requests(requests) => {
@@ -88,10 +143,10 @@ impl Engine<'_> {
                 *now = start + requests.at_ms as i64;
                 let request = requests.request(&case.request);
                 for i in 0..requests.count {
-                    let (decision, _) = decide(self.policy, &request, *now, &self.records, &mut self.counters);
-                    let outcome = match decision {
-                        Decision::Forward(_) => None,
-                        Decision::Deny(denial) => Some((denial.reason.status(), denial.reason.body().into_bytes())),
+                    let (decision, ..) = decide(self.policy, &request, *now, &self.records, &mut self.counters, false);
+                    let outcome = match decision.without_waiting() {
+                        Ok(_) => None,
+                        Err(denial) => Some((denial.reason.status(), denial.reason.body().into_bytes())),
                     };
                     requests.check(i, outcome.as_ref().map(|(s, b)| (*s, b.as_slice())))?;
                 }
@@ -103,29 +158,89 @@ impl Engine<'_> {
                 self.policy.upstream_status(respond.status, &used, &|| at, &mut self.records);
             }
         }
+        self.settle(*now);
         Ok(())
+    }
+
+    /// Admits and asks for the keyed records a held request waits for, as
+    /// the filter does; the denial when one is past its `max_clients`.
+    fn hold(&mut self, slots: &[(usize, String)], token: Option<&str>, now: i64) -> Option<DenialReason> {
+        let providers = self.policy.credential_providers();
+        for (p, key) in slots {
+            if credential::admit(providers, &mut self.records, *p, key, now).is_err() {
+                return Some(DenialReason::CredentialUnavailable);
+            }
+        }
+        for (p, key) in slots {
+            self.refresher.demand(*p, key, token);
+        }
+        None
+    }
+
+    /// What a forwarded request asks of its keyed records.
+    fn used(&mut self, used: &[Used], token: Option<&str>, now: i64) {
+        for u in used {
+            if u.touch {
+                credential::touch(&mut self.records, u, now);
+            }
+            if let (true, Some(key)) = (u.due, &u.key) {
+                self.refresher.demand(u.provider, key, token);
+            }
+        }
+    }
+
+    /// Lets go the held requests whose records arrived or whose time ran
+    /// out, deciding them again.
+    fn settle(&mut self, now: i64) {
+        for w in 0..self.held.len() {
+            let Some(held) = self.held[w].take() else { continue };
+            if !(credential::ready(&self.records, &held.slots, now) || now >= held.deadline) {
+                self.held[w] = Some(held);
+                continue;
+            }
+            let (decision, mut headers, _) =
+                decide(self.policy, &held.request, now, &self.records, &mut self.counters, true);
+            self.settled[w] = Some(match decision {
+                Decision::Forward(forward) => {
+                    forward.apply(&mut headers);
+                    Settled::Forwarded(headers, forward.used)
+                }
+                Decision::Deny(denial) => Settled::Refused(denial.reason),
+                Decision::Wait(wait) => Settled::Refused(wait.denial().reason),
+            });
+        }
     }
 }
 
 /// The two stages as in Envoy: the key is read and removed first, then the
 /// request, as edited, is decided on its route and cluster at `now_ms`.
-/// Returns the decision and the admitted headers it applies to.
+/// Returns the decision, the admitted headers it applies to, and the
+/// caller's token the first stage read.
 fn decide<'p>(
     policy: &'p Policy,
     request: &Request,
     now_ms: i64,
     records: &MemoryRecords,
     counters: &mut MemoryCounters,
-) -> (Decision<'p>, Vec<(String, Vec<u8>)>) {
+    counted: bool,
+) -> (Decision<'p>, Headers, Option<String>) {
     let mut headers = request.header_list();
     let key = policy.key_check(&RequestView::from_headers(None, &headers));
+    let token = policy
+        .caller_token(&RequestView::from_headers(None, &headers))
+        .map(|t| String::from_utf8_lossy(t).into_owned());
     policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster();
     view.key = Some(&key);
     // The harness's clock: stopped at STEPS_START, moved by the steps.
-    let decision = policy.decide_limited(&view, &|| now_ms, records, counters);
-    (decision, headers)
+    let decision = if counted {
+        // A held request let go: its limits took it when it was first decided.
+        policy.decide_limited(&view, &|| now_ms, records, &mut Taken)
+    } else {
+        policy.decide_limited(&view, &|| now_ms, records, counters)
+    };
+    (decision, headers, token)
 }
 
 fn denied(denial: &Denial<'_>) -> Observed {
@@ -148,6 +263,8 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
         pending: Vec::new(),
         calls: 0,
         open: vec![None; case.workers],
+        held: (0..case.workers).map(|_| None).collect(),
+        settled: (0..case.workers).map(|_| None).collect(),
     };
     engine.refresher.restart(policy.credential_providers(), &mut engine.records);
     let mut now_ms = STEPS_START.as_millis() as i64;
@@ -157,10 +274,20 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     if let Some(at) = case.request_at_ms {
         now_ms = STEPS_START.as_millis() as i64 + at as i64;
     }
-    let (decision, mut headers) = decide(&policy, &case.request, now_ms, &engine.records, &mut engine.counters);
+    let (decision, mut headers, token) =
+        decide(&policy, &case.request, now_ms, &engine.records, &mut engine.counters, false);
     predicted(&policy, &decision)?;
     match decision {
         Decision::Deny(denial) => Ok(denied(&denial)),
+        // The case's own request is never held: it is refused at once when
+        // its client cannot be admitted, and a failure otherwise.
+        Decision::Wait(wait) => {
+            let slots: Vec<(usize, String)> = wait.slots.iter().map(|(p, k)| (*p, k.to_string())).collect();
+            match engine.hold(&slots, token.as_deref(), now_ms) {
+                Some(reason) => Ok(denied(&Denial { reason, route: Some(wait.route), client: None, limit: None })),
+                None => Err("the request was held for its credentials (use a `send` with `waits`)".into()),
+            }
+        }
         Decision::Forward(forward) => {
             forward.apply(&mut headers);
             let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
@@ -186,6 +313,7 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
 fn predicted(policy: &Policy, decision: &Decision<'_>) -> Result<(), String> {
     let (route, reason) = match decision {
         Decision::Deny(denial) => (denial.route, Some(denial.reason)),
+        Decision::Wait(wait) => (Some(wait.route), Some(wait.denial().reason)),
         Decision::Forward(forward) => (forward.route, None),
     };
     let listed = match (route, reason) {

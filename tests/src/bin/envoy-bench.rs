@@ -75,6 +75,19 @@ struct Args {
     /// Also measure a build from before the two stages, on the listener only.
     #[arg(long, value_name = "NAME=WASM")]
     variant_listener_only: Vec<String>,
+    /// Also measure the no-op filter making the host calls CALLS
+    /// (comma-separated, see bench/noop-filter) on every request: one
+    /// host call's price is this listener's CPU less `noop_wasm`'s.
+    #[arg(long, value_name = "NAME=CALLS")]
+    noop_variant: Vec<String>,
+    /// The same, with the no-op filter also in the cluster's upstream
+    /// filters (two stages, as keyswap is placed; CALLS in each stage).
+    #[arg(long, value_name = "NAME=CALLS")]
+    noop_variant_two_stages: Vec<String>,
+    /// Filler headers (`x-filler-N`) added to every load request, to
+    /// measure what the number of request headers costs.
+    #[arg(long, default_value_t = 0)]
+    extra_headers: usize,
     /// Only write the tables and chart again from an earlier run's results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
     render: Option<PathBuf>,
@@ -84,7 +97,12 @@ struct Args {
 #[derive(Debug, Clone)]
 enum Kind {
     Plain,
-    NoopWasm,
+    /// The no-op filter; `calls`: its configuration, the host calls it
+    /// makes; `two_stages`: also in the cluster's upstream filters.
+    NoopWasm {
+        calls: String,
+        two_stages: bool,
+    },
     Native,
     Lua,
     /// keyswap (or a variant build of it); `listener_only`: on the listener
@@ -110,7 +128,9 @@ impl Listener {
     /// keyswap's final stage, so the other listeners' requests never meet it.
     fn cluster(&self) -> String {
         match self.kind {
-            Kind::Keyswap { listener_only: false, .. } => format!("responder-{}", self.name),
+            Kind::Keyswap { listener_only: false, .. } | Kind::NoopWasm { two_stages: true, .. } => {
+                format!("responder-{}", self.name)
+            }
             _ => "responder".into(),
         }
     }
@@ -133,7 +153,7 @@ impl Listener {
     fn filters(&self, noop_wasm: &Path) -> Vec<Value> {
         match &self.kind {
             Kind::Plain => vec![],
-            Kind::NoopWasm => vec![envoy::wasm_filter("noop", noop_wasm, "", &BTreeMap::new(), &[])],
+            Kind::NoopWasm { calls, .. } => vec![envoy::wasm_filter("noop", noop_wasm, calls, &BTreeMap::new(), &[])],
             Kind::Keyswap { .. } => self.keyswap_filter().into_iter().collect(),
             Kind::Lua => vec![json!({
                 "name": "envoy.filters.http.lua",
@@ -231,6 +251,9 @@ fn bootstrap(listeners: &[Listener], responder: SocketAddr, noop_wasm: &Path) ->
     for l in listeners {
         if let (Kind::Keyswap { listener_only: false, .. }, Some(filter)) = (&l.kind, l.keyswap_filter()) {
             clusters.push(envoy::cluster(&l.cluster(), responder, Some(&filter)));
+        }
+        if let Kind::NoopWasm { two_stages: true, .. } = &l.kind {
+            clusters.push(envoy::cluster(&l.cluster(), responder, l.filters(noop_wasm).first()));
         }
     }
     let envoy_listeners = listeners
@@ -333,6 +356,9 @@ fn run_wrk(addr: SocketAddr, seconds: u64, args: &Args) -> Result<serde_json::Ma
     command.args([format!("-d{seconds}s"), "--latency".into()]);
     for (name, value) in job::load_headers(CLIENTS) {
         command.args(["-H".to_string(), format!("{name}: {value}")]);
+    }
+    for n in 0..args.extra_headers {
+        command.args(["-H".to_string(), format!("x-filler-{n}: filler value {n} of the load request")]);
     }
     command.arg(format!("http://{addr}/bench/load"));
     let output = command.output().map_err(|e| format!("wrk: {e}"))?;
@@ -548,7 +574,10 @@ fn markdown(summary: &Value, meta: &Value, shape: &Shape) -> String {
         "native" => "api_key_auth + credential_injector + header_mutation".to_string(),
         "lua" => "the same job in Lua".to_string(),
         "keyswap" => "keyswap".to_string(),
-        other => format!("keyswap variant: {}", shape.variants.get(other).map_or("?", String::as_str)),
+        other => match shape.variants.get(other) {
+            Some(noop) if noop.starts_with("no-op") => noop.clone(),
+            wasm => format!("keyswap variant: {}", wasm.map_or("?", String::as_str)),
+        },
     };
     let m = &meta["machine"];
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
@@ -741,10 +770,17 @@ fn render(path: &Path, update_docs: bool) -> Result<(), String> {
     write_outputs(&run, &results, &Shape { names, variants }, update_docs)
 }
 
+/// Whether `name` can name one more listener: lower-case, not taken.
+fn new_name(listeners: &[Listener], name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !listeners.iter().any(|l| l.name == name)
+}
+
 fn listeners(args: &Args, keyswap_wasm: &Path) -> Result<Vec<Listener>, String> {
     let mut listeners: Vec<Listener> = [
         ("plain", Kind::Plain),
-        ("noop_wasm", Kind::NoopWasm),
+        ("noop_wasm", Kind::NoopWasm { calls: String::new(), two_stages: false }),
         ("native", Kind::Native),
         ("lua", Kind::Lua),
         ("keyswap", Kind::Keyswap { wasm: keyswap_wasm.to_path_buf(), listener_only: false }),
@@ -755,13 +791,20 @@ fn listeners(args: &Args, keyswap_wasm: &Path) -> Result<Vec<Listener>, String> 
     let given = args.variant.iter().map(|v| (v, false)).chain(args.variant_listener_only.iter().map(|v| (v, true)));
     for (v, listener_only) in given {
         let (name, wasm) = v.split_once('=').unwrap_or((v, ""));
-        let lower = name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !lower || wasm.is_empty() || listeners.iter().any(|l| l.name == name) {
+        if !new_name(&listeners, name) || wasm.is_empty() {
             return Err(format!("--variant {v}: expected NAME=WASM with a new lower-case NAME"));
         }
         let wasm = std::fs::canonicalize(wasm).map_err(|e| format!("--variant {v}: {wasm}: {e}"))?;
         listeners.push(Listener { name: name.into(), kind: Kind::Keyswap { wasm, listener_only } });
+    }
+    let noops =
+        args.noop_variant.iter().map(|v| (v, false)).chain(args.noop_variant_two_stages.iter().map(|v| (v, true)));
+    for (v, two_stages) in noops {
+        let (name, calls) = v.split_once('=').unwrap_or((v, ""));
+        if !new_name(&listeners, name) {
+            return Err(format!("--noop-variant {v}: expected NAME=CALLS with a new lower-case NAME"));
+        }
+        listeners.push(Listener { name: name.into(), kind: Kind::NoopWasm { calls: calls.into(), two_stages } });
     }
     Ok(listeners)
 }
@@ -847,6 +890,10 @@ fn run(args: &Args) -> Result<(), String> {
         .filter(|l| !CANONICAL.contains(&l.name.as_str()))
         .filter_map(|l| match &l.kind {
             Kind::Keyswap { wasm, .. } => Some((l.name.clone(), wasm.file_name()?.to_string_lossy().into_owned())),
+            Kind::NoopWasm { calls, two_stages } => {
+                let stages = if *two_stages { ", in both stages" } else { "" };
+                Some((l.name.clone(), format!("no-op calling [{calls}]{stages}")))
+            }
             _ => None,
         })
         .collect();

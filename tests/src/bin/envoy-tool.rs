@@ -53,7 +53,9 @@ enum Command {
 fn ecds_resource(config: &Path, ecds_file: &Path) -> Result<(), String> {
     let bytes = std::fs::read(config).map_err(|e| format!("cannot read {}: {e}", config.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", config.display()))?;
-    let resource = ecds::resource_bytes(&text, &ecds::default_vm_config());
+    // Binary for a `.pb` file (envoy.yaml's), JSON otherwise: as push writes.
+    let format = ecds::Format::of(ecds_file)?;
+    let resource = ecds::encode(format, &text, &ecds::VmConfig::Json(ecds::default_vm_config()))?;
     ecds::write_atomically(ecds_file, &resource).map_err(|e| format!("cannot write {}: {e}", ecds_file.display()))?;
     println!("{}", keyswap_policy::content_version(text.as_bytes()));
     Ok(())

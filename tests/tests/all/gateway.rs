@@ -90,7 +90,7 @@ fn on_local_ports(yaml: &str, echo: std::net::SocketAddr) -> String {
     with_own_ecds_file(&text, &demo_config())
 }
 
-/// `envoy.yaml` with keyswap's ECDS file (`.run/ecds/keyswap.json`) moved
+/// `envoy.yaml` with keyswap's ECDS file (`.run/ecds/keyswap.pb`) moved
 /// to a fresh directory of its own, holding `config` (as `scripts/setup`
 /// creates it with the demo configuration), so tests never share or read
 /// the repository's.
@@ -99,11 +99,13 @@ fn with_own_ecds_file(yaml: &str, config: &str) -> String {
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("keyswap-shipped-ecds-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
-    let seed = keyswap_tests::ecds::resource_bytes(config, &keyswap_tests::ecds::default_vm_config());
-    keyswap_tests::ecds::write_atomically(&dir.join("keyswap.json"), &seed).expect("seed");
+    use keyswap_tests::ecds;
+    let vm = ecds::VmConfig::Json(ecds::default_vm_config());
+    let seed = ecds::encode(ecds::Format::Binary, config, &vm).expect("encode");
+    ecds::write_atomically(&dir.join("keyswap.pb"), &seed).expect("seed");
     let mut text = yaml.to_string();
     for (from, to) in [
-        ("path: .run/ecds/keyswap.json", format!("path: {}", dir.join("keyswap.json").display())),
+        ("path: .run/ecds/keyswap.pb", format!("path: {}", dir.join("keyswap.pb").display())),
         ("path: .run/ecds}", format!("path: {}}}", dir.display())),
     ] {
         assert_eq!(text.matches(from).count(), 1, "envoy.yaml should hold `{from}` once");

@@ -1,5 +1,7 @@
 //! keyswap in the real Envoy: one test binary, a module an area.
 //!
+//! - [`broker`]: the per-client fetch with two workers: clients
+//!   interleaved, each gets only its own value, one call per client.
 //! - [`conformance`]: runner `envoy`, the whole conformance suite through Envoy.
 //! - [`credentials`]: dynamic credentials (oauth2, token exchange, fetch)
 //!   with a local token server: first token, rotation, outage and expiry,
@@ -37,6 +39,7 @@
 // `#[test]` functions do (clippy.toml allows these in tests already).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod broker;
 mod conformance;
 mod credentials;
 mod gateway;

@@ -238,14 +238,34 @@ fn a_revoked_key_stops_on_every_worker_under_load_and_nothing_else_breaks() {
 
 #[test]
 fn a_bad_resource_leaves_the_previous_configuration_serving() {
-    let gw = start();
+    bad_resource_case(&start());
+}
+
+/// The same with a JSON ECDS file (`keyswap.json`), as one written and
+/// kept by hand: Envoy parses it as JSON, and garbage fails to parse.
+#[test]
+fn a_bad_json_resource_leaves_the_previous_configuration_serving() {
+    let listener = Listener {
+        config: config(false),
+        env: [("UPSTREAM_CREDENTIAL".to_string(), CREDENTIAL.to_string())].into(),
+        route_names: vec![ROUTE.into()],
+        ..Listener::default()
+    };
+    let options = keyswap_tests::revocation::Options { json: true, ..Default::default() };
+    let gw =
+        EcdsGateway::start_options(listener, &[], &LogLevels::serving(), &options).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gw.format, ecds::Format::Json);
+    bad_resource_case(&gw);
+}
+
+fn bad_resource_case(gw: &EcdsGateway) {
     let good = version(&config(false));
     let before = |gw: &EcdsGateway| {
         let k1: Vec<_> = (0..10).map(|_| outcome(&keyed(K1).send(gw.addr).expect("K1"))).collect();
         let k2: Vec<_> = (0..10).map(|_| outcome(&keyed(K2).send(gw.addr).expect("K2"))).collect();
         (k1, k2)
     };
-    let (k1, k2) = before(&gw);
+    let (k1, k2) = before(gw);
     assert!(k1.iter().all(|o| *o == forwarded_as("k1-client")), "{k1:?}");
     assert!(k2.iter().all(|o| *o == forwarded_as("k2-client")), "{k2:?}");
     let view = gw.view().expect("admin");
@@ -266,15 +286,31 @@ fn a_bad_resource_leaves_the_previous_configuration_serving() {
     let refused = "keyswap: configuration refused: clients[1].routes[0]: names no route (`nowhere` is not in `routes`)";
     assert!(log.lines().any(|l| l.contains("[error][wasm]") && l.ends_with(refused)), "{refused} in:\n{log}");
     assert!(log.contains("config update rejected: Unable to create Wasm plugin keyswap"), "Envoy logs the rejection");
-    assert_eq!(before(&gw), (k1.clone(), k2.clone()), "K1 and K2 answered exactly as before");
+    assert_eq!(before(gw), (k1.clone(), k2.clone()), "K1 and K2 answered exactly as before");
 
-    // 2. Not even a resource: Envoy's own parser refuses it.
+    // 2. Not even a resource. A JSON file: Envoy's own parser refuses it
+    //    (update_failure). A binary file: Envoy 1.40 ignores a failed
+    //    binary parse (MessageUtil::loadFromFile) and hands ECDS an empty
+    //    response, which it rejects (update_rejected).
     ecds::write_atomically(&gw.ecds, b"{ this is not json\n").expect("write garbage");
-    let failed = wait_for(Duration::from_secs(10), || gw.view().ok().filter(|v| v.failed > after.failed));
-    let again = failed.unwrap_or_else(|| panic!("Envoy did not refuse garbage; log:\n{}", gw.envoy.log()));
+    let again = match gw.format {
+        ecds::Format::Json => {
+            let failed = wait_for(Duration::from_secs(10), || gw.view().ok().filter(|v| v.failed > after.failed));
+            let again = failed.unwrap_or_else(|| panic!("Envoy did not refuse garbage; log:\n{}", gw.envoy.log()));
+            assert!(gw.envoy.log().contains("Filesystem config update failure: in "), "Envoy logs the parse failure");
+            again
+        }
+        ecds::Format::Binary => {
+            let rejected = wait_for(Duration::from_secs(10), || gw.view().ok().filter(|v| v.rejected > after.rejected));
+            let again = rejected.unwrap_or_else(|| panic!("Envoy did not refuse garbage; log:\n{}", gw.envoy.log()));
+            let said =
+                "Filesystem config update rejected: Unexpected number of resources in ExtensionConfigDS response: 0";
+            assert!(gw.envoy.log().contains(said), "Envoy logs the refusal");
+            again
+        }
+    };
     assert_eq!(again.accepted.as_deref(), Some(good.as_str()));
-    assert!(gw.envoy.log().contains("Filesystem config update failure: in "), "Envoy logs the parse failure");
-    assert_eq!(before(&gw), (k1, k2), "K1 and K2 answered exactly as before");
+    assert_eq!(before(gw), (k1, k2), "K1 and K2 answered exactly as before");
     // (Envoy's own debug lines print request headers; keyswap's never hold a key.)
     let log = gw.envoy.log();
     let keyswap_lines: Vec<&str> = log.lines().filter(|l| l.contains("keyswap: ")).collect();
@@ -320,6 +356,10 @@ fn push_reports_the_version_once_envoy_has_it_and_a_rejection_with_envoys_reason
     assert_eq!(view.accepted.as_deref(), Some(v2.as_str()), "push returned before Envoy ran {v2}: {view:?}");
     assert!(pushed.stdout.contains(&format!("wrote {}: version {v2} (2 clients, 1 routes)", gw.ecds.display())));
     assert!(pushed.stdout.contains(&format!("active: Envoy runs version {v2} (")), "{}", pushed.stdout);
+    // The time Envoy took to apply it: from the rename to its ECDS stats.
+    let took = pushed.stdout.split_once(&format!("active: Envoy runs version {v2} (")).map(|(_, rest)| rest);
+    let ms = took.and_then(|rest| rest.strip_suffix(" ms from the rename to Envoy applying it, by its ECDS stats)\n"));
+    assert!(ms.is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n < 10_000)), "{}", pushed.stdout);
     let denied = wait_for(Duration::from_secs(1), || is_invalid_key(&keyed(K1).send(gw.addr).ok()?).then_some(()));
     assert!(denied.is_some(), "K1 still forwarded a second after push said active");
     for _ in 0..20 {
@@ -327,10 +367,13 @@ fn push_reports_the_version_once_envoy_has_it_and_a_rejection_with_envoys_reason
         assert_eq!(outcome(&keyed(K2).send(gw.addr).expect("K2")), forwarded_as("k2-client"));
     }
     let file = std::fs::read(&gw.ecds).expect("the ECDS file");
-    let on_disk: serde_json::Value = serde_json::from_slice(&file).expect("JSON");
-    assert_eq!(on_disk["version_info"], v2.as_str());
-    assert_eq!(ecds::configuration_of(&on_disk), Some(revoked.as_str()), "the configuration, byte for byte");
-    assert_eq!(ecds::vm_config_of(&on_disk).as_ref(), Some(&gw.vm_config), "push kept the file's vm_config");
+    let on_disk = ecds::read_resource(&file).expect("a keyswap resource");
+    assert_eq!(on_disk.format, gw.format, "push writes the format Envoy reads the file in");
+    assert_eq!(on_disk.version.as_deref(), Some(v2.as_str()));
+    assert_eq!(on_disk.configuration.as_deref(), Some(revoked.as_str()), "the configuration, byte for byte");
+    let vm = on_disk.vm_config.expect("vm_config").to_binary().expect("encodable");
+    let expected = ecds::VmConfig::Json(gw.vm_config.clone()).to_binary().expect("encodable");
+    assert_eq!(vm, expected, "push kept the file's vm_config");
 
     // 2. The same content again: nothing written, said so.
     let modified = std::fs::metadata(&gw.ecds).and_then(|m| m.modified()).expect("mtime");
@@ -397,7 +440,7 @@ fn shipped_envoy_yaml_takes_keyswap_from_an_ecds_file_in_the_ignored_run_dir() {
     assert_eq!(filter["name"].as_str(), Some(ecds::RESOURCE_NAME));
     let discovery = &filter["config_discovery"];
     let source = &discovery["config_source"]["path_config_source"];
-    assert_eq!(source["path"].as_str(), Some(".run/ecds/keyswap.json"));
+    assert_eq!(source["path"].as_str(), Some(".run/ecds/keyswap.pb"), "binary: Envoy parses it fastest");
     assert_eq!(source["watched_directory"]["path"].as_str(), Some(".run/ecds"));
     assert_eq!(discovery["apply_default_config_without_warming"].as_bool(), Some(true), "serves from the start");
     let vm: serde_json::Value = serde_json::to_value(&discovery["default_config"]["config"]["vm_config"]).unwrap();
@@ -543,7 +586,7 @@ fn a_restart_with_an_unusable_ecds_file_never_accepts_a_revoked_key() {
         routes_to: vec![("demo".into(), "demo_echo".into())],
         ..Default::default()
     };
-    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: false };
+    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), ..Default::default() };
     let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
     let mut gw = EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(demo_request(&gw).status, 200, "the demo key works before the revocation");
@@ -553,10 +596,16 @@ fn a_restart_with_an_unusable_ecds_file_never_accepts_a_revoked_key() {
     assert!(is_invalid_key(&demo_request(&gw)), "the demo key is revoked");
     let good = std::fs::read(&gw.ecds).expect("the ECDS file");
 
-    let resource = |f: &dyn Fn(&mut serde_json::Value)| {
-        let mut value: serde_json::Value = serde_json::from_slice(&good).expect("JSON");
-        f(&mut value);
-        serde_json::to_vec_pretty(&value).expect("JSON")
+    // The file is binary (.pb): its resource edited through the same
+    // hand-declared messages push writes it with.
+    let resource = |f: &dyn Fn(&mut keyswap_envoy_config::proto::TypedExtensionConfig)| {
+        use keyswap_envoy_config::proto::{self, Message as _};
+        let mut response = proto::DiscoveryResponse::decode(good.as_slice()).expect("binary");
+        let mut extension =
+            proto::TypedExtensionConfig::decode(response.resources[0].value.as_slice()).expect("binary");
+        f(&mut extension);
+        response.resources[0].value = extension.encode_to_vec();
+        response.encode_to_vec()
     };
     let refused_by_filter =
         demo(true).replace(r#""routes": ["demo"], "disabled""#, r#""routes": ["nowhere"], "disabled""#);
@@ -566,14 +615,18 @@ fn a_restart_with_an_unusable_ecds_file_never_accepts_a_revoked_key() {
         ("truncated", good[..good.len() / 2].to_vec()),
         (
             "wrong type",
-            resource(&|v| {
-                v["resources"][0]["typed_config"] = serde_json::json!({
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"});
+            resource(&|e| {
+                e.typed_config = Some(keyswap_envoy_config::proto::Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router".into(),
+                    value: Vec::new(),
+                });
             }),
         ),
-        ("wrong name", resource(&|v| v["resources"][0]["name"] = "other".into())),
-        ("refused by the filter", ecds::resource_bytes(&refused_by_filter, &gw.vm_config)),
-        ("missing env", ecds::resource_bytes(&missing_env, &gw.vm_config)),
+        ("wrong name", resource(&|e| e.name = "other".into())),
+        // Written by hand in the other format: Envoy reads a .pb file as binary only.
+        ("JSON in the .pb file", ecds::resource_bytes(&revoked, &gw.vm_config)),
+        ("refused by the filter", gw.file_bytes(&refused_by_filter).expect("encode")),
+        ("missing env", gw.file_bytes(&missing_env).expect("encode")),
     ];
     for (kind, bytes) in &bad {
         ecds::write_atomically(&gw.ecds, bytes).expect("write the bad file");
@@ -686,7 +739,7 @@ fn a_refused_push_racing_an_accepted_one_never_undoes_it() {
     let revoke = config(true);
     let refused = config(false).replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY");
     let (v_revoke, v_refused) = (version(&revoke), version(&refused));
-    let revoke_bytes = ecds::resource_bytes(&revoke, &gw.vm_config);
+    let revoke_bytes = gw.file_bytes(&revoke).expect("encode");
     for round in 0..8 {
         reset(&gw, &config(false));
         // The refused push first, the revocation 0 to 70 ms later: the
@@ -718,7 +771,11 @@ fn restartable(config: &str) -> EcdsGateway {
         route_names: vec![ROUTE.into()],
         ..Default::default()
     };
-    let options = keyswap_tests::revocation::Options { default_config: Some(shipped_default()), fixed_ports: true };
+    let options = keyswap_tests::revocation::Options {
+        default_config: Some(shipped_default()),
+        fixed_ports: true,
+        ..Default::default()
+    };
     let log = keyswap_tests::envoy::LogLevels { level: "info".into(), components: None };
     EcdsGateway::start_options(listener, &[], &log, &options).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -745,7 +802,7 @@ fn a_push_follows_an_envoy_that_restarts_or_pauses_in_the_middle() {
 
     // 1. A restart in the middle of a push Envoy refuses (K1 would be back).
     let refused = config(false).replace("UPSTREAM_CREDENTIAL", "NOT_IN_ENVOY");
-    let refused_bytes = ecds::resource_bytes(&refused, &gw.vm_config);
+    let refused_bytes = gw.file_bytes(&refused).expect("encode");
     // Envoy is stopped first, so that only the new Envoy ever reads the
     // refused file: push finds the admin silent, writes anyway, and waits.
     signal(gw.envoy.pid(), "-STOP");
@@ -824,8 +881,8 @@ fn pushed_files_are_0600_keep_their_owner_and_links_are_refused() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, [".keyswap.json.lock", "keyswap.json"], "no temporary file left");
-    assert_eq!(mode(&dir.join(".keyswap.json.lock")), 0o600);
+    assert_eq!(names, [".keyswap.pb.lock", "keyswap.pb"], "no temporary file left");
+    assert_eq!(mode(&dir.join(".keyswap.pb.lock")), 0o600);
 
     // A link where the file was: refused, link and target untouched.
     let target = dir.join("real.json");
@@ -847,20 +904,23 @@ fn pushed_files_are_0600_keep_their_owner_and_links_are_refused() {
 
     // What scripts/setup and scripts/demo write: push's bytes, 0600.
     let demo_config = std::fs::read_to_string(repo_root().join("docs/examples/demo.json")).expect("demo.json");
-    let seeded = gw.envoy.dir().join("seeded.json");
-    let status = std::process::Command::new(repo_root().join("scripts/ecds-resource"))
-        .arg(repo_root().join("docs/examples/demo.json"))
-        .arg(&seeded)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("scripts/ecds-resource runs");
-    assert!(status.success());
-    assert_eq!(mode(&seeded), 0o600);
-    assert_eq!(
-        String::from_utf8(std::fs::read(&seeded).expect("seeded")).expect("UTF-8"),
-        String::from_utf8(ecds::resource_bytes(&demo_config, &ecds::default_vm_config())).expect("UTF-8"),
-        "scripts/ecds-resource writes what keyswap push writes"
-    );
+    for (name, format) in [("seeded.pb", ecds::Format::Binary), ("seeded.json", ecds::Format::Json)] {
+        let seeded = gw.envoy.dir().join(name);
+        let status = std::process::Command::new(repo_root().join("scripts/ecds-resource"))
+            .arg(repo_root().join("docs/examples/demo.json"))
+            .arg(&seeded)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("scripts/ecds-resource runs");
+        assert!(status.success());
+        assert_eq!(mode(&seeded), 0o600);
+        let vm = ecds::VmConfig::Json(ecds::default_vm_config());
+        assert_eq!(
+            std::fs::read(&seeded).expect("seeded"),
+            ecds::encode(format, &demo_config, &vm).expect("encode"),
+            "scripts/ecds-resource writes what keyswap push writes ({name})"
+        );
+    }
 }
 
 /// A file written in place (`cp`, `cat >`) is never seen by Envoy, which
@@ -874,7 +934,7 @@ fn an_in_place_write_is_named_and_push_force_redelivers_it() {
     let revoked = config(true);
     let v = version(&revoked);
     let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(&gw.ecds).expect("open in place");
-    file.write_all(&ecds::resource_bytes(&revoked, &gw.vm_config)).expect("write in place");
+    file.write_all(&gw.file_bytes(&revoked).expect("encode")).expect("write in place");
     drop(file);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(outcome(&keyed_once(K1).send(gw.addr).expect("K1")), forwarded_as("k1-client"), "Envoy never saw it");
