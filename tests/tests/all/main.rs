@@ -9,6 +9,9 @@
 //! - [`gateway`]: named end-to-end behaviours the suite cannot express (the
 //!   shipped `envoy.yaml`, refusing to start, environment credentials,
 //!   surviving hostile traffic).
+//! - [`limits`]: rate limits and quotas with two workers: exactly N per
+//!   window under 32 connections, clients never sharing a bucket, a push
+//!   keeping the counts of an unchanged limit.
 //! - [`per_client`]: per-client credentials (`clients[].inject`) attacked
 //!   from outside: hundreds of interleaved requests each carrying exactly
 //!   its own client's credentials, smuggling under any injected name,
@@ -45,6 +48,7 @@ mod credentials;
 mod gateway;
 mod image;
 mod leaks;
+mod limits;
 mod operations;
 mod per_client;
 mod platforms;

@@ -1,0 +1,248 @@
+//! Rate limits and quotas (docs/config.md, "Rate limits and quotas") in the
+//! real Envoy with two workers, counted in Envoy's shared data by both:
+//!
+//! - exactness: 32 connections at once ask far more often than a rate of
+//!   N per second allows; per one-second window (over more than ten) the
+//!   two workers together admit exactly what the GCRA says: `N + burst` in
+//!   the first, `N` in every later one; every other answer is 429
+//!   `rate_limited` with its `retry-after` and `RateLimit` fields.
+//! - clients never share a bucket: four clients with the same limit
+//!   definition (a route default, a client's own), hammered together, are
+//!   each admitted exactly their own number.
+//! - a push that changes one client's limit starts that client afresh and
+//!   leaves the other client's counts as they were.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keyswap_tests::echo::{Echo, Echoed};
+use keyswap_tests::envoy::{Envoy, Listener, LogLevels, ROUTE_HEADER};
+use keyswap_tests::http::{Request, Response};
+use keyswap_tests::revocation::EcdsGateway;
+
+use crate::credentials::start_listener;
+
+const CLIENT_ID_HEADER: &str = "x-keyswap-client";
+const UPSTREAM_KEY: &str = "upstream-secret-for-limits";
+
+/// The Envoy route (and cluster) the requests take.
+const ROUTE: &str = "api";
+
+/// A configuration with `clients` on one route [`ROUTE`] with `route_limits`
+/// as its default (`null`: none).
+fn config(clients: serde_json::Value, route_limits: serde_json::Value) -> String {
+    let mut route = serde_json::json!({"name": ROUTE, "match": {"route_name": ROUTE, "clusters": [ROUTE]},
+                                       "inject": [{"header": "x-upstream-key", "value": {"inline": UPSTREAM_KEY}}]});
+    if !route_limits.is_null() {
+        route["limits"] = route_limits;
+    }
+    serde_json::json!({
+        "clients": clients,
+        "key_sources": [{"header": "x-api-key"}],
+        "routes": [route],
+        "client_id_header": CLIENT_ID_HEADER
+    })
+    .to_string()
+}
+
+fn start(config: String, echo: &Echo) -> Envoy {
+    let listener = Listener { name: "limits".into(), config, route_names: vec![ROUTE.into()], ..Listener::default() };
+    start_listener(listener, &[], echo.addr(), 2)
+}
+
+fn request(key: &str) -> Request {
+    Request::get("/v1/things").header("host", "api.test").header(ROUTE_HEADER, ROUTE).header("x-api-key", key)
+}
+
+fn error(response: &Response) -> String {
+    response.json().map(|b| b["error"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+}
+
+/// An answer is either forwarded (the echo, as `client`) or keyswap's 429
+/// `rate_limited`; `Ok(true)` when forwarded.
+fn judge(response: &Response, client: &str) -> Result<bool, String> {
+    match response.status {
+        200 => {
+            let echoed = Echoed::parse(&response.body).ok_or_else(|| format!("not the echo: {}", response.text()))?;
+            if echoed.header(CLIENT_ID_HEADER) != Some(client) || echoed.header("x-upstream-key") != Some(UPSTREAM_KEY)
+            {
+                return Err(format!("{client}: forwarded as {:?}", echoed.headers));
+            }
+            Ok(true)
+        }
+        429 if error(response) == "rate_limited"
+            && response.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1))
+            && response.header("ratelimit-policy").is_some()
+            && response.header("ratelimit").is_some_and(|v| v.contains(";r=0;t=")) =>
+        {
+            Ok(false)
+        }
+        _ => Err(format!("{client}: {} {:?} {}", response.status, response.headers, response.text())),
+    }
+}
+
+#[test]
+fn a_rate_of_n_per_second_admits_exactly_n_per_window_across_two_workers_and_32_connections() {
+    const N: u64 = 10;
+    const BURST: u64 = 1;
+    const CONNECTIONS: usize = 32;
+    /// Long enough for eleven whole windows after the first admission.
+    const RUN: Duration = Duration::from_millis(11_800);
+    /// Each connection's bound on requests, besides [`RUN`].
+    const MOST: usize = 3_000;
+    let emission = Duration::from_millis(1000 / N);
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let clients = serde_json::json!([{"id": "metered", "key": "metered-key", "routes": ["*"],
+        "limits": {"rate": {"requests": N, "per": "second", "burst": BURST}}}]);
+    let envoy = start(config(clients, serde_json::Value::Null), &echo);
+    let addr = envoy.listener("limits").expect("listener");
+
+    // Every connection asks every 5 ms (a new connection a request, so
+    // either worker): far more often than 10 per second, so a request is
+    // always there within a millisecond of the next admission being due.
+    let started = Instant::now();
+    let answers: Vec<Result<(Instant, bool), String>> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    while started.elapsed() < RUN && out.len() < MOST {
+                        let sent = Instant::now();
+                        let answer = request("metered-key").send(addr).map_err(|e| e.to_string());
+                        // The decision was made between sending and reading
+                        // the answer: take the middle.
+                        let at = sent + (Instant::now() - sent) / 2;
+                        out.push(answer.and_then(|r| judge(&r, "metered")).map(|admitted| (at, admitted)));
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    out
+                })
+            })
+            .collect();
+        senders.into_iter().flat_map(|h| h.join().expect("sender")).collect()
+    });
+    let ended = Instant::now();
+    let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(failures.is_empty(), "{} bad answers, first: {:?}", failures.len(), failures.first());
+    let mut admitted: Vec<Instant> =
+        answers.iter().filter_map(|a| a.as_ref().ok()).filter(|a| a.1).map(|a| a.0).collect();
+    admitted.sort();
+    let sent = answers.len();
+    let first = *admitted.first().expect("something was admitted");
+    // Admissions are due at first + k·T (T = 100 ms): windows start half an
+    // emission interval before, so that no admission is near an edge.
+    let origin = first - emission / 2;
+    let window = Duration::from_secs(1);
+    let whole = usize::try_from(((ended - origin).as_millis() / window.as_millis()) as u64).expect("windows");
+    let mut counts = vec![0u64; whole];
+    for at in &admitted {
+        let i = usize::try_from(((*at - origin).as_millis() / window.as_millis()) as u64).expect("index");
+        if i < whole {
+            counts[i] += 1;
+        }
+    }
+    println!(
+        "rate {N}/second burst {BURST}, {CONNECTIONS} connections, 2 workers: {sent} requests in {:.1} s \
+         ({:.0}/s), admitted per 1 s window: {counts:?}",
+        (ended - started).as_secs_f64(),
+        sent as f64 / (ended - started).as_secs_f64()
+    );
+    assert!(whole >= 11, "at least eleven whole windows: {whole}");
+    let mut want = vec![N; whole];
+    want[0] = N + BURST;
+    assert_eq!(counts, want, "admitted per window (the first holds the burst); log:\n{}", envoy.log());
+}
+
+#[test]
+fn clients_with_the_same_limit_never_share_a_bucket() {
+    const SENDERS: usize = 8;
+    const EACH: usize = 25;
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    // `a` and `b` get the route's default (1 per hour, burst 4: five at
+    // once), `own` its own limit for the route with the same numbers but
+    // burst 2, `free` no limit on the route.
+    let clients = serde_json::json!([
+        {"id": "a", "key": "key-a", "routes": ["*"]},
+        {"id": "b", "key": "key-b", "routes": ["*"]},
+        {"id": "own", "key": "key-own", "routes": ["*"],
+         "route_limits": {ROUTE: {"rate": {"requests": 1, "per": "hour", "burst": 2}}}},
+        {"id": "free", "key": "key-free", "routes": ["*"], "route_limits": {ROUTE: {}}}
+    ]);
+    let route_limits = serde_json::json!({"rate": {"requests": 1, "per": "hour", "burst": 4}});
+    let envoy = start(config(clients, route_limits), &echo);
+    let addr = envoy.listener("limits").expect("listener");
+    let clients = [("a", "key-a"), ("b", "key-b"), ("own", "key-own"), ("free", "key-free")];
+    // Every sender walks the four clients in turn, so their requests
+    // interleave on both workers.
+    let answers: Vec<(&str, Result<bool, String>)> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|sender| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for i in 0..EACH * clients.len() {
+                        let (client, key) = clients[(sender + i) % clients.len()];
+                        let answer = request(key).send(addr).map_err(|e| e.to_string());
+                        out.push((client, answer.and_then(|r| judge(&r, client))));
+                    }
+                    out
+                })
+            })
+            .collect();
+        senders.into_iter().flat_map(|h| h.join().expect("sender")).collect()
+    });
+    let mut admitted: BTreeMap<&str, usize> = BTreeMap::new();
+    for (client, answer) in &answers {
+        match answer {
+            Ok(true) => *admitted.entry(client).or_default() += 1,
+            Ok(false) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    println!("admitted of {} each: {admitted:?}", SENDERS * EACH);
+    let want = BTreeMap::from([("a", 5), ("b", 5), ("own", 3), ("free", SENDERS * EACH)]);
+    assert_eq!(admitted, want, "each client its own bucket; log:\n{}", envoy.log());
+}
+
+#[test]
+fn a_push_changing_one_clients_limit_keeps_the_other_clients_counts() {
+    let clients = |a_burst: u64, extra: bool| {
+        let mut list = vec![
+            serde_json::json!({"id": "a", "key": "push-key-a", "routes": ["*"],
+                               "limits": {"rate": {"requests": 1, "per": "hour", "burst": a_burst}}}),
+            serde_json::json!({"id": "b", "key": "push-key-b", "routes": ["*"],
+                               "limits": {"rate": {"requests": 1, "per": "hour", "burst": 2}}}),
+        ];
+        if extra {
+            list.push(serde_json::json!({"id": "probe", "key": "push-key-probe", "routes": ["*"]}));
+        }
+        let route = serde_json::json!({"name": "all", "match": {"clusters": ["gateway-default"]},
+                                       "inject": [{"header": "x-upstream-key", "value": {"inline": UPSTREAM_KEY}}]});
+        serde_json::json!({"clients": list, "key_sources": [{"header": "x-api-key"}], "routes": [route],
+                           "client_id_header": CLIENT_ID_HEADER})
+        .to_string()
+    };
+    let listener = Listener { config: clients(2, false), ..Listener::default() };
+    let gw = EcdsGateway::start_with(listener, &[], &LogLevels::serving()).unwrap_or_else(|e| panic!("{e}"));
+    let get = |key: &str| {
+        let request = Request::get("/v1/things").header("host", "gateway.test").header("x-api-key", key);
+        request.header("connection", "close").send(gw.addr).expect("a request")
+    };
+    let send = |key: &str, client: &str| judge(&get(key), client).unwrap_or_else(|e| panic!("{e}"));
+    // Both use two of their three (1 + burst 2).
+    for _ in 0..2 {
+        assert!(send("push-key-a", "a") && send("push-key-b", "b"), "admitted before the push");
+    }
+    // `a`'s burst goes from 2 to 5 (a new definition: a fresh bucket of
+    // six); `b`'s limit is as it was; a client `probe` is added.
+    gw.push(&clients(5, true)).expect("push");
+    // In force on every worker once twenty fresh connections in a row take
+    // `probe`'s key (it exists only in the new configuration).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(0..20).all(|_| get("push-key-probe").status == 200) {
+        assert!(Instant::now() < deadline, "the push is in force within 10 s; log:\n{}", gw.envoy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let admitted = |key: &str, client: &str| (0..10).filter(|_| send(key, client)).count();
+    assert_eq!(admitted("push-key-b", "b"), 1, "b keeps its count: one of three left");
+    assert_eq!(admitted("push-key-a", "a"), 6, "a's changed limit starts afresh at the push");
+}
