@@ -182,12 +182,13 @@ impl KeyswapHttp {
 
     /// The first stage: read the key, remove every place a key can be, and
     /// leave the key's digest for the final stage (and the caller's token,
-    /// for a configuration with per-client fetches). Nothing is added.
+    /// for a configuration with per-client fetches). Nothing is added but,
+    /// with `client_id_on_listener`, the client id of a valid key.
     fn first_stage(&mut self, policy: &Policy) -> Action {
         let headers = self.get_http_request_headers_bytes();
         let view = RequestView::from_headers(None, &headers);
         let key = policy.key_check(&view);
-        let admit = policy.admit(&view);
+        let admit = policy.admit_with_id(&view, &key, &now_millis);
         if policy.has_keyed_credentials() {
             if let Some(token) = policy.caller_token(&view) {
                 self.set_property(vec![CALLER_TOKEN_PROPERTY], Some(token));

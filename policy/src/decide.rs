@@ -262,6 +262,28 @@ impl Policy {
         }
     }
 
+    /// The first stage's edits ([`Self::admit`]) for a request that
+    /// presented `key` ([`Self::key_check`]): with `client_id_on_listener`,
+    /// `client_id_header` is also set to the id of the key's client when
+    /// the key is valid at `now_ms` (known, not `disabled`, not past
+    /// `expires`), whatever the route; a client-sent copy is removed in
+    /// any case. A rate-limit filter after keyswap on the listener keys its
+    /// descriptor on it; the final stage removes it and sets it again on
+    /// its own decision. The clock is read only for a client with
+    /// `expires`; without the option this is [`Self::admit`].
+    pub fn admit_with_id<'p>(&'p self, req: &RequestView<'_>, key: &KeyCheck, now_ms: &dyn Fn() -> i64) -> Forward<'p> {
+        let mut admit = self.admit(req);
+        if let (true, Some(name), KeyCheck::Digest(digest)) = (self.client_id_on_listener, &self.client_id_header, key)
+        {
+            let client = self.index.find(&self.clients, digest).map(|c| &self.clients[c]);
+            let valid = client.filter(|c| !c.disabled && c.expires.is_none_or(|at| now_ms().div_euclid(1000) < at));
+            if let Some(client) = valid {
+                admit.add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
+            }
+        }
+        admit
+    }
+
     /// Client-sent header names that are a protected name with `_` for
     /// `-` (`x_api_key`, `X_Keyswap_Client`), to remove.
     fn look_alikes(&self, req: &RequestView<'_>) -> Vec<String> {
@@ -922,6 +944,53 @@ mod tests {
         let names: Vec<&str> = edited.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, [":method", ":path", ":authority", "x_other"]);
         assert_eq!(edited[1].1, b"/x?keep=1");
+    }
+
+    /// `client_id_on_listener`: the first stage sets the client id of a
+    /// valid key (any route), never a client-sent one, and nothing for a
+    /// key that is unknown, disabled or expired, or without the option.
+    #[test]
+    fn the_first_stage_sets_a_valid_keys_client_id_only_with_client_id_on_listener() {
+        let config = |on: bool| {
+            format!(
+                r#"{{"clients": [{{"id": "team-a", "key": "ka", "routes": ["a"]}},
+                                 {{"id": "off", "key": "kd", "routes": ["*"], "disabled": true}},
+                                 {{"id": "old", "key": "ke", "routes": ["*"], "expires": "2020-01-01T00:00:00Z"}},
+                                 {{"id": "team-b", "key": "kb", "routes": ["b"]}}],
+                    "routes": [{{"name": "a", "match": {{"clusters": ["ca"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-a"}}}}]}},
+                               {{"name": "b", "match": {{"clusters": ["cb"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-b"}}}}]}}],
+                    "client_id_header": "x-keyswap-client", "client_id_on_listener": {on}}}"#
+            )
+        };
+        let on = Policy::from_json(config(true).as_bytes(), &|_: &str| None).unwrap_or_else(|e| panic!("{e}"));
+        let off = Policy::from_json(config(false).as_bytes(), &|_: &str| None).unwrap_or_else(|e| panic!("{e}"));
+        let now = || 1_800_000_000_000;
+        let first = |p: &Policy, key: &str, forged: &[(&str, &str)]| {
+            let mut sent = vec![("x-api-key", key)];
+            sent.extend_from_slice(forged);
+            let mut headers = request("GET", "/x", &sent);
+            let view = RequestView::from_headers(None, &headers);
+            let key = p.key_check(&view);
+            p.admit_with_id(&view, &key, &now).apply(&mut headers);
+            headers
+                .into_iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-keyswap-client") || n.contains('_'))
+                .collect::<Vec<_>>()
+        };
+        let id = |v: &str| vec![("x-keyswap-client".to_string(), v.as_bytes().to_vec())];
+        let forged = [("x-keyswap-client", "team-b"), ("X-Keyswap-Client", "admin"), ("x_keyswap_client", "team-b")];
+        assert_eq!(first(&on, "ka", &forged), id("team-a"), "a valid key: its own id, every forged copy gone");
+        assert_eq!(first(&on, "kb", &[]), id("team-b"), "whatever the route");
+        for key in ["wrong", "kd", "ke", ""] {
+            assert_eq!(first(&on, key, &forged), [], "no id for key {key:?}, and no forged one");
+        }
+        assert_eq!(first(&off, "ka", &forged), [], "without the option the first stage adds nothing");
+        let refused = Policy::from_json(br#"{"client_id_on_listener": true}"#, &|_: &str| None).map(|_| ());
+        assert_eq!(
+            refused.map_err(|e| e.to_string()),
+            Err("client_id_on_listener: needs `client_id_header`: the header the listener stage sets to the client id"
+                .into())
+        );
     }
 
     #[test]

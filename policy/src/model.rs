@@ -38,6 +38,9 @@ pub struct Policy {
     pub(crate) matches_host: bool,
     pub(crate) strip_response: Vec<String>,
     pub(crate) client_id_header: Option<String>,
+    /// `client_id_on_listener`: the first stage sets `client_id_header` to
+    /// the id of a valid key's client ([`Policy::admit_with_id`]).
+    pub(crate) client_id_on_listener: bool,
     pub(crate) unmatched: UnmatchedRoute,
     pub(crate) needs_route_name: bool,
     pub(crate) per_client_metrics: bool,

@@ -19,6 +19,11 @@ pub struct RawConfig {
     #[serde(default)]
     pub strip_response_headers: Vec<String>,
     pub client_id_header: Option<String>,
+    /// Envoy's first stage (the listener) sets `client_id_header` too, to
+    /// the id of the client whose valid key the request presents, for a
+    /// rate-limit filter after keyswap on the listener to key on.
+    #[serde(default)]
+    pub client_id_on_listener: bool,
     /// The request header carrying the caller's own token for the
     /// credential service of a `{client}` fetch; removed from every request.
     pub caller_token_header: Option<String>,

@@ -165,6 +165,12 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         Some(name) => Some(header_name(name, "client_id_header")?),
         None => None,
     };
+    if raw.client_id_on_listener && client_id_header.is_none() {
+        return Err(ConfigError::new(
+            "client_id_on_listener",
+            "needs `client_id_header`: the header the listener stage sets to the client id",
+        ));
+    }
     if let Some(id_header) = &client_id_header {
         // Static and dynamic injections alike, by their place in the config:
         // routes' own lists, then clients' own.
@@ -251,6 +257,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         matches_host,
         strip_response,
         client_id_header,
+        client_id_on_listener: raw.client_id_on_listener,
         unmatched: raw.unmatched_route,
         needs_route_name,
         per_client_metrics: raw.metrics.per_client,

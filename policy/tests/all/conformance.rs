@@ -229,7 +229,7 @@ fn decide<'p>(
     let token = policy
         .caller_token(&RequestView::from_headers(None, &headers))
         .map(|t| String::from_utf8_lossy(t).into_owned());
-    policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
+    policy.admit_with_id(&RequestView::from_headers(None, &headers), &key, &|| now_ms).apply(&mut headers);
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster();
     view.key = Some(&key);

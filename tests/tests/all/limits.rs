@@ -11,12 +11,17 @@
 //!   each admitted exactly their own number.
 //! - a push that changes one client's limit starts that client afresh and
 //!   leaves the other client's counts as they were.
+//! - fleet composition: Envoy's `local_ratelimit` after keyswap on the
+//!   listener, its descriptor on the client id keyswap's first stage sets
+//!   (`client_id_on_listener`), counts each client by its key, never by a
+//!   client-sent id (a bad, disabled or missing key with a forged id,
+//!   another client's key with it; repeated, with `_` for `-`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keyswap_tests::echo::{Echo, Echoed};
-use keyswap_tests::envoy::{Envoy, Listener, LogLevels, ROUTE_HEADER};
+use keyswap_tests::envoy::{filter_wasm, gateway, Envoy, Launch, Listener, LogLevels, ROUTE_HEADER};
 use keyswap_tests::http::{Request, Response};
 use keyswap_tests::revocation::EcdsGateway;
 
@@ -245,4 +250,106 @@ fn a_push_changing_one_clients_limit_keeps_the_other_clients_counts() {
     let admitted = |key: &str, client: &str| (0..10).filter(|_| send(key, client)).count();
     assert_eq!(admitted("push-key-b", "b"), 1, "b keeps its count: one of three left");
     assert_eq!(admitted("push-key-a", "a"), 6, "a's changed limit starts afresh at the push");
+}
+
+/// The listener's `local_ratelimit` of [`local_ratelimit_counts_each_client_by_its_key_never_by_a_client_sent_id`]:
+/// a descriptor per client on keyswap's client id, `per_client` requests
+/// an hour each; a request without the header takes the (unbounded)
+/// default bucket.
+fn local_ratelimit(clients: &[&str], per_client: u32) -> serde_json::Value {
+    let bucket = |n: u32| serde_json::json!({"max_tokens": n, "tokens_per_fill": n, "fill_interval": "3600s"});
+    let all = serde_json::json!({"runtime_key": "keyswap_clients_enabled", "default_value": {"numerator": 100, "denominator": "HUNDRED"}});
+    let descriptors: Vec<serde_json::Value> = clients
+        .iter()
+        .map(|c| serde_json::json!({"entries": [{"key": "client", "value": c}], "token_bucket": bucket(per_client)}))
+        .collect();
+    serde_json::json!({
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "keyswap_clients",
+            "token_bucket": bucket(1_000_000),
+            "filter_enabled": all, "filter_enforced": all,
+            "descriptors": descriptors,
+        },
+    })
+}
+
+#[test]
+fn local_ratelimit_counts_each_client_by_its_key_never_by_a_client_sent_id() {
+    let echo = Echo::start("127.0.0.1:0").expect("echo");
+    let clients = serde_json::json!([
+        {"id": "team-a", "key": "lr-key-a", "routes": ["*"]},
+        {"id": "team-b", "key": "lr-key-b", "routes": ["*"]},
+        {"id": "off", "key": "lr-key-off", "routes": ["*"], "disabled": true}
+    ]);
+    let mut keyswap: serde_json::Value = serde_json::from_str(&config(clients, serde_json::Value::Null)).expect("JSON");
+    keyswap["client_id_on_listener"] = serde_json::json!(true);
+    let listener = Listener {
+        name: "fleet".into(),
+        config: keyswap.to_string(),
+        route_names: vec![ROUTE.into()],
+        ..Listener::default()
+    };
+    let wasm = filter_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let mut bootstrap = gateway(std::slice::from_ref(&listener), echo.addr(), &wasm);
+    // keyswap, then local_ratelimit, then the router; every route's
+    // descriptor is the client id header.
+    let hcm = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["http_filters"].as_array_mut().expect("filters").insert(1, local_ratelimit(&["team-a", "team-b"], 3));
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"].as_array_mut().expect("routes") {
+        route["route"]["rate_limits"] = serde_json::json!([{"actions": [
+            {"request_headers": {"header_name": CLIENT_ID_HEADER, "descriptor_key": "client"}}]}]);
+    }
+    let launch = Launch {
+        file_name: "envoy.json".into(),
+        text: bootstrap.to_string(),
+        expect_configs: vec![listener.config.clone()],
+        ..Launch::default()
+    };
+    let envoy = Envoy::start(&launch).unwrap_or_else(|e| panic!("Envoy starts: {e}"));
+    let addr = envoy.listener("fleet").expect("listener");
+    let send = |key: Option<&str>, forged: &[(&str, &str)], http2: bool| {
+        let mut r = Request::get("/v1/things").header("host", "api.test").header(ROUTE_HEADER, ROUTE);
+        if let Some(key) = key {
+            r = r.header("x-api-key", key);
+        }
+        for (name, value) in forged {
+            r = r.header(name, value);
+        }
+        if http2 {
+            r = r.http2();
+        }
+        r.send(addr).expect("a request")
+    };
+    let local_429 = |r: &Response| r.status == 429 && r.text().contains("local_rate_limited");
+    let forged_a: &[(&str, &str)] =
+        &[("x-keyswap-client", "team-a"), ("X-Keyswap-Client", "team-a"), ("x_keyswap_client", "team-a")];
+
+    // A forged id with a bad, a disabled or no key: keyswap's 401, never
+    // counted as team-a (team-a's three are all there afterwards).
+    for i in 0..6 {
+        for (key, want) in [(Some("nope"), "invalid_key"), (Some("lr-key-off"), "invalid_key"), (None, "missing_key")] {
+            let r = send(key, forged_a, i % 2 == 1);
+            assert_eq!((r.status, error(&r)), (401, want.to_string()), "{key:?} with a forged id: {}", r.text());
+        }
+    }
+    // team-b's key with team-a's id: counted, and forwarded, as team-b.
+    for i in 0..3 {
+        let r = send(Some("lr-key-b"), forged_a, i == 1);
+        assert_eq!(judge(&r, "team-b"), Ok(true), "team-b as team-a, request {i}");
+    }
+    // team-a: exactly its own three, then the local_ratelimit's 429.
+    for i in 0..3 {
+        assert_eq!(judge(&send(Some("lr-key-a"), &[], false), "team-a"), Ok(true), "team-a, request {i}");
+    }
+    let r = send(Some("lr-key-a"), &[], false);
+    assert!(local_429(&r), "team-a's fourth: {} {}", r.status, r.text());
+    // team-b's three went to its own bucket, whatever id it sent.
+    let r = send(Some("lr-key-b"), &[], false);
+    assert!(local_429(&r), "team-b's fourth: {} {}", r.status, r.text());
+    // team-a's bucket is empty: a forged id with a bad key is still
+    // keyswap's 401, never the limiter's 429.
+    let r = send(Some("nope"), forged_a, false);
+    assert_eq!((r.status, error(&r)), (401, "invalid_key".to_string()), "{}", r.text());
 }
