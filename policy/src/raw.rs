@@ -293,7 +293,7 @@ pub struct RawFetch {
 /// A rate, a quota, or both (`{}`: none, only in `route_limits`, where it
 /// exempts the client from the route's default).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with `rate`, `quota` or both")]
 pub struct RawLimits {
     pub rate: Option<RawRate>,
     pub quota: Option<RawQuota>,
@@ -301,7 +301,7 @@ pub struct RawLimits {
 
 /// `requests` per `per`, evenly spaced, plus `burst` at once.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with `requests`, `per` and `burst`")]
 pub struct RawRate {
     pub requests: u64,
     pub per: RawWindow,
@@ -320,7 +320,7 @@ pub enum RawWindow {
 
 /// `requests` per UTC day.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with `requests` and `per`")]
 pub struct RawQuota {
     pub requests: u64,
     pub per: RawQuotaWindow,
