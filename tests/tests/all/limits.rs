@@ -2,10 +2,18 @@
 //! real Envoy with two workers, counted in Envoy's shared data by both:
 //!
 //! - exactness: 32 connections at once ask far more often than a rate of
-//!   N per second allows; per one-second window (over more than ten) the
-//!   two workers together admit exactly what the GCRA says: `N + burst` in
-//!   the first, `N` in every later one; every other answer is 429
-//!   `rate_limited` with its `retry-after` and `RateLimit` fields.
+//!   N per second allows, for more than ten one-second windows. Every
+//!   answer is the forwarded request or 429 `rate_limited` with its
+//!   `retry-after` and `RateLimit` fields. No over-admission, proven from
+//!   the client's side (any N + burst + 1 admissions were sent and answered
+//!   more than a window apart); no under-admission beyond the algorithm's
+//!   (1 + burst, then one per N-th of the window, from the first admission
+//!   to the last request, short only by what gaps in the requests longer
+//!   than the burst absorbs may cost). The admitted count per window
+//!   (`N + burst` in the first, `N` after; decisions placed at the middle
+//!   of their round trips) is printed: the report, exact when no round trip
+//!   crosses a window edge, not asserted (a loaded machine moves answers
+//!   across edges).
 //! - clients never share a bucket: four clients with the same limit
 //!   definition (a route default, a client's own), hammered together, are
 //!   each admitted exactly their own number.
@@ -106,7 +114,8 @@ fn a_rate_of_n_per_second_admits_exactly_n_per_window_across_two_workers_and_32_
     // either worker): far more often than 10 per second, so a request is
     // always there within a millisecond of the next admission being due.
     let started = Instant::now();
-    let answers: Vec<Result<(Instant, bool), String>> = std::thread::scope(|s| {
+    // Each answer: when it was sent, when it came back, whether admitted.
+    let answers: Vec<Result<(Instant, Instant, bool), String>> = std::thread::scope(|s| {
         let senders: Vec<_> = (0..CONNECTIONS)
             .map(|_| {
                 s.spawn(move || {
@@ -114,10 +123,8 @@ fn a_rate_of_n_per_second_admits_exactly_n_per_window_across_two_workers_and_32_
                     while started.elapsed() < RUN && out.len() < MOST {
                         let sent = Instant::now();
                         let answer = request("metered-key").send(addr).map_err(|e| e.to_string());
-                        // The decision was made between sending and reading
-                        // the answer: take the middle.
-                        let at = sent + (Instant::now() - sent) / 2;
-                        out.push(answer.and_then(|r| judge(&r, "metered")).map(|admitted| (at, admitted)));
+                        let back = Instant::now();
+                        out.push(answer.and_then(|r| judge(&r, "metered")).map(|admitted| (sent, back, admitted)));
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     out
@@ -129,33 +136,65 @@ fn a_rate_of_n_per_second_admits_exactly_n_per_window_across_two_workers_and_32_
     let ended = Instant::now();
     let failures: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
     assert!(failures.is_empty(), "{} bad answers, first: {:?}", failures.len(), failures.first());
-    let mut admitted: Vec<Instant> =
-        answers.iter().filter_map(|a| a.as_ref().ok()).filter(|a| a.1).map(|a| a.0).collect();
-    admitted.sort();
+    // The decision was made between sending and the answer.
+    let mut admitted: Vec<(Instant, Instant)> =
+        answers.iter().filter_map(|a| a.as_ref().ok()).filter(|a| a.2).map(|a| (a.0, a.1)).collect();
+    admitted.sort_by_key(|(sent, back)| *sent + (*back - *sent) / 2);
     let sent = answers.len();
-    let first = *admitted.first().expect("something was admitted");
+    let (first_sent, first_back) = *admitted.first().expect("something was admitted");
     // Admissions are due at first + k·T (T = 100 ms): windows start half an
     // emission interval before, so that no admission is near an edge.
-    let origin = first - emission / 2;
+    let origin = first_sent + (first_back - first_sent) / 2 - emission / 2;
     let window = Duration::from_secs(1);
-    let whole = usize::try_from(((ended - origin).as_millis() / window.as_millis()) as u64).expect("windows");
-    let mut counts = vec![0u64; whole];
-    for at in &admitted {
-        let i = usize::try_from(((*at - origin).as_millis() / window.as_millis()) as u64).expect("index");
-        if i < whole {
-            counts[i] += 1;
+    let index = |t: Instant| (t.saturating_duration_since(origin).as_millis() / window.as_millis()) as usize;
+    let whole = index(ended);
+    assert!(whole >= 10, "at least ten whole windows: {whole}");
+    let mut midpoints = vec![0u64; whole];
+    for (sent, back) in &admitted {
+        if let Some(m) = midpoints.get_mut(index(*sent + (*back - *sent) / 2)) {
+            *m += 1;
         }
     }
+    let crossing = admitted.iter().filter(|(s, b)| index(*s) != index(*b)).count();
     println!(
         "rate {N}/second burst {BURST}, {CONNECTIONS} connections, 2 workers: {sent} requests in {:.1} s \
-         ({:.0}/s), admitted per 1 s window: {counts:?}",
+         ({:.0}/s), admitted per 1 s window: {midpoints:?} (want {} then {N}; {crossing} admissions' round \
+         trips crossed a window edge)",
         (ended - started).as_secs_f64(),
-        sent as f64 / (ended - started).as_secs_f64()
+        sent as f64 / (ended - started).as_secs_f64(),
+        N + BURST
     );
-    assert!(whole >= 11, "at least eleven whole windows: {whole}");
-    let mut want = vec![N; whole];
-    want[0] = N + BURST;
-    assert_eq!(counts, want, "admitted per window (the first holds the burst); log:\n{}", envoy.log());
+    // No over-admission, proven from the client's side: any N + BURST + 1
+    // admissions were decided more than a window apart (each decision lies
+    // between its request's sending and its answer; GCRA admits at most
+    // N + BURST in any half-open window).
+    let span = usize::try_from(N + BURST).expect("small");
+    for group in admitted.windows(span + 1) {
+        let earliest = group.iter().map(|(s, _)| *s).min().expect("a group");
+        let latest = group.iter().map(|(_, b)| *b).max().expect("a group");
+        // Envoy's clock is read in whole milliseconds: 1 ms of slack.
+        let spread = latest - earliest + Duration::from_millis(1);
+        assert!(spread >= window, "{} admissions within {:?}", span + 1, latest - earliest);
+    }
+    // No under-admission beyond the algorithm's: from the first admission
+    // to the last request, 1 + BURST, then one per T, except where the
+    // requests themselves stopped for longer than the burst absorbs
+    // (BURST·T: a loaded machine can starve the senders), each such gap
+    // costing at most its length in T.
+    let mut sends: Vec<Instant> = answers.iter().filter_map(|a| a.as_ref().ok()).map(|a| a.0).collect();
+    sends.sort();
+    let tolerance = emission * u32::try_from(BURST).expect("small");
+    let lost: u64 = sends
+        .windows(2)
+        .map(|p| p[1] - p[0])
+        .filter(|gap| *gap > tolerance)
+        .map(|gap| (gap.as_millis() / emission.as_millis()) as u64 + 1)
+        .sum();
+    let last_sent = *sends.last().expect("requests");
+    let due = 1 + BURST + ((last_sent - first_back).as_millis() / emission.as_millis()) as u64;
+    let got = admitted.len() as u64;
+    println!("admitted {got} in all; due by the last request: {due}; arrival gaps over {tolerance:?} may cost {lost}");
+    assert!(got + 1 + lost >= due, "admitted {got}, due {due} (gaps may cost {lost}); per window {midpoints:?}");
 }
 
 #[test]
