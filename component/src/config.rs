@@ -91,6 +91,11 @@ impl GatewayConfig {
                 ),
             ));
         }
+        // A component instance keeps nothing between requests, so it cannot
+        // count a rate limit or a quota: refused, by its path.
+        if let Some(path) = policy.first_limit() {
+            return Err(error(format!("keyswap.{path}"), crate::NO_COUNTERS));
+        }
         // The policy accepted this text, so it parses again; only the route
         // names and the unmatched-route setting are read from it.
         let shape: RawConfig = serde_json::from_str(policy_text)
@@ -248,6 +253,17 @@ mod tests {
         let err = GatewayConfig::from_json(&text, &|_: &str| None).unwrap_err();
         assert_eq!(err.path, "keyswap.routes[0].inject[0].value.fetch");
         assert!(err.message.starts_with("`fetch` credentials are fetched in the background"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_refused_by_path() {
+        let policy = r#"{"clients": [{"id": "c", "key": "k", "routes": ["a"],
+            "route_limits": {"a": {"quota": {"requests": 5, "per": "day"}}}}],
+            "routes": [{"name": "a", "match": {}, "inject": [{"header": "x", "value": {"inline": "v"}}]}]}"#;
+        let text = format!(r#"{{"keyswap": {policy}, "upstreams": {{"*": "http://h:1"}}}}"#);
+        let err = GatewayConfig::from_json(&text, &|_: &str| None).unwrap_err();
+        assert_eq!(err.path, "keyswap.clients[0].route_limits.a");
+        assert_eq!(err.message, crate::NO_COUNTERS);
     }
 
     #[test]

@@ -23,6 +23,11 @@ impl wit::Guest for crate::Component {
         // (`host`, `path_prefix`) are the routing here.
         let policy = Policy::from_json_for(config.as_bytes(), &lookup, Routing::Own)
             .map_err(|e| wit::ConfigError { path: e.path, message: e.message })?;
+        // No storage outlives the host's call, so no rate limit or quota
+        // could be counted: refused, by its path.
+        if let Some(path) = policy.first_limit() {
+            return Err(wit::ConfigError { path: path.to_string(), message: crate::NO_COUNTERS.to_string() });
+        }
         let summary = summary(&policy);
         POLICY.with(|p| *p.borrow_mut() = Some(Rc::new(policy)));
         Ok(summary)

@@ -52,6 +52,12 @@ mod bindings {
 #[cfg(target_arch = "wasm32")]
 struct Component;
 
+/// Why a configuration with a rate limit or a quota is refused here: a
+/// component instance keeps no storage shared across requests to count in
+/// (the proxy-wasm filter counts in Envoy's shared data).
+pub const NO_COUNTERS: &str = "rate limits and quotas are counted in storage shared across requests, which the \
+     component does not have; run this configuration in the proxy-wasm filter";
+
 /// Unix milliseconds now, for clients with `expires`.
 #[cfg(target_arch = "wasm32")]
 fn now_ms() -> i64 {

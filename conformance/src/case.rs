@@ -67,6 +67,10 @@ pub enum Step {
     /// The upstream answers the request open on a worker (there must be
     /// one) with this status, headers only; the stream ends.
     Respond(RespondStep),
+    /// Rate limits and quotas: sets the clock (never backwards) and sends
+    /// `count` requests one after the other, each run to its end; the
+    /// first `forwarded` must be forwarded, the rest denied `denied`.
+    Requests(RequestsStep),
     /// The request a `send` with `waits` left held on a worker has been
     /// let go since, forwarded: it must carry `carries` and lack `lacks`;
     /// its stream stays open for `respond`. Only `worker`, `carries` and
@@ -102,6 +106,76 @@ impl RefusedStep {
             Ok(())
         } else {
             Err(format!("want {} {:?}, got {status} {error:?}", self.status, self.error))
+        }
+    }
+}
+
+/// See [`Step::Requests`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsStep {
+    /// The clock, in milliseconds after [`STEPS_START`].
+    pub at_ms: u64,
+    /// How many requests; default 1.
+    #[serde(default = "one")]
+    pub count: usize,
+    /// The requests' headers instead of the case's (another client's key).
+    #[serde(default)]
+    pub headers: Option<Vec<(String, String)>>,
+    /// The requests' Envoy route name (and cluster) instead of the case's.
+    #[serde(default)]
+    pub route_name: Option<String>,
+    /// The worker (0-based); the last by default.
+    #[serde(default)]
+    pub worker: Option<usize>,
+    /// How many of them, the first ones, are forwarded.
+    pub forwarded: usize,
+    /// The `error` of the local answer to the rest (required when
+    /// `forwarded` is less than `count`).
+    #[serde(default)]
+    pub denied: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl RequestsStep {
+    /// The request this step sends: `case`'s, with this step's headers and
+    /// route.
+    pub fn request(&self, case: &Request) -> Request {
+        let mut request = case.clone();
+        if let Some(headers) = &self.headers {
+            request.headers.clone_from(headers);
+        }
+        if let Some(route) = &self.route_name {
+            request.route_name = Some(route.clone());
+            request.cluster = None;
+        }
+        request
+    }
+
+    /// Checks the outcome of request `i` (0-based): `None` forwarded, or
+    /// the local answer's status and body.
+    ///
+    /// # Errors
+    /// What was expected and what came.
+    pub fn check(&self, i: usize, outcome: Option<(u16, &[u8])>) -> Result<(), String> {
+        let want = if i < self.forwarded { None } else { self.denied.as_deref() };
+        match (want, outcome) {
+            (None, None) => Ok(()),
+            (Some(code), Some((status, body))) => {
+                let got: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                if got["error"] == code {
+                    Ok(())
+                } else {
+                    Err(format!("request {i}: want denied `{code}`, got {status} {}", String::from_utf8_lossy(body)))
+                }
+            }
+            (None, Some((status, body))) => {
+                Err(format!("request {i}: want forwarded, got {status} {}", String::from_utf8_lossy(body)))
+            }
+            (Some(code), None) => Err(format!("request {i}: want denied `{code}`, got forwarded")),
         }
     }
 }
@@ -478,10 +552,16 @@ pub(crate) fn load_case(dir: &Path, file: &Path) -> Result<SuiteCase, String> {
         needs.insert(Capability::AccessLog);
     }
     for (i, step) in raw.steps.iter().enumerate() {
-        if let Step::Resumed(resumed) = step {
-            if resumed.headers.is_some() || resumed.waits {
+        match step {
+            Step::Requests(r) if r.forwarded > r.count || (r.forwarded < r.count && r.denied.is_none()) => {
+                return Err(format!(
+                    "steps[{i}]: `forwarded` must be at most `count`, and `denied` given for the rest"
+                ));
+            }
+            Step::Resumed(resumed) if resumed.headers.is_some() || resumed.waits => {
                 return Err(format!("steps[{i}]: `resumed` takes only `worker`, `carries` and `lacks`"));
             }
+            _ => {}
         }
     }
     let config = match raw.config {

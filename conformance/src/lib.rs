@@ -26,7 +26,7 @@ mod suite;
 
 pub use case::{
     step_worker, CallAnswer, Expect, ExpectCall, ExpectDeny, ExpectForward, Observed, RefusedStep, Request,
-    RespondStep, Response, SendStep, Step, SuiteCase, STEPS_START,
+    RequestsStep, RespondStep, Response, SendStep, Step, SuiteCase, STEPS_START,
 };
 pub use report::SuiteReport;
 pub use runner::{Capability, Runner};

@@ -121,7 +121,8 @@ impl Runner {
                 (
                     Capability::Timeline,
                     "the component refuses oauth2, token_exchange and fetch values (it cannot fetch in the \
-                     background; docs/component.md), so a case with steps cannot run there",
+                     background; docs/component.md) and rate limits and quotas (it keeps no counters between \
+                     requests), so a case with steps cannot run there",
                 ),
                 (
                     Capability::EchoRemoval,
@@ -142,7 +143,7 @@ impl Runner {
                 (
                     Capability::Timeline,
                     "keyswap serve runs the component, which refuses oauth2, token_exchange and fetch values (it \
-                     cannot fetch in the background)",
+                     cannot fetch in the background) and rate limits and quotas (no counters between requests)",
                 ),
                 (Capability::AccessLog, COMPONENT_HAS_NO_ACCESS_LOG),
             ],
@@ -153,7 +154,8 @@ impl Runner {
                     "steps drive a controlled clock and answer token calls by hand, which a real Envoy cannot do; \
                      tests/tests/all/credentials.rs covers refresh, rotation, outage, expiry and two workers in \
                      Envoy with a real token server, and tests/tests/all/broker.rs the per-client fetch (held \
-                     first requests, isolation, one call per client) with a real credential service",
+                     first requests, isolation, one call per client) with a real credential service (rate limits \
+                     and quotas: limit- cases need the stopped clock for their exact instants)",
                 ),
                 (
                     Capability::AccessLog,

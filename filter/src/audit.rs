@@ -55,6 +55,10 @@ pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
         line.push_str(" key=");
         line.push_str(key);
     }
+    if let Some(refusal) = &denial.limit {
+        // `limit=route-rate 10/minute burst 2 retry_after=6`
+        line.push_str(&format!(" limit={} retry_after={}", refusal.limit, refusal.retry_after_seconds()));
+    }
     if suppressed > 0 {
         line.push_str(&format!(" (suppressed {suppressed} earlier denial lines)"));
     }
@@ -64,6 +68,7 @@ pub fn denial_line(denial: &Denial<'_>, suppressed: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyswap_policy::limit::{Kind, Limit, Refusal, Scope, Window};
     use keyswap_policy::DenialReason;
 
     #[test]
@@ -83,6 +88,7 @@ mod tests {
             client: Some("team-a"),
             key: None,
             metadata: None,
+            limit: None,
         };
         assert_eq!(
             denial_line(&denial, 0),
@@ -93,11 +99,31 @@ mod tests {
             denial_line(&keyed, 0),
             "keyswap: denied reason=expired_key status=401 route=openai client=team-a key=k-2026-06"
         );
-        let unknown =
-            Denial { reason: DenialReason::InvalidKey, route: Some("openai"), client: None, key: None, metadata: None };
+        let unknown = Denial {
+            reason: DenialReason::InvalidKey,
+            route: Some("openai"),
+            client: None,
+            key: None,
+            metadata: None,
+            limit: None,
+        };
         assert_eq!(
             denial_line(&unknown, 3),
             "keyswap: denied reason=invalid_key status=401 route=openai client=- (suppressed 3 earlier denial lines)"
+        );
+        let limit = Limit::new(Kind::Rate { requests: 10, window: Window::Minute, burst: 2 }, Scope::Route);
+        let limited = Denial {
+            reason: DenialReason::RateLimited,
+            route: Some("openai"),
+            client: Some("team-a"),
+            key: Some("k-2026-06"),
+            metadata: None,
+            limit: Some(Refusal { limit: &limit, retry_after_ms: 5_001 }),
+        };
+        assert_eq!(
+            denial_line(&limited, 0),
+            "keyswap: denied reason=rate_limited status=429 route=openai client=team-a key=k-2026-06 \
+             limit=route-rate 10/minute burst 2 retry_after=6"
         );
     }
 }

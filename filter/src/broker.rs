@@ -23,6 +23,7 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use keyswap_policy::credential;
+use keyswap_policy::limit::{SharedCounters, Taken};
 use keyswap_policy::{Decision, KeyCheck, RequestView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType};
@@ -72,8 +73,11 @@ pub(crate) struct Waiter {
 }
 
 /// Decides the effective context's request and applies the answer; with
-/// `give_up`, a request that would still wait is refused.
-pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outcome {
+/// `give_up`, a request that would still wait is refused. `counters` are
+/// the rate-limit buckets ([`crate::limits::EnvoyCounters`]), or
+/// [`Taken`] for a held request decided again: its limits took it when it
+/// was first decided, before anything was fetched for it.
+pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool, counters: &mut dyn SharedCounters) -> Outcome {
     let policy = &shared.policy;
     let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
@@ -81,7 +85,7 @@ pub(crate) fn decide(shared: &Shared, request: &Request, give_up: bool) -> Outco
     view.key = Some(&request.key);
     view.subject = request.subject.as_deref().map(str::as_bytes);
     let mut records = EnvoyRecords::new(shared);
-    match policy.decide(&view, &now_millis, &records) {
+    match policy.decide_limited(&view, &now_millis, &records, counters) {
         Decision::Forward(mut forward) => {
             let outcome = if forward.route.is_some() { Counted::Allowed } else { Counted::Passed };
             record(shared, &forward.access_log(), outcome);
@@ -182,7 +186,7 @@ pub(crate) fn release(shared: &Shared, root_id: u32, now: i64) {
         if hostcalls::set_effective_context(waiter.context_id).is_err() {
             continue;
         }
-        match decide(shared, &waiter.request, give_up) {
+        match decide(shared, &waiter.request, give_up, &mut Taken) {
             Outcome::Go(stage) => {
                 *cell.borrow_mut() = Some(stage);
                 let _ = hostcalls::resume_http_request();

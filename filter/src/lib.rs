@@ -26,6 +26,8 @@
 //!   runs the credential refresh.
 //! - [`metrics`]: counters and gauges in Envoy's stats.
 //! - [`audit`]: rate-limited denial lines.
+//! - [`limits`]: rate limits and quotas: the policy's buckets in Envoy's
+//!   shared data (compare-and-swap), created when a configuration loads.
 //! - [`edits`]: a decision's header edits, one call or one per edit.
 //! - [`credentials`]: dynamic credentials: the policy's refresh state
 //!   machine over Envoy's shared data, run by the root context on a timer;
@@ -39,7 +41,8 @@
 //! the record; the final stage reads the record, the cluster, the route
 //! name (only when a route matches on it), the headers, the clock (only
 //! when the client has `expires` or the route dynamic credentials), the
-//! shared data (only for dynamic credentials), writes the edited headers,
+//! shared data (only for dynamic credentials, and for the buckets of a
+//! client's rate limits and quotas), writes the edited headers,
 //! the counter and the access-log field. Only a configuration with a
 //! per-client fetch or an on-behalf-of exchange adds anything: the first
 //! stage reads the caller-token and subject headers from the headers it
@@ -51,6 +54,7 @@ pub mod audit;
 mod broker;
 pub mod credentials;
 pub mod edits;
+pub mod limits;
 pub mod metrics;
 mod root;
 
@@ -158,11 +162,9 @@ pub(crate) fn deny(shared: &Shared, denial: &Denial<'_>) -> Action {
         log(LogLevel::Info, &audit::denial_line(denial, suppressed));
     }
     let body = reason.body();
-    let _ = proxy_wasm::hostcalls::send_http_response(
-        u32::from(reason.status()),
-        reason.headers().to_vec(),
-        Some(body.as_bytes()),
-    );
+    let headers = denial.headers();
+    let headers = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    let _ = proxy_wasm::hostcalls::send_http_response(u32::from(reason.status()), headers, Some(body.as_bytes()));
     Action::Pause
 }
 
@@ -175,12 +177,13 @@ impl KeyswapHttp {
 
     /// The first stage: read the key, remove every place a key can be, and
     /// leave the key's digest for the final stage (and the caller's token,
-    /// for a configuration with per-client fetches). Nothing is added.
+    /// for a configuration with per-client fetches). Nothing is added but,
+    /// with `client_id_on_listener`, the client id of a valid key.
     fn first_stage(&mut self, policy: &Policy) -> Action {
         let headers = self.get_http_request_headers_bytes();
         let view = RequestView::from_headers(None, &headers);
         let key = policy.key_check(&view);
-        let admit = policy.admit(&view);
+        let admit = policy.admit_with_id(&view, &key, &now_millis);
         if policy.has_keyed_credentials() {
             if let Some(token) = policy.caller_token(&view) {
                 self.set_property(vec![CALLER_TOKEN_PROPERTY], Some(token));
@@ -216,7 +219,7 @@ impl KeyswapHttp {
             (None, None)
         };
         let request = broker::Request { key, cluster, route_name, caller, subject };
-        match broker::decide(shared, &request, false) {
+        match broker::decide(shared, &request, false, &mut limits::EnvoyCounters) {
             broker::Outcome::Go(stage) => {
                 self.stage = stage;
                 Action::Continue

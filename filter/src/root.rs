@@ -68,6 +68,7 @@ impl RootContext for KeyswapRoot {
                 }
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 let record_keys = credentials::record_keys(&policy);
+                crate::limits::prepare(&policy);
                 let (audit, field) = (RefCell::default(), RefCell::default());
                 let (refresher, waiters, tick) = (RefCell::default(), RefCell::default(), Cell::default());
                 let shared = Shared { policy, metrics, audit, field, record_keys, refresher, waiters, tick };

@@ -39,6 +39,29 @@ pub fn config(clients: usize) -> Vec<u8> {
     job::config(clients, job::Binding::Cluster(job::ROUTE)).into_bytes()
 }
 
+/// [`config`] with client [`LIMITED_CLIENT`] given a rate and a quota no
+/// run reaches: the configuration of the `allowed, limited` case (what
+/// counting a request costs, next to the same request unlimited).
+pub fn limited_config(clients: usize) -> Vec<u8> {
+    let text = job::config(clients, job::Binding::Cluster(job::ROUTE));
+    let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&text) else { return text.into_bytes() };
+    if let Some(client) = json["clients"].get_mut(LIMITED_CLIENT) {
+        client["limits"] = serde_json::json!({"rate": {"requests": 1_000_000, "per": "second", "burst": 1_000_000},
+                                              "quota": {"requests": 1_000_000_000, "per": "day"}});
+    }
+    json.to_string().into_bytes()
+}
+
+/// The client with limits in [`limited_config`]: a rate and a quota, both
+/// counted on every request (two buckets), never reached.
+pub const LIMITED_CLIENT: usize = 2;
+
+/// The `allowed, limited` case: [`LIMITED_CLIENT`]'s allowed request.
+pub fn limited_case() -> BenchRequest {
+    let headers = request("/bench/load", Some(&job::bearer(LIMITED_CLIENT)));
+    BenchRequest { name: "allowed, limited", route: Some(job::ROUTE), headers, status: None }
+}
+
 /// The VM environment the configuration needs.
 pub fn env() -> BTreeMap<String, String> {
     job::env()
@@ -302,6 +325,12 @@ pub fn run(
         let mut results = Vec::new();
         for case in cases(clients) {
             results.push(time_case(&mut instance, &case, iterations, true)?);
+        }
+        drop(instance);
+        // A module built before limits refuses them: no such row then.
+        match module.configure(&limited_config(clients), &env()) {
+            Ok(mut limited) => results.insert(1, time_case(&mut limited, &limited_case(), iterations, true)?),
+            Err(err) => progress(&format!("{clients} clients: no `allowed, limited` row: {err}")),
         }
         report.requests.push((clients, results));
     }

@@ -212,6 +212,32 @@ fn run_step(
                 Handled::Paused { .. } => Err("the filter paused the request without answering it".into()),
             }
         }
+        Step::Requests(requests) => {
+            if requests.at_ms < *at_ms {
+                return Err(format!("time goes back from {at_ms} ms"));
+            }
+            *at_ms = requests.at_ms;
+            clock.set(std::time::UNIX_EPOCH + STEPS_START + std::time::Duration::from_millis(requests.at_ms));
+            let w = step_worker(requests.worker, workers.len())?;
+            if open[w] {
+                return Err(format!("worker {w} has a request open"));
+            }
+            let request = requests.request(&case.request);
+            for i in 0..requests.count {
+                let outcome = workers[w]
+                    .request_to(request.route_name.as_deref(), request.cluster(), &request.header_list())
+                    .map_err(|e| e.to_string())?;
+                match outcome {
+                    Handled::Forwarded { .. } => requests.check(i, None)?,
+                    Handled::Local(local) => {
+                        let status = u16::try_from(local.status).unwrap_or(0);
+                        requests.check(i, Some((status, &local.body)))?;
+                    }
+                    Handled::Paused { .. } => return Err("the filter paused the request without answering it".into()),
+                }
+            }
+            workers[w].finish().map_err(|e| e.to_string())
+        }
         Step::Resumed(resumed) => {
             let w = step_worker(resumed.worker, workers.len())?;
             match workers[w].held_outcome().map_err(|e| e.to_string())? {

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::credential::{Provider, SharedRecords, Slot, Used};
 use crate::decision::{Decision, Denial, DenialReason, Forward, Wait};
+use crate::limit::{NoCounters, SharedCounters};
 use crate::model::{Client, Credentials, InjectTarget, Key, KeySource, Policy, QueryInject, Route, RouteMatch};
 use crate::query::{self, encode_component, Param};
 use crate::raw::UnmatchedRoute;
@@ -68,11 +69,30 @@ impl Policy {
     /// The inject list is the client's own for the route when it brings
     /// one (`clients[].inject`), else the route's: one list, whole, never
     /// a mix of the two.
+    ///
+    /// This host keeps no counters ([`NoCounters`]): a request a rate limit
+    /// or quota applies to is refused. Hosts that count use
+    /// [`Self::decide_limited`].
     pub fn decide<'p>(
         &'p self,
         req: &RequestView<'_>,
         now_ms: &dyn Fn() -> i64,
         records: &dyn SharedRecords,
+    ) -> Decision<'p> {
+        self.decide_limited(req, now_ms, records, &mut NoCounters)
+    }
+
+    /// [`Self::decide`] with the host's rate-limit counters: once the key
+    /// is accepted and the route allowed, and before any credential is
+    /// read, the request is taken from every bucket of the client's limits
+    /// that applies (`counters`, read and written only then), or refused
+    /// `rate_limited` / `quota_exceeded` (see [`crate::limit`]).
+    pub fn decide_limited<'p>(
+        &'p self,
+        req: &RequestView<'_>,
+        now_ms: &dyn Fn() -> i64,
+        records: &dyn SharedRecords,
+        counters: &mut dyn SharedCounters,
     ) -> Decision<'p> {
         let read;
         let (key, subject) = match req.key {
@@ -83,8 +103,9 @@ impl Policy {
             }
         };
         let now = Now::new(now_ms);
-        let deny_unrouted =
-            |reason| Decision::Deny(Denial { reason, route: None, client: None, key: None, metadata: None });
+        let deny_unrouted = |reason| {
+            Decision::Deny(Denial { reason, route: None, client: None, key: None, metadata: None, limit: None })
+        };
         if let Some(denial) = self.refusal() {
             return Decision::Deny(denial);
         }
@@ -119,6 +140,7 @@ impl Policy {
                 client: known.map(|(c, _)| c.id.as_str()),
                 key: known.and_then(|(_, k)| k.id()),
                 metadata: known.and_then(|(c, _)| c.metadata.as_deref()),
+                limit: None,
             })
         };
         // TRACE (and IIS's TRACK) ask the upstream to echo the request,
@@ -140,22 +162,18 @@ impl Policy {
             return deny(DenialReason::InvalidKey, None);
         };
         let known = Some((client, key));
-        // A disabled client or key, or a key before its `not_before`, is
-        // answered like an unknown key; a passed `expires` (the client's
-        // or the key's) as expired.
-        let listed = key.listed.as_deref();
-        if client.disabled || listed.is_some_and(|l| l.disabled) {
-            return deny(DenialReason::InvalidKey, known);
-        }
-        if listed.and_then(|l| l.not_before).is_some_and(|at| now.seconds() < at) {
-            return deny(DenialReason::InvalidKey, known);
-        }
-        let passed = |at: Option<i64>| at.is_some_and(|at| now.seconds() >= at);
-        if passed(client.expires) || passed(listed.and_then(|l| l.expires)) {
-            return deny(DenialReason::ExpiredKey, known);
+        if let Some(reason) = key_refusal(client, key, &|| now.seconds()) {
+            return deny(reason, known);
         }
         if !client.allowed.allows(r) {
             return deny(DenialReason::RouteForbidden, known);
+        }
+        // Rate limits and quotas: a request refused here reads no credential.
+        if let Err(refusal) = self.throttle(client, r, &|| now.millis(), counters) {
+            let reason = if refusal.limit.is_quota() { DenialReason::QuotaExceeded } else { DenialReason::RateLimited };
+            let limit = Some(refusal);
+            let (route, key, metadata) = (Some(route.name.as_str()), key.id(), client.metadata.as_deref());
+            return Decision::Deny(Denial { reason, route, client: Some(client.id.as_str()), key, metadata, limit });
         }
         // The client's own list for this route, else the route's: a
         // length check for a client without any list of its own.
@@ -190,23 +208,28 @@ impl Policy {
             client: None,
             key: None,
             metadata: None,
+            limit: None,
         })
     }
 
     /// The denials [`Self::decide`] can give a request on `route`, in
     /// [`DenialReason::ALL`]'s order (a host defines a counter for each):
     /// every reason but those given to no route, `credential_unavailable`
-    /// only on a route with dynamic credentials, and `missing_subject_token`
+    /// only on a route with dynamic credentials, `missing_subject_token`
     /// and `invalid_subject_token` only on a route with an on-behalf-of
-    /// exchange.
+    /// exchange, and `rate_limited` and `quota_exceeded` only where a rate
+    /// or a quota can apply.
     pub fn route_denials(&self, route: &str) -> impl Iterator<Item = DenialReason> {
         let providers = self.route_providers(route);
         let dynamic = !providers.is_empty();
         let on_behalf = providers.iter().any(|&p| self.providers.get(p).is_some_and(|p| p.subject.is_some()));
+        let limited = self.route_limited(route);
         DenialReason::ALL.into_iter().filter(move |reason| match reason {
             DenialReason::NoRoute | DenialReason::InvalidAuthority | DenialReason::ConfigurationUnavailable => false,
             DenialReason::CredentialUnavailable => dynamic,
             DenialReason::MissingSubjectToken | DenialReason::InvalidSubjectToken => on_behalf,
+            DenialReason::RateLimited => limited.0,
+            DenialReason::QuotaExceeded => limited.1,
             _ => true,
         })
     }
@@ -261,6 +284,29 @@ impl Policy {
             secrets: Vec::new(),
             used: Vec::new(),
         }
+    }
+
+    /// The first stage's edits ([`Self::admit`]) for a request that
+    /// presented `key` ([`Self::key_check`]): with `client_id_on_listener`,
+    /// `client_id_header` is also set to the id of the key's client when
+    /// the key is valid at `now_ms` (known, not `disabled`, not past
+    /// `expires`), whatever the route; a client-sent copy is removed in
+    /// any case. A rate-limit filter after keyswap on the listener keys its
+    /// descriptor on it; the final stage removes it and sets it again on
+    /// its own decision. The clock is read only for a client with
+    /// `expires`; without the option this is [`Self::admit`].
+    pub fn admit_with_id<'p>(&'p self, req: &RequestView<'_>, key: &KeyCheck, now_ms: &dyn Fn() -> i64) -> Forward<'p> {
+        let mut admit = self.admit(req);
+        if let (true, Some(name), KeyCheck::Digest(digest)) = (self.client_id_on_listener, &self.client_id_header, key)
+        {
+            let key = self.index.find(&self.keys, digest).and_then(|k| self.keys.get(k));
+            let client = key.and_then(|k| Some((self.clients.get(k.client())?, k)));
+            let valid = client.filter(|(c, k)| key_refusal(c, k, &|| now_ms().div_euclid(1000)).is_none());
+            if let Some((client, _)) = valid {
+                admit.add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
+            }
+        }
+        admit
     }
 
     /// Client-sent header names that are a protected name with `_` for
@@ -450,6 +496,22 @@ struct Injection<'p> {
     credentials: &'p Credentials,
     /// True for the client's own list, false for the route's.
     clients_own: bool,
+}
+
+/// Why a known key is refused at `now_s` (Unix seconds, read only when a
+/// time applies), whatever the route: a disabled client or key, or a key
+/// before its `not_before`, is answered like an unknown key; a passed
+/// `expires` (the client's or the key's) as expired.
+fn key_refusal(client: &Client, key: &Key, now_s: &dyn Fn() -> i64) -> Option<DenialReason> {
+    let listed = key.listed.as_deref();
+    if client.disabled || listed.is_some_and(|l| l.disabled) {
+        return Some(DenialReason::InvalidKey);
+    }
+    if listed.and_then(|l| l.not_before).is_some_and(|at| now_s() < at) {
+        return Some(DenialReason::InvalidKey);
+    }
+    let passed = |at: Option<i64>| at.is_some_and(|at| now_s() >= at);
+    (passed(client.expires) || passed(listed.and_then(|l| l.expires))).then_some(DenialReason::ExpiredKey)
 }
 
 /// Why [`Policy::forward`] gives no forward.
@@ -954,6 +1016,53 @@ mod tests {
         let names: Vec<&str> = edited.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, [":method", ":path", ":authority", "x_other"]);
         assert_eq!(edited[1].1, b"/x?keep=1");
+    }
+
+    /// `client_id_on_listener`: the first stage sets the client id of a
+    /// valid key (any route), never a client-sent one, and nothing for a
+    /// key that is unknown, disabled or expired, or without the option.
+    #[test]
+    fn the_first_stage_sets_a_valid_keys_client_id_only_with_client_id_on_listener() {
+        let config = |on: bool| {
+            format!(
+                r#"{{"clients": [{{"id": "team-a", "key": "ka", "routes": ["a"]}},
+                                 {{"id": "off", "key": "kd", "routes": ["*"], "disabled": true}},
+                                 {{"id": "old", "key": "ke", "routes": ["*"], "expires": "2020-01-01T00:00:00Z"}},
+                                 {{"id": "team-b", "key": "kb", "routes": ["b"]}}],
+                    "routes": [{{"name": "a", "match": {{"clusters": ["ca"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-a"}}}}]}},
+                               {{"name": "b", "match": {{"clusters": ["cb"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-b"}}}}]}}],
+                    "client_id_header": "x-keyswap-client", "client_id_on_listener": {on}}}"#
+            )
+        };
+        let on = Policy::from_json(config(true).as_bytes(), &|_: &str| None).unwrap_or_else(|e| panic!("{e}"));
+        let off = Policy::from_json(config(false).as_bytes(), &|_: &str| None).unwrap_or_else(|e| panic!("{e}"));
+        let now = || 1_800_000_000_000;
+        let first = |p: &Policy, key: &str, forged: &[(&str, &str)]| {
+            let mut sent = vec![("x-api-key", key)];
+            sent.extend_from_slice(forged);
+            let mut headers = request("GET", "/x", &sent);
+            let view = RequestView::from_headers(None, &headers);
+            let key = p.key_check(&view);
+            p.admit_with_id(&view, &key, &now).apply(&mut headers);
+            headers
+                .into_iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-keyswap-client") || n.contains('_'))
+                .collect::<Vec<_>>()
+        };
+        let id = |v: &str| vec![("x-keyswap-client".to_string(), v.as_bytes().to_vec())];
+        let forged = [("x-keyswap-client", "team-b"), ("X-Keyswap-Client", "admin"), ("x_keyswap_client", "team-b")];
+        assert_eq!(first(&on, "ka", &forged), id("team-a"), "a valid key: its own id, every forged copy gone");
+        assert_eq!(first(&on, "kb", &[]), id("team-b"), "whatever the route");
+        for key in ["wrong", "kd", "ke", ""] {
+            assert_eq!(first(&on, key, &forged), [], "no id for key {key:?}, and no forged one");
+        }
+        assert_eq!(first(&off, "ka", &forged), [], "without the option the first stage adds nothing");
+        let refused = Policy::from_json(br#"{"client_id_on_listener": true}"#, &|_: &str| None).map(|_| ());
+        assert_eq!(
+            refused.map_err(|e| e.to_string()),
+            Err("client_id_on_listener: needs `client_id_header`: the header the listener stage sets to the client id"
+                .into())
+        );
     }
 
     #[test]

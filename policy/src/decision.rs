@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 
+use crate::limit::Refusal;
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenialReason {
@@ -38,6 +40,10 @@ pub enum DenialReason {
     /// The STS refused the request's subject token (`invalid_grant`, 401),
     /// or it expired.
     InvalidSubjectToken,
+    /// The client is over one of its rates (see [`crate::limit`]).
+    RateLimited,
+    /// The client has used up one of its daily quotas.
+    QuotaExceeded,
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -49,7 +55,7 @@ const INVALID_TOKEN: (&str, &str) = ("www-authenticate", "Bearer realm=\"keyswap
 
 impl DenialReason {
     /// Every reason, for tables and metrics.
-    pub const ALL: [DenialReason; 12] = [
+    pub const ALL: [DenialReason; 14] = [
         DenialReason::MissingKey,
         DenialReason::InvalidKey,
         DenialReason::ExpiredKey,
@@ -62,6 +68,8 @@ impl DenialReason {
         DenialReason::ConfigurationUnavailable,
         DenialReason::MissingSubjectToken,
         DenialReason::InvalidSubjectToken,
+        DenialReason::RateLimited,
+        DenialReason::QuotaExceeded,
     ];
 
     /// The HTTP status the client receives.
@@ -78,6 +86,7 @@ impl DenialReason {
             Self::MethodNotAllowed => 405,
             Self::InvalidAuthority => 400,
             Self::CredentialUnavailable | Self::ConfigurationUnavailable => 503,
+            Self::RateLimited | Self::QuotaExceeded => 429,
         }
     }
 
@@ -96,6 +105,8 @@ impl DenialReason {
             Self::ConfigurationUnavailable => "configuration_unavailable",
             Self::MissingSubjectToken => "missing_subject_token",
             Self::InvalidSubjectToken => "invalid_subject_token",
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 
@@ -116,6 +127,8 @@ impl DenialReason {
             Self::ConfigurationUnavailable => "The gateway has no usable configuration; every request is refused.",
             Self::MissingSubjectToken => "This route acts on behalf of a user and no user token was presented.",
             Self::InvalidSubjectToken => "The user token was refused by the token service.",
+            Self::RateLimited => "Too many requests for this API key; retry after the time given.",
+            Self::QuotaExceeded => "This API key's daily quota is used up; retry after the time given.",
         }
     }
 
@@ -126,9 +139,12 @@ impl DenialReason {
             Self::InvalidKey | Self::ExpiredKey | Self::AmbiguousKey | Self::InvalidSubjectToken => {
                 &[JSON, NO_STORE, INVALID_TOKEN]
             }
-            Self::RouteForbidden | Self::NoRoute | Self::InvalidAuthority | Self::ConfigurationUnavailable => {
-                &[JSON, NO_STORE]
-            }
+            Self::RouteForbidden
+            | Self::NoRoute
+            | Self::InvalidAuthority
+            | Self::ConfigurationUnavailable
+            | Self::RateLimited
+            | Self::QuotaExceeded => &[JSON, NO_STORE],
             Self::MethodNotAllowed => &[JSON, NO_STORE, ALLOW],
             Self::CredentialUnavailable => &[JSON, NO_STORE, RETRY_AFTER],
         }
@@ -262,7 +278,6 @@ pub enum Decision<'p> {
     Wait(Wait<'p>),
 }
 
-/// A refusal: the reason, and what was known when it was made.
 /// A request that needs keyed credentials (a `{client}` fetch, or an
 /// on-behalf-of exchange for its subject) with no value yet. A host that can hold a request admits each key
 /// ([`crate::credential::admit`]: refused `credential_unavailable` past
@@ -310,10 +325,12 @@ impl<'p> Wait<'p> {
             client: Some(self.client),
             key: self.key,
             metadata: self.metadata,
+            limit: None,
         }
     }
 }
 
+/// A refusal: the reason, and what was known when it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Denial<'p> {
     pub reason: DenialReason,
@@ -326,6 +343,30 @@ pub struct Denial<'p> {
     pub key: Option<&'p str>,
     /// The client's metadata, when the key was recognised.
     pub metadata: Option<&'p crate::model::Metadata>,
+    /// The limit that refused the request (`rate_limited`,
+    /// `quota_exceeded`), with the time until it would admit one more.
+    pub limit: Option<Refusal<'p>>,
+}
+
+impl Denial<'_> {
+    /// The response headers, besides those the host adds itself: the
+    /// reason's, and for a limit's refusal `retry-after` and the IETF
+    /// `RateLimit-Policy` and `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers: the limit's name, `q`
+    /// requests per `w` seconds; `r` remaining, `t` seconds until one more
+    /// is admitted).
+    pub fn headers(&self) -> Vec<(&'static str, Cow<'static, str>)> {
+        let mut out: Vec<(&'static str, Cow<'static, str>)> =
+            self.reason.headers().iter().map(|(n, v)| (*n, Cow::Borrowed(*v))).collect();
+        if let Some(refusal) = &self.limit {
+            let (name, seconds) = (refusal.limit.name(), refusal.retry_after_seconds());
+            let (q, w) = refusal.limit.policy_numbers();
+            out.push(("retry-after", Cow::Owned(seconds.to_string())));
+            out.push(("ratelimit-policy", Cow::Owned(format!("\"{name}\";q={q};w={w}"))));
+            out.push(("ratelimit", Cow::Owned(format!("\"{name}\";r=0;t={seconds}"))));
+        }
+        out
+    }
 }
 
 /// The edits that turn the client's request into the upstream's, dynamic
@@ -434,6 +475,8 @@ mod tests {
             (DenialReason::ConfigurationUnavailable, 503),
             (DenialReason::MissingSubjectToken, 401),
             (DenialReason::InvalidSubjectToken, 401),
+            (DenialReason::RateLimited, 429),
+            (DenialReason::QuotaExceeded, 429),
         ];
         for (reason, status) in table {
             assert_eq!(reason.status(), status, "{reason:?}");

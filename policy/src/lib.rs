@@ -17,7 +17,9 @@
 //! | [`compile`] | parse, then compile ([`Policy::from_json`]); [`ConfigError`] names the field path; [`compile::env`] the environment secrets come from | `model`, `credential`, `raw`, `request`, `query`, `time` |
 //! | [`model`] | the compiled [`Policy`] and its parts; read-only accessors | `credential`, `raw` |
 //! | [`credential`] | dynamic credentials, a leaf: [`credential::Provider`] (the call and its answer), [`credential::Record`] (the shared state), [`credential::Refresher`] (the refresh state machine) over [`credential::SharedRecords`] | — |
-//! | [`decision`] | the answer as a value ([`Decision`], [`Forward`], [`Denial`]) and the reason-to-status mapping | `edit` |
+//! | [`throttle`] | which limits apply to a request ([`Policy::decide_limited`] asks it after the key is accepted, before any credential) | `model`, `limit` |
+//! | [`limit`] | rate limits (GCRA) and daily quotas, a leaf: [`limit::Limit`], [`limit::admit`] over [`limit::SharedCounters`] (compare-and-swap, retried) | — |
+//! | [`decision`] | the answer as a value ([`Decision`], [`Forward`], [`Denial`]) and the reason-to-status mapping | `edit`, `limit` |
 //! | [`edit`] | the one way a forward's edits are applied to a header list | — |
 //! | [`request`] | [`RequestView`], what `decide` reads; [`KeyCheck`], what the first stage hands the final one | `query` |
 //! | [`raw`], [`query`], [`time`] | the document as written; query strings; RFC 3339 | — |
@@ -37,11 +39,13 @@ pub mod credential;
 pub mod decide;
 pub mod decision;
 pub mod edit;
+pub mod limit;
 pub mod model;
 pub mod query;
 pub mod raw;
 pub mod request;
 pub mod respond;
+mod throttle;
 pub mod time;
 
 pub use compile::{content_version, ConfigError, Environment, Routing};

@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use subtle::ConstantTimeEq as _;
 
 use crate::credential::Provider;
+use crate::limit::{ClientLimits, Limit};
 use crate::raw::UnmatchedRoute;
 
 /// A configuration, compiled: everything a request needs is prepared.
@@ -39,6 +40,9 @@ pub struct Policy {
     pub(crate) matches_host: bool,
     pub(crate) strip_response: Vec<String>,
     pub(crate) client_id_header: Option<String>,
+    /// `client_id_on_listener`: the first stage sets `client_id_header` to
+    /// the id of a valid key's client ([`Policy::admit_with_id`]).
+    pub(crate) client_id_on_listener: bool,
     pub(crate) unmatched: UnmatchedRoute,
     pub(crate) needs_route_name: bool,
     pub(crate) per_client_metrics: bool,
@@ -48,6 +52,9 @@ pub struct Policy {
     pub(crate) providers: Vec<Provider>,
     /// `"refuse_all": true`: every request is denied `configuration_unavailable`.
     pub(crate) refuse_all: bool,
+    /// The field path of the first limit in the configuration, if any
+    /// (`clients[0].limits`): a host that keeps no counters refuses it.
+    pub(crate) first_limit: Option<String>,
     /// The request header with the caller's own token for the credential
     /// service of a per-client fetch; among `protected`.
     pub(crate) caller_token_header: Option<String>,
@@ -72,6 +79,9 @@ pub(crate) struct Client {
     /// `metadata`, sorted by field name; `None` (8 bytes, no allocation)
     /// for a client without any.
     pub metadata: Option<Box<Metadata>>,
+    /// The client's rate limits and quotas (see [`crate::throttle`]);
+    /// empty (no allocation) for a client without any.
+    pub limits: ClientLimits,
 }
 
 /// A client's metadata (`clients[].metadata`): non-secret
@@ -198,6 +208,12 @@ pub(crate) struct Route {
     /// The providers any request on this route may read (the route's own
     /// and every client's for it), sorted, once each.
     pub any_providers: Vec<usize>,
+    /// The route's default limits, counted per client (`routes[].limits`).
+    pub limits: Box<[Limit]>,
+    /// Whether some request on this route may meet a rate, a quota (any
+    /// client's, for this route or for all): which of `rate_limited` and
+    /// `quota_exceeded` the route can answer.
+    pub limited: (bool, bool),
 }
 
 /// One `inject` list, compiled: a route's own, or a client's for a route.
@@ -421,6 +437,13 @@ impl Policy {
     /// into it is a provider number.
     pub fn credential_providers(&self) -> &[Provider] {
         &self.providers
+    }
+
+    /// The field path of the first rate limit or quota in the
+    /// configuration (`routes[1].limits`), or `None` when it has none: a
+    /// host that cannot count them refuses the configuration with it.
+    pub fn first_limit(&self) -> Option<&str> {
+        self.first_limit.as_deref()
     }
 
     /// True when some provider keeps one record per client (a `{client}`

@@ -19,6 +19,11 @@ pub struct RawConfig {
     #[serde(default)]
     pub strip_response_headers: Vec<String>,
     pub client_id_header: Option<String>,
+    /// Envoy's first stage (the listener) sets `client_id_header` too, to
+    /// the id of the client whose valid key the request presents, for a
+    /// rate-limit filter after keyswap on the listener to key on.
+    #[serde(default)]
+    pub client_id_on_listener: bool,
     /// The request header carrying the caller's own token for the
     /// credential service of a `{client}` fetch; removed from every request.
     pub caller_token_header: Option<String>,
@@ -68,6 +73,12 @@ pub struct RawClient {
     /// Non-secret metadata (`{"team": "search", "tier": "gold"}`), boxed
     /// like `keys`.
     pub metadata: Option<Box<RawNamedStrings>>,
+    /// The client's limits on all its routes together.
+    pub limits: Option<RawLimits>,
+    /// The client's own limits for some of its routes, used instead of
+    /// those routes' `limits`.
+    #[serde(default)]
+    pub route_limits: RawRouteLimits,
 }
 
 /// One of a client's `keys`.
@@ -183,6 +194,8 @@ pub struct RawRoute {
     pub matcher: RawMatch,
     /// `None`: every client allowed on the route brings its own.
     pub inject: Option<Vec<RawInject>>,
+    /// Limits for each client on this route (a bucket per client).
+    pub limits: Option<RawLimits>,
 }
 
 /// Every given field must hold for the route to match.
@@ -249,6 +262,8 @@ impl std::fmt::Debug for RawClient {
             .field("disabled", &self.disabled)
             .field("inject", &self.inject)
             .field("metadata", &self.metadata)
+            .field("limits", &self.limits)
+            .field("route_limits", &self.route_limits)
             .finish()
     }
 }
@@ -390,6 +405,77 @@ pub struct RawFetch {
     pub idle_seconds: Option<u64>,
     /// With `{client}` in `path`: the most clients cached at once.
     pub max_clients: Option<u64>,
+}
+
+/// A rate, a quota, or both (`{}`: none, only in `route_limits`, where it
+/// exempts the client from the route's default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object with `rate`, `quota` or both")]
+pub struct RawLimits {
+    pub rate: Option<RawRate>,
+    pub quota: Option<RawQuota>,
+}
+
+/// `requests` per `per`, evenly spaced, plus `burst` at once.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object with `requests`, `per` and `burst`")]
+pub struct RawRate {
+    pub requests: u64,
+    pub per: RawWindow,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// A rate's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawWindow {
+    Second,
+    Minute,
+    Hour,
+}
+
+/// `requests` per UTC day.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object with `requests` and `per`")]
+pub struct RawQuota {
+    pub requests: u64,
+    pub per: RawQuotaWindow,
+}
+
+/// A quota's window: the UTC day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawQuotaWindow {
+    Day,
+}
+
+/// A client's own limits by route name (`{"openai": {...}}`), in document
+/// order; every key must be a route name before its value is read.
+#[derive(Debug, Default)]
+pub struct RawRouteLimits(pub Vec<(String, RawLimits)>);
+
+impl<'de> Deserialize<'de> for RawRouteLimits {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Limits;
+        impl<'de> Visitor<'de> for Limits {
+            type Value = RawRouteLimits;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of limits by route name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut limits = Vec::new();
+                while let Some(route) = map.next_key::<String>()? {
+                    if !is_route_name(&route) {
+                        return Err(A::Error::custom("has a key that is not a route name"));
+                    }
+                    limits.push((route, map.next_value::<RawLimits>()?));
+                }
+                Ok(RawRouteLimits(limits))
+            }
+        }
+        deserializer.deserialize_map(Limits)
+    }
 }
 
 /// What happens to a request that matches no route.

@@ -9,6 +9,7 @@ mod cli;
 mod component;
 mod credentials;
 mod harness;
+mod limits;
 mod metrics;
 mod serve;
 

@@ -1,10 +1,6 @@
 //! The filter's metrics and access-log field through the harness: after a
 //! known mix of requests, every series the filter defined holds exactly the
 //! expected value, and each request set exactly its `wasm.keyswap` field.
-//!
-//! Needs a filter that defines metrics (the `ops` branch's, merged into
-//! main): `KEYSWAP_FILTER=/work/wt-ops/target/wasm32-wasip1/release/keyswap_filter.wasm`
-//! until then.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
@@ -70,8 +66,8 @@ fn a_known_mix_of_requests_gives_exact_metrics_and_access_log_fields() {
     let defined = instance.metrics();
     assert!(
         defined.keys().any(|name| name.starts_with(REQUESTS)),
-        "the filter defines no {REQUESTS} metrics (it defined {defined:?}): this test needs a filter with metrics, \
-         e.g. KEYSWAP_FILTER=/work/wt-ops/target/wasm32-wasip1/release/keyswap_filter.wasm"
+        "the filter defines no {REQUESTS} metrics (it defined {defined:?}): is KEYSWAP_FILTER an old build? \
+         (scripts/build-filter builds this workspace's)"
     );
 
     // (request, access-log field, the one requests_total series it counts)

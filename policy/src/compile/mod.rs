@@ -14,6 +14,7 @@
 //!   static credentials.
 
 pub mod env;
+mod limits;
 pub mod metadata;
 mod providers;
 
@@ -170,6 +171,12 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         Some(name) => Some(header_name(name, "client_id_header")?),
         None => None,
     };
+    if raw.client_id_on_listener && client_id_header.is_none() {
+        return Err(ConfigError::new(
+            "client_id_on_listener",
+            "needs `client_id_header`: the header the listener stage sets to the client id",
+        ));
+    }
     if let Some(id_header) = &client_id_header {
         // Static and dynamic injections alike, by their place in the config:
         // routes' own lists, then clients' own.
@@ -194,6 +201,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
     let (clients, keys, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
     let providers = builder.finish();
     finish_routes(&mut routes, &clients);
+    limits::finish_limits(&mut routes, &clients);
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
     // Every inject list: the routes' own, then the clients' own.
     let every_list = || {
@@ -289,12 +297,14 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         matches_host,
         strip_response,
         client_id_header,
+        client_id_on_listener: raw.client_id_on_listener,
         unmatched: raw.unmatched_route,
         needs_route_name,
         per_client_metrics: raw.metrics.per_client,
         version: String::new(),
         providers,
         refuse_all: raw.refuse_all,
+        first_limit: limits::first_limit(raw),
         caller_token_header,
         subject_source,
         metadata_headers,
@@ -486,8 +496,13 @@ fn compile_routes(
             }
             None => None,
         };
+        let limits = match &route.limits {
+            Some(raw) => limits::compile_limits(raw, &format!("{path}.limits"), crate::limit::Scope::Route, false)?,
+            None => Box::default(),
+        };
         let name = route.name.clone();
-        routes.push(Route { name, matcher, credentials, query_names: Vec::new(), any_providers: Vec::new() });
+        let (query_names, any_providers, limited) = (Vec::new(), Vec::new(), (false, false));
+        routes.push(Route { name, matcher, credentials, query_names, any_providers, limits, limited });
     }
     Ok(routes)
 }
@@ -684,8 +699,6 @@ fn compile_inject(
 
 /// The `Basic …` header value, and the password alone (a response must not
 /// carry it back either, encoded or not).
-/// The `Basic …` header value, and the password alone (a response must not
-/// carry it back either, encoded or not).
 fn basic_value(basic: &RawBasic, path: &str, env: &dyn Environment) -> Result<(String, String), ConfigError> {
     if basic.username.contains(':') {
         return Err(ConfigError::new(format!("{path}.username"), "must not contain `:`"));
@@ -755,12 +768,14 @@ fn compile_clients(
                 ),
             ));
         }
+        let limits = limits::compile_client_limits(client, path, &allowed, route_index)?;
         compile_keys(client, path, c, &mut keys, &mut index)?;
         let metadata = match &client.metadata {
             Some(raw) => metadata::client_metadata(raw, path)?,
             None => None,
         };
-        clients.push(Client { id: client.id.clone(), allowed, expires, disabled: client.disabled, own, metadata });
+        let disabled = client.disabled;
+        clients.push(Client { id: client.id.clone(), allowed, expires, disabled, own, metadata, limits });
     }
     Ok((clients, keys, index))
 }
@@ -892,6 +907,26 @@ fn key_digest(
     }
 }
 
+/// The index of route `name`, a key of a client's by-route map at `at`
+/// (`clients[0].inject.openai`): a route the client may use.
+fn client_route(
+    name: &str,
+    at: &str,
+    allowed: &Allowed,
+    route_index: &HashMap<&str, usize>,
+) -> Result<usize, ConfigError> {
+    let Some(&r) = route_index.get(name) else {
+        return Err(ConfigError::new(at, format!("names no route (`{name}` is not in `routes`)")));
+    };
+    if !allowed.allows(r) {
+        return Err(ConfigError::new(
+            at,
+            format!("names a route this client may not use (`{name}` is not in its `routes`)"),
+        ));
+    }
+    Ok(r)
+}
+
 /// A client's own `inject` lists (`clients[N].inject`), by route index,
 /// sorted; nothing allocated for a client without any.
 fn compile_own(
@@ -911,15 +946,7 @@ fn compile_own(
         // Keys are route names (`RawClientInject` refuses anything else
         // before reading a list), so they may be quoted.
         let at = format!("{path}.inject.{name}");
-        let Some(&r) = route_index.get(name.as_str()) else {
-            return Err(ConfigError::new(at, format!("names no route (`{name}` is not in `routes`)")));
-        };
-        if !allowed.allows(r) {
-            return Err(ConfigError::new(
-                at,
-                format!("names a route this client may not use (`{name}` is not in its `routes`)"),
-            ));
-        }
+        let r = client_route(name, &at, allowed, route_index)?;
         if own.iter().any(|(o, _)| *o == r) {
             return Err(ConfigError::new(at, "is given twice"));
         }

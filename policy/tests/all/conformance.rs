@@ -5,7 +5,8 @@ use keyswap_conformance::{
     default_dir, step_worker, Observed, Request, Runner, Step, Suite, SuiteCase, SuiteReport, STEPS_START,
 };
 use keyswap_policy::credential::{self, MemoryRecords, Provider, Refresher, Reply, Used};
-use keyswap_policy::{Decision, DenialReason, Policy, RequestView};
+use keyswap_policy::limit::{MemoryCounters, Taken};
+use keyswap_policy::{Decision, Denial, DenialReason, Policy, RequestView};
 
 /// The policy's refresh state machine, run natively over records in
 /// memory: workers are one here (the filter's compare-and-swap makes them
@@ -19,6 +20,8 @@ type Call = (u32, String, Headers, Vec<u8>);
 struct Engine<'p> {
     policy: &'p Policy,
     records: MemoryRecords,
+    /// Rate-limit buckets, shared by the workers as the records are.
+    counters: MemoryCounters,
     refresher: Refresher,
     /// Calls out (id, cluster, headers, body), oldest first.
     pending: Vec<Call>,
@@ -96,7 +99,8 @@ impl Engine<'_> {
                     return Err(format!("worker {w} has a request open"));
                 }
                 let request = send.request(&case.request);
-                let (decision, mut headers, token) = decide(self.policy, &request, *now, &self.records);
+                let (decision, mut headers, token) =
+                    decide(self.policy, &request, *now, &self.records, &mut self.counters, false);
                 match decision {
                     Decision::Forward(forward) if !send.waits => {
                         forward.apply(&mut headers);
@@ -134,6 +138,21 @@ impl Engine<'_> {
                     Some(Settled::Refused(reason)) => refused.check(reason.status(), reason.body().as_bytes())?,
                     Some(Settled::Forwarded(..)) => return Err("the held request was forwarded".into()),
                     None => return Err(format!("worker {w} has no request let go")),
+                }
+            }
+            Step::Requests(requests) => {
+                if start + (requests.at_ms as i64) < *now {
+                    return Err("time goes back".into());
+                }
+                *now = start + requests.at_ms as i64;
+                let request = requests.request(&case.request);
+                for i in 0..requests.count {
+                    let (decision, ..) = decide(self.policy, &request, *now, &self.records, &mut self.counters, false);
+                    let outcome = match decision.without_waiting() {
+                        Ok(_) => None,
+                        Err(denial) => Some((denial.reason.status(), denial.reason.body().into_bytes())),
+                    };
+                    requests.check(i, outcome.as_ref().map(|(s, b)| (*s, b.as_slice())))?;
                 }
             }
             Step::Respond(respond) => {
@@ -183,7 +202,8 @@ impl Engine<'_> {
                 self.held[w] = Some(held);
                 continue;
             }
-            let (decision, mut headers, _) = decide(self.policy, &held.request, now, &self.records);
+            let (decision, mut headers, _) =
+                decide(self.policy, &held.request, now, &self.records, &mut self.counters, true);
             self.settled[w] = Some(match decision {
                 Decision::Forward(forward) => {
                     forward.apply(&mut headers);
@@ -213,6 +233,8 @@ fn decide<'p>(
     request: &Request,
     now_ms: i64,
     records: &MemoryRecords,
+    counters: &mut MemoryCounters,
+    counted: bool,
 ) -> (Decision<'p>, Headers, Caller) {
     let mut headers = request.header_list();
     let key = policy.key_check(&RequestView::from_headers(None, &headers));
@@ -220,18 +242,24 @@ fn decide<'p>(
     let first = RequestView::from_headers(None, &headers);
     let caller =
         Caller { token: policy.caller_token(&first).map(text), subject: policy.subject_token(&first).map(text) };
-    policy.admit(&RequestView::from_headers(None, &headers)).apply(&mut headers);
+    policy.admit_with_id(&RequestView::from_headers(None, &headers), &key, &|| now_ms).apply(&mut headers);
     let mut view = RequestView::from_headers(request.route_name.as_deref(), &headers);
     view.cluster = request.cluster();
     view.key = Some(&key);
     view.subject = caller.subject.as_deref().map(str::as_bytes);
     // The harness's clock: stopped at STEPS_START, moved by the steps.
-    let decision = policy.decide(&view, &|| now_ms, records);
+    let decision = if counted {
+        // A held request let go: its limits took it when it was first decided.
+        policy.decide_limited(&view, &|| now_ms, records, &mut Taken)
+    } else {
+        policy.decide_limited(&view, &|| now_ms, records, counters)
+    };
     (decision, headers, caller)
 }
 
-fn denied(reason: DenialReason) -> Observed {
-    let headers = reason.headers().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+fn denied(denial: &Denial<'_>) -> Observed {
+    let reason = denial.reason;
+    let headers = denial.headers().iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     Observed::Denied { status: reason.status(), headers, body: reason.body().into_bytes() }
 }
 
@@ -244,6 +272,7 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     let mut engine = Engine {
         policy: &policy,
         records: MemoryRecords::new(policy.credential_providers().len()),
+        counters: MemoryCounters::default(),
         refresher: Refresher::default(),
         pending: Vec::new(),
         calls: 0,
@@ -259,7 +288,8 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     if let Some(at) = case.request_at_ms {
         now_ms = STEPS_START.as_millis() as i64 + at as i64;
     }
-    let (decision, mut headers, token) = decide(&policy, &case.request, now_ms, &engine.records);
+    let (decision, mut headers, token) =
+        decide(&policy, &case.request, now_ms, &engine.records, &mut engine.counters, false);
     predicted(&policy, &decision)?;
     // The access-log field, as every host writes it.
     let mut field = String::new();
@@ -270,13 +300,16 @@ fn observe(case: &SuiteCase) -> Result<Observed, String> {
     }
     case.check_access_log(Some(&field))?;
     match decision {
-        Decision::Deny(denial) => Ok(denied(denial.reason)),
+        Decision::Deny(denial) => Ok(denied(&denial)),
         // The case's own request is never held: it is refused at once when
         // its client cannot be admitted, and a failure otherwise.
         Decision::Wait(wait) => {
             let slots = wait.slots.clone();
             match engine.hold(&slots, &token, now_ms) {
-                Some(reason) => Ok(denied(reason)),
+                Some(reason) => {
+                    let (route, client, key, metadata) = (Some(wait.route), None, None, None);
+                    Ok(denied(&Denial { reason, route, client, key, metadata, limit: None }))
+                }
                 None => Err("the request was held for its credentials (use a `send` with `waits`)".into()),
             }
         }

@@ -13,6 +13,9 @@
 //!   keys in the grace, the old one refused after it), `keyswap revoke
 //!   --key` of one key; client metadata sent upstream, client-sent copies
 //!   never, key ids and metadata in Envoy's access log.
+//! - [`limits`]: rate limits and quotas with two workers: exactly N per
+//!   window under 32 connections, clients never sharing a bucket, a push
+//!   keeping the counts of an unchanged limit.
 //! - [`obo`]: on-behalf-of token exchange with two workers and a loopback
 //!   STS: 50 subjects and 50 broker clients interleaved, each request
 //!   carrying its own subject's token, one exchange per (subject,
@@ -54,6 +57,7 @@ mod gateway;
 mod image;
 mod keys;
 mod leaks;
+mod limits;
 mod obo;
 mod operations;
 mod per_client;
