@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use keyswap_policy::credential::{self, Provider, Reply, SharedRecords, Slot, Used, MAX_ANSWER_BYTES};
+use keyswap_policy::credential::{self, Hints, Provider, Reply, SharedRecords, Slot, Used, MAX_ANSWER_BYTES};
 use keyswap_policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
@@ -37,16 +37,18 @@ pub fn record_keys(policy: &Policy) -> Vec<String> {
 }
 
 /// The providers' records in Envoy's shared data, under
-/// [`Slot::storage_key`].
+/// [`Slot::storage_key`], with this worker's hints of where keyed records
+/// are.
 pub struct EnvoyRecords<'k> {
     keys: &'k [String],
     providers: &'k [Provider],
+    hints: &'k Hints,
 }
 
 impl<'k> EnvoyRecords<'k> {
     /// The records of `shared`'s configuration.
     pub(crate) fn new(shared: &'k Shared) -> Self {
-        Self { keys: &shared.record_keys, providers: shared.policy.credential_providers() }
+        Self { keys: &shared.record_keys, providers: shared.policy.credential_providers(), hints: &shared.hints }
     }
 
     fn with<T>(&self, slot: Slot<'_>, f: impl FnOnce(&str) -> T) -> Option<T> {
@@ -70,6 +72,14 @@ impl SharedRecords for EnvoyRecords<'_> {
 
     fn write_bytes(&mut self, slot: Slot<'_>, bytes: &[u8], version: Option<u32>) -> bool {
         self.with(slot, |key| hostcalls::set_shared_data(key, Some(bytes), version).is_ok()).unwrap_or(false)
+    }
+
+    fn hint(&self, provider: usize, key: &str) -> Option<u32> {
+        self.hints.get(provider, key)
+    }
+
+    fn remember(&self, provider: usize, key: &str, slot: u32) {
+        self.hints.set(provider, key, slot);
     }
 }
 

@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use keyswap_policy::credential::Refresher;
+use keyswap_policy::credential::{Hints, Refresher};
 use keyswap_policy::Policy;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) field: RefCell<String>,
     /// The shared-data key of each unkeyed provider's record, by number.
     pub(crate) record_keys: Vec<String>,
+    /// The pool slot this worker last found each keyed record in.
+    pub(crate) hints: Hints,
     /// This worker's side of the refresh; streams ask it for a client's
     /// record (`broker`).
     pub(crate) refresher: RefCell<Refresher>,
@@ -69,9 +71,10 @@ impl RootContext for KeyswapRoot {
                 let metrics = Metrics::define(&policy, unix_seconds(self.get_current_time()));
                 let record_keys = credentials::record_keys(&policy);
                 crate::limits::prepare(&policy);
+                let hints = Hints::new(policy.credential_providers());
                 let (audit, field) = (RefCell::default(), RefCell::default());
                 let (refresher, waiters, tick) = (RefCell::default(), RefCell::default(), Cell::default());
-                let shared = Shared { policy, metrics, audit, field, record_keys, refresher, waiters, tick };
+                let shared = Shared { policy, metrics, audit, field, record_keys, hints, refresher, waiters, tick };
                 credentials::start(&shared);
                 self.shared = Some(Rc::new(shared));
                 true

@@ -9,7 +9,8 @@
 //!  request ──Policy::decide──▶ SharedRecords::read (once per provider of the route) ──▶ Forward | credential_unavailable
 //!  upstream 401 ──Policy::upstream_status(Forward::used)──▶ reject: Record::rejected ──CAS──▶ SharedRecords
 //!
-//!  keyed (a `{client}` fetch, an on-behalf-of exchange): one record per (provider, key) — Slot::Keyed
+//!  keyed (a `{client}` fetch, an on-behalf-of exchange): one record per (provider, key) — Slot::Keyed,
+//!  stored in one of max_keys pool slots (Slot::Pool) the Index gives the key, stamped with it
 //!  first request ──decide──▶ Decision::Wait ──admit (Index, CAS, max_keys)──▶ Refresher::demand(key, caller token, subject)
 //!      ──next tick: lease, call──▶ answer ──▶ the host decides the waiting request again
 //!  later requests ──decide──▶ cached value; Used { touch, due } ──▶ touch (used_at) | demand (refresh)
@@ -21,7 +22,12 @@
 //! on-behalf-of exchange a digest of the subject token,
 //! [`Provider::subject_key`]), plus the keyed provider's [`Index`] of
 //! keys, which bounds their count (a new client is refused past it; a new
-//! subject evicts the least recently used one).
+//! subject evicts the least recently used one). A key's record lives in one
+//! of a fixed pool of `max_keys` slots, reused once its key is dropped or
+//! evicted, and stamped with its key: a record read for one key and
+//! stamped with another is absent, and a write lands only over the key's
+//! own record (compare-and-swap), so shared data stays bounded and a value
+//! fetched for one caller is never read for another.
 //!
 //! - `provider`: [`Provider`], the call and how its answer is read
 //!   ([`Answer`], [`AnswerError`]).
@@ -53,6 +59,6 @@ pub use provider::{
 };
 pub use record::{backoff_ms, Index, Record, Success};
 pub use refresh::{
-    admit, ready, reject, touch, Call, Event, Full, MemoryRecords, NoRecords, Note, Refresher, Rejection, Reply,
+    admit, ready, reject, touch, Call, Event, Full, Hints, MemoryRecords, NoRecords, Note, Refresher, Rejection, Reply,
     SharedRecords, Slot, Used, MAX_ANSWER_BYTES,
 };

@@ -45,6 +45,12 @@ pub struct Record {
     /// `invalid_subject_token` until `refresh_at`, when one may try again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refused: bool,
+    /// A keyed record: the key (client id, or subject digest) it belongs
+    /// to. Its pool slot is reused by another key once this one is dropped
+    /// or evicted, so every read checks it: a record stamped with another
+    /// key is absent ([`super::SharedRecords::read`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 /// What [`Record::succeeded`] changed.
@@ -89,6 +95,7 @@ impl Record {
             rejected: None,
             used_at: self.used_at,
             refused: false,
+            owner: self.owner.clone(),
         };
         (record, Success { changed, recovered_after: self.failures })
     }
@@ -154,7 +161,12 @@ impl Record {
     /// values (a later request fetches anew), a new generation (a late 401
     /// for the old values touches nothing), no failure streak.
     pub fn dropped(&self) -> Record {
-        Record { generation: self.generation.saturating_add(1), used_at: self.used_at, ..Record::default() }
+        Record {
+            generation: self.generation.saturating_add(1),
+            used_at: self.used_at,
+            owner: self.owner.clone(),
+            ..Record::default()
+        }
     }
 
     /// True when a keyed record has gone unused for `idle_ms` at `now`.
@@ -193,21 +205,52 @@ impl std::fmt::Debug for Record {
             .field("rejected", &self.rejected)
             .field("used_at", &self.used_at)
             .field("refused", &self.refused)
+            // A subject's digest is named by nothing either.
+            .field("owner", &format_args!("[{} bytes]", self.owner.len()))
             .finish()
     }
 }
 
 /// A keyed provider's index: the keys that hold a record with (or waiting
-/// for) values, at most the provider's `max_keys`. Written by
-/// compare-and-swap when a key is admitted and when it is dropped, never
-/// on a request that finds its value.
+/// for) values, at most the provider's `max_keys`, each with the number of
+/// the pool slot its record is stored in (`0..max_keys`: a slot freed by a
+/// dropped or evicted key is given to the next new one, so a provider never
+/// has more than `max_keys` records however many keys come and go), least
+/// recently used first. Written by compare-and-swap when a key is admitted
+/// and when it is dropped, never on a request that finds its value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
     #[serde(default)]
-    pub keys: Vec<String>,
+    pub entries: Vec<(String, u32)>,
 }
 
 impl Index {
+    /// The pool slot of `key`, if listed.
+    pub fn slot_of(&self, key: &str) -> Option<u32> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, slot)| *slot)
+    }
+
+    /// The pool slot of `key` in [`Index::encode`]'s output, found without
+    /// decoding it (a request for a key this worker has no hint of reads
+    /// the index; at 1,000 keys a decode is most of that). An entry is
+    /// encoded `["<key, JSON-escaped>",<slot>]`: inside a JSON string a `"`
+    /// is always escaped, so `["` opens an entry's key and the match is
+    /// that whole key.
+    pub fn find(bytes: &[u8], key: &str) -> Option<u32> {
+        let mut needle = b"[".to_vec();
+        needle.extend(serde_json::to_vec(key).ok()?);
+        needle.push(b',');
+        let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice())? + needle.len();
+        let digits = bytes.get(at..)?.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(bytes.get(at..at + digits)?).ok()?.parse().ok()
+    }
+
+    /// The lowest slot number under `max_keys` no listed key holds.
+    pub fn free_slot(&self, max_keys: usize) -> Option<u32> {
+        let max = u32::try_from(max_keys).unwrap_or(u32::MAX);
+        (0..max).find(|n| !self.entries.iter().any(|(_, slot)| slot == n))
+    }
+
     /// The shared-data encoding.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()

@@ -12,7 +12,7 @@
 //! wait for a call; they read the last good values ([`crate::decide`]).
 //! The host makes the calls and logs the [`Note`]s; nothing here does I/O.
 
-use super::provider::{jwt_exp_ms, percent_encoded, Answer, AnswerError, Provider, MIN_FORCED_REFRESH_MS};
+use super::provider::{jwt_exp_ms, Answer, AnswerError, Provider, MIN_FORCED_REFRESH_MS};
 use super::record::{Index, Record};
 
 /// The largest answer a host reads from a token endpoint or credential
@@ -24,25 +24,36 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const WRITE_ATTEMPTS: usize = 8;
 
 /// Which shared record: one per provider, or, for a keyed provider (a
-/// `{client}` fetch), one per (provider, key) plus the provider's index of
-/// the keys it holds. The key is a client id (a `{client}` fetch) or the
-/// digest of a subject token (an on-behalf-of exchange,
-/// [`Provider::subject_key`]).
+/// `{client}` fetch, an on-behalf-of exchange), one per (provider, key)
+/// plus the provider's index of the keys it holds. The key is a client id
+/// (a `{client}` fetch) or the digest of a subject token
+/// ([`Provider::subject_key`]).
+///
+/// A key's record is stored in one of a fixed pool of `max_keys` slots per
+/// provider ([`Slot::Pool`]), the one its [`Index`] entry names, reused by
+/// another key once it is dropped or evicted: Envoy's shared data has no
+/// delete, so a record per key ever seen would grow without bound. A host
+/// stores [`Slot::Provider`], [`Slot::Pool`] and [`Slot::Index`];
+/// [`SharedRecords::read`] and [`SharedRecords::write`] find a
+/// [`Slot::Keyed`] record's pool slot and check the key it is stamped with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Slot<'k> {
     /// The one record of an unkeyed provider.
     Provider(usize),
-    /// A keyed provider's record for one key.
+    /// A keyed provider's record for one key, wherever it is stored.
     Keyed(usize, &'k str),
     /// A keyed provider's [`Index`].
     Index(usize),
+    /// A keyed provider's pool slot: the record of the key the index gives
+    /// it, if any.
+    Pool(usize, u32),
 }
 
 impl Slot<'_> {
     /// The provider, by number.
     pub fn provider(self) -> usize {
         match self {
-            Slot::Provider(p) | Slot::Keyed(p, _) | Slot::Index(p) => p,
+            Slot::Provider(p) | Slot::Keyed(p, _) | Slot::Index(p) | Slot::Pool(p, _) => p,
         }
     }
 
@@ -50,28 +61,34 @@ impl Slot<'_> {
     pub fn key(&self) -> Option<&str> {
         match self {
             Slot::Keyed(_, key) => Some(key),
-            Slot::Provider(_) | Slot::Index(_) => None,
+            Slot::Provider(_) | Slot::Index(_) | Slot::Pool(..) => None,
         }
     }
 
     /// Its name in a host's shared storage (Envoy's shared data):
-    /// `keyswap.credential.<provider id>`, with `.k.<key, percent-encoded>`
-    /// or `.index` for a keyed provider. `None` for no such provider.
+    /// `keyswap.credential.<provider id>`, with `.slot.<n>` or `.index` for
+    /// a keyed provider. `None` for no such provider, and for
+    /// [`Slot::Keyed`], which is stored in a pool slot.
     pub fn storage_key(self, providers: &[Provider]) -> Option<String> {
         let id = &providers.get(self.provider())?.id;
-        Some(match self {
-            Slot::Provider(_) => format!("keyswap.credential.{id}"),
-            Slot::Keyed(_, key) => format!("keyswap.credential.{id}.k.{}", percent_encoded(key)),
-            Slot::Index(_) => format!("keyswap.credential.{id}.index"),
-        })
+        match self {
+            Slot::Provider(_) => Some(format!("keyswap.credential.{id}")),
+            Slot::Keyed(..) => None,
+            Slot::Index(_) => Some(format!("keyswap.credential.{id}.index")),
+            Slot::Pool(_, n) => Some(format!("keyswap.credential.{id}.slot.{n}")),
+        }
     }
 }
 
 /// The providers' records as a host keeps them ([`Slot`]), shared by every
 /// worker, each written with compare-and-swap. The proxy-wasm filter keeps
 /// them in Envoy's shared data; [`MemoryRecords`] keeps them in memory.
+///
+/// Versions are the host's: Envoy's are drawn from one counter for all of
+/// shared data, so a version read from one slot never matches another's.
 pub trait SharedRecords {
-    /// The bytes stored for `slot` and the version they were read at (for
+    /// The bytes stored for `slot` ([`Slot::Provider`], [`Slot::Index`] or
+    /// [`Slot::Pool`]) and the version they were read at (for
     /// [`Self::write_bytes`]); `None` when nothing is stored yet.
     fn read_bytes(&self, slot: Slot<'_>) -> Option<(Vec<u8>, Option<u32>)>;
 
@@ -80,15 +97,102 @@ pub trait SharedRecords {
     /// or they could not be stored.
     fn write_bytes(&mut self, slot: Slot<'_>, bytes: &[u8], version: Option<u32>) -> bool;
 
-    /// The record stored for `slot`, as [`Self::read_bytes`].
-    fn read(&self, slot: Slot<'_>) -> Option<(Record, Option<u32>)> {
-        self.read_bytes(slot).map(|(bytes, version)| (Record::decode(&bytes), version))
+    /// The pool slot this worker last found keyed provider `provider`'s
+    /// `key` in, if it keeps such hints (the filter does, so that a request
+    /// reads one record, not the index too). A stale hint is harmless: the
+    /// record there is stamped with another key, and the index is read.
+    fn hint(&self, _provider: usize, _key: &str) -> Option<u32> {
+        None
     }
 
-    /// Stores a record, as [`Self::write_bytes`].
-    fn write(&mut self, slot: Slot<'_>, record: &Record, version: Option<u32>) -> bool {
-        self.write_bytes(slot, &record.encode(), version)
+    /// Remembers where `key` was found, for [`Self::hint`].
+    fn remember(&self, _provider: usize, _key: &str, _slot: u32) {}
+
+    /// The record stored for `slot`, as [`Self::read_bytes`]. For a
+    /// [`Slot::Keyed`] one: the record in the key's pool slot (the hinted
+    /// one, else the one its index entry names) when it is stamped with
+    /// that key; a record of another key is never returned.
+    fn read(&self, slot: Slot<'_>) -> Option<(Record, Option<u32>)> {
+        let Slot::Keyed(p, key) = slot else {
+            return self.read_bytes(slot).map(|(bytes, version)| (Record::decode(&bytes), version));
+        };
+        let owned = |n: u32| {
+            let (bytes, version) = self.read_bytes(Slot::Pool(p, n))?;
+            let record = Record::decode(&bytes);
+            (record.owner == key).then_some((record, version))
+        };
+        let hinted = self.hint(p, key);
+        if let Some(found) = hinted.and_then(owned) {
+            return Some(found);
+        }
+        let n = listed_slot(self, p, key)?;
+        if hinted != Some(n) {
+            self.remember(p, key, n);
+        }
+        owned(n)
     }
+
+    /// Stores a record, as [`Self::write_bytes`]. A [`Slot::Keyed`] record
+    /// is stamped with its key and written to the key's pool slot only by
+    /// compare-and-swap on a `version` read from it ([`Self::read`]), so it
+    /// lands only over that key's own record: a write for a key evicted
+    /// meanwhile (its slot given to another key) fails, as does one with no
+    /// version (a key's record is made by [`admit`] alone).
+    fn write(&mut self, slot: Slot<'_>, record: &Record, version: Option<u32>) -> bool {
+        let Slot::Keyed(p, key) = slot else { return self.write_bytes(slot, &record.encode(), version) };
+        if version.is_none() {
+            return false;
+        }
+        let Some(n) = self.hint(p, key).or_else(|| listed_slot(self, p, key)) else { return false };
+        let stamped = Record { owner: key.to_string(), ..record.clone() };
+        self.write_bytes(Slot::Pool(p, n), &stamped.encode(), version)
+    }
+}
+
+/// One worker's hints of the pool slot each key was last found in
+/// ([`SharedRecords::hint`]), so that a request reads its key's record and
+/// not the index too. At most `limit` are kept (past it all are forgotten
+/// and found again in the index), so a worker's memory stays bounded
+/// however many keys come and go.
+#[derive(Default)]
+pub struct Hints {
+    slots: std::cell::RefCell<std::collections::HashMap<(usize, String), u32>>,
+    limit: usize,
+}
+
+impl Hints {
+    /// Room for `limit` hints: the providers' `max_keys`, summed.
+    pub fn new(providers: &[Provider]) -> Self {
+        let limit = providers.iter().filter_map(|p| p.keyed.as_ref()).map(|k| k.max_keys).sum();
+        Self { slots: std::cell::RefCell::default(), limit }
+    }
+
+    /// Where `provider`'s `key` was last found.
+    pub fn get(&self, provider: usize, key: &str) -> Option<u32> {
+        self.slots.borrow().get(&(provider, key.to_string())).copied()
+    }
+
+    /// Remembers where `provider`'s `key` was found.
+    pub fn set(&self, provider: usize, key: &str, slot: u32) {
+        let mut slots = self.slots.borrow_mut();
+        if slots.len() >= self.limit {
+            slots.clear();
+        }
+        slots.insert((provider, key.to_string()), slot);
+    }
+}
+
+// Keys may be subjects' digests: counted, not shown.
+impl std::fmt::Debug for Hints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hints").field("slots", &self.slots.borrow().len()).field("limit", &self.limit).finish()
+    }
+}
+
+/// The pool slot keyed provider `p`'s index gives `key`, if listed.
+fn listed_slot<R: SharedRecords + ?Sized>(records: &R, p: usize, key: &str) -> Option<u32> {
+    let (bytes, _) = records.read_bytes(Slot::Index(p))?;
+    Index::find(&bytes, key)
 }
 
 /// No records: for a host that keeps none (a route with dynamic
@@ -106,25 +210,28 @@ impl SharedRecords for NoRecords {
     }
 }
 
-/// Records in memory, versioned the way Envoy's shared data is: for a host
-/// with one worker (the native conformance runner) and for tests.
+/// Records in memory, versioned the way Envoy's shared data is (one
+/// counter for every record): for a host with one worker (the native
+/// conformance runner) and for tests.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryRecords {
     providers: usize,
-    records: std::collections::BTreeMap<(usize, u8, String), (Vec<u8>, u32)>,
+    records: std::collections::BTreeMap<(usize, u8, u32), (Vec<u8>, u32)>,
+    versions: u32,
 }
 
 impl MemoryRecords {
     /// Room for the records of `providers` providers, none stored yet.
     pub fn new(providers: usize) -> Self {
-        Self { providers, records: std::collections::BTreeMap::new() }
+        Self { providers, records: std::collections::BTreeMap::new(), versions: 0 }
     }
 
-    fn at(&self, slot: Slot<'_>) -> Option<(usize, u8, String)> {
+    fn at(&self, slot: Slot<'_>) -> Option<(usize, u8, u32)> {
         let at = match slot {
-            Slot::Provider(p) => (p, 0, String::new()),
-            Slot::Keyed(p, key) => (p, 1, key.to_string()),
-            Slot::Index(p) => (p, 2, String::new()),
+            Slot::Provider(p) => (p, 0, 0),
+            Slot::Keyed(..) => return None,
+            Slot::Pool(p, n) => (p, 1, n),
+            Slot::Index(p) => (p, 2, 0),
         };
         (at.0 < self.providers).then_some(at)
     }
@@ -149,10 +256,11 @@ impl SharedRecords for MemoryRecords {
     fn write_bytes(&mut self, slot: Slot<'_>, bytes: &[u8], version: Option<u32>) -> bool {
         let Some(at) = self.at(slot) else { return false };
         let stored = self.records.get(&at).map(|(_, v)| *v);
-        if version.is_some() && version != stored {
+        if version.is_some() && stored.is_some() && version != stored {
             return false;
         }
-        self.records.insert(at, (bytes.to_vec(), stored.map_or(1, |v| v.wrapping_add(1))));
+        self.versions = self.versions.wrapping_add(1).max(1);
+        self.records.insert(at, (bytes.to_vec(), self.versions));
         true
     }
 }
@@ -278,8 +386,8 @@ impl Refresher {
     /// For a newly loaded configuration: forgets the calls, demands and
     /// keyed records of an earlier one (known by provider numbers in it,
     /// their answers must not land in this one's records), and creates the
-    /// unkeyed records that do not exist yet, so that every later write is
-    /// a compare-and-swap.
+    /// unkeyed records and keyed providers' indexes that do not exist yet,
+    /// so that every later write is a compare-and-swap.
     pub fn restart(&mut self, providers: &[Provider], records: &mut dyn SharedRecords) {
         self.in_flight.clear();
         self.demands.clear();
@@ -287,6 +395,9 @@ impl Refresher {
         for (p, provider) in providers.iter().enumerate() {
             if provider.keyed.is_none() && records.read(Slot::Provider(p)).is_none() {
                 records.write(Slot::Provider(p), &Record::default(), None);
+            }
+            if provider.keyed.is_some() && records.read_bytes(Slot::Index(p)).is_none() {
+                records.write_bytes(Slot::Index(p), &Index::default().encode(), None);
             }
         }
     }
@@ -502,7 +613,9 @@ enum Lead {
 /// `invalid_subject_token`, and a refused token is the caller's doing.
 fn refuse<'p>(provider: &'p Provider, slot: Slot<'_>, records: &mut dyn SharedRecords, now: i64) -> Option<Note<'p>> {
     for _ in 0..WRITE_ATTEMPTS {
-        let (record, version) = records.read(slot).unwrap_or_default();
+        // Evicted meanwhile (its slot perhaps another subject's): nothing
+        // to keep.
+        let (record, version) = records.read(slot)?;
         if records.write(slot, &record.refused_subject(now), version) {
             return None;
         }
@@ -518,12 +631,19 @@ pub struct Full {
 
 /// Admits `key` to keyed provider `provider` at `now`, for a request that
 /// waits for its first value: listed in the provider's [`Index`] (by
-/// compare-and-swap) unless listed already, and its record made (or, after
-/// a drop, marked used) so that the next tick calls for it. A key already
-/// holding a value is admitted as it is.
+/// compare-and-swap) unless listed already, with a pool slot no listed key
+/// holds (or, for subjects past `max_keys`, the slot of the least recently
+/// used key, which is evicted), and its record made there, stamped with
+/// the key, so that the next tick calls for it. A key already holding a
+/// value is admitted as it is.
+///
+/// Of two workers admitting different keys at once, the index's
+/// compare-and-swap lets one win; the other reads the index again and
+/// takes another slot (or evicts the next key).
 ///
 /// # Errors
-/// [`Full`] when `max_keys` other keys are listed: the request is refused
+/// [`Full`] when `max_keys` other keys are listed of a provider that does
+/// not evict (a `{client}` fetch): the request is refused
 /// (`credential_unavailable`) and nothing is evicted, so a burst of new
 /// clients never pushes out the values of clients in use; a key is
 /// unlisted when it is dropped for idleness.
@@ -535,46 +655,94 @@ pub fn admit(
     now: i64,
 ) -> Result<(), Full> {
     let Some(keyed) = providers.get(provider).and_then(|p| p.keyed.as_ref()) else { return Ok(()) };
-    let slot = Slot::Keyed(provider, key);
-    let stored = records.read(slot);
-    if stored.as_ref().is_some_and(|(record, _)| !record.values.is_empty()) {
-        return Ok(());
-    }
     for _ in 0..WRITE_ATTEMPTS {
-        let (bytes, version) = records.read_bytes(Slot::Index(provider)).unwrap_or_default();
-        let mut index = Index::decode(&bytes);
-        if index.keys.iter().any(|k| k == key) {
-            break;
+        let stored = records.read(Slot::Keyed(provider, key));
+        if stored.as_ref().is_some_and(|(record, _)| !record.values.is_empty()) {
+            return Ok(());
         }
-        let mut evicted = None;
-        if index.keys.len() >= keyed.max_keys {
-            if !keyed.evicts || index.keys.is_empty() {
+        let Some((n, listed)) = list(records, provider, key, keyed)? else { return Ok(()) };
+        records.remember(provider, key, n);
+        match stored {
+            // Not yet stored in its slot (or found by a hint at a slot it
+            // just lost): made there, over whatever record of an evicted
+            // or dropped key the slot holds.
+            _ if listed => claim(records, provider, n, key, now),
+            None => claim(records, provider, n, key, now),
+            Some((record, version)) if record.idle(keyed.touch_ms(), now) => {
+                records.write(Slot::Keyed(provider, key), &Record { used_at: now, ..record }, version);
+            }
+            Some(_) => {}
+        }
+        // Its record is there, unless a concurrent admission took its slot
+        // before it was made: listed again then.
+        if records.read(Slot::Keyed(provider, key)).is_some() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Lists `key` in keyed provider `provider`'s index unless listed already:
+/// its pool slot, and whether this call listed it. `None` when the index
+/// kept changing under it.
+fn list(
+    records: &mut dyn SharedRecords,
+    provider: usize,
+    key: &str,
+    keyed: &super::Keyed,
+) -> Result<Option<(u32, bool)>, Full> {
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some((bytes, version)) = records.read_bytes(Slot::Index(provider)) else {
+            // Made by Refresher::restart; should it be missing, made here
+            // and read again: a key is only ever listed by compare-and-swap.
+            records.write_bytes(Slot::Index(provider), &Index::default().encode(), None);
+            continue;
+        };
+        let mut index = Index::decode(&bytes);
+        if let Some(n) = index.slot_of(key) {
+            return Ok(Some((n, false)));
+        }
+        let mut evicted = Vec::new();
+        while index.entries.len() >= keyed.max_keys {
+            if !keyed.evicts || index.entries.is_empty() {
                 return Err(Full { max_keys: keyed.max_keys });
             }
             // Subjects: the least recently used (listed first) makes room.
-            evicted = Some(index.keys.remove(0));
+            evicted.push(index.entries.remove(0));
         }
-        index.keys.push(key.to_string());
-        if records.write_bytes(Slot::Index(provider), &index.encode(), version) {
-            if let Some(old) = evicted {
-                evict(records, provider, &old);
+        // Fewer than max_keys listed: a slot under max_keys is free.
+        let Some(n) = index.free_slot(keyed.max_keys) else { return Err(Full { max_keys: keyed.max_keys }) };
+        index.entries.push((key.to_string(), n));
+        if version.is_some() && records.write_bytes(Slot::Index(provider), &index.encode(), version) {
+            for (old, m) in evicted.into_iter().filter(|(_, m)| *m != n) {
+                evict(records, provider, m, &old);
             }
-            break;
+            return Ok(Some((n, true)));
         }
     }
-    match stored {
-        // Two workers admitting the same new key at the same instant may
-        // both create it (shared data has no create-if-absent); the lease
-        // that follows is compare-and-swap, so at worst one extra call.
-        None => {
-            records.write(slot, &Record { used_at: now, ..Record::default() }, None);
+    Ok(None)
+}
+
+/// Makes `key`'s record in pool slot `n` of keyed provider `p`, over the
+/// record of the key that held it before (compare-and-swap, retried), for
+/// as long as the index still gives `n` to `key`: a worker that lost the
+/// slot to a later admission (`key` evicted in between) stops, and never
+/// writes over the newer key's record. Two workers making the same key's
+/// record at once leave one (the second finds it stamped and stops).
+fn claim(records: &mut dyn SharedRecords, p: usize, n: u32, key: &str, now: i64) {
+    for _ in 0..WRITE_ATTEMPTS {
+        let current = records.read_bytes(Slot::Pool(p, n));
+        if current.as_ref().is_some_and(|(bytes, _)| Record::decode(bytes).owner == key) {
+            return;
         }
-        Some((record, version)) if record.idle(keyed.touch_ms(), now) => {
-            records.write(slot, &Record { used_at: now, ..record }, version);
+        if listed_slot(records, p, key) != Some(n) {
+            return;
         }
-        Some(_) => {}
+        let record = Record { used_at: now, owner: key.to_string(), ..Record::default() };
+        if records.write_bytes(Slot::Pool(p, n), &record.encode(), current.and_then(|(_, version)| version)) {
+            return;
+        }
     }
-    Ok(())
 }
 
 /// True when every keyed record `slots` (provider, key) holds a usable
@@ -585,13 +753,15 @@ pub fn ready(records: &dyn SharedRecords, slots: &[(usize, String)], now: i64) -
     slots.iter().all(|(p, key)| records.read(Slot::Keyed(*p, key)).is_some_and(settled))
 }
 
-/// Drops the record of `key`, evicted from keyed provider `p`'s index to
-/// make room for a new one (compare-and-swap, retried): its next request
-/// waits for a new call.
-fn evict(records: &mut dyn SharedRecords, p: usize, key: &str) {
+/// Drops the record of `key` in pool slot `n`, evicted from keyed provider
+/// `p`'s index (compare-and-swap, retried) when the slot is not reused at
+/// once (the index shrank: `max_keys` lowered), so that it is not served
+/// meanwhile; a slot reused by the admission is made over by [`claim`].
+fn evict(records: &mut dyn SharedRecords, p: usize, n: u32, key: &str) {
     for _ in 0..WRITE_ATTEMPTS {
-        let Some((record, version)) = records.read(Slot::Keyed(p, key)) else { return };
-        if records.write(Slot::Keyed(p, key), &record.dropped(), version) {
+        let Some((bytes, version)) = records.read_bytes(Slot::Pool(p, n)) else { return };
+        let record = Record::decode(&bytes);
+        if record.owner != key || records.write_bytes(Slot::Pool(p, n), &record.dropped().encode(), version) {
             return;
         }
     }
@@ -603,24 +773,25 @@ fn evict(records: &mut dyn SharedRecords, p: usize, key: &str) {
 fn relist(records: &mut dyn SharedRecords, p: usize, key: &str) {
     let Some((bytes, version)) = records.read_bytes(Slot::Index(p)) else { return };
     let mut index = Index::decode(&bytes);
-    let Some(at) = index.keys.iter().position(|k| k == key) else { return };
-    if at + 1 == index.keys.len() {
+    let Some(at) = index.entries.iter().position(|(k, _)| k == key) else { return };
+    if at + 1 == index.entries.len() {
         return;
     }
-    let moved = index.keys.remove(at);
-    index.keys.push(moved);
+    let moved = index.entries.remove(at);
+    index.entries.push(moved);
     // One try: a lost race leaves the order a little stale, nothing more.
     records.write_bytes(Slot::Index(p), &index.encode(), version);
 }
 
-/// Removes `key` from keyed provider `p`'s index (compare-and-swap, retried).
+/// Removes `key` from keyed provider `p`'s index (compare-and-swap,
+/// retried), which frees its pool slot.
 fn unlist(records: &mut dyn SharedRecords, p: usize, key: &str) {
     for _ in 0..WRITE_ATTEMPTS {
         let Some((bytes, version)) = records.read_bytes(Slot::Index(p)) else { return };
         let mut index = Index::decode(&bytes);
-        let before = index.keys.len();
-        index.keys.retain(|k| k != key);
-        if index.keys.len() == before || records.write_bytes(Slot::Index(p), &index.encode(), version) {
+        let before = index.entries.len();
+        index.entries.retain(|(k, _)| k != key);
+        if index.entries.len() == before || records.write_bytes(Slot::Index(p), &index.encode(), version) {
             return;
         }
     }
@@ -735,7 +906,14 @@ fn finish<'p>(
 ) -> Option<Note<'p>> {
     let key = slot.key().map(str::to_string);
     for _ in 0..WRITE_ATTEMPTS {
-        let (record, version) = records.read(slot).unwrap_or_default();
+        let (record, version) = match records.read(slot) {
+            Some(read) => read,
+            // A keyed record dropped or evicted while its call was in
+            // flight (its slot perhaps given to another key): the answer
+            // is not stored anywhere.
+            None if key.is_some() => return None,
+            None => Default::default(),
+        };
         let (next, event) = match &result {
             Ok(answer) => {
                 let (next, success) = record.succeeded(answer.clone());
@@ -935,7 +1113,8 @@ mod tests {
         let mut store = MemoryRecords::new(1);
         let (mut a, mut b) = (Refresher::default(), Refresher::default());
         a.restart(&providers, &mut store);
-        assert!(store.is_empty(), "keyed records are made on demand, not at start");
+        assert_eq!(store.len(), 1, "keyed records are made on demand, not at start: only the index is");
+        assert_eq!(index(&store), []);
         let calls: std::cell::RefCell<Vec<Vec<(String, String)>>> = std::cell::RefCell::default();
         let mut call = |_: &Provider, headers: &[(String, String)], _: Option<&[u8]>| {
             calls.borrow_mut().push(headers.to_vec());
@@ -1039,7 +1218,7 @@ mod tests {
         touch(&providers, &mut store, &used, 20);
         assert_eq!(admit(&providers, &mut store, 0, &k3, 30), Ok(()), "a new subject is never refused");
         let index = Index::decode(&store.read_bytes(Slot::Index(0)).map(|(b, _)| b).unwrap_or_default());
-        assert_eq!(index.keys, [k1.clone(), k3.clone()]);
+        assert_eq!(index.entries, [(k1.clone(), 0), (k3.clone(), 1)], "k3 takes the slot of k2, evicted");
         let value = |store: &MemoryRecords, k: &str| {
             store.read(Slot::Keyed(0, k)).and_then(|(r, _)| r.usable(40).map(<[String]>::to_vec))
         };
@@ -1092,8 +1271,317 @@ mod tests {
         assert!(store.write(Slot::Provider(0), &Record::default(), version));
         assert!(!store.write(Slot::Provider(0), &Record::default(), version), "a stale version loses");
         assert!(!store.write(Slot::Provider(1), &Record::default(), None), "no such provider");
-        assert!(store.write(Slot::Keyed(0, "a"), &Record::default(), None), "keyed slots are their own");
+        assert!(store.write(Slot::Pool(0, 0), &Record::default(), None), "pool slots are their own");
+        assert!(!store.write(Slot::Keyed(0, "a"), &Record::default(), None), "a keyed record is made by admit");
+        assert!(!store.write(Slot::Keyed(0, "a"), &Record::default(), version), "an unlisted key has no slot");
         assert!(store.read(Slot::Keyed(0, "b")).is_none());
         assert!(store.read(Slot::Index(0)).is_none());
+    }
+
+    /// A worker's view of the shared store: its own hints, and optionally
+    /// another worker's step run just before its first write to a slot
+    /// `when` picks (an interleaving of the two).
+    struct Worker<'s> {
+        store: &'s mut MemoryRecords,
+        hints: &'s Hints,
+        when: fn(Slot<'_>) -> bool,
+        meanwhile: Option<Step<'s>>,
+    }
+
+    /// Another worker's step, run on the shared store.
+    type Step<'s> = Box<dyn FnOnce(&mut MemoryRecords) + 's>;
+
+    impl<'s> Worker<'s> {
+        fn new(store: &'s mut MemoryRecords, hints: &'s Hints) -> Self {
+            Self { store, hints, when: |_| false, meanwhile: None }
+        }
+
+        fn racing(mut self, when: fn(Slot<'_>) -> bool, meanwhile: impl FnOnce(&mut MemoryRecords) + 's) -> Self {
+            self.when = when;
+            self.meanwhile = Some(Box::new(meanwhile));
+            self
+        }
+    }
+
+    impl SharedRecords for Worker<'_> {
+        fn read_bytes(&self, slot: Slot<'_>) -> Option<(Vec<u8>, Option<u32>)> {
+            self.store.read_bytes(slot)
+        }
+
+        fn write_bytes(&mut self, slot: Slot<'_>, bytes: &[u8], version: Option<u32>) -> bool {
+            if (self.when)(slot) {
+                if let Some(step) = self.meanwhile.take() {
+                    step(self.store);
+                }
+            }
+            self.store.write_bytes(slot, bytes, version)
+        }
+
+        fn hint(&self, provider: usize, key: &str) -> Option<u32> {
+            self.hints.get(provider, key)
+        }
+
+        fn remember(&self, provider: usize, key: &str, slot: u32) {
+            self.hints.set(provider, key, slot);
+        }
+    }
+
+    /// The index is searched without decoding it: the same answer as a
+    /// decode for every key, listed or not, including keys that are a
+    /// prefix or a suffix of another or hold JSON's special characters.
+    #[test]
+    fn an_index_is_searched_as_decoded() {
+        let keys = ["a", "ab", "b\"a", "x\\", "[\"a\",", "team/a", ""];
+        let entries: Vec<(String, u32)> =
+            keys.iter().zip([7, 12, 0, 3, 4, 1000, 9]).map(|(k, n)| (k.to_string(), n)).collect();
+        let bytes = Index { entries: entries.clone() }.encode();
+        for (key, n) in &entries {
+            assert_eq!(Index::find(&bytes, key), Some(*n), "{key}");
+        }
+        for key in ["b", "a\"", "x", "\"a\",", "1000", "team"] {
+            assert_eq!(Index::find(&bytes, key), None, "{key}");
+            assert_eq!(Index::decode(&bytes).slot_of(key), None);
+        }
+        assert_eq!(Index::find(b"", "a"), None);
+    }
+
+    fn index(store: &MemoryRecords) -> Vec<(String, u32)> {
+        Index::decode(&store.read_bytes(Slot::Index(0)).map(|(b, _)| b).unwrap_or_default()).entries
+    }
+
+    fn values(records: &dyn SharedRecords, key: &str) -> Option<Vec<String>> {
+        records.read(Slot::Keyed(0, key)).and_then(|(r, _)| r.usable(10).map(<[String]>::to_vec))
+    }
+
+    /// Stores `value` as `key`'s exchanged token, as a refresh's answer
+    /// would (compare-and-swap on the key's own record).
+    fn give(records: &mut dyn SharedRecords, key: &str, value: &str) -> bool {
+        let Some((record, version)) = records.read(Slot::Keyed(0, key)) else { return false };
+        let answer = Answer { values: vec![value.to_string()], expires_at: None, refresh_at: 1_000_000 };
+        records.write(Slot::Keyed(0, key), &record.succeeded(answer).0, version)
+    }
+
+    /// 200 subjects through a cache of 3: never more than 3 pool records
+    /// and the index are stored, each subject reads back its own token
+    /// while cached, and an evicted subject reads nothing (its slot holds
+    /// another subject's record).
+    #[test]
+    fn subjects_reuse_a_fixed_pool_of_records() {
+        let providers = [subject_provider(3)];
+        let mut store = MemoryRecords::new(1);
+        let key = |i: usize| providers[0].subject_key(format!("subject-{i}").as_bytes());
+        for i in 0..200 {
+            assert_eq!(admit(&providers, &mut store, 0, &key(i), i as i64), Ok(()));
+            assert!(give(&mut store, &key(i), &format!("token-{i}")));
+            assert!(store.len() <= 4, "{} records after {i} subjects", store.len());
+            for j in i.saturating_sub(2)..=i {
+                assert_eq!(values(&store, &key(j)), Some(vec![format!("token-{j}")]), "subject {j} after {i}");
+            }
+            if i >= 3 {
+                assert_eq!(values(&store, &key(i - 3)), None, "evicted subject {}", i - 3);
+                assert!(store.read(Slot::Keyed(0, &key(i - 3))).is_none());
+            }
+        }
+        let mut slots: Vec<u32> = index(&store).iter().map(|(_, n)| *n).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, [0, 1, 2]);
+    }
+
+    /// Two workers admit different new subjects at once into a full
+    /// cache: the index's compare-and-swap lets one win; the loser reads it
+    /// again and evicts the next least recently used subject. No slot is
+    /// given twice, and neither new subject reads the evicted one's token.
+    #[test]
+    fn concurrent_admissions_take_distinct_slots() {
+        let providers = [subject_provider(2)];
+        let mut store = MemoryRecords::new(1);
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k1, k2, k3, k4) = (key("s1"), key("s2"), key("s3"), key("s4"));
+        for (k, token) in [(&k1, "t1"), (&k2, "t2")] {
+            assert_eq!(admit(&providers, &mut store, 0, k, 0), Ok(()));
+            assert!(give(&mut store, k, token));
+        }
+        let (ha, hb) = (Hints { limit: 10, ..Hints::default() }, Hints { limit: 10, ..Hints::default() });
+        let k4b = k4.clone();
+        let hb_ref = &hb;
+        let provs = &providers;
+        // Worker a read the index ([k1, k2]) and chose to evict k1; before
+        // its write, worker b admits k4, evicting k1 itself.
+        let mut a = Worker::new(&mut store, &ha).racing(
+            |slot| matches!(slot, Slot::Index(_)),
+            move |inner| {
+                let mut b = Worker::new(inner, hb_ref);
+                assert_eq!(admit(provs, &mut b, 0, &k4b, 5), Ok(()));
+            },
+        );
+        assert_eq!(admit(&providers, &mut a, 0, &k3, 5), Ok(()));
+        drop(a);
+        assert_eq!(index(&store), [(k4.clone(), 0), (k3.clone(), 1)], "k1 then k2 evicted, one slot each");
+        for k in [&k1, &k2] {
+            assert_eq!(values(&store, k), None);
+        }
+        for k in [&k3, &k4] {
+            assert!(store.read(Slot::Keyed(0, k)).is_some(), "its record made in its slot");
+            assert_eq!(values(&store, k), None, "no token of the evicted subjects");
+        }
+        assert_eq!(store.len(), 3);
+    }
+
+    /// A worker that found a subject at a slot keeps that hint after the
+    /// subject is evicted and the slot given to another: the stamp check
+    /// makes it read nothing (never the other subject's token), and a
+    /// write with its stale version fails.
+    #[test]
+    fn a_stale_slot_hint_never_serves_another_subject() {
+        let providers = [subject_provider(1)];
+        let mut store = MemoryRecords::new(1);
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k1, k2) = (key("s1"), key("s2"));
+        let ha = Hints { limit: 10, ..Hints::default() };
+        let mut a = Worker::new(&mut store, &ha);
+        assert_eq!(admit(&providers, &mut a, 0, &k1, 0), Ok(()));
+        assert!(give(&mut a, &k1, "t1"));
+        let (_, stale) = a.read(Slot::Keyed(0, &k1)).unwrap_or_default();
+        assert_eq!(a.hint(0, &k1), Some(0));
+        drop(a);
+
+        // Another worker admits k2: k1 evicted, slot 0 is k2's.
+        assert_eq!(admit(&providers, &mut store, 0, &k2, 10), Ok(()));
+        assert!(give(&mut store, &k2, "t2"));
+
+        let mut a = Worker::new(&mut store, &ha);
+        assert_eq!(a.hint(0, &k1), Some(0), "the hint is stale");
+        assert_eq!(values(&a, &k1), None, "k2's token is never k1's");
+        let record = Record { values: vec!["t1-late".into()], ..Record::default() };
+        assert!(!a.write(Slot::Keyed(0, &k1), &record, stale), "a stale write lands nowhere");
+        assert_eq!(values(&a, &k2), Some(vec!["t2".to_string()]));
+        drop(a);
+        assert_eq!(store.len(), 2);
+    }
+
+    /// An exchange in flight for a subject evicted meanwhile answers after
+    /// its slot was given to a new subject: the token is stored nowhere
+    /// (the new subject's record stays without a value and gets its own),
+    /// whether the eviction came before the answer or between its read and
+    /// its write.
+    #[test]
+    fn a_late_answer_for_an_evicted_subject_lands_nowhere() {
+        let providers = [subject_provider(1)];
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k1, k2) = (key("s1"), key("s2"));
+        let ids = std::cell::Cell::new(0);
+        let mut call = |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| {
+            ids.set(ids.get() + 1);
+            Ok(ids.get())
+        };
+        let provs = &providers;
+        let token = |t: &'static str| match t {
+            "t1" => Reply::Answered { status: 200, body: br#"{"access_token":"t1","expires_in":60}"# },
+            _ => Reply::Answered { status: 200, body: br#"{"access_token":"t2","expires_in":60}"# },
+        };
+        for between in [false, true] {
+            let mut store = MemoryRecords::new(1);
+            let (mut a, mut b) = (Refresher::default(), Refresher::default());
+            assert_eq!(admit(&providers, &mut store, 0, &k1, 0), Ok(()));
+            a.demand(0, &k1, None, Some("s1"));
+            a.tick(&providers, &mut store, 0, &mut call);
+            assert_eq!(a.in_flight(), 1);
+            let id = ids.get();
+            let hb = Hints { limit: 10, ..Hints::default() };
+            let k2b = k2.clone();
+            let evict_k1 = move |inner: &mut MemoryRecords| {
+                let mut w = Worker::new(inner, &hb);
+                assert_eq!(admit(provs, &mut w, 0, &k2b, 5), Ok(()));
+            };
+            if between {
+                // The answer read k1's record; k2 takes the slot before
+                // the answer's write.
+                let ha = Hints { limit: 10, ..Hints::default() };
+                let mut w = Worker::new(&mut store, &ha).racing(|slot| matches!(slot, Slot::Pool(..)), evict_k1);
+                assert_eq!(a.answer(&providers, &mut w, id, token("t1"), 10), None);
+            } else {
+                evict_k1(&mut store);
+                assert_eq!(a.answer(&providers, &mut store, id, token("t1"), 10), None);
+            }
+            assert_eq!(values(&store, &k1), None);
+            assert_eq!(values(&store, &k2), None, "never k1's token (between: {between})");
+            assert!(store.read(Slot::Keyed(0, &k2)).is_some_and(|(r, _)| r.values.is_empty() && r.due(10)));
+            b.demand(0, &k2, None, Some("s2"));
+            b.tick(&providers, &mut store, 10, &mut call);
+            assert_eq!(b.in_flight(), 1, "k2's own call");
+            b.answer(&providers, &mut store, ids.get(), token("t2"), 20);
+            assert_eq!(values(&store, &k2), Some(vec!["t2".to_string()]));
+            assert_eq!(store.len(), 2);
+        }
+    }
+
+    /// A worker that listed a subject at a slot but had not made its record
+    /// there before the subject was evicted and the slot given to another
+    /// does not write over the newer subject's record.
+    #[test]
+    fn a_late_claim_never_overwrites_the_next_owner() {
+        let providers = [subject_provider(1)];
+        let mut store = MemoryRecords::new(1);
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k1, k2) = (key("s1"), key("s2"));
+        assert_eq!(admit(&providers, &mut store, 0, &k2, 0), Ok(()));
+        assert!(give(&mut store, &k2, "t2"));
+        // k1 was given slot 0 and evicted for k2 before making its record.
+        claim(&mut store, 0, 0, &k1, 5);
+        assert_eq!(values(&store, &k2), Some(vec!["t2".to_string()]));
+        assert_eq!(store.read(Slot::Keyed(0, &k1)), None);
+    }
+
+    /// A worker listed a subject, and before it made the subject's record
+    /// another worker's admission evicted it and took the slot: the first
+    /// finds its record missing and lists it again (evicting in turn), so
+    /// a request it admitted does not wait for a record nobody makes; the
+    /// other subject never reads its record.
+    #[test]
+    fn an_admission_that_lost_its_slot_lists_again() {
+        let providers = [subject_provider(1)];
+        let mut store = MemoryRecords::new(1);
+        Refresher::default().restart(&providers, &mut store);
+        let key = |s: &str| providers[0].subject_key(s.as_bytes());
+        let (k0, k1, k2) = (key("s0"), key("s1"), key("s2"));
+        assert_eq!(admit(&providers, &mut store, 0, &k0, 0), Ok(()));
+        let (ha, hb) = (Hints { limit: 10, ..Hints::default() }, Hints { limit: 10, ..Hints::default() });
+        let (provs, k2b, hb) = (&providers, k2.clone(), &hb);
+        let mut a = Worker::new(&mut store, &ha).racing(
+            |slot| matches!(slot, Slot::Pool(..)),
+            move |inner| {
+                let mut b = Worker::new(inner, hb);
+                assert_eq!(admit(provs, &mut b, 0, &k2b, 5), Ok(()));
+                assert!(give(&mut b, &k2b, "t2"));
+            },
+        );
+        assert_eq!(admit(&providers, &mut a, 0, &k1, 5), Ok(()));
+        assert!(a.read(Slot::Keyed(0, &k1)).is_some_and(|(r, _)| r.values.is_empty()), "k1's own record");
+        drop(a);
+        assert_eq!(index(&store), [(k1.clone(), 0)]);
+        assert_eq!(values(&store, &k1), None, "never k2's token");
+        assert_eq!(store.read(Slot::Keyed(0, &k2)), None);
+    }
+
+    /// A client dropped for idleness frees its slot for the next client
+    /// (a `{client}` fetch, refused past max_keys): the pool holds
+    /// max_keys records however many clients come and go.
+    #[test]
+    fn a_dropped_client_frees_its_slot() {
+        let providers = [keyed_provider(1)];
+        let mut store = MemoryRecords::new(1);
+        let mut a = Refresher::default();
+        let mut call = |_: &Provider, _: &[(String, String)], _: Option<&[u8]>| Ok(1);
+        assert_eq!(admit(&providers, &mut store, 0, "c1", 0), Ok(()));
+        assert!(give(&mut store, "c1", "k-1"));
+        assert_eq!(admit(&providers, &mut store, 0, "c2", 0), Err(Full { max_keys: 1 }));
+        a.demand(0, "c1", None, None);
+        a.tick(&providers, &mut store, 120_000, &mut call);
+        assert_eq!(index(&store), []);
+        assert_eq!(admit(&providers, &mut store, 0, "c2", 120_000), Ok(()));
+        assert_eq!(index(&store), [("c2".to_string(), 0)]);
+        assert_eq!(values(&store, "c1"), None);
+        assert_eq!(values(&store, "c2"), None, "never c1's value");
+        assert_eq!(store.len(), 2);
     }
 }
