@@ -108,6 +108,24 @@ pub enum Binding<'a> {
     PathPrefix,
 }
 
+/// `config` (the job's configuration) with a rate and a quota no run
+/// reaches given to client `which` (every client for `None`): what
+/// counting a request costs (two buckets each), next to the same request
+/// unlimited.
+pub fn with_limits(config: &str, which: Option<usize>) -> String {
+    let Ok(mut json) = serde_json::from_str::<Value>(config) else { return config.to_string() };
+    let limits = json!({"rate": {"requests": 1_000_000, "per": "second", "burst": 1_000_000},
+                        "quota": {"requests": 1_000_000_000, "per": "day"}});
+    if let Some(clients) = json["clients"].as_array_mut() {
+        for (i, client) in clients.iter_mut().enumerate() {
+            if which.is_none_or(|w| w == i) {
+                client["limits"] = limits.clone();
+            }
+        }
+    }
+    json.to_string()
+}
+
 /// The job's keyswap configuration with `clients` clients (at least 3),
 /// compact JSON.
 pub fn config(clients: usize, binding: Binding<'_>) -> String {

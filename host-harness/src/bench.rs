@@ -43,13 +43,7 @@ pub fn config(clients: usize) -> Vec<u8> {
 /// run reaches: the configuration of the `allowed, limited` case (what
 /// counting a request costs, next to the same request unlimited).
 pub fn limited_config(clients: usize) -> Vec<u8> {
-    let text = job::config(clients, job::Binding::Cluster(job::ROUTE));
-    let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&text) else { return text.into_bytes() };
-    if let Some(client) = json["clients"].get_mut(LIMITED_CLIENT) {
-        client["limits"] = serde_json::json!({"rate": {"requests": 1_000_000, "per": "second", "burst": 1_000_000},
-                                              "quota": {"requests": 1_000_000_000, "per": "day"}});
-    }
-    json.to_string().into_bytes()
+    job::with_limits(&job::config(clients, job::Binding::Cluster(job::ROUTE)), Some(LIMITED_CLIENT)).into_bytes()
 }
 
 /// The client with limits in [`limited_config`]: a rate and a quota, both

@@ -75,6 +75,10 @@ struct Args {
     /// Also measure a build from before the two stages, on the listener only.
     #[arg(long, value_name = "NAME=WASM")]
     variant_listener_only: Vec<String>,
+    /// Also measure a build doing the same job with every client given a
+    /// rate and a quota the run never reaches (what counting costs).
+    #[arg(long, value_name = "NAME=WASM")]
+    variant_limited: Vec<String>,
     /// Also measure the no-op filter making the host calls CALLS
     /// (comma-separated, see bench/noop-filter) on every request: one
     /// host call's price is this listener's CPU less `noop_wasm`'s.
@@ -106,10 +110,12 @@ enum Kind {
     Native,
     Lua,
     /// keyswap (or a variant build of it); `listener_only`: on the listener
-    /// only, routes matched by `path_prefix` (builds before the two stages).
+    /// only, routes matched by `path_prefix` (builds before the two stages);
+    /// `limited`: every client with a rate and a quota never reached.
     Keyswap {
         wasm: PathBuf,
         listener_only: bool,
+        limited: bool,
     },
 }
 
@@ -138,6 +144,9 @@ impl Listener {
     fn keyswap_config(&self) -> Option<String> {
         match &self.kind {
             Kind::Keyswap { listener_only: true, .. } => Some(job::config(CLIENTS, Binding::PathPrefix)),
+            Kind::Keyswap { limited: true, .. } => {
+                Some(job::with_limits(&job::config(CLIENTS, Binding::Cluster(&self.cluster())), None))
+            }
             Kind::Keyswap { .. } => Some(job::config(CLIENTS, Binding::Cluster(&self.cluster()))),
             _ => None,
         }
@@ -783,19 +792,21 @@ fn listeners(args: &Args, keyswap_wasm: &Path) -> Result<Vec<Listener>, String> 
         ("noop_wasm", Kind::NoopWasm { calls: String::new(), two_stages: false }),
         ("native", Kind::Native),
         ("lua", Kind::Lua),
-        ("keyswap", Kind::Keyswap { wasm: keyswap_wasm.to_path_buf(), listener_only: false }),
+        ("keyswap", Kind::Keyswap { wasm: keyswap_wasm.to_path_buf(), listener_only: false, limited: false }),
     ]
     .into_iter()
     .map(|(name, kind)| Listener { name: name.into(), kind })
     .collect();
-    let given = args.variant.iter().map(|v| (v, false)).chain(args.variant_listener_only.iter().map(|v| (v, true)));
-    for (v, listener_only) in given {
+    let given = (args.variant.iter().map(|v| (v, false, false)))
+        .chain(args.variant_listener_only.iter().map(|v| (v, true, false)))
+        .chain(args.variant_limited.iter().map(|v| (v, false, true)));
+    for (v, listener_only, limited) in given {
         let (name, wasm) = v.split_once('=').unwrap_or((v, ""));
         if !new_name(&listeners, name) || wasm.is_empty() {
             return Err(format!("--variant {v}: expected NAME=WASM with a new lower-case NAME"));
         }
         let wasm = std::fs::canonicalize(wasm).map_err(|e| format!("--variant {v}: {wasm}: {e}"))?;
-        listeners.push(Listener { name: name.into(), kind: Kind::Keyswap { wasm, listener_only } });
+        listeners.push(Listener { name: name.into(), kind: Kind::Keyswap { wasm, listener_only, limited } });
     }
     let noops =
         args.noop_variant.iter().map(|v| (v, false)).chain(args.noop_variant_two_stages.iter().map(|v| (v, true)));
