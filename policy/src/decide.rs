@@ -1028,7 +1028,11 @@ mod tests {
                 r#"{{"clients": [{{"id": "team-a", "key": "ka", "routes": ["a"]}},
                                  {{"id": "off", "key": "kd", "routes": ["*"], "disabled": true}},
                                  {{"id": "old", "key": "ke", "routes": ["*"], "expires": "2020-01-01T00:00:00Z"}},
-                                 {{"id": "team-b", "key": "kb", "routes": ["b"]}}],
+                                 {{"id": "team-b", "key": "kb", "routes": ["b"]}},
+                                 {{"id": "listed", "routes": ["*"], "keys": [
+                                     {{"key": "kl-live"}}, {{"key": "kl-off", "disabled": true}},
+                                     {{"key": "kl-later", "not_before": "2999-01-01T00:00:00Z"}},
+                                     {{"key": "kl-gone", "expires": "2020-01-01T00:00:00Z"}}]}}],
                     "routes": [{{"name": "a", "match": {{"clusters": ["ca"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-a"}}}}]}},
                                {{"name": "b", "match": {{"clusters": ["cb"]}}, "inject": [{{"header": "x-u", "value": {{"inline": "secret-b"}}}}]}}],
                     "client_id_header": "x-keyswap-client", "client_id_on_listener": {on}}}"#
@@ -1053,7 +1057,8 @@ mod tests {
         let forged = [("x-keyswap-client", "team-b"), ("X-Keyswap-Client", "admin"), ("x_keyswap_client", "team-b")];
         assert_eq!(first(&on, "ka", &forged), id("team-a"), "a valid key: its own id, every forged copy gone");
         assert_eq!(first(&on, "kb", &[]), id("team-b"), "whatever the route");
-        for key in ["wrong", "kd", "ke", ""] {
+        assert_eq!(first(&on, "kl-live", &[]), id("listed"), "a live key of a `keys` list");
+        for key in ["wrong", "kd", "ke", "", "kl-off", "kl-later", "kl-gone"] {
             assert_eq!(first(&on, key, &forged), [], "no id for key {key:?}, and no forged one");
         }
         assert_eq!(first(&off, "ka", &forged), [], "without the option the first stage adds nothing");
