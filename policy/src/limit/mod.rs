@@ -357,9 +357,11 @@ impl Refusal<'_> {
 /// taken from are given back, and the refusal is returned.
 ///
 /// # Errors
-/// The first limit that refuses, with the time until it would admit; a
-/// bucket that could not be written in [`WRITE_ATTEMPTS`] tries refuses
-/// with one second.
+/// The limit that refuses with the longest wait, and that wait: the first
+/// to refuse, unless a later bucket (read, not written) would refuse for
+/// longer, so a client told to retry after `retry-after` does not meet
+/// the next limit then; a bucket that could not be written in
+/// [`WRITE_ATTEMPTS`] tries refuses with one second.
 pub fn admit<'l>(
     buckets: &[(&'l Limit, String)],
     now_ms: i64,
@@ -370,7 +372,11 @@ pub fn admit<'l>(
             for (limit, key) in &buckets[..i] {
                 give_back(limit, key, now_ms, counters);
             }
-            return Err(refusal);
+            let later = buckets[i + 1..].iter().filter_map(|(limit, key)| {
+                let (stored, _) = counters.read(key).unwrap_or_default();
+                limit.step(stored, now_ms).err().map(|retry_after_ms| Refusal { limit, retry_after_ms })
+            });
+            return Err(later.fold(refusal, |a, b| if b.retry_after_ms > a.retry_after_ms { b } else { a }));
         }
     }
     Ok(())
@@ -576,6 +582,26 @@ mod tests {
         assert_eq!(refusal.limit, &quota);
         let after = counters.read(&buckets[0].1).map(|(c, _)| c);
         assert_eq!(after, before.map(|(c, _)| c), "the rate's bucket is as before the refused request");
+    }
+
+    #[test]
+    fn two_refusing_limits_answer_the_longer_wait() {
+        let rate_limit = rate(1, Window::Minute, 0);
+        let quota = Limit::new(Kind::Quota { requests: 1 }, Scope::Client);
+        let mut counters = MemoryCounters::default();
+        let buckets = [(&rate_limit, rate_limit.key("c", "r")), (&quota, quota.key("c", "r"))];
+        assert!(admit(&buckets, T0, &mut counters).is_ok());
+        // Both spent: the rate would admit in a minute, the quota tomorrow.
+        let refusal = admit(&buckets, T0 + 1_000, &mut counters).unwrap_err();
+        assert_eq!(refusal.limit, &quota, "the quota's wait is the longer");
+        assert!(refusal.retry_after_ms > 60_000, "{} ms", refusal.retry_after_ms);
+        // Only the rate spent (a fresh quota): the rate's own wait.
+        let mut fresh = MemoryCounters::default();
+        let wide = Limit::new(Kind::Quota { requests: 100 }, Scope::Client);
+        let buckets = [(&rate_limit, rate_limit.key("c", "r")), (&wide, wide.key("c", "r"))];
+        assert!(admit(&buckets, T0, &mut fresh).is_ok());
+        let refusal = admit(&buckets, T0 + 1_000, &mut fresh).unwrap_err();
+        assert_eq!((refusal.limit, refusal.retry_after_ms), (&rate_limit, 59_000));
     }
 
     #[test]
