@@ -98,7 +98,7 @@ impl GatewayConfig {
         }
         // The policy accepted this text, so it parses again; only the route
         // names and the unmatched-route setting are read from it.
-        let shape: RawConfig = serde_json::from_str(policy_text)
+        let shape = RawConfig::read(policy_text.as_bytes())
             .map_err(|_| error("keyswap", "could not be read again for its route names"))?;
         let routes: Vec<&str> = shape.routes.iter().map(|r| r.name.as_str()).collect();
 

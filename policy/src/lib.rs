@@ -16,13 +16,14 @@
 //! | [`respond`] | what a response may carry back: [`Policy::reflections`], [`Policy::response_removals`]; what its status means for the dynamic values sent: [`Policy::upstream_status`] | `model`, `query`, `credential` |
 //! | [`compile`] | parse, then compile ([`Policy::from_json`]); [`ConfigError`] names the field path; [`compile::env`] the environment secrets come from | `model`, `credential`, `raw`, `request`, `query`, `time` |
 //! | [`model`] | the compiled [`Policy`] and its parts; read-only accessors | `credential`, `raw` |
-//! | [`credential`] | dynamic credentials, a leaf: [`credential::Provider`] (the call and its answer), [`credential::Record`] (the shared state), [`credential::Refresher`] (the refresh state machine) over [`credential::SharedRecords`] | — |
+//! | [`credential`] | dynamic credentials, a leaf but for [`json`]: [`credential::Provider`] (the call and its answer), [`credential::Record`] (the shared state), [`credential::Refresher`] (the refresh state machine) over [`credential::SharedRecords`] | — |
 //! | [`throttle`] | which limits apply to a request ([`Policy::decide_limited`] asks it after the key is accepted, before any credential) | `model`, `limit` |
 //! | [`limit`] | rate limits (GCRA) and daily quotas, a leaf: [`limit::Limit`], [`limit::admit`] over [`limit::SharedCounters`] (compare-and-swap, retried) | — |
 //! | [`decision`] | the answer as a value ([`Decision`], [`Forward`], [`Denial`]) and the reason-to-status mapping | `edit`, `limit` |
 //! | [`edit`] | the one way a forward's edits are applied to a header list | — |
 //! | [`request`] | [`RequestView`], what `decide` reads; [`KeyCheck`], what the first stage hands the final one | `query` |
-//! | [`raw`], [`query`], [`time`] | the document as written; query strings; RFC 3339 | — |
+//! | [`raw`] | the document as written, read with [`json`]; the clients one at a time ([`raw::Clients`]) | `json` |
+//! | [`json`], [`query`], [`time`] | a small JSON reader (typed by its caller, field paths, no value in an error); query strings; RFC 3339 | — |
 //!
 //! `impl Policy` is one facet per module: constructors in [`compile`],
 //! accessors in [`model`], the request in [`decide`], the response in
@@ -39,6 +40,7 @@ pub mod credential;
 pub mod decide;
 pub mod decision;
 pub mod edit;
+pub mod json;
 pub mod limit;
 pub mod model;
 pub mod query;

@@ -14,6 +14,15 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A document refused for its shape, at the reader's path (`$` for the
+/// document itself).
+impl From<crate::json::Error> for ConfigError {
+    fn from(e: crate::json::Error) -> Self {
+        let path = if e.path.is_empty() { "$".to_string() } else { e.path };
+        Self { path, message: e.message }
+    }
+}
+
 impl ConfigError {
     pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self { path: path.into(), message: message.into() }

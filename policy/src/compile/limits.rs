@@ -51,7 +51,7 @@ fn bounded(n: u64, min: u32, max: u32, path: &str) -> Result<u32, ConfigError> {
 /// A client's limits: on all its routes (`limits`), and its own for some
 /// routes (`route_limits`, each a route it may use, once).
 pub(super) fn compile_client_limits(
-    client: &RawClient,
+    client: &RawClient<'_>,
     path: ClientPath,
     allowed: &Allowed,
     route_index: &HashMap<&str, usize>,
@@ -93,18 +93,23 @@ pub(super) fn finish_limits(routes: &mut [Route], clients: &[Client]) {
     }
 }
 
-/// The path of the first limit in `raw` (routes first, then clients), for
-/// a host that cannot count them.
-pub(super) fn first_limit(raw: &RawConfig) -> Option<String> {
-    let set = |l: &RawLimits| l.rate.is_some() || l.quota.is_some();
-    if let Some(r) = raw.routes.iter().position(|r| r.limits.as_ref().is_some_and(set)) {
-        return Some(format!("routes[{r}].limits"));
+/// Whether `limits` sets a rate or a quota.
+fn sets_any(limits: &RawLimits) -> bool {
+    limits.rate.is_some() || limits.quota.is_some()
+}
+
+/// The path of the first route's limit in `raw`, for a host that cannot
+/// count them.
+pub(super) fn first_route_limit(raw: &RawConfig) -> Option<String> {
+    let r = raw.routes.iter().position(|r| r.limits.as_ref().is_some_and(sets_any))?;
+    Some(format!("routes[{r}].limits"))
+}
+
+/// The path of the first limit a client sets, if it sets one.
+pub(super) fn first_client_limit(client: &RawClient<'_>, path: ClientPath) -> Option<String> {
+    if client.limits.as_ref().is_some_and(sets_any) {
+        return Some(format!("{path}.limits"));
     }
-    raw.clients.iter().enumerate().find_map(|(c, client)| {
-        if client.limits.as_ref().is_some_and(set) {
-            return Some(format!("{}.limits", ClientPath(c)));
-        }
-        let (name, _) = client.route_limits.0.iter().find(|(_, l)| set(l))?;
-        Some(format!("{}.route_limits.{name}", ClientPath(c)))
-    })
+    let (name, _) = client.route_limits.0.iter().find(|(_, l)| sets_any(l))?;
+    Some(format!("{path}.route_limits.{name}"))
 }

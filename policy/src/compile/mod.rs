@@ -18,7 +18,9 @@ mod limits;
 pub mod metadata;
 mod providers;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
@@ -31,8 +33,8 @@ use crate::model::{
 };
 use crate::query::encode_component;
 use crate::raw::{
-    is_route_name, RawBasic, RawClient, RawClientInject, RawConfig, RawInject, RawKeySource, RawRoute, RawSecret,
-    RawValue,
+    is_route_name, Clients, RawBasic, RawClient, RawClientInject, RawConfig, RawInject, RawKeySource, RawRoute,
+    RawSecret, RawValue,
 };
 use crate::request::MAX_KEY_BYTES;
 use crate::time::parse_rfc3339;
@@ -70,7 +72,8 @@ impl Policy {
     /// The first problem found, with its field path.
     pub fn from_json_for(json: &[u8], env: &dyn Environment, routing: Routing) -> Result<Self, ConfigError> {
         let raw = parse(json)?;
-        let mut policy = compile(&raw, env, routing)?;
+        let clients = Clients::new(json, raw.clients.map(|(at, _)| at)).map_err(ConfigError::from)?;
+        let mut policy = compile(&raw, clients, env, routing)?;
         policy.version = content_version(json);
         Ok(policy)
     }
@@ -88,76 +91,17 @@ pub fn content_version(json: &[u8]) -> String {
 }
 
 fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        // serde_path_to_error writes `.` for the document and `?` where the
-        // error came before any field was known (broken JSON).
-        let path = if path.is_empty() || path == "." || path == "?" { "$".to_string() } else { path };
-        ConfigError::new(path, redact_serde_message(e.inner()))
-    })?;
-    de.end().map_err(|e| ConfigError::new("$", redact_serde_message(&e)))?;
-    Ok(raw)
+    RawConfig::read(json).map_err(ConfigError::from)
 }
 
-/// serde's messages quote the offending value (`invalid type: string
-/// "sk-…", expected a boolean`, or `unknown variant `sk-…`` for a string
-/// where `{"inline": …}` belongs). The value may be a secret written in the
-/// wrong place, so every quoted string, and the back-quoted value of a
-/// message about a value, is replaced and only the shape of the mistake is
-/// kept. Back-quoted field names (`unknown field `x``) and the expected
-/// forms after `, expected` stay.
-fn redact_serde_message(err: &serde_json::Error) -> String {
-    let text = redact_backquoted_value(&err.to_string());
-    // serde_json appends " at line L column C"; keep it, it holds no value.
-    let mut out = String::with_capacity(text.len());
-    let mut in_quote = false;
-    for ch in text.chars() {
-        if ch == '"' {
-            if in_quote {
-                out.push_str("\"…\"");
-            }
-            in_quote = !in_quote;
-        } else if !in_quote {
-            out.push(ch);
-        }
-    }
-    if in_quote {
-        out.push_str("\"…");
-    }
-    out
-}
-
-/// In a message about a value (`unknown variant`, `invalid type`,
-/// `invalid value`), replaces what is back-quoted before `, expected`.
-fn redact_backquoted_value(text: &str) -> String {
-    let about_value = ["unknown variant", "invalid type", "invalid value"];
-    if !about_value.iter().any(|p| text.starts_with(p)) {
-        return text.to_string();
-    }
-    let split = text.find(", expected").unwrap_or(text.len());
-    let (head, tail) = text.split_at(split);
-    let mut out = String::with_capacity(text.len());
-    let mut in_quote = false;
-    for ch in head.chars() {
-        if ch == '`' {
-            if in_quote {
-                out.push_str("`…`");
-            }
-            in_quote = !in_quote;
-        } else if !in_quote {
-            out.push(ch);
-        }
-    }
-    if in_quote {
-        out.push_str("`…");
-    }
-    out.push_str(tail);
-    out
-}
-
-fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<Policy, ConfigError> {
-    if raw.refuse_all && !(raw.clients.is_empty() && raw.routes.is_empty()) {
+fn compile(
+    raw: &RawConfig,
+    clients: Clients<'_>,
+    env: &dyn Environment,
+    routing: Routing,
+) -> Result<Policy, ConfigError> {
+    let client_count = raw.clients.map_or(0, |(_, n)| n);
+    if raw.refuse_all && !(client_count == 0 && raw.routes.is_empty()) {
         return Err(ConfigError::new("refuse_all", "refuses every request, so it takes no clients and no routes"));
     }
     let key_sources = compile_key_sources(raw.key_sources.as_deref())?;
@@ -178,27 +122,16 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         ));
     }
     if let Some(id_header) = &client_id_header {
-        // Static and dynamic injections alike, by their place in the config:
-        // routes' own lists, then clients' own.
-        let routes_lists =
-            raw.routes.iter().enumerate().map(|(r, route)| (format!("routes[{r}].inject"), &route.inject));
-        let lists = routes_lists.filter_map(|(path, list)| Some((path, list.as_deref()?)));
-        let clients_lists = raw.clients.iter().enumerate().flat_map(|(c, client)| {
-            client.inject.0.iter().map(move |(route, list)| (format!("{}.inject.{route}", ClientPath(c)), &list[..]))
-        });
-        for (path, list) in lists.chain(clients_lists) {
-            if let Some(i) =
-                list.iter().position(|i| i.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header)))
-            {
-                return Err(ConfigError::new(
-                    format!("{path}[{i}].header"),
-                    "is the client_id_header; a credential cannot replace the client id",
-                ));
+        for (r, route) in raw.routes.iter().enumerate() {
+            if let Some(list) = &route.inject {
+                not_the_client_id(list, &format!("routes[{r}].inject"), id_header)?;
             }
         }
     }
 
-    let (clients, keys, index) = compile_clients(&raw.clients, &routes, &route_index, env, &mut builder)?;
+    let shared = Shared { routes: &routes, route_index: &route_index, client_id_header: client_id_header.as_deref() };
+    let (clients, keys, index, first_client_limit) =
+        compile_clients(clients, client_count, &shared, env, &mut builder)?;
     let providers = builder.finish();
     finish_routes(&mut routes, &clients);
     limits::finish_limits(&mut routes, &clients);
@@ -304,7 +237,7 @@ fn compile(raw: &RawConfig, env: &dyn Environment, routing: Routing) -> Result<P
         version: String::new(),
         providers,
         refuse_all: raw.refuse_all,
-        first_limit: limits::first_limit(raw),
+        first_limit: limits::first_route_limit(raw).or(first_client_limit),
         caller_token_header,
         subject_source,
         metadata_headers,
@@ -718,23 +651,49 @@ impl std::fmt::Display for ClientPath {
     }
 }
 
-/// Compiles the clients, each with its own `inject` lists. A route with no
-/// `inject` of its own needs a list from every client allowed on it (but a
-/// disabled one, which reaches no route).
+/// What every client is compiled against.
+struct Shared<'r> {
+    routes: &'r [Route],
+    route_index: &'r HashMap<&'r str, usize>,
+    client_id_header: Option<&'r str>,
+}
+
+/// A credential must not be injected into the client id's header.
+fn not_the_client_id(list: &[RawInject], path: &dyn std::fmt::Display, id_header: &str) -> Result<(), ConfigError> {
+    match list.iter().position(|i| i.header.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(id_header))) {
+        Some(i) => Err(ConfigError::new(
+            format!("{path}[{i}].header"),
+            "is the client_id_header; a credential cannot replace the client id",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Compiles the clients as they are read, each with its own `inject`
+/// lists: no client is held in its written form longer than it takes to
+/// compile it. A route with no `inject` of its own needs a list from every
+/// client allowed on it (but a disabled one, which reaches no route).
+/// Also returns the path of the first client's limit, for a host that
+/// cannot count them.
+#[allow(clippy::type_complexity)]
 fn compile_clients(
-    raw: &[RawClient],
-    routes: &[Route],
-    route_index: &HashMap<&str, usize>,
+    mut raw: Clients<'_>,
+    count: usize,
+    shared: &Shared<'_>,
     env: &dyn Environment,
     builder: &mut ProviderBuilder,
-) -> Result<(Vec<Client>, Vec<Key>, ClientIndex), ConfigError> {
-    let mut clients = Vec::with_capacity(raw.len());
-    let key_count = raw.iter().map(|c| c.keys.as_ref().map_or(1, |k| k.len())).sum();
-    let mut keys = Vec::with_capacity(key_count);
-    let mut index = ClientIndex::with_capacity(key_count);
-    let mut ids: HashSet<&str> = HashSet::with_capacity(raw.len());
-    let bare: Vec<usize> = (0..routes.len()).filter(|&r| routes[r].credentials.is_none()).collect();
-    for (c, client) in raw.iter().enumerate() {
+) -> Result<(Vec<Client>, Vec<Key>, ClientIndex, Option<String>), ConfigError> {
+    let mut clients = Vec::with_capacity(count);
+    let mut keys = Vec::with_capacity(count);
+    let mut index = ClientIndex::with_capacity(count);
+    // Ids by their hash: a repeat is looked for among the clients only when
+    // two hashes meet.
+    let mut ids: HashSet<u64, BuildHasherDefault<crate::model::PrefixHasher>> =
+        HashSet::with_capacity_and_hasher(count, Default::default());
+    let mut first_limit = None;
+    let bare: Vec<usize> = (0..shared.routes.len()).filter(|&r| shared.routes[r].credentials.is_none()).collect();
+    let mut c = 0;
+    while let Some(client) = raw.next_client().map_err(ConfigError::from)? {
         // The field path is formatted only on an error: 100,000 clients
         // must not mean 100,000 strings.
         let path = ClientPath(c);
@@ -744,23 +703,29 @@ fn compile_clients(
                 "must be 1-128 visible ASCII characters without spaces, quotes or commas",
             ));
         }
-        if !ids.insert(&client.id) {
+        let hash = xxhash_rust::xxh3::xxh3_64(client.id.as_bytes());
+        if !ids.insert(hash) && clients.iter().any(|other: &Client| other.id == client.id) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 format!("`{}` is already the id of an earlier client", client.id),
             ));
         }
-        let allowed = compile_client_routes(&client.routes, path, route_index)?;
+        let allowed = compile_client_routes(&client.routes, path, shared.route_index)?;
         let expires = match &client.expires {
             Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
                 ConfigError::new(format!("{path}.expires"), "must be an RFC 3339 time such as 2027-01-01T00:00:00Z")
             })?),
             None => None,
         };
-        let own = compile_own(&client.inject, path, &client.id, &allowed, route_index, env, builder)?;
+        if let Some(id_header) = shared.client_id_header {
+            for (route, list) in &client.inject.0 {
+                not_the_client_id(list, &format_args!("{path}.inject.{route}"), id_header)?;
+            }
+        }
+        let own = compile_own(&client.inject, path, &client.id, &allowed, shared.route_index, env, builder)?;
         let needs_own = bare.iter().filter(|&&r| !client.disabled && allowed.allows(r));
         if let Some(&r) = needs_own.into_iter().find(|&&r| own.binary_search_by_key(&r, |(o, _)| *o).is_err()) {
-            let name = &routes[r].name;
+            let name = &shared.routes[r].name;
             return Err(ConfigError::new(
                 format!("{path}.inject.{name}"),
                 format!(
@@ -768,22 +733,26 @@ fn compile_clients(
                 ),
             ));
         }
-        let limits = limits::compile_client_limits(client, path, &allowed, route_index)?;
-        compile_keys(client, path, c, &mut keys, &mut index)?;
+        let limits = limits::compile_client_limits(&client, path, &allowed, shared.route_index)?;
+        if first_limit.is_none() {
+            first_limit = limits::first_client_limit(&client, path);
+        }
+        compile_keys(&client, path, c, &mut keys, &mut index)?;
         let metadata = match &client.metadata {
             Some(raw) => metadata::client_metadata(raw, path)?,
             None => None,
         };
         let disabled = client.disabled;
-        clients.push(Client { id: client.id.clone(), allowed, expires, disabled, own, metadata, limits });
+        clients.push(Client { id: client.id.into_owned(), allowed, expires, disabled, own, metadata, limits });
+        c += 1;
     }
-    Ok((clients, keys, index))
+    Ok((clients, keys, index, first_limit))
 }
 
 /// A client's keys: its one `key_sha256`/`key`, or its `keys` list, each
 /// indexed by digest (a digest anywhere else already is refused).
 fn compile_keys(
-    client: &RawClient,
+    client: &RawClient<'_>,
     path: ClientPath,
     c: usize,
     keys: &mut Vec<Key>,
@@ -958,7 +927,7 @@ fn compile_own(
 }
 
 fn compile_client_routes(
-    raw: &[String],
+    raw: &[Cow<'_, str>],
     path: ClientPath,
     route_index: &HashMap<&str, usize>,
 ) -> Result<Allowed, ConfigError> {
@@ -979,7 +948,7 @@ fn compile_client_routes(
     }
     let mut allowed = Vec::with_capacity(raw.len());
     for (i, name) in raw.iter().enumerate() {
-        let Some(&r) = route_index.get(name.as_str()) else {
+        let Some(&r) = route_index.get(&**name) else {
             // Quoted only when it could be a route name at all.
             let message = if is_route_name(name) {
                 format!("names no route (`{name}` is not in `routes`)")
@@ -1087,29 +1056,30 @@ mod tests {
         assert!(is_client_id(&"x".repeat(128)) && !is_client_id(&"x".repeat(129)));
     }
 
+    /// A value written where another kind belongs, or pasted as a name,
+    /// is refused without being written back, whatever the kind.
     #[test]
-    fn redaction_removes_every_quoted_value() {
-        let err = serde_json::from_str::<bool>("\"sk-secret-value\"").unwrap_err();
-        let text = redact_serde_message(&err);
-        assert!(!text.contains("sk-secret-value"), "{text}");
-        assert!(text.contains("invalid type"), "{text}");
-    }
-
-    #[test]
-    fn redaction_removes_back_quoted_values_but_keeps_field_names() {
-        #[derive(Debug, serde::Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        enum Kind {
-            Env,
+    fn refusals_never_quote_a_value() {
+        let env = |_: &str| None;
+        let route = r#"{"name": "r", "match": {"clusters": ["r"]}, "inject": [{"header": "x", "value": VALUE}]}"#;
+        for value in [
+            r#""sk-secret-1""#,
+            r#"{"sk-secret-1": "x"}"#,
+            r#"{"inline": 918273645}"#,
+            r#"{"inline": "x", "sk-secret-1": "y"}"#,
+            r#"{"env": true}"#,
+            r#"{"oauth2": {"cluster": "c", "token_path": "/t", "client_id": {"inline": "i"},
+                "client_secret": {"inline": "s"}, "client_auth": "sk-secret-1"}}"#,
+            r#"{"fetch": {"cluster": "c", "path": "/p", "json_pointer": "", "timeout_ms": -918273645}}"#,
+        ] {
+            let json = format!(r#"{{"routes": [{}]}}"#, route.replace("VALUE", value));
+            let err = Policy::from_json(json.as_bytes(), &env).unwrap_err().to_string();
+            assert!(!err.contains("sk-secret-1") && !err.contains("918273645"), "{value}: {err}");
+            assert!(err.starts_with("routes[0].inject[0].value"), "{value}: {err}");
         }
-        let err = serde_json::from_str::<Kind>("\"sk-secret-value\"").unwrap_err();
-        let text = redact_serde_message(&err);
-        assert!(!text.contains("sk-secret-value"), "{text}");
-        assert!(text.starts_with("unknown variant `…`, expected `env`"), "{text}");
-        let err = serde_json::from_str::<String>("918273645").unwrap_err();
-        assert!(!redact_serde_message(&err).contains("918273645"));
-        let kept = "unknown field `clientz`, expected one of `clients`";
-        assert_eq!(redact_backquoted_value(kept), kept);
+        let json = r#"{"clients": [{"id": "c", "key": "k", "routes": ["*"], "disabled": "sk-secret-1"}]}"#;
+        let err = Policy::from_json(json.as_bytes(), &env).unwrap_err().to_string();
+        assert_eq!(err, "clients[0].disabled: invalid type: string \"…\", expected a boolean at line 1 column 79");
     }
 
     #[test]

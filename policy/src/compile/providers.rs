@@ -961,7 +961,7 @@ mod tests {
             secrets: vec!["tok-secret-6".into()],
             used: Vec::new(),
         };
-        let raw: crate::raw::RawValue = serde_json::from_str(r#"{"inline": "tok-secret-5"}"#).unwrap();
+        let raw = crate::raw::RawValue::Inline("tok-secret-5".into());
         let text = format!("{record:?} {answer:?} {forward:?} {raw:?}");
         assert!(!text.contains("tok-secret"), "{text}");
         assert!(

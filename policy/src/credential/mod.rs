@@ -1,6 +1,6 @@
 //! Dynamic upstream credentials: `oauth2`, `token_exchange` and `fetch`
 //! values, in plain Rust. A leaf of the crate: it imports nothing from the
-//! rest of the policy.
+//! rest of the policy but [`crate::json`], to read answers and records.
 //!
 //! ```text
 //!  compile::providers ──▶ Provider (cluster, the call, how to read its answer)

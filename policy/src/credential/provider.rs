@@ -1,6 +1,8 @@
 //! A provider: one HTTP call that yields credentials, and how its answer
 //! is read.
 
+use crate::json::{number_f64, Value};
+
 /// Refresh this long before `expires_in` runs out, unless configured.
 pub const DEFAULT_MARGIN_SECONDS: u64 = 60;
 /// How long a token call may take, unless configured.
@@ -218,9 +220,9 @@ impl Provider {
         }
         match status {
             401 => true,
-            400 => serde_json::from_slice::<serde_json::Value>(body)
+            400 => Value::parse(body)
                 .ok()
-                .is_some_and(|json| json.get("error").and_then(serde_json::Value::as_str) == Some("invalid_grant")),
+                .is_some_and(|json| json.get("error").and_then(Value::as_str) == Some("invalid_grant")),
             _ => false,
         }
     }
@@ -234,7 +236,7 @@ impl Provider {
         if !(200..300).contains(&status) {
             return fail(format!("the {} answered status {status}", self.endpoint()));
         }
-        let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let Ok(json) = Value::parse(body) else {
             return fail(format!("the {} answered a body that is not JSON", self.endpoint()));
         };
         match self.kind {
@@ -242,7 +244,7 @@ impl Provider {
                 let mut values = Vec::with_capacity(self.pointers.len());
                 for pointer in &self.pointers {
                     let value = match json.pointer(pointer) {
-                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(Value::String(s)) => s.to_string(),
                         Some(_) => return fail(format!("`{pointer}` in the answer is not a string")),
                         None => return fail(format!("the answer has no `{pointer}`")),
                     };
@@ -253,20 +255,20 @@ impl Provider {
             }
             Kind::Oauth2 | Kind::TokenExchange => {
                 let token = match json.get("access_token") {
-                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(Value::String(s)) => s.to_string(),
                     Some(_) => return fail("`access_token` in the answer is not a string"),
                     None => return fail("the answer has no `access_token`"),
                 };
                 check_value(&token, "access_token")?;
                 let expires_in = match json.get("expires_in") {
-                    None | Some(serde_json::Value::Null) => None,
-                    Some(serde_json::Value::Number(n)) => n.as_f64(),
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) => number_f64(n),
                     // Some providers send the number as a string.
-                    Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                    Some(Value::String(s)) => number_f64(s.trim()),
                     Some(_) => return fail("`expires_in` in the answer is not a number"),
                 };
                 let (expires_at, refresh_at) = match expires_in {
-                    None if json.get("expires_in").is_some_and(|v| !v.is_null()) => {
+                    None if json.get("expires_in").is_some_and(|v| *v != Value::Null) => {
                         return fail("`expires_in` in the answer is not a number")
                     }
                     None => (None, now.saturating_add(self.refresh_ms)),
@@ -332,7 +334,7 @@ pub fn jwt_exp_ms(token: &str) -> Option<i64> {
         return None;
     }
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let json = Value::parse(&bytes).ok()?;
     let exp = json.get("exp")?.as_f64()?;
     (exp.is_finite() && exp > 0.0).then(|| (exp.min(i64::MAX as f64 / 4000.0) * 1000.0) as i64)
 }

@@ -1,55 +1,46 @@
 //! The shared state of one provider: what every worker of a host reads on
 //! the request path and writes back, by compare-and-swap, after a refresh.
 
-use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+use crate::json::{self, Reader};
 
 use super::provider::{Answer, Provider, MAX_BACKOFF_MS, MIN_FORCED_REFRESH_MS};
 
 /// The shared state of one provider.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Record {
     /// The last good values; empty until the first success.
-    #[serde(default)]
     pub values: Vec<String>,
     /// Unix milliseconds; the values are refused from then on.
-    #[serde(default)]
     pub expires_at: Option<i64>,
     /// Unix milliseconds at which the next refresh is due (0: now).
-    #[serde(default)]
     pub refresh_at: i64,
     /// Failed refreshes since the last success.
-    #[serde(default)]
     pub failures: u32,
     /// Unix milliseconds until which one worker's call is in flight.
-    #[serde(default)]
     pub lease_until: i64,
     /// Bumped each time the values change.
-    #[serde(default)]
     pub generation: u64,
     /// Unix milliseconds of the last refresh forced by an upstream's 401
     /// ([`Record::rejected`]); 0: never. The next forced refresh is due
     /// [`MIN_FORCED_REFRESH_MS`] later at the earliest.
-    #[serde(default)]
     pub forced_at: i64,
     /// The generation whose values an upstream answered 401 to, while
     /// their replacement is being fetched ([`Record::rejected`]).
-    #[serde(default)]
     pub rejected: Option<u64>,
     /// A keyed record: Unix milliseconds of the last request known to have
     /// used it (written at most once per [`super::Keyed::touch_ms`] per
     /// worker); it is dropped once unused for the provider's idle time.
-    #[serde(default)]
     pub used_at: i64,
     /// An on-behalf-of exchange's record: the STS refused its subject
     /// (`invalid_grant`); requests with that subject are answered
     /// `invalid_subject_token` until `refresh_at`, when one may try again.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refused: bool,
     /// A keyed record: the key (client id, or subject digest) it belongs
     /// to. Its pool slot is reused by another key once this one is dropped
     /// or evicted, so every read checks it: a record stamped with another
     /// key is absent ([`super::SharedRecords::read`]).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub owner: String,
 }
 
@@ -174,14 +165,78 @@ impl Record {
         now.saturating_sub(self.used_at) >= idle_ms
     }
 
-    /// The shared-data encoding.
+    /// The shared-data encoding: a JSON object of the fields (`refused`
+    /// and `owner` only when set).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = String::with_capacity(160);
+        out.push_str("{\"values\":[");
+        for (i, value) in self.values.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            json::write_string(&mut out, value);
+        }
+        out.push_str("],\"expires_at\":");
+        match self.expires_at {
+            Some(at) => write!(out, "{at}"),
+            None => write!(out, "null"),
+        }
+        .unwrap_or_default();
+        let _ = write!(
+            out,
+            ",\"refresh_at\":{},\"failures\":{},\"lease_until\":{},\"generation\":{},\"forced_at\":{},\"rejected\":",
+            self.refresh_at, self.failures, self.lease_until, self.generation, self.forced_at
+        );
+        match self.rejected {
+            Some(generation) => write!(out, "{generation}"),
+            None => write!(out, "null"),
+        }
+        .unwrap_or_default();
+        let _ = write!(out, ",\"used_at\":{}", self.used_at);
+        if self.refused {
+            out.push_str(",\"refused\":true");
+        }
+        if !self.owner.is_empty() {
+            out.push_str(",\"owner\":");
+            json::write_string(&mut out, &self.owner);
+        }
+        out.push('}');
+        out.into_bytes()
     }
 
-    /// Reads [`Record::encode`]'s output; anything else is an empty record.
+    /// Reads [`Record::encode`]'s output (fields in any order, unknown ones
+    /// skipped); anything else is an empty record.
     pub fn decode(bytes: &[u8]) -> Record {
-        serde_json::from_slice(bytes).unwrap_or_default()
+        Self::read(bytes).unwrap_or_default()
+    }
+
+    fn read(bytes: &[u8]) -> Result<Record, json::Error> {
+        let mut r = Reader::new(bytes);
+        let mut record = Record::default();
+        let mut o = r.object("a record")?;
+        while let Some(key) = r.key(&mut o)? {
+            match &*key {
+                "values" => {
+                    let mut a = r.array("a sequence")?;
+                    while r.item(&mut a)?.is_some() {
+                        record.values.push(r.string()?.into_owned());
+                    }
+                }
+                "expires_at" => record.expires_at = if r.null()? { None } else { Some(r.i64()?) },
+                "refresh_at" => record.refresh_at = r.i64()?,
+                "failures" => record.failures = u32::try_from(r.u64()?).map_err(|_| r.error("too many failures"))?,
+                "lease_until" => record.lease_until = r.i64()?,
+                "generation" => record.generation = r.u64()?,
+                "forced_at" => record.forced_at = r.i64()?,
+                "rejected" => record.rejected = if r.null()? { None } else { Some(r.u64()?) },
+                "used_at" => record.used_at = r.i64()?,
+                "refused" => record.refused = r.bool()?,
+                "owner" => record.owner = r.string()?.into_owned(),
+                _ => r.skip()?,
+            }
+        }
+        r.end()?;
+        Ok(record)
     }
 }
 
@@ -218,9 +273,8 @@ impl std::fmt::Debug for Record {
 /// has more than `max_keys` records however many keys come and go), least
 /// recently used first. Written by compare-and-swap when a key is admitted
 /// and when it is dropped, never on a request that finds its value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Index {
-    #[serde(default)]
     pub entries: Vec<(String, u32)>,
 }
 
@@ -237,10 +291,11 @@ impl Index {
     /// is always escaped, so `["` opens an entry's key and the match is
     /// that whole key.
     pub fn find(bytes: &[u8], key: &str) -> Option<u32> {
-        let mut needle = b"[".to_vec();
-        needle.extend(serde_json::to_vec(key).ok()?);
-        needle.push(b',');
-        let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice())? + needle.len();
+        let mut needle = "[".to_string();
+        json::write_string(&mut needle, key);
+        needle.push(',');
+        let needle = needle.as_bytes();
+        let at = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
         let digits = bytes.get(at..)?.iter().take_while(|b| b.is_ascii_digit()).count();
         std::str::from_utf8(bytes.get(at..at + digits)?).ok()?.parse().ok()
     }
@@ -251,13 +306,50 @@ impl Index {
         (0..max).find(|n| !self.entries.iter().any(|(_, slot)| slot == n))
     }
 
-    /// The shared-data encoding.
+    /// The shared-data encoding: `{"entries":[["<key>",<slot>],…]}`.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = String::with_capacity(16 + self.entries.len() * 72);
+        out.push_str("{\"entries\":[");
+        for (i, (key, slot)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('[');
+            json::write_string(&mut out, key);
+            let _ = write!(out, ",{slot}]");
+        }
+        out.push_str("]}");
+        out.into_bytes()
     }
 
     /// Reads [`Index::encode`]'s output; anything else is an empty index.
     pub fn decode(bytes: &[u8]) -> Index {
-        serde_json::from_slice(bytes).unwrap_or_default()
+        Self::read(bytes).unwrap_or_default()
+    }
+
+    fn read(bytes: &[u8]) -> Result<Index, json::Error> {
+        let mut r = Reader::new(bytes);
+        let mut index = Index::default();
+        let mut o = r.object("an index")?;
+        while let Some(key) = r.key(&mut o)? {
+            if key != "entries" {
+                r.skip()?;
+                continue;
+            }
+            let mut entries = r.array("a sequence")?;
+            while r.item(&mut entries)?.is_some() {
+                let mut pair = r.array("a pair")?;
+                let (key, slot) = match (r.item(&mut pair)?, r.string()?, r.item(&mut pair)?, r.u64()?) {
+                    (Some(_), key, Some(_), slot) => (key.into_owned(), slot),
+                    _ => return Err(r.error("a pair")),
+                };
+                if r.item(&mut pair)?.is_some() {
+                    return Err(r.error("a pair"));
+                }
+                index.entries.push((key, u32::try_from(slot).map_err(|_| r.error("a slot"))?));
+            }
+        }
+        r.end()?;
+        Ok(index)
     }
 }
