@@ -969,19 +969,33 @@ fn decode_digest(hex: &str) -> Option<[u8; 32]> {
     if bytes.len() != 64 {
         return None;
     }
-    // Byte arithmetic, not `char::to_digit`: 100,000 clients are 6.4
-    // million digits, and this is on every worker's configure.
-    fn digit(b: u8) -> Option<u8> {
-        match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            b'A'..=b'F' => Some(b - b'A' + 10),
-            _ => None,
+    // A table, not `char::to_digit` or a match: 100,000 clients are 6.4
+    // million random digits, on every worker's configure, and a branch per
+    // digit mispredicts half the time.
+    const DIGITS: [u8; 256] = {
+        let mut table = [0x10u8; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
         }
-    }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
     let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    let mut bad = 0u8;
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let (high, low) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
+        bad |= high | low;
+        *byte = high << 4 | low;
+    }
+    if bad & 0x10 != 0 {
+        return None;
     }
     Some(out)
 }
