@@ -21,6 +21,7 @@ mod providers;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
@@ -691,6 +692,7 @@ fn compile_clients(
     let mut ids: HashSet<u64, BuildHasherDefault<crate::model::PrefixHasher>> =
         HashSet::with_capacity_and_hasher(count, Default::default());
     let mut first_limit = None;
+    let mut route_lists = RouteLists::default();
     let bare: Vec<usize> = (0..shared.routes.len()).filter(|&r| shared.routes[r].credentials.is_none()).collect();
     let mut c = 0;
     while let Some(client) = raw.next_client().map_err(ConfigError::from)? {
@@ -710,7 +712,7 @@ fn compile_clients(
                 format!("`{}` is already the id of an earlier client", client.id),
             ));
         }
-        let allowed = compile_client_routes(&client.routes, path, shared.route_index)?;
+        let allowed = compile_client_routes(&client.routes, path, shared.route_index, &mut route_lists)?;
         let expires = match &client.expires {
             Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
                 ConfigError::new(format!("{path}.expires"), "must be an RFC 3339 time such as 2027-01-01T00:00:00Z")
@@ -930,6 +932,7 @@ fn compile_client_routes(
     raw: &[Cow<'_, str>],
     path: ClientPath,
     route_index: &HashMap<&str, usize>,
+    shared_lists: &mut RouteLists,
 ) -> Result<Allowed, ConfigError> {
     if raw.is_empty() {
         return Err(ConfigError::new(
@@ -946,7 +949,9 @@ fn compile_client_routes(
         }
         return Ok(Allowed::All);
     }
-    let mut allowed = Vec::with_capacity(raw.len());
+    let lists = &mut shared_lists.lists;
+    let scratch = &mut shared_lists.scratch;
+    scratch.clear();
     for (i, name) in raw.iter().enumerate() {
         let Some(&r) = route_index.get(&**name) else {
             // Quoted only when it could be a route name at all.
@@ -957,11 +962,24 @@ fn compile_client_routes(
             };
             return Err(ConfigError::new(format!("{path}.routes[{i}]"), message));
         };
-        allowed.push(r);
+        scratch.push(r);
     }
-    allowed.sort_unstable();
-    allowed.dedup();
-    Ok(Allowed::Only(allowed.into_boxed_slice()))
+    scratch.sort_unstable();
+    scratch.dedup();
+    if let Some(list) = lists.get(&scratch[..]) {
+        return Ok(Allowed::Only(list.clone()));
+    }
+    let list: Arc<[usize]> = scratch[..].into();
+    lists.insert(list.clone());
+    Ok(Allowed::Only(list))
+}
+
+/// The distinct route lists of the clients compiled so far, each allocated
+/// once; `scratch` is reused for the list being compiled.
+#[derive(Default)]
+struct RouteLists {
+    lists: HashSet<Arc<[usize]>>,
+    scratch: Vec<usize>,
 }
 
 fn decode_digest(hex: &str) -> Option<[u8; 32]> {
