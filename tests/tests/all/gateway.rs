@@ -230,7 +230,7 @@ fn envoy_refuses_to_start_on_a_bad_configuration() {
     let broken = Listener { name: "broken".into(), config: "{\"clients\": [".into(), ..Listener::default() };
     let refusal = Envoy::refuse(&Launch::gateway(&[broken], echo.addr(), &wasm))
         .unwrap_or_else(|e| panic!("Envoy should refuse to start: {e}"));
-    let line = "keyswap: configuration refused: clients: EOF while parsing a list at line 1 column 13";
+    let line = "keyswap: configuration refused: $: EOF while parsing a list at line 1 column 13";
     assert!(!refusal.status.success());
     let logged = refusal.log.lines().find(|l| l.ends_with(line));
     let logged = logged.unwrap_or_else(|| panic!("no line ending {line:?} in:\n{}", refusal.log));
