@@ -11,6 +11,13 @@
 //! and client [`OTHER_ROUTE_CLIENT`] may use only route [`OTHER_ROUTE`], so
 //! that every denial can be provoked; the load uses [`load_client`].
 //!
+//! Variants of the job change one thing each: [`with_limits`] gives
+//! clients a rate and a quota; [`with_per_client_fetch`] and
+//! [`with_on_behalf_of`] take route [`ROUTE`]'s credential from a
+//! credential service per client (issue 16's broker) or from an STS per
+//! caller's subject ([`SUBJECT_HEADER`]), for what the cached dynamic
+//! paths cost next to the static one.
+//!
 //! It lives here, beside the ECDS resource, because it is a keyswap
 //! configuration bound to Envoy's routes and clusters, and because both
 //! benchmarks' crates already depend on this one (the harness for
@@ -126,6 +133,93 @@ pub fn with_limits(config: &str, which: Option<usize>) -> String {
     json.to_string()
 }
 
+/// The Envoy cluster of the credential service [`with_per_client_fetch`]
+/// calls.
+pub const BROKER_CLUSTER: &str = "bench-broker";
+
+/// The path the credential service is asked, `{client}` the client's id.
+pub const BROKER_PATH: &str = "/v1/credentials/{client}";
+
+/// The Envoy cluster of the STS [`with_on_behalf_of`] calls.
+pub const STS_CLUSTER: &str = "bench-sts";
+
+/// The STS's token endpoint.
+pub const STS_PATH: &str = "/v1/token";
+
+/// The request header the subject token comes in (after [`KEY_PREFIX`]).
+pub const SUBJECT_HEADER: &str = "x-user-token";
+
+/// The audience the subject is exchanged for.
+pub const AUDIENCE: &str = "bench-upstream";
+
+/// Subject `i`'s token, as the caller forwards it (no JWT: no `exp` cap).
+pub fn subject(i: usize) -> String {
+    format!("bench-subject-{i:03}")
+}
+
+/// The subject the load forwards.
+pub const LOAD_SUBJECT: usize = 0;
+
+/// What the credential service answers for client `client_id`: a value of
+/// that client's own, at `/credential`.
+pub fn broker_answer(client_id: &str) -> String {
+    json!({"credential": fetched_credential(client_id)}).to_string()
+}
+
+/// The credential fetched for client `client_id`.
+pub fn fetched_credential(client_id: &str) -> String {
+    format!("{CREDENTIAL}-for-{client_id}")
+}
+
+/// What the STS answers for `subject` (RFC 8693; valid a day, so no run
+/// sees a refresh).
+pub fn sts_answer(subject: &str) -> String {
+    json!({"access_token": exchanged_token(subject),
+           "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+           "token_type": "Bearer", "expires_in": 86_400})
+    .to_string()
+}
+
+/// The token exchanged for `subject`.
+pub fn exchanged_token(subject: &str) -> String {
+    format!("{CREDENTIAL}-on-behalf-of-{subject}")
+}
+
+/// `config` (the job's configuration) with route [`ROUTE`]'s credential
+/// fetched per client from [`BROKER_CLUSTER`] ([`BROKER_PATH`], the value
+/// at `/credential` of [`broker_answer`]) instead of the VM environment;
+/// refreshed after a day, so a run only ever reads the cache once each
+/// client's first request has waited for its call.
+pub fn with_per_client_fetch(config: &str) -> String {
+    let fetch = json!({"fetch": {"cluster": BROKER_CLUSTER, "path": BROKER_PATH, "json_pointer": "/credential",
+                                 "authorization": {"inline": "Bearer bench-gateway-identity"},
+                                 "refresh_seconds": 86_400, "timeout_ms": 2000}});
+    with_bench_credential(config, fetch)
+}
+
+/// `config` with route [`ROUTE`]'s credential exchanged on behalf of the
+/// caller: the subject token from [`SUBJECT_HEADER`] (prefix
+/// [`KEY_PREFIX`]) exchanged at [`STS_CLUSTER`] for [`AUDIENCE`]
+/// ([`sts_answer`]); cached until a day runs out.
+pub fn with_on_behalf_of(config: &str) -> String {
+    let exchange = json!({"token_exchange": {"cluster": STS_CLUSTER, "token_path": STS_PATH, "audience": AUDIENCE,
+        "subject_token": {"header": SUBJECT_HEADER, "prefix": KEY_PREFIX},
+        "client_id": {"inline": "keyswap-bench"}, "client_secret": {"inline": "bench-sts-secret"},
+        "timeout_ms": 2000}});
+    with_bench_credential(config, exchange)
+}
+
+/// `config` with route [`ROUTE`]'s injected value replaced by `value`.
+fn with_bench_credential(config: &str, value: Value) -> String {
+    let Ok(mut json) = serde_json::from_str::<Value>(config) else { return config.to_string() };
+    if let Some(routes) = json["routes"].as_array_mut() {
+        for route in routes.iter_mut().filter(|r| r["name"] == ROUTE) {
+            route["inject"] = json!([{"header": KEY_HEADER, "prefix": KEY_PREFIX, "value": value.clone()}]);
+        }
+    }
+    json.to_string()
+}
+
 /// The job's keyswap configuration with `clients` clients (at least 3),
 /// compact JSON.
 pub fn config(clients: usize, binding: Binding<'_>) -> String {
@@ -188,5 +282,24 @@ mod tests {
         let json: Value = serde_json::from_str(&config(3, Binding::PathPrefix)).unwrap();
         assert_eq!(json["routes"][0]["match"], json!({"path_prefix": "/"}));
         assert_eq!(load_headers(CLIENTS)[0], ("authorization".to_string(), "Bearer bench-key-000500".to_string()));
+    }
+
+    #[test]
+    fn the_dynamic_variants_change_only_the_bench_routes_credential() {
+        let base = config(10, Binding::Cluster(ROUTE));
+        let fetch: Value = serde_json::from_str(&with_per_client_fetch(&base)).unwrap();
+        let obo: Value = serde_json::from_str(&with_on_behalf_of(&base)).unwrap();
+        let base: Value = serde_json::from_str(&base).unwrap();
+        assert_eq!(fetch["routes"][0]["inject"][0]["value"]["fetch"]["path"], BROKER_PATH);
+        assert_eq!(obo["routes"][0]["inject"][0]["value"]["token_exchange"]["subject_token"]["header"], SUBJECT_HEADER);
+        for changed in [&fetch, &obo] {
+            assert_eq!(changed["routes"][1], base["routes"][1]);
+            assert_eq!(changed["clients"], base["clients"]);
+            assert_eq!(changed["strip_request_headers"], base["strip_request_headers"]);
+        }
+        assert_eq!(
+            serde_json::from_str::<Value>(&broker_answer("client-000005")).unwrap()["credential"],
+            fetched_credential("client-000005")
+        );
     }
 }

@@ -1,12 +1,15 @@
 //! The in-harness micro-benchmark behind `keyswap bench`: what the filter
-//! module costs per request (the allowed request and each denial) and how
-//! many host calls it makes, with 10, 1,000 and 100,000 clients; how long a
+//! module costs per request (the allowed request, the allowed request of a
+//! limited client, the cached per-client-fetch and on-behalf-of paths, and
+//! each denial) and how many host calls it makes, with 10, 1,000 and 100,000 clients; how long a
 //! configuration takes to load and how much VM memory it leaves; and the
 //! module's size.
 //!
 //! ```text
 //! config(n) ─▶ FilterModule::start + configure (timed, memory read)
 //!           └▶ cases(n): one request per case, checked, then timed in batches
+//! dynamic_cases(n) ─▶ configure, prime (the first request waits; its call
+//!           is answered), then timed like a case: the cached path
 //! noop module ─▶ the same allowed request: the harness's own cost (the floor)
 //! BenchReport ─▶ markdown tables (docs/performance.md)
 //! ```
@@ -53,7 +56,71 @@ pub const LIMITED_CLIENT: usize = 2;
 /// The `allowed, limited` case: [`LIMITED_CLIENT`]'s allowed request.
 pub fn limited_case() -> BenchRequest {
     let headers = request("/bench/load", Some(&job::bearer(LIMITED_CLIENT)));
-    BenchRequest { name: "allowed, limited", route: Some(job::ROUTE), headers, status: None }
+    BenchRequest {
+        name: "allowed, limited",
+        route: Some(job::ROUTE),
+        headers,
+        status: None,
+        credential: static_credential(),
+    }
+}
+
+/// A row whose credential comes from a call (issue 16): the job's
+/// configuration with route `bench`'s credential fetched, the allowed
+/// request, and the answer its first request waits for. The row times the
+/// request after that: the cached path.
+#[derive(Debug, Clone)]
+pub struct DynamicCase {
+    pub config: Vec<u8>,
+    pub case: BenchRequest,
+    /// The cluster the first request's call goes to, and its answer (JSON).
+    pub cluster: &'static str,
+    pub answer: String,
+}
+
+/// The cached dynamic rows for `clients` clients: route `bench`'s
+/// credential fetched per client (`{client}` in the path: the broker), and
+/// exchanged on behalf of the caller's subject (`token_exchange`, the
+/// subject in [`job::SUBJECT_HEADER`]); the same client's request as the
+/// `allowed` row, the subject's header added for the second.
+pub fn dynamic_cases(clients: usize) -> Vec<DynamicCase> {
+    let base = job::config(clients, job::Binding::Cluster(job::ROUTE));
+    let mid = job::load_client(clients);
+    let client = job::client_id(mid);
+    let subject = job::subject(job::LOAD_SUBJECT);
+    let mut obo_headers = request("/bench/load", Some(&job::bearer(mid)));
+    obo_headers.push((job::SUBJECT_HEADER.to_string(), format!("{}{subject}", job::KEY_PREFIX).into_bytes()));
+    vec![
+        DynamicCase {
+            config: job::with_per_client_fetch(&base).into_bytes(),
+            case: BenchRequest {
+                name: "allowed, per-client fetch, cached",
+                route: Some(job::ROUTE),
+                headers: request("/bench/load", Some(&job::bearer(mid))),
+                status: None,
+                credential: format!("{}{}", job::KEY_PREFIX, job::fetched_credential(&client)),
+            },
+            cluster: job::BROKER_CLUSTER,
+            answer: job::broker_answer(&client),
+        },
+        DynamicCase {
+            config: job::with_on_behalf_of(&base).into_bytes(),
+            case: BenchRequest {
+                name: "allowed, on-behalf-of, cached",
+                route: Some(job::ROUTE),
+                headers: obo_headers,
+                status: None,
+                credential: format!("{}{}", job::KEY_PREFIX, job::exchanged_token(&subject)),
+            },
+            cluster: job::STS_CLUSTER,
+            answer: job::sts_answer(&subject),
+        },
+    ]
+}
+
+/// What `authorization` carries upstream on the static route.
+fn static_credential() -> String {
+    job::upstream_authorization()
 }
 
 /// The VM environment the configuration needs.
@@ -71,6 +138,8 @@ pub struct BenchRequest {
     pub headers: HeaderList,
     /// `None`: forwarded; `Some(status)`: answered locally.
     pub status: Option<u32>,
+    /// What `authorization` must carry upstream when forwarded.
+    pub credential: String,
 }
 
 /// A request as Envoy hands it to the filter after wrk sent it: the
@@ -98,37 +167,49 @@ pub fn cases(clients: usize) -> Vec<BenchRequest> {
             route: bench,
             headers: request("/bench/load", Some(&bearer(mid))),
             status: None,
+            credential: static_credential(),
         },
-        BenchRequest { name: "missing_key", route: bench, headers: request("/bench/load", None), status: Some(401) },
+        BenchRequest {
+            name: "missing_key",
+            route: bench,
+            headers: request("/bench/load", None),
+            status: Some(401),
+            credential: static_credential(),
+        },
         BenchRequest {
             name: "invalid_key",
             route: bench,
             headers: request("/bench/load", Some("Bearer not-a-key")),
             status: Some(401),
+            credential: static_credential(),
         },
         BenchRequest {
             name: "expired_key",
             route: bench,
             headers: request("/bench/load", Some(&bearer(job::EXPIRED_CLIENT))),
             status: Some(401),
+            credential: static_credential(),
         },
         BenchRequest {
             name: "ambiguous_key",
             route: bench,
             headers: request("/bench/load", Some(&format!("{}, {}", bearer(mid), bearer(2)))),
             status: Some(401),
+            credential: static_credential(),
         },
         BenchRequest {
             name: "route_forbidden",
             route: bench,
             headers: request("/bench/load", Some(&bearer(job::OTHER_ROUTE_CLIENT))),
             status: Some(403),
+            credential: static_credential(),
         },
         BenchRequest {
             name: "no_route",
             route: None,
             headers: request("/nothing", Some(&bearer(mid))),
             status: Some(404),
+            credential: static_credential(),
         },
     ]
 }
@@ -209,11 +290,13 @@ fn check(case: &BenchRequest, outcome: &Handled, filter: bool) -> Result<(), Har
                 return Ok(());
             }
             let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice());
-            if get(job::KEY_HEADER) != Some(job::upstream_authorization().as_bytes()) {
+            if get(job::KEY_HEADER) != Some(case.credential.as_bytes()) {
                 return wrong("the upstream would not get the injected credential".into());
             }
-            if get(job::CLIENT_HEADER).is_none() || STRIPPED.iter().any(|h| get(h).is_some()) {
-                return wrong("the client id is missing or a stripped header remains".into());
+            if get(job::CLIENT_HEADER).is_none()
+                || STRIPPED.iter().chain([&job::SUBJECT_HEADER]).any(|h| get(h).is_some())
+            {
+                return wrong("the client id is missing or a stripped header (or the subject) remains".into());
             }
             Ok(())
         }
@@ -255,6 +338,41 @@ fn time_case(
         host_calls: calls.total(),
         calls_by_name: calls.by_name().clone(),
     })
+}
+
+/// Sends `dynamic`'s request once on a fresh `instance`: it must wait for
+/// one call to its cluster, which is answered with its answer; the request
+/// must then go on, checked like any allowed one. The cache is then warm.
+fn prime(instance: &mut FilterInstance, dynamic: &DynamicCase) -> Result<(), HarnessError> {
+    let case = &dynamic.case;
+    let wrong = |what: String| Err(HarnessError::Abi(format!("bench case {}: {what}", case.name)));
+    let first = instance.request(case.route, &case.headers)?;
+    if !matches!(first, Handled::Paused { .. }) {
+        return wrong(format!("the first request did not wait for its call: {first:?}"));
+    }
+    if instance.pending_calls().is_empty() {
+        instance.tick()?;
+    }
+    let Some(call) = instance.pending_calls().iter().find(|c| c.cluster == dynamic.cluster).map(|c| c.token) else {
+        return wrong(format!("no call to `{}` is pending", dynamic.cluster));
+    };
+    let headers =
+        vec![(":status".to_string(), b"200".to_vec()), ("content-type".to_string(), b"application/json".to_vec())];
+    instance.answer_call(call, Some((headers, dynamic.answer.clone().into_bytes())))?;
+    match instance.held_outcome()? {
+        Some(outcome) => check(case, &outcome, true)?,
+        None => return wrong("the first request was not let go once its call was answered".into()),
+    }
+    instance.finish()?;
+    no_call_pending(instance, case)
+}
+
+/// Fails when a call is pending: the timed path must be the cached one.
+fn no_call_pending(instance: &FilterInstance, case: &BenchRequest) -> Result<(), HarnessError> {
+    match instance.pending_calls().len() {
+        0 => Ok(()),
+        n => Err(HarnessError::Abi(format!("bench case {}: {n} calls pending, the path is not cached", case.name))),
+    }
 }
 
 /// Loads `clients` clients `reps` times; the medians and the memory.
@@ -322,9 +440,27 @@ pub fn run(
         }
         drop(instance);
         // A module built before limits refuses them: no such row then.
+        let mut at = 1;
         match module.configure(&limited_config(clients), &env()) {
-            Ok(mut limited) => results.insert(1, time_case(&mut limited, &limited_case(), iterations, true)?),
+            Ok(mut limited) => {
+                results.insert(at, time_case(&mut limited, &limited_case(), iterations, true)?);
+                at += 1;
+            }
             Err(err) => progress(&format!("{clients} clients: no `allowed, limited` row: {err}")),
+        }
+        // The cached per-client and on-behalf-of paths, after the allowed
+        // rows (a module built before them refuses them: no row then).
+        for dynamic in dynamic_cases(clients) {
+            match module.configure(&dynamic.config, &env()) {
+                Ok(mut instance) => {
+                    prime(&mut instance, &dynamic)?;
+                    let timed = time_case(&mut instance, &dynamic.case, iterations, true)?;
+                    no_call_pending(&instance, &dynamic.case)?;
+                    results.insert(at, timed);
+                    at += 1;
+                }
+                Err(err) => progress(&format!("{clients} clients: no `{}` row: {err}", dynamic.case.name)),
+            }
         }
         report.requests.push((clients, results));
     }
@@ -386,10 +522,11 @@ pub fn markdown(report: &BenchReport, machine: &str) -> String {
         }
         out.push('\n');
     }
-    if let Some(allowed) = report.requests.first().and_then(|(_, r)| r.first()) {
-        let calls: Vec<String> = allowed.calls_by_name.iter().map(|(n, c)| format!("`{n}` ×{c}")).collect();
-        let _ =
-            writeln!(out, "\nHost calls of an allowed request: {} ({} in all).", calls.join(", "), allowed.host_calls);
+    let allowed = report.requests.first().into_iter().flat_map(|(_, r)| r).filter(|c| c.name.starts_with("allowed"));
+    for case in allowed {
+        let calls: Vec<String> = case.calls_by_name.iter().map(|(n, c)| format!("`{n}` ×{c}")).collect();
+        let what = if case.name == "allowed" { "an allowed request".to_string() } else { format!("`{}`", case.name) };
+        let _ = writeln!(out, "\nHost calls of {what}: {} ({} in all).", calls.join(", "), case.host_calls);
     }
     let _ = writeln!(
         out,

@@ -25,18 +25,32 @@
 //! /proc/PID/stat, all threads), requests per second, and wrk's p50/p99
 //! latency; then keyswap's added CPU over plain Envoy as a ratio of the
 //! native chain's. Generated files go to `.run/bench/`.
+//!
+//! Variants of the job are more listeners in the same run: another build
+//! (`--variant`), every client limited (`--variant-limited`), and route
+//! `bench`'s credential fetched per client from a loopback credential
+//! service (`--variant-per-client-fetch`) or exchanged on behalf of the
+//! caller's subject at a loopback STS (`--variant-on-behalf-of`; the load
+//! then sends the subject's token too). The two services run in this
+//! process; only the first request of the load's client or subject calls
+//! them, and the run fails if either is called during the rounds, so what
+//! is measured is the cached path. Each keyswap variant is also given
+//! against `keyswap`, paired per round.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use clap::Parser;
 use keyswap_envoy_config::bench::{self as job, Binding, CLIENTS, CLIENT_HEADER, STRIPPED};
 use keyswap_tests::bench::{cpu_ticks, pin, ticks_per_second, Responder};
 use keyswap_tests::envoy::{self, Envoy, Launch, LogLevels};
 use keyswap_tests::http::Request;
+use keyswap_tests::server::{Received, Reply, Server};
 use serde_json::{json, Value};
 
 /// The secret the native chain's credential_injector reads.
@@ -79,6 +93,16 @@ struct Args {
     /// rate and a quota the run never reaches (what counting costs).
     #[arg(long, value_name = "NAME=WASM")]
     variant_limited: Vec<String>,
+    /// Also measure a build doing the same job with route `bench`'s
+    /// credential fetched per client from a loopback credential service
+    /// (`{client}` in the path), cached after each client's first request.
+    #[arg(long, value_name = "NAME=WASM")]
+    variant_per_client_fetch: Vec<String>,
+    /// Also measure a build doing the same job with route `bench`'s
+    /// credential exchanged on behalf of the caller at a loopback STS (the
+    /// load sends a subject token), cached after the subject's first request.
+    #[arg(long, value_name = "NAME=WASM")]
+    variant_on_behalf_of: Vec<String>,
     /// Also measure the no-op filter making the host calls CALLS
     /// (comma-separated, see bench/noop-filter) on every request: one
     /// host call's price is this listener's CPU less `noop_wasm`'s.
@@ -111,12 +135,40 @@ enum Kind {
     Lua,
     /// keyswap (or a variant build of it); `listener_only`: on the listener
     /// only, routes matched by `path_prefix` (builds before the two stages);
-    /// `limited`: every client with a rate and a quota never reached.
+    /// `job`: the benchmark's job or a variant of it.
     Keyswap {
         wasm: PathBuf,
         listener_only: bool,
-        limited: bool,
+        job: Job,
     },
+}
+
+/// The keyswap job a listener runs: the benchmark's, or a variant of it
+/// (`keyswap_envoy_config::bench`'s `with_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// The credential from the VM environment, no limits.
+    Static,
+    /// Every client with a rate and a quota never reached.
+    Limited,
+    /// Route `bench`'s credential fetched per client from the credential
+    /// service, cached after the client's first request.
+    PerClientFetch,
+    /// Route `bench`'s credential exchanged at the STS for the caller's
+    /// subject, cached after the subject's first request.
+    OnBehalfOf,
+}
+
+impl Job {
+    /// What the variant changes, for the report.
+    fn label(self) -> &'static str {
+        match self {
+            Job::Static => "",
+            Job::Limited => "every client limited (never reached)",
+            Job::PerClientFetch => "route credential by per-client fetch, cached",
+            Job::OnBehalfOf => "route credential by on-behalf-of exchange, cached",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -144,11 +196,49 @@ impl Listener {
     fn keyswap_config(&self) -> Option<String> {
         match &self.kind {
             Kind::Keyswap { listener_only: true, .. } => Some(job::config(CLIENTS, Binding::PathPrefix)),
-            Kind::Keyswap { limited: true, .. } => {
-                Some(job::with_limits(&job::config(CLIENTS, Binding::Cluster(&self.cluster())), None))
+            Kind::Keyswap { job: kind, .. } => {
+                let config = job::config(CLIENTS, Binding::Cluster(&self.cluster()));
+                Some(match kind {
+                    Job::Static => config,
+                    Job::Limited => job::with_limits(&config, None),
+                    Job::PerClientFetch => job::with_per_client_fetch(&config),
+                    Job::OnBehalfOf => job::with_on_behalf_of(&config),
+                })
             }
-            Kind::Keyswap { .. } => Some(job::config(CLIENTS, Binding::Cluster(&self.cluster()))),
             _ => None,
+        }
+    }
+
+    fn job(&self) -> Job {
+        match self.kind {
+            Kind::Keyswap { job, .. } => job,
+            _ => Job::Static,
+        }
+    }
+
+    /// What every load request to this listener carries besides the
+    /// request line and `host`: the job's, and the subject's token for an
+    /// on-behalf-of listener.
+    fn load_headers(&self, extra_headers: usize) -> Vec<(String, String)> {
+        let mut headers = job::load_headers(CLIENTS);
+        if self.job() == Job::OnBehalfOf {
+            headers
+                .push((job::SUBJECT_HEADER.into(), format!("{}{}", job::KEY_PREFIX, job::subject(job::LOAD_SUBJECT))));
+        }
+        for n in 0..extra_headers {
+            headers.push((format!("x-filler-{n}"), format!("filler value {n} of the load request")));
+        }
+        headers
+    }
+
+    /// What the upstream must get in `authorization` from a load request.
+    fn upstream_authorization(&self) -> String {
+        match self.job() {
+            Job::Static | Job::Limited => job::upstream_authorization(),
+            Job::PerClientFetch => {
+                format!("{}{}", job::KEY_PREFIX, job::fetched_credential(&job::client_id(job::load_client(CLIENTS))))
+            }
+            Job::OnBehalfOf => format!("{}{}", job::KEY_PREFIX, job::exchanged_token(&job::subject(job::LOAD_SUBJECT))),
         }
     }
 
@@ -254,9 +344,14 @@ fn native_chain() -> Vec<Value> {
 }
 
 /// The bootstrap: every listener, the responder's cluster, each two-stage
-/// keyswap listener's own cluster, the native chain's secret.
-fn bootstrap(listeners: &[Listener], responder: SocketAddr, noop_wasm: &Path) -> Value {
+/// keyswap listener's own cluster, the native chain's secret, and the
+/// credential service's and the STS's clusters when running.
+fn bootstrap(listeners: &[Listener], responder: SocketAddr, noop_wasm: &Path, services: Option<&Services>) -> Value {
     let mut clusters = vec![envoy::cluster("responder", responder, None)];
+    if let Some(services) = services {
+        clusters.push(envoy::cluster(job::BROKER_CLUSTER, services.broker.addr(), None));
+        clusters.push(envoy::cluster(job::STS_CLUSTER, services.sts.addr(), None));
+    }
     for l in listeners {
         if let (Kind::Keyswap { listener_only: false, .. }, Some(filter)) = (&l.kind, l.keyswap_filter()) {
             clusters.push(envoy::cluster(&l.cluster(), responder, Some(&filter)));
@@ -280,6 +375,51 @@ fn bootstrap(listeners: &[Listener], responder: SocketAddr, noop_wasm: &Path) ->
     bootstrap
 }
 
+// ------------------------------------------------------------------ services
+
+/// The loopback credential service (per-client `fetch`) and STS
+/// (`token_exchange`) the dynamic variants call, in this process: each
+/// answers `keyswap_envoy_config::bench`'s answer for the client or
+/// subject asked, and counts its calls. Only the first request of each
+/// client or subject calls; the load is measured on the cache.
+struct Services {
+    broker: Server,
+    sts: Server,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Services {
+    fn start() -> Result<Self, String> {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let broker = Server::start("127.0.0.1:0", move |request: Received| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            match job::BROKER_PATH.split_once("{client}").and_then(|(p, _)| request.target.strip_prefix(p)) {
+                Some(client) => Reply::json(200, job::broker_answer(client)),
+                None => Reply::json(404, r#"{"error":"not_found"}"#),
+            }
+        })
+        .map_err(|e| format!("the credential service: {e}"))?;
+        let counted = Arc::clone(&calls);
+        let sts = Server::start("127.0.0.1:0", move |request: Received| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let form = String::from_utf8_lossy(&request.body).into_owned();
+            // The bench's subjects are form-safe: no decoding needed.
+            match form.split('&').find_map(|pair| pair.strip_prefix("subject_token=")) {
+                Some(subject) if request.target == job::STS_PATH => Reply::json(200, job::sts_answer(subject)),
+                _ => Reply::json(400, r#"{"error":"invalid_request"}"#),
+            }
+        })
+        .map_err(|e| format!("the STS: {e}"))?;
+        Ok(Self { broker, sts, calls })
+    }
+
+    /// Calls so far, to both.
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
 // ------------------------------------------------------------------ checks
 
 fn request(addr: SocketAddr, headers: &[(String, String)]) -> Result<(u16, Vec<u8>), String> {
@@ -294,7 +434,7 @@ fn request(addr: SocketAddr, headers: &[(String, String)]) -> Result<(u16, Vec<u
 /// Proves a listener does what it is measured for; returns a one-line account.
 fn verify(l: &Listener, addr: SocketAddr) -> Result<&'static str, String> {
     let load = job::load_client(CLIENTS);
-    let (status, body) = request(addr, &job::load_headers(CLIENTS))?;
+    let (status, body) = request(addr, &l.load_headers(0))?;
     if status != 200 {
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         return Err(format!("{}: the load request got {status}, not 200: {text:?}", l.name));
@@ -314,8 +454,11 @@ fn verify(l: &Listener, addr: SocketAddr) -> Result<&'static str, String> {
         return Ok("200, request proxied unchanged");
     }
     let mut problems = Vec::new();
-    if !is(job::KEY_HEADER, job::upstream_authorization()) {
+    if !is(job::KEY_HEADER, l.upstream_authorization()) {
         problems.push("the upstream did not get exactly the injected credential".to_string());
+    }
+    if seen.contains_key(job::SUBJECT_HEADER) {
+        problems.push("the subject token reached the upstream".into());
     }
     if !is(CLIENT_HEADER, job::client_id(load)) {
         problems.push(format!("the upstream did not get {CLIENT_HEADER}: {}", job::client_id(load)));
@@ -357,17 +500,19 @@ fn micros(value: &str) -> Option<f64> {
     Some(number.parse::<f64>().ok()? * scale)
 }
 
-/// One wrk run on `addr`; its figures as JSON (requests, seconds, p50_us,
-/// p99_us, non_2xx, socket_errors).
-fn run_wrk(addr: SocketAddr, seconds: u64, args: &Args) -> Result<serde_json::Map<String, Value>, String> {
+/// One wrk run on `l` at `addr`; its figures as JSON (requests, seconds,
+/// p50_us, p99_us, non_2xx, socket_errors).
+fn run_wrk(
+    l: &Listener,
+    addr: SocketAddr,
+    seconds: u64,
+    args: &Args,
+) -> Result<serde_json::Map<String, Value>, String> {
     let mut command = Command::new("taskset");
     command.args(["-c", &args.load_cpu, "wrk", "-t1", &format!("-c{}", args.connections)]);
     command.args([format!("-d{seconds}s"), "--latency".into()]);
-    for (name, value) in job::load_headers(CLIENTS) {
+    for (name, value) in l.load_headers(args.extra_headers) {
         command.args(["-H".to_string(), format!("{name}: {value}")]);
-    }
-    for n in 0..args.extra_headers {
-        command.args(["-H".to_string(), format!("x-filler-{n}: filler value {n} of the load request")]);
     }
     command.arg(format!("http://{addr}/bench/load"));
     let output = command.output().map_err(|e| format!("wrk: {e}"))?;
@@ -402,9 +547,9 @@ fn run_wrk(addr: SocketAddr, seconds: u64, args: &Args) -> Result<serde_json::Ma
 }
 
 /// One measured run: wrk's figures and Envoy's CPU time over it.
-fn measure(pid: u32, addr: SocketAddr, seconds: u64, args: &Args) -> Result<Value, String> {
+fn measure(pid: u32, l: &Listener, addr: SocketAddr, seconds: u64, args: &Args) -> Result<Value, String> {
     let before = cpu_ticks(pid)?;
-    let mut result = run_wrk(addr, seconds, args)?;
+    let mut result = run_wrk(l, addr, seconds, args)?;
     let after = cpu_ticks(pid)?;
     let cpu_s = (after - before) as f64 / ticks_per_second() as f64;
     let requests = result["requests"].as_f64().unwrap_or(0.0);
@@ -485,12 +630,26 @@ fn summarise(names: &[String], rounds: &[Value]) -> Value {
         .collect();
     let rps = |n: &str| num(&listeners[n]["rps"]["median"]);
     let throughput = rps("keyswap") / rps("plain");
+    // Each variant against the keyswap listener, paired within each round
+    // (the two measured minutes apart at most, under the same load).
+    let mut vs_keyswap = serde_json::Map::new();
+    for name in names.iter().filter(|n| !CANONICAL.contains(&n.as_str())) {
+        let cpu = |r: &Value, n: &str| num(&r[n]["cpu_us_per_req"]);
+        let ratios: Vec<f64> = rounds.iter().map(|r| cpu(r, name) / cpu(r, "keyswap")).collect();
+        let differences: Vec<f64> = rounds.iter().map(|r| cpu(r, name) - cpu(r, "keyswap")).collect();
+        vs_keyswap.insert(
+            name.clone(),
+            json!({"ratio": quartiles(&ratios), "difference_us": quartiles(&differences),
+                   "ratio_by_round": ratios, "difference_us_by_round": differences}),
+        );
+    }
     json!({
         "listeners": listeners,
         "added_cpu_us": added,
         "ratio_keyswap_to_native_added": ratio,
         "ratio_paired_by_round": (!paired.is_empty()).then(|| quartiles(&paired)),
         "throughput_keyswap_vs_plain": throughput,
+        "paired_vs_keyswap": vs_keyswap,
     })
 }
 
@@ -649,12 +808,28 @@ fn markdown(summary: &Value, meta: &Value, shape: &Shape) -> String {
     for (n, wasm) in &shape.variants {
         if native > 0.0 {
             let added = num(&summary["added_cpu_us"][n]);
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "- Variant `{n}` ({wasm}): added CPU {added:+.1} µs, {:.2}× the native chain's; throughput {:.0}% of plain.",
+                "- Variant `{n}` ({wasm}): added CPU {added:+.1} µs, {:.2}× the native chain's; throughput {:.0}% of plain",
                 added / native,
                 num(&summary["listeners"][n]["rps"]["median"]) / plain_rps * 100.0
             );
+            let paired = &summary["paired_vs_keyswap"][n];
+            if wasm.starts_with("no-op") || paired.is_null() {
+                out.push_str(".\n");
+            } else {
+                let (r, d) = (&paired["ratio"], &paired["difference_us"]);
+                let _ = writeln!(
+                    out,
+                    "; ÷ `keyswap` paired per round: median {:.3} (25th-75th pct {:.3}-{:.3}), difference median {:+.1} µs ({:+.1} to {:+.1}).",
+                    num(&r[1]),
+                    num(&r[0]),
+                    num(&r[2]),
+                    num(&d[1]),
+                    num(&d[0]),
+                    num(&d[2])
+                );
+            }
         }
     }
     let non_2xx: Vec<String> =
@@ -792,21 +967,23 @@ fn listeners(args: &Args, keyswap_wasm: &Path) -> Result<Vec<Listener>, String> 
         ("noop_wasm", Kind::NoopWasm { calls: String::new(), two_stages: false }),
         ("native", Kind::Native),
         ("lua", Kind::Lua),
-        ("keyswap", Kind::Keyswap { wasm: keyswap_wasm.to_path_buf(), listener_only: false, limited: false }),
+        ("keyswap", Kind::Keyswap { wasm: keyswap_wasm.to_path_buf(), listener_only: false, job: Job::Static }),
     ]
     .into_iter()
     .map(|(name, kind)| Listener { name: name.into(), kind })
     .collect();
-    let given = (args.variant.iter().map(|v| (v, false, false)))
-        .chain(args.variant_listener_only.iter().map(|v| (v, true, false)))
-        .chain(args.variant_limited.iter().map(|v| (v, false, true)));
-    for (v, listener_only, limited) in given {
+    let given = (args.variant.iter().map(|v| (v, false, Job::Static)))
+        .chain(args.variant_listener_only.iter().map(|v| (v, true, Job::Static)))
+        .chain(args.variant_limited.iter().map(|v| (v, false, Job::Limited)))
+        .chain(args.variant_per_client_fetch.iter().map(|v| (v, false, Job::PerClientFetch)))
+        .chain(args.variant_on_behalf_of.iter().map(|v| (v, false, Job::OnBehalfOf)));
+    for (v, listener_only, job) in given {
         let (name, wasm) = v.split_once('=').unwrap_or((v, ""));
         if !new_name(&listeners, name) || wasm.is_empty() {
             return Err(format!("--variant {v}: expected NAME=WASM with a new lower-case NAME"));
         }
         let wasm = std::fs::canonicalize(wasm).map_err(|e| format!("--variant {v}: {wasm}: {e}"))?;
-        listeners.push(Listener { name: name.into(), kind: Kind::Keyswap { wasm, listener_only, limited } });
+        listeners.push(Listener { name: name.into(), kind: Kind::Keyswap { wasm, listener_only, job } });
     }
     let noops =
         args.noop_variant.iter().map(|v| (v, false)).chain(args.noop_variant_two_stages.iter().map(|v| (v, true)));
@@ -837,7 +1014,9 @@ fn run(args: &Args) -> Result<(), String> {
     std::fs::create_dir_all(&run).map_err(|e| format!("{}: {e}", run.display()))?;
 
     let responder = Responder::start(&responder_bin, Some(&args.load_cpu), &run.join("responder.log"))?;
-    let config = bootstrap(&listeners, responder.addr(), &noop_wasm);
+    let dynamic = listeners.iter().any(|l| matches!(l.job(), Job::PerClientFetch | Job::OnBehalfOf));
+    let services = if dynamic { Some(Services::start()?) } else { None };
+    let config = bootstrap(&listeners, responder.addr(), &noop_wasm, services.as_ref());
     let config_path = run.join("envoy.json");
     write(&config_path, &serde_json::to_string_pretty(&config).unwrap_or_default())?;
     envoy::validate(&config_path, &[], &run)?;
@@ -863,15 +1042,19 @@ fn run(args: &Args) -> Result<(), String> {
         for (l, addr) in listeners.iter().zip(&addrs) {
             println!("bench: check {:9} {}", l.name, verify(l, *addr)?);
         }
-        for addr in &addrs {
-            run_wrk(*addr, args.warmup, args)?;
+        for (l, addr) in listeners.iter().zip(&addrs) {
+            run_wrk(l, *addr, args.warmup, args)?;
         }
+        // Every client and subject the load uses has been served once: no
+        // call from here on, or the measurement was not of the cache.
+        let calls_before = services.as_ref().map(Services::calls);
         let mut rounds = Vec::new();
         let n = listeners.len();
         for r in 0..args.rounds {
             let mut results = serde_json::Map::new();
             for i in (0..n).map(|i| (i + r % n) % n) {
-                results.insert(listeners[i].name.clone(), measure(envoy.pid(), addrs[i], args.duration, args)?);
+                let measured = measure(envoy.pid(), &listeners[i], addrs[i], args.duration, args)?;
+                results.insert(listeners[i].name.clone(), measured);
             }
             let line: Vec<String> = listeners
                 .iter()
@@ -883,6 +1066,16 @@ fn run(args: &Args) -> Result<(), String> {
             println!("bench: round {}/{}: {}", r + 1, args.rounds, line.join("  "));
             rounds.push(Value::Object(results));
         }
+        let calls_after = services.as_ref().map(Services::calls);
+        if calls_before != calls_after {
+            return Err(format!(
+                "the credential service and STS were called during the load ({calls_before:?} calls before the \
+                 rounds, {calls_after:?} after): the cached path was not what was measured"
+            ));
+        }
+        if let Some(calls) = calls_after {
+            println!("bench: credential service and STS: {calls} calls, none during the rounds");
+        }
         for (l, addr) in listeners.iter().zip(&addrs) {
             if l.does_the_job() {
                 verify(l, *addr)?;
@@ -893,6 +1086,7 @@ fn run(args: &Args) -> Result<(), String> {
     let _ = std::fs::copy(envoy.log_path(), run.join("envoy.log"));
     drop(envoy);
     drop(responder);
+    drop(services);
     let rounds = measured?;
 
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
@@ -900,7 +1094,14 @@ fn run(args: &Args) -> Result<(), String> {
         .iter()
         .filter(|l| !CANONICAL.contains(&l.name.as_str()))
         .filter_map(|l| match &l.kind {
-            Kind::Keyswap { wasm, .. } => Some((l.name.clone(), wasm.file_name()?.to_string_lossy().into_owned())),
+            Kind::Keyswap { wasm, job, .. } => {
+                let file = wasm.file_name()?.to_string_lossy().into_owned();
+                let label = match job.label() {
+                    "" => file,
+                    label => format!("{file}, {label}"),
+                };
+                Some((l.name.clone(), label))
+            }
             Kind::NoopWasm { calls, two_stages } => {
                 let stages = if *two_stages { ", in both stages" } else { "" };
                 Some((l.name.clone(), format!("no-op calling [{calls}]{stages}")))
