@@ -203,14 +203,22 @@ impl<'a> Reader<'a> {
     pub fn field(&mut self, object: &mut Object, fields: &[&'static str]) -> Result<Option<&'static str>> {
         let Some(key) = self.key(object)? else { return Ok(None) };
         let Some(i) = fields.iter().position(|f| *f == key) else {
-            let mut message = format!("unknown field `{key}`, ");
+            // A misspelt field is named back; anything not shaped like a
+            // field name (a pasted secret, a newline, a megabyte) is not,
+            // in the message or the path.
+            let shown = is_field_name(&key);
+            let mut message = if shown {
+                format!("unknown field `{key}`, ")
+            } else {
+                "unknown field (not shown: not a field name), ".to_string()
+            };
             if fields.is_empty() {
                 message.push_str("there are no fields");
             } else {
                 message.push_str("expected ");
                 one_of(&mut message, fields);
             }
-            return Err(self.error_at(self.key_end, &message));
+            return Err(if shown { self.error_at(self.key_end, &message) } else { self.key_error(&message) });
         };
         let bit = 1u64 << (i % 64);
         if object.seen & bit != 0 {
@@ -728,6 +736,12 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// What a field name of keyswap's documents may be, and so what an unknown
+/// one may be written back as: 1-64 lower-case letters, digits and `_`.
+fn is_field_name(key: &str) -> bool {
+    (1..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// `routes[0].inject`, from the steps of a path.
 fn path_of(steps: &[Step<'_>]) -> String {
     let mut out = String::new();
@@ -963,6 +977,12 @@ mod tests {
         assert_eq!(err.message, "trailing characters at line 2 column 1");
         let err = read_bool_field("{\"off\": true}").unwrap_err();
         assert_eq!(err.message, "unknown field `off`, expected `on` at line 1 column 6");
+        for pasted in ["sk-live-Secret\\nforged line", "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.S3CR3T", &"x".repeat(65)] {
+            let err = read_bool_field(&format!("{{\"{pasted}\": true}}")).unwrap_err();
+            assert_eq!(err.path, "", "{pasted}: {err:?}");
+            assert!(err.message.starts_with("unknown field (not shown: not a field name), expected `on`"), "{err:?}");
+            assert!(!err.message.contains(&pasted[..8]), "{err:?}");
+        }
         let err = read_bool_field("{\"on\": true, \"on\": false}").unwrap_err();
         assert!(err.message.starts_with("duplicate field `on`"), "{err:?}");
         assert_eq!(read_bool_field(" {\"on\" : true } "), Ok(true));
