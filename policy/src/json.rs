@@ -103,8 +103,8 @@ impl<'a> Reader<'a> {
         Self { bytes, at: 0, path: Vec::new(), key_end: 0 }
     }
 
-    /// A reader at byte `at` of `bytes` (a value found by an earlier
-    /// reader, see [`Self::skip_span`]), its path starting at `key`.
+    /// A reader at byte `at` of `bytes` (a value an earlier reader found,
+    /// see [`Self::position`]), its path starting at `key`.
     pub fn at(bytes: &'a [u8], at: usize, key: &'a str) -> Self {
         Self { bytes, at, path: vec![Step::Key(Cow::Borrowed(key))], key_end: 0 }
     }
@@ -344,34 +344,12 @@ impl<'a> Reader<'a> {
         magnitude.ok_or_else(|| self.error("invalid type: floating point `…`, expected i64"))
     }
 
-    /// Reads a number and returns it as written (`-1.5e3`).
-    ///
-    /// # Errors
-    /// Anything but a number next, or a broken one.
-    pub fn number_text(&mut self) -> Result<&'a str> {
-        if self.kind()? != Kind::Number {
-            return Err(self.invalid_type("a number"));
-        }
-        self.number()
-    }
-
     /// Reads past the next value, whatever it is, checking its syntax.
     ///
     /// # Errors
     /// Broken JSON, or nesting deeper than 128.
     pub fn skip(&mut self) -> Result<()> {
         self.skip_at(self.path.len())
-    }
-
-    /// [`Self::skip`], returning where the value starts in the input.
-    ///
-    /// # Errors
-    /// As [`Self::skip`].
-    pub fn skip_span(&mut self) -> Result<usize> {
-        self.peek();
-        let start = self.at;
-        self.skip()?;
-        Ok(start)
     }
 
     /// Checks that nothing but whitespace follows the document.
@@ -1021,7 +999,6 @@ mod tests {
             assert!(err.message.starts_with(message), "{text}: {err:?}");
             assert!(!err.message.contains(text), "{text} echoed: {err:?}");
         }
-        assert_eq!(Reader::new(b"-1.5e+3").number_text(), Ok("-1.5e+3"));
     }
 
     #[test]
