@@ -353,3 +353,44 @@ impl Index {
         Ok(index)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Index, Record};
+
+    /// Records and the index are shared with the VMs of the module they
+    /// replace during a push: the encoding is byte for byte what the
+    /// serde_json build wrote (fields in this order, `refused` and `owner`
+    /// only when set), and each reads the other's.
+    #[test]
+    fn the_encoding_is_the_one_the_previous_module_wrote() {
+        let record = Record {
+            values: vec!["tok-\"1\"".into(), "b".into()],
+            expires_at: Some(1_800_000_000_000),
+            refresh_at: 1_799_999_000_000,
+            generation: 7,
+            rejected: Some(6),
+            used_at: -1,
+            ..Record::default()
+        };
+        let written = r#"{"values":["tok-\"1\"","b"],"expires_at":1800000000000,"refresh_at":1799999000000,"failures":0,"lease_until":0,"generation":7,"forced_at":0,"rejected":6,"used_at":-1}"#;
+        assert_eq!(String::from_utf8_lossy(&record.encode()), written);
+        assert_eq!(Record::decode(written.as_bytes()), record);
+        let keyed = Record { refused: true, owner: "client-7".into(), ..Record::default() };
+        let written = r#"{"values":[],"expires_at":null,"refresh_at":0,"failures":0,"lease_until":0,"generation":0,"forced_at":0,"rejected":null,"used_at":0,"refused":true,"owner":"client-7"}"#;
+        assert_eq!(String::from_utf8_lossy(&keyed.encode()), written);
+        assert_eq!(Record::decode(written.as_bytes()), keyed);
+        // Fields in another order, one unknown: still read; anything else
+        // is an empty record.
+        let shuffled = br#"{"generation":3,"new_field":[1,{"a":2}],"values":["v"]}"#;
+        assert_eq!(Record::decode(shuffled), Record { generation: 3, values: vec!["v".into()], ..Record::default() });
+        assert_eq!(Record::decode(br#"{"values":[1]}"#), Record::default());
+
+        let index = Index { entries: vec![("a\"b".into(), 3), ("c".into(), 0)] };
+        let written = r#"{"entries":[["a\"b",3],["c",0]]}"#;
+        assert_eq!(String::from_utf8_lossy(&index.encode()), written);
+        assert_eq!(Index::decode(written.as_bytes()), index);
+        assert_eq!(Index::find(written.as_bytes(), "a\"b"), Some(3));
+        assert_eq!(Index::decode(br#"{"entries":[["a"]]}"#), Index::default());
+    }
+}
