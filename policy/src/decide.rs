@@ -137,7 +137,7 @@ impl Policy {
             Decision::Deny(Denial {
                 reason,
                 route: Some(route.name.as_str()),
-                client: known.map(|(c, _)| c.id.as_str()),
+                client: known.map(|(c, _)| self.client_id(c)),
                 key: known.and_then(|(_, k)| k.id()),
                 metadata: known.and_then(|(c, _)| c.metadata.as_deref()),
                 limit: None,
@@ -173,7 +173,14 @@ impl Policy {
             let reason = if refusal.limit.is_quota() { DenialReason::QuotaExceeded } else { DenialReason::RateLimited };
             let limit = Some(refusal);
             let (route, key, metadata) = (Some(route.name.as_str()), key.id(), client.metadata.as_deref());
-            return Decision::Deny(Denial { reason, route, client: Some(client.id.as_str()), key, metadata, limit });
+            return Decision::Deny(Denial {
+                reason,
+                route,
+                client: Some(self.client_id(client)),
+                key,
+                metadata,
+                limit,
+            });
         }
         // The client's own list for this route, else the route's: a
         // length check for a client without any list of its own.
@@ -192,7 +199,7 @@ impl Policy {
             Err(Refusal::Deny(reason)) => deny(reason, known),
             Err(Refusal::Wait(slots, timeout_ms)) => {
                 let metadata = client.metadata.as_deref();
-                let (route, client, key) = (route.name.as_str(), client.id.as_str(), key.id());
+                let (route, client, key) = (route.name.as_str(), self.client_id(client), key.id());
                 Decision::Wait(Wait { route, client, key, metadata, slots, timeout_ms })
             }
         }
@@ -303,7 +310,7 @@ impl Policy {
             let client = key.and_then(|k| Some((self.clients.get(k.client())?, k)));
             let valid = client.filter(|(c, k)| key_refusal(c, k, &|| now_ms().div_euclid(1000)).is_none());
             if let Some((client, _)) = valid {
-                admit.add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
+                admit.add_headers.push((name.as_str(), Cow::Borrowed(self.client_id(client))));
             }
         }
         admit
@@ -407,7 +414,7 @@ impl Policy {
             add_headers.extend(credentials.headers.iter().map(|h| (h.name.as_str(), Cow::Borrowed(h.value.as_str()))));
         }
         if let (Some(name), Some(client)) = (&self.client_id_header, client) {
-            add_headers.push((name.as_str(), Cow::Borrowed(client.id.as_str())));
+            add_headers.push((name.as_str(), Cow::Borrowed(self.client_id(client))));
         }
         // The client's metadata fields `metadata_headers` names: a length
         // check for a client without metadata. Client-sent copies of these
@@ -423,7 +430,7 @@ impl Policy {
         let (path, mut secrets, used) = match credentials {
             // Static configurations pay nothing more: no clock, no read.
             Some(credentials) if !credentials.dynamic.is_empty() => {
-                let key = client.map(|c| c.id.as_str());
+                let key = client.map(|c| self.client_id(c));
                 let dynamic = dynamic_values(credentials, &self.providers, (key, subject), now, records)?;
                 add_headers.extend(dynamic.headers);
                 (self.rewrite_query(req.path, injected, &dynamic.queries), dynamic.secrets, dynamic.used)
@@ -437,7 +444,7 @@ impl Policy {
         }
         Ok(Forward {
             route: inject.map(|i| i.route.name.as_str()),
-            client: client.map(|c| c.id.as_str()),
+            client: client.map(|c| self.client_id(c)),
             key: caller.and_then(|(_, k)| k.id()),
             metadata: client.and_then(|c| c.metadata.as_deref()),
             remove_headers,

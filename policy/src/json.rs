@@ -88,6 +88,10 @@ pub struct Array {
 #[derive(Debug)]
 pub struct Reader<'a> {
     bytes: &'a [u8],
+    /// The input from byte `text.0` on, when all of that is UTF-8 (checked
+    /// once, so a string's text is then a slice of it; a document that is
+    /// not is checked string by string, for the position of the fault).
+    text: (usize, Option<&'a str>),
     at: usize,
     path: Vec<Step<'a>>,
     /// Just after the closing quote of the last key read: where an error
@@ -100,13 +104,14 @@ type Result<T> = std::result::Result<T, Error>;
 impl<'a> Reader<'a> {
     /// A reader at the start of `bytes`.
     pub fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, at: 0, path: Vec::new(), key_end: 0 }
+        Self { bytes, text: (0, std::str::from_utf8(bytes).ok()), at: 0, path: Vec::new(), key_end: 0 }
     }
 
     /// A reader at byte `at` of `bytes` (a value an earlier reader found,
     /// see [`Self::position`]), its path starting at `key`.
     pub fn at(bytes: &'a [u8], at: usize, key: &'a str) -> Self {
-        Self { bytes, at, path: vec![Step::Key(Cow::Borrowed(key))], key_end: 0 }
+        let text = (at, bytes.get(at..).and_then(|rest| std::str::from_utf8(rest).ok()));
+        Self { bytes, text, at, path: vec![Step::Key(Cow::Borrowed(key))], key_end: 0 }
     }
 
     /// The kind of the next value (whitespace skipped, nothing consumed).
@@ -202,7 +207,7 @@ impl<'a> Reader<'a> {
     /// before in this object (`duplicate field`).
     pub fn field(&mut self, object: &mut Object, fields: &[&'static str]) -> Result<Option<&'static str>> {
         let Some(key) = self.key(object)? else { return Ok(None) };
-        let Some(i) = fields.iter().position(|f| *f == key) else {
+        let Some(i) = fields.iter().position(|f| same(f.as_bytes(), key.as_bytes())) else {
             // A misspelt field is named back; anything not shaped like a
             // field name (a pasted secret, a newline, a megabyte) is not,
             // in the message or the path.
@@ -349,6 +354,11 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// Broken JSON, or nesting deeper than 128.
     pub fn skip(&mut self) -> Result<()> {
+        let start = self.at;
+        if self.text.1.is_some() && self.skip_plain(self.path.len()).is_some() {
+            return Ok(());
+        }
+        self.at = start;
         self.skip_at(self.path.len())
     }
 
@@ -473,6 +483,80 @@ impl<'a> Reader<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Past the next value without keeping a path, for a document known
+    /// to be UTF-8: `None` at anything but well-formed JSON, and the caller
+    /// then reads the value again with [`Self::skip_at`] for the error and
+    /// its position. Most of the configuration's 12 MiB is clients, which
+    /// the first pass only skips.
+    fn skip_plain(&mut self, depth: usize) -> Option<()> {
+        let close = match self.peek()? {
+            b'"' => {
+                self.at += 1;
+                return self.skip_plain_string();
+            }
+            b'{' => b'}',
+            b'[' => b']',
+            b't' => return self.skip_word(b"true"),
+            b'f' => return self.skip_word(b"false"),
+            b'n' => return self.skip_word(b"null"),
+            b'-' | b'0'..=b'9' => return self.number().ok().map(drop),
+            _ => return None,
+        };
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        self.at += 1;
+        if self.peek()? == close {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            if close == b'}' {
+                if self.peek()? != b'"' {
+                    return None;
+                }
+                self.at += 1;
+                self.skip_plain_string()?;
+                if self.peek()? != b':' {
+                    return None;
+                }
+                self.at += 1;
+            }
+            self.skip_plain(depth + 1)?;
+            match self.peek()? {
+                b',' => self.at += 1,
+                b if b == close => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn skip_plain_string(&mut self) -> Option<()> {
+        loop {
+            self.plain();
+            match *self.bytes.get(self.at)? {
+                b'"' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                b'\\' => {
+                    self.at += 1;
+                    self.escape(&mut None).ok()?;
+                }
+                b if b < 0x20 => return None,
+                // Past ASCII in a document checked to be UTF-8.
+                _ => self.at += 1,
+            }
+        }
+    }
+
+    fn skip_word(&mut self, word: &[u8]) -> Option<()> {
+        (self.bytes.get(self.at..self.at + word.len())? == word).then(|| self.at += word.len())
     }
 
     fn enter(&self) -> Result<()> {
@@ -613,12 +697,37 @@ impl<'a> Reader<'a> {
 
     /// Past the plain bytes of a string.
     fn plain(&mut self) {
+        // Eight bytes at a time while none of them is `"`, `\\`, a control
+        // character or past ASCII (those end the word loop; the byte loop
+        // then decides).
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        while let Some(word) = self.bytes.get(self.at..self.at + 8) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(word);
+            let v = u64::from_le_bytes(eight);
+            let stop = zero(v ^ (ONES * u64::from(b'"')))
+                | zero(v ^ (ONES * u64::from(b'\\')))
+                | (v.wrapping_sub(ONES * 0x20) & !v & HIGH)
+                | (v & HIGH);
+            if stop != 0 {
+                break;
+            }
+            self.at += 8;
+        }
         while self.bytes.get(self.at).is_some_and(|&b| PLAIN[usize::from(b)]) {
             self.at += 1;
         }
     }
 
     fn utf8(&self, from: usize, to: usize) -> Result<&'a str> {
+        // Quotes and backslashes are ASCII, so in UTF-8 they and the bytes
+        // after them start characters.
+        let (base, text) = self.text;
+        if let Some(text) = text.and_then(|t| t.get(from.checked_sub(base)?..to.checked_sub(base)?)) {
+            return Ok(text);
+        }
         std::str::from_utf8(&self.bytes[from..to]).map_err(|e| {
             let bad = from + e.valid_up_to();
             self.syntax_at(bad + 1, "invalid unicode code point")
@@ -712,6 +821,12 @@ impl<'a> Reader<'a> {
         let column = at - line_start;
         Error { path: self.path(), message: format!("{message} at line {line} column {column}") }
     }
+}
+
+/// Byte for byte, inline: field names are short, and a library compare
+/// call per candidate field cost more than the compare.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// What a field name of keyswap's documents may be, and so what an unknown
@@ -1011,6 +1126,47 @@ mod tests {
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(Reader::new(deep.as_bytes()).skip().unwrap_err().message.starts_with("recursion limit exceeded"));
+    }
+
+    #[test]
+    fn the_quick_skip_ends_and_fails_where_the_full_one_does() {
+        // `skip` takes a path-free walk first and falls back to the full
+        // reading at anything it does not take: both must agree on where a
+        // value ends and on every error, or the first pass over the clients
+        // would accept or place differently than the second.
+        let deep_ok = "[".repeat(127) + &"]".repeat(127);
+        let deep_bad = "[".repeat(128) + &"]".repeat(128);
+        let documents: &[&[u8]] = &[
+            br#"{"a": [1, -2.5e3, {"b": null}, "x\"y\u00e9", true, false], "c": {}} , 1"#,
+            b" [ ] ",
+            b"{}x",
+            "[\"\u{e9}\u{1f600}\"]".as_bytes(),
+            b"[\"a\x01\"]",
+            br#"["a\q"]"#,
+            br#"["\ud800"]"#,
+            b"[01]",
+            b"[1.]",
+            b"[-]",
+            br#"{"a":1 "b":2}"#,
+            br#"{"a":1,}"#,
+            b"[1,]",
+            b"[nul]",
+            b"[\"abc",
+            b"{\"a\"",
+            b"[\xff]",
+            b"[\"\xff\"]",
+            deep_ok.as_bytes(),
+            deep_bad.as_bytes(),
+        ];
+        for &doc in documents {
+            let mut quick = Reader::new(doc);
+            let mut full = Reader::new(doc);
+            let full_result = full.skip_at(0);
+            assert_eq!(quick.skip(), full_result, "{:?}", String::from_utf8_lossy(doc));
+            if full_result.is_ok() {
+                assert_eq!(quick.position(), full.position(), "{:?}", String::from_utf8_lossy(doc));
+            }
+        }
     }
 
     #[test]

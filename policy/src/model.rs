@@ -16,6 +16,9 @@ use crate::raw::UnmatchedRoute;
 #[derive(Debug)]
 pub struct Policy {
     pub(crate) clients: Vec<Client>,
+    /// Every client's id, one after another ([`Client::id`] is where its
+    /// own is): one allocation, not one per client.
+    pub(crate) client_ids: String,
     /// Every key of every client; [`ClientIndex`] finds one by digest.
     pub(crate) keys: Vec<Key>,
     pub(crate) index: ClientIndex,
@@ -68,7 +71,8 @@ pub struct Policy {
 
 #[derive(Debug)]
 pub(crate) struct Client {
-    pub id: String,
+    /// Where the id is in [`Policy::client_ids`]: start and length.
+    pub id: (u32, u32),
     pub allowed: Allowed,
     /// Unix seconds; every key of the client is refused from this instant on.
     pub expires: Option<i64>,
@@ -166,7 +170,7 @@ pub fn key_id(digest: &[u8; 32]) -> String {
     id
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Allowed {
     All,
     /// Sorted route indices, shared by every client with the same list
@@ -377,6 +381,12 @@ mod summary_tests {
 }
 
 impl Policy {
+    /// Client `c`'s id.
+    pub(crate) fn client_id(&self, c: &Client) -> &str {
+        let (start, len) = (c.id.0 as usize, c.id.1 as usize);
+        self.client_ids.get(start..start + len).unwrap_or_default()
+    }
+
     /// Counts and version, never a key or credential.
     pub fn summary(&self) -> Summary {
         Summary { clients: self.clients.len(), routes: self.routes.len(), version: self.version.clone() }

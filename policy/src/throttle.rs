@@ -33,8 +33,11 @@ impl Policy {
         if (on_route.is_empty() && client.limits.all.is_empty()) || counters.taken() {
             return Ok(());
         }
-        let buckets: Vec<(&Limit, String)> =
-            on_route.iter().chain(client.limits.all.iter()).map(|l| (l, l.key(&client.id, &route.name))).collect();
+        let buckets: Vec<(&Limit, String)> = on_route
+            .iter()
+            .chain(client.limits.all.iter())
+            .map(|l| (l, l.key(self.client_id(client), &route.name)))
+            .collect();
         limit::admit(&buckets, now_ms(), counters)
     }
 
@@ -54,10 +57,10 @@ impl Policy {
     pub fn limit_keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
         for client in self.clients.iter().filter(|c| !c.disabled) {
-            keys.extend(client.limits.all.iter().map(|l| l.key(&client.id, "")));
+            keys.extend(client.limits.all.iter().map(|l| l.key(self.client_id(client), "")));
             for (r, route) in self.routes.iter().enumerate().filter(|(r, _)| client.allowed.allows(*r)) {
                 let on_route: &[Limit] = client.limits.for_route(r).unwrap_or(&route.limits);
-                keys.extend(on_route.iter().map(|l| l.key(&client.id, &route.name)));
+                keys.extend(on_route.iter().map(|l| l.key(self.client_id(client), &route.name)));
             }
         }
         keys.sort_unstable();

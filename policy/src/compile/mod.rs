@@ -131,7 +131,7 @@ fn compile(
     }
 
     let shared = Shared { routes: &routes, route_index: &route_index, client_id_header: client_id_header.as_deref() };
-    let (clients, keys, index, first_client_limit) =
+    let Compiled { clients, client_ids, keys, index, first_limit: first_client_limit } =
         compile_clients(clients, client_count, &shared, env, &mut builder)?;
     let providers = builder.finish();
     finish_routes(&mut routes, &clients);
@@ -221,6 +221,7 @@ fn compile(
 
     Ok(Policy {
         clients,
+        client_ids,
         keys,
         index,
         key_sources,
@@ -683,8 +684,9 @@ fn compile_clients(
     shared: &Shared<'_>,
     env: &dyn Environment,
     builder: &mut ProviderBuilder,
-) -> Result<(Vec<Client>, Vec<Key>, ClientIndex, Option<String>), ConfigError> {
+) -> Result<Compiled, ConfigError> {
     let mut clients = Vec::with_capacity(count);
+    let mut client_ids = String::new();
     let mut keys = Vec::with_capacity(count);
     let mut index = ClientIndex::with_capacity(count);
     // Ids by their hash: a repeat is looked for among the clients only when
@@ -706,7 +708,8 @@ fn compile_clients(
             ));
         }
         let hash = xxhash_rust::xxh3::xxh3_64(client.id.as_bytes());
-        if !ids.insert(hash) && clients.iter().any(|other: &Client| other.id == client.id) {
+        let id_of = |other: &Client| client_ids.get(other.id.0 as usize..(other.id.0 + other.id.1) as usize);
+        if !ids.insert(hash) && clients.iter().any(|other: &Client| id_of(other) == Some(&*client.id)) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 format!("`{}` is already the id of an earlier client", client.id),
@@ -745,10 +748,23 @@ fn compile_clients(
             None => None,
         };
         let disabled = client.disabled;
-        clients.push(Client { id: client.id.into_owned(), allowed, expires, disabled, own, metadata, limits });
+        // An id is at most 128 bytes, and `count` clients fit in a u32.
+        let id = (u32::try_from(client_ids.len()).unwrap_or(u32::MAX), client.id.len() as u32);
+        client_ids.push_str(&client.id);
+        clients.push(Client { id, allowed, expires, disabled, own, metadata, limits });
         c += 1;
     }
-    Ok((clients, keys, index, first_limit))
+    Ok(Compiled { clients, client_ids, keys, index, first_limit })
+}
+
+/// The clients compiled, with what they need beside them.
+struct Compiled {
+    clients: Vec<Client>,
+    client_ids: String,
+    keys: Vec<Key>,
+    index: ClientIndex,
+    /// The path of the first client limit, if any.
+    first_limit: Option<String>,
 }
 
 /// A client's keys: its one `key_sha256`/`key`, or its `keys` list, each
@@ -949,6 +965,10 @@ fn compile_client_routes(
         }
         return Ok(Allowed::All);
     }
+    // Most clients list the same routes as the one before them.
+    if let Some(last) = shared_lists.last.as_ref().filter(|(names, _)| names.iter().eq(raw.iter().map(|r| &**r))) {
+        return Ok(last.1.clone());
+    }
     let lists = &mut shared_lists.lists;
     let scratch = &mut shared_lists.scratch;
     scratch.clear();
@@ -966,12 +986,17 @@ fn compile_client_routes(
     }
     scratch.sort_unstable();
     scratch.dedup();
-    if let Some(list) = lists.get(&scratch[..]) {
-        return Ok(Allowed::Only(list.clone()));
-    }
-    let list: Arc<[usize]> = scratch[..].into();
-    lists.insert(list.clone());
-    Ok(Allowed::Only(list))
+    let list = match lists.get(&scratch[..]) {
+        Some(list) => list.clone(),
+        None => {
+            let list: Arc<[usize]> = scratch[..].into();
+            lists.insert(list.clone());
+            list
+        }
+    };
+    let allowed = Allowed::Only(list);
+    shared_lists.last = Some((raw.iter().map(|r| r.to_string()).collect(), allowed.clone()));
+    Ok(allowed)
 }
 
 /// The distinct route lists of the clients compiled so far, each allocated
@@ -980,6 +1005,8 @@ fn compile_client_routes(
 struct RouteLists {
     lists: HashSet<Arc<[usize]>>,
     scratch: Vec<usize>,
+    /// The route names of the last list compiled, and what they compiled to.
+    last: Option<(Vec<String>, Allowed)>,
 }
 
 fn decode_digest(hex: &str) -> Option<[u8; 32]> {
@@ -987,33 +1014,38 @@ fn decode_digest(hex: &str) -> Option<[u8; 32]> {
     if bytes.len() != 64 {
         return None;
     }
-    // A table, not `char::to_digit` or a match: 100,000 clients are 6.4
-    // million random digits, on every worker's configure, and a branch per
-    // digit mispredicts half the time.
-    const DIGITS: [u8; 256] = {
-        let mut table = [0x10u8; 256];
-        let mut i = 0;
-        while i < 10 {
-            table[b'0' as usize + i] = i as u8;
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 6 {
-            table[b'a' as usize + i] = 10 + i as u8;
-            table[b'A' as usize + i] = 10 + i as u8;
-            i += 1;
-        }
-        table
-    };
+    // Eight digits at a time in one 64-bit word, no branch or table per
+    // digit: 100,000 clients are 6.4 million random digits on every VM's
+    // configure (a branch per digit mispredicted half the time; a table
+    // was 9% of V8's configure time, a bounds-checked load per digit).
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Per byte (all below 0x80): the high bit set where the byte >= `lo`,
+    // and where it is <= `hi`.
+    let at_least = |v: u64, lo: u8| v.wrapping_add(ONES * u64::from(0x80 - lo)) & HIGH;
+    let at_most = |v: u64, hi: u8| !v.wrapping_add(ONES * u64::from(0x7f - hi)) & HIGH;
     let mut out = [0u8; 32];
-    let mut bad = 0u8;
-    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        let (high, low) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
-        bad |= high | low;
-        *byte = high << 4 | low;
-    }
-    if bad & 0x10 != 0 {
-        return None;
+    for (four, eight) in out.chunks_exact_mut(4).zip(bytes.chunks_exact(8)) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(eight);
+        let v = u64::from_le_bytes(word);
+        if v & HIGH != 0 {
+            return None;
+        }
+        let digit = at_least(v, b'0') & at_most(v, b'9');
+        let upper = at_least(v, b'A') & at_most(v, b'F');
+        let lower = at_least(v, b'a') & at_most(v, b'f');
+        if digit | upper | lower != HIGH {
+            return None;
+        }
+        // A digit's value is its low four bits, a letter's those plus 9
+        // (bit 6 tells letters from digits).
+        let nibbles = (v & (ONES * 0x0f)) + ((v >> 6) & ONES) * 9;
+        // Each pair of bytes (high digit, low digit) into its low byte.
+        let pairs = (nibbles << 4) | (nibbles >> 8);
+        for (i, byte) in four.iter_mut().enumerate() {
+            *byte = (pairs >> (16 * i)) as u8;
+        }
     }
     Some(out)
 }
@@ -1077,6 +1109,30 @@ mod tests {
         assert_eq!(decode_digest(&"ab".repeat(31)), None, "62 digits");
         let mixed = "0123456789abcdefABCDEF".repeat(3);
         assert_eq!(decode_digest(&mixed[..64]).map(|d| d[..3].to_vec()), Some(vec![0x01, 0x23, 0x45]));
+    }
+
+    #[test]
+    fn a_digest_reads_each_position_on_its_own() {
+        // Every ASCII byte at every position among valid digits, against a
+        // digit-by-digit decoding (the word-at-a-time reading must not let
+        // one byte's value or fault spill into a neighbour's).
+        let reference = |text: &str| -> Option<[u8; 32]> {
+            let mut out = [0u8; 32];
+            for (i, byte) in out.iter_mut().enumerate() {
+                let digit = |j: usize| text[j..].chars().next()?.to_digit(16);
+                *byte = u8::try_from(digit(2 * i)? * 16 + digit(2 * i + 1)?).ok()?;
+            }
+            Some(out)
+        };
+        let base: Vec<u8> = b"0123456789abcdefABCDEF9f".iter().copied().cycle().take(64).collect();
+        for at in 0..64 {
+            for b in 0..0x80u8 {
+                let mut text = base.clone();
+                text[at] = b;
+                let text = String::from_utf8(text).unwrap_or_default();
+                assert_eq!(decode_digest(&text), reference(&text), "byte {b:#04x} at {at}");
+            }
+        }
     }
 
     #[test]
