@@ -139,7 +139,7 @@ impl Policy {
                 route: Some(route.name.as_str()),
                 client: known.map(|(c, _)| self.client_id(c)),
                 key: known.and_then(|(_, k)| k.id()),
-                metadata: known.and_then(|(c, _)| c.metadata.as_deref()),
+                metadata: known.and_then(|(c, _)| c.metadata()),
                 limit: None,
             })
         };
@@ -172,7 +172,7 @@ impl Policy {
         if let Err(refusal) = self.throttle(client, r, &|| now.millis(), counters) {
             let reason = if refusal.limit.is_quota() { DenialReason::QuotaExceeded } else { DenialReason::RateLimited };
             let limit = Some(refusal);
-            let (route, key, metadata) = (Some(route.name.as_str()), key.id(), client.metadata.as_deref());
+            let (route, key, metadata) = (Some(route.name.as_str()), key.id(), client.metadata());
             return Decision::Deny(Denial {
                 reason,
                 route,
@@ -198,7 +198,7 @@ impl Policy {
             Ok(forward) => Decision::Forward(forward),
             Err(Refusal::Deny(reason)) => deny(reason, known),
             Err(Refusal::Wait(slots, timeout_ms)) => {
-                let metadata = client.metadata.as_deref();
+                let metadata = client.metadata();
                 let (route, client, key) = (route.name.as_str(), self.client_id(client), key.id());
                 Decision::Wait(Wait { route, client, key, metadata, slots, timeout_ms })
             }
@@ -419,7 +419,7 @@ impl Policy {
         // The client's metadata fields `metadata_headers` names: a length
         // check for a client without metadata. Client-sent copies of these
         // headers are among the protected names, removed above.
-        if let Some(metadata) = client.and_then(|c| c.metadata.as_deref()) {
+        if let Some(metadata) = client.and_then(|c| c.metadata()) {
             for (field, header) in &self.metadata_headers {
                 if let Some(value) = metadata.get(field) {
                     add_headers.push((header.as_str(), Cow::Borrowed(value)));
@@ -446,7 +446,7 @@ impl Policy {
             route: inject.map(|i| i.route.name.as_str()),
             client: client.map(|c| self.client_id(c)),
             key: caller.and_then(|(_, k)| k.id()),
-            metadata: client.and_then(|c| c.metadata.as_deref()),
+            metadata: client.and_then(|c| c.metadata()),
             remove_headers,
             remove_look_alikes: self.look_alikes(req),
             add_headers,

@@ -29,13 +29,13 @@ impl Policy {
         counters: &mut dyn SharedCounters,
     ) -> Result<(), Refusal<'p>> {
         let Some(route) = self.routes.get(r) else { return Ok(()) };
-        let on_route: &[Limit] = client.limits.for_route(r).unwrap_or(&route.limits);
-        if (on_route.is_empty() && client.limits.all.is_empty()) || counters.taken() {
+        let on_route: &[Limit] = client.limits_for_route(r).unwrap_or(&route.limits);
+        if (on_route.is_empty() && client.limits_all().is_empty()) || counters.taken() {
             return Ok(());
         }
         let buckets: Vec<(&Limit, String)> = on_route
             .iter()
-            .chain(client.limits.all.iter())
+            .chain(client.limits_all().iter())
             .map(|l| (l, l.key(self.client_id(client), &route.name)))
             .collect();
         limit::admit(&buckets, now_ms(), counters)
@@ -57,9 +57,9 @@ impl Policy {
     pub fn limit_keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
         for client in self.clients.iter().filter(|c| !c.disabled) {
-            keys.extend(client.limits.all.iter().map(|l| l.key(self.client_id(client), "")));
+            keys.extend(client.limits_all().iter().map(|l| l.key(self.client_id(client), "")));
             for (r, route) in self.routes.iter().enumerate().filter(|(r, _)| client.allowed.allows(*r)) {
-                let on_route: &[Limit] = client.limits.for_route(r).unwrap_or(&route.limits);
+                let on_route: &[Limit] = client.limits_for_route(r).unwrap_or(&route.limits);
                 keys.extend(on_route.iter().map(|l| l.key(self.client_id(client), &route.name)));
             }
         }

@@ -84,8 +84,8 @@ pub(super) fn finish_limits(routes: &mut [Route], clients: &[Client]) {
     let kinds = |limits: &[Limit]| (limits.iter().any(|l| !l.is_quota()), limits.iter().any(Limit::is_quota));
     for (r, route) in routes.iter_mut().enumerate() {
         let mut limited = kinds(&route.limits);
-        for client in clients.iter().filter(|c| !c.limits.is_empty() && c.allowed.allows(r)) {
-            for (rate, quota) in [kinds(&client.limits.all), kinds(client.limits.for_route(r).unwrap_or_default())] {
+        for client in clients.iter().filter(|c| !c.has_no_limits() && c.allowed.allows(r)) {
+            for (rate, quota) in [kinds(client.limits_all()), kinds(client.limits_for_route(r).unwrap_or_default())] {
                 limited = (limited.0 || rate, limited.1 || quota);
             }
         }

@@ -18,7 +18,7 @@ pub const MAX_VALUE_BYTES: usize = 256;
 pub(super) fn client_metadata(
     raw: &RawNamedStrings,
     path: impl std::fmt::Display,
-) -> Result<Option<Box<Metadata>>, ConfigError> {
+) -> Result<Option<Metadata>, ConfigError> {
     if raw.0.is_empty() {
         return Ok(None);
     }
@@ -37,7 +37,7 @@ pub(super) fn client_metadata(
         fields.push((name.as_str().into(), value.as_str().into()));
     }
     fields.sort_unstable();
-    Ok(Some(Box::new(Metadata(fields.into_boxed_slice()))))
+    Ok(Some(Metadata(fields.into_boxed_slice())))
 }
 
 /// `metadata_headers`: (field, header) pairs, each header a valid name

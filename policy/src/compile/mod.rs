@@ -29,8 +29,8 @@ use sha2::{Digest as _, Sha256};
 pub use env::{ConfigError, Environment};
 
 use crate::model::{
-    Allowed, Client, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, Key, KeySource,
-    Listed, Policy, QueryInject, Route, RouteMatch,
+    Allowed, Client, ClientExtra, ClientIndex, Credentials, DynamicInject, Echoes, HeaderInject, InjectTarget, Key,
+    KeySource, Listed, Policy, QueryInject, Route, RouteMatch,
 };
 use crate::query::encode_component;
 use crate::raw::{
@@ -139,7 +139,7 @@ fn compile(
     let needs_route_name = routes.iter().any(|r| r.matcher.route_name.is_some());
     // Every inject list: the routes' own, then the clients' own.
     let every_list = || {
-        let own = clients.iter().flat_map(|c| c.own.iter().map(|(_, list)| list));
+        let own = clients.iter().flat_map(|c| c.own().iter().map(|(_, list)| list));
         routes.iter().filter_map(|r| r.credentials.as_ref()).chain(own)
     };
 
@@ -452,7 +452,7 @@ fn finish_routes(routes: &mut [Route], clients: &[Client]) {
             route.any_providers.extend(&list.providers);
         }
     }
-    for (r, list) in clients.iter().flat_map(|c| c.own.iter()) {
+    for (r, list) in clients.iter().flat_map(|c| c.own().iter()) {
         if let Some(route) = routes.get_mut(*r) {
             route.query_names.extend(list.query_names().cloned());
             route.any_providers.extend(&list.providers);
@@ -686,7 +686,7 @@ fn compile_clients(
     builder: &mut ProviderBuilder,
 ) -> Result<Compiled, ConfigError> {
     let mut clients = Vec::with_capacity(count);
-    let mut client_ids = String::new();
+    let mut client_ids = String::with_capacity(count.saturating_mul(16));
     let mut keys = Vec::with_capacity(count);
     let mut index = ClientIndex::with_capacity(count);
     // Ids by their hash: a repeat is looked for among the clients only when
@@ -708,7 +708,7 @@ fn compile_clients(
             ));
         }
         let hash = xxhash_rust::xxh3::xxh3_64(client.id.as_bytes());
-        let id_of = |other: &Client| client_ids.get(other.id.0 as usize..(other.id.0 + other.id.1) as usize);
+        let id_of = |other: &Client| client_ids.get(other.id.0 as usize..other.id.0 as usize + other.id.1 as usize);
         if !ids.insert(hash) && clients.iter().any(|other: &Client| id_of(other) == Some(&*client.id)) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
@@ -748,10 +748,17 @@ fn compile_clients(
             None => None,
         };
         let disabled = client.disabled;
-        // An id is at most 128 bytes, and `count` clients fit in a u32.
-        let id = (u32::try_from(client_ids.len()).unwrap_or(u32::MAX), client.id.len() as u32);
+        // An id is at most 128 bytes; the ids together must stay within
+        // what a u32 addresses (only a native host could hold more).
+        let len = client.id.len() as u32;
+        let Some(start) = u32::try_from(client_ids.len()).ok().filter(|s| s.checked_add(len).is_some()) else {
+            return Err(ConfigError::new(path.to_string(), "is one client too many: the ids together pass 4 GiB"));
+        };
+        let id = (start, len);
         client_ids.push_str(&client.id);
-        clients.push(Client { id, allowed, expires, disabled, own, metadata, limits });
+        let plain = own.is_empty() && metadata.is_none() && limits.is_empty();
+        let extra = (!plain).then(|| Box::new(ClientExtra { own, metadata, limits }));
+        clients.push(Client { id, allowed, expires, disabled, extra });
         c += 1;
     }
     Ok(Compiled { clients, client_ids, keys, index, first_limit })
