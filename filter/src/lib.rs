@@ -56,6 +56,7 @@ pub mod credentials;
 pub mod edits;
 pub mod limits;
 pub mod metrics;
+mod reuse;
 mod root;
 
 use std::cell::RefCell;
