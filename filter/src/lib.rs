@@ -56,7 +56,6 @@ pub mod credentials;
 pub mod edits;
 pub mod limits;
 pub mod metrics;
-mod reuse;
 mod root;
 
 use std::cell::RefCell;

@@ -13,18 +13,11 @@ use proxy_wasm::types::{ContextType, LogLevel};
 
 use crate::broker::{self, Waiter};
 use crate::metrics::Metrics;
-use crate::reuse::LastCompiled;
 use crate::{audit, credentials, log, unix_millis, unix_seconds, KeyswapHttp, Stage};
-
-thread_local! {
-    /// The policy this VM compiled last (see `reuse`).
-    static COMPILED: RefCell<LastCompiled<Policy>> = const { RefCell::new(LastCompiled::new()) };
-}
 
 /// What every stream of one configuration shares.
 pub(crate) struct Shared {
-    /// Shared with the VM's other root context of the same configuration.
-    pub(crate) policy: Rc<Policy>,
+    pub(crate) policy: Policy,
     pub(crate) metrics: Metrics,
     pub(crate) audit: RefCell<audit::Limiter>,
     /// The access-log field being written (see `KeyswapHttp::record`).
@@ -69,7 +62,7 @@ impl RootContext for KeyswapRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let env = |name: &str| std::env::var(name).ok();
-        match COMPILED.with(|c| c.borrow_mut().get_or_compile(&config, || Policy::from_json(&config, &env))) {
+        match Policy::from_json(&config, &env) {
             Ok(policy) => {
                 log(LogLevel::Info, &policy.summary().log_line());
                 if policy.refuses_all() {

@@ -50,7 +50,7 @@ pub mod respond;
 mod throttle;
 pub mod time;
 
-pub use compile::{content_version, fingerprint, ConfigError, Environment, Routing};
+pub use compile::{content_version, ConfigError, Environment, Routing};
 pub use decision::{AccessLog, Decision, Denial, DenialReason, Forward, Unconfigured};
 pub use model::{key_id, Metadata, Policy, Summary};
 pub use request::{KeyCheck, RequestView, MAX_KEY_BYTES};

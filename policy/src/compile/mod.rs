@@ -91,13 +91,6 @@ pub fn content_version(json: &[u8]) -> String {
     format!("{:012x}", hash >> 16)
 }
 
-/// A 128-bit XXH3 hash of a configuration's exact bytes: how a VM tells
-/// the configuration it compiled last from a new one (the filter's second
-/// stage is configured with the same bytes as the first).
-pub fn fingerprint(json: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(json)
-}
-
 fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
     RawConfig::read(json).map_err(ConfigError::from)
 }
