@@ -117,6 +117,12 @@ impl Metadata {
 }
 
 impl Client {
+    /// The client's id, out of `ids` (every client's, one after another).
+    pub fn id_in<'i>(&self, ids: &'i str) -> &'i str {
+        let (start, len) = (self.id.0 as usize, self.id.1 as usize);
+        ids.get(start..start + len).unwrap_or_default()
+    }
+
     /// The client's own credentials, by route index, sorted.
     pub fn own(&self) -> &[(usize, Credentials)] {
         self.extra.as_ref().map_or(&[], |e| &e.own)
@@ -413,8 +419,7 @@ mod summary_tests {
 impl Policy {
     /// Client `c`'s id.
     pub(crate) fn client_id(&self, c: &Client) -> &str {
-        let (start, len) = (c.id.0 as usize, c.id.1 as usize);
-        self.client_ids.get(start..start + len).unwrap_or_default()
+        c.id_in(&self.client_ids)
     }
 
     /// Counts and version, never a key or credential.

@@ -708,8 +708,7 @@ fn compile_clients(
             ));
         }
         let hash = xxhash_rust::xxh3::xxh3_64(client.id.as_bytes());
-        let id_of = |other: &Client| client_ids.get(other.id.0 as usize..other.id.0 as usize + other.id.1 as usize);
-        if !ids.insert(hash) && clients.iter().any(|other: &Client| id_of(other) == Some(&*client.id)) {
+        if !ids.insert(hash) && clients.iter().any(|other: &Client| other.id_in(&client_ids) == client.id) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 format!("`{}` is already the id of an earlier client", client.id),
