@@ -697,7 +697,7 @@ impl<'a> Reader<'a> {
 
     /// Past the plain bytes of a string.
     fn plain(&mut self) {
-        // Eight bytes at a time while none of them is `"`, `\\`, a control
+        // Eight bytes at a time while none of them is `"`, `\`, a control
         // character or past ASCII (those end the word loop; the byte loop
         // then decides).
         const ONES: u64 = 0x0101_0101_0101_0101;
